@@ -1,0 +1,2 @@
+#![forbid(unsafe_code)]
+//! Helpers for tests that drive real QEMU binaries.

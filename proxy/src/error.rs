@@ -1,0 +1,50 @@
+//! `ProxyError`: every way a subcommand can fail, and the exit code it maps to.
+//!
+//! Exit codes (interface contract): 0 success; 1 runtime or input error; 2 usage or
+//! configuration error (nothing was started); 3 refused by policy.
+
+use migproxy_codec::DecodeError;
+use migproxy_config::ConfigError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A malformed or unsupported migration stream.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// Invalid configuration or profile: nothing was started.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Reading or writing a file or socket failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The command line was wrong in a way clap cannot express.
+    #[error("{0}")]
+    Usage(String),
+    /// The migration would lose guest state or cannot load.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Anything else that went wrong at run time.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl ProxyError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        ProxyError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ProxyError::Decode(_) | ProxyError::Io { .. } | ProxyError::Runtime(_) => 1,
+            ProxyError::Config(_) | ProxyError::Usage(_) => 2,
+            ProxyError::Refused(_) => 3,
+        }
+    }
+}

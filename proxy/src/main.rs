@@ -1,0 +1,39 @@
+#![forbid(unsafe_code)]
+//! `migproxy`: a live-migration proxy that repairs ARM64 cpreg lists between QEMU builds.
+//!
+//! This file only parses the command line and maps outcomes to exit codes; every
+//! subcommand lives in its own module.
+
+mod cli;
+mod error;
+mod healthcheck;
+mod inspect;
+mod plan;
+mod profile_cmd;
+mod rewrite_cmd;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command, ProfileCommand};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(args) => inspect::main(&args),
+        Command::Profile(ProfileCommand::Capture(args)) => profile_cmd::capture(&args),
+        Command::Plan(args) => plan::main(&args),
+        Command::Rewrite(args) => rewrite_cmd::main(&args),
+        Command::Run(args) => run::main(*args),
+        Command::Healthcheck(args) => healthcheck::main(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("migproxy: {err}");
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
