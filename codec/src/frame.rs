@@ -1,0 +1,117 @@
+//! The items the decoder yields.
+
+use bytes::Bytes;
+
+use crate::device_phase::DeviceState;
+
+/// What the decoder learnt about the stream so far.
+#[derive(Debug, Clone, Default)]
+pub struct StreamInfo {
+    /// Machine type from the configuration record (e.g. `virt-7.2`).
+    pub machine: Option<String>,
+    /// Target page size, from `configuration/target-page-bits`.
+    pub page_size: Option<u64>,
+    /// Validated capabilities from `configuration/capabilities`.
+    pub capabilities: Vec<String>,
+    /// `MIG_CMD_OPEN_RETURN_PATH` seen.
+    pub return_path: bool,
+    /// Any `MIG_CMD_POSTCOPY_ADVISE` seen.
+    pub postcopy_advised: bool,
+}
+
+/// One decoded item.
+pub enum Frame {
+    /// Bytes forwarded unchanged: one whole record, or the head of a record whose payload follows as Payload.
+    Verbatim {
+        kind: RecordKind,
+        section_id: Option<u32>,
+        bytes: Bytes,
+    },
+    /// A piece of a page (or block-migration) payload cut from the read buffer; may be partial.
+    Payload { section_id: u32, bytes: Bytes },
+    /// The whole held device-state phase (FULL sections, EOF, description), walked and verified.
+    DeviceState(DeviceState),
+}
+
+impl std::fmt::Debug for Frame {
+    // Payload bytes are guest data: never print them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Frame::Verbatim {
+                kind,
+                section_id,
+                bytes,
+            } => f
+                .debug_struct("Verbatim")
+                .field("kind", kind)
+                .field("section_id", section_id)
+                .field("len", &bytes.len())
+                .finish(),
+            Frame::Payload { section_id, bytes } => f
+                .debug_struct("Payload")
+                .field("section_id", section_id)
+                .field("len", &bytes.len())
+                .finish(),
+            Frame::DeviceState(state) => f.debug_tuple("DeviceState").field(state).finish(),
+        }
+    }
+}
+
+impl Frame {
+    /// Number of bytes this frame occupies on the wire when encoded.
+    pub fn wire_len(&self) -> usize {
+        match self {
+            Frame::Verbatim { bytes, .. } | Frame::Payload { bytes, .. } => bytes.len(),
+            Frame::DeviceState(state) => state.wire_len(),
+        }
+    }
+}
+
+/// What a `Verbatim` frame holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordKind {
+    FileHeader,
+    Configuration,
+    Command(MigCommand),
+    SectionStart {
+        idstr: String,
+        instance: u32,
+        version: u32,
+    },
+    SectionPart,
+    SectionEnd,
+    RamRecord {
+        flags: u64,
+    },
+    IterableChunk,
+    SectionFooter,
+    Eof,
+    /// Only outside the held phase; nothing emits it today.
+    SectionFull {
+        idstr: String,
+        instance: u32,
+        version: u32,
+    },
+}
+
+/// A `QEMU_VM_COMMAND` (migration/savevm.c `enum qemu_vm_cmd`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum MigCommand {
+    OpenReturnPath,
+    Ping(u32),
+    PostcopyAdvise {
+        len: u16,
+    },
+    PostcopyListen,
+    PostcopyRun,
+    PostcopyRamDiscard,
+    /// The Verbatim bytes include the whole blob (opaque, length-delimited).
+    Packaged {
+        blob_len: u32,
+    },
+    EnableColo,
+    PostcopyResume,
+    RecvBitmap,
+    SwitchoverStart,
+    Other(u16),
+}

@@ -1,0 +1,1 @@
+//! QEMU's wire constants, spelled as QEMU spells them.
