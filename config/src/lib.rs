@@ -1,6 +1,28 @@
 #![forbid(unsafe_code)]
-//! Register profiles, rewrite policies and configuration files (placeholder: lands with issue 3).
+//! Destination register profiles, rewrite policies and the pure cpreg rewrite.
+//!
+//! - [`RegId`]: a KVM-format ARM register index with names (`regid`, `regnames`);
+//! - [`Profile`]: what one destination's vCPUs hold after reset (`profile`);
+//! - [`Policy`] and [`rewrite`]: the rules of design-decisions §4 as one pure function
+//!   (`policy`, `rewrite`);
+//! - [`kvm`]: the filter QEMU applies to `KVM_GET_REG_LIST`, and the aarch64-only capture.
 
 mod error;
+pub mod kvm;
+mod policy;
+mod profile;
+pub mod regid;
+mod regnames;
+mod rewrite;
 
 pub use error::ConfigError;
+pub use policy::{FillMissing, OnExtra, OnIdMismatch, Policy};
+pub use profile::{
+    Accel, DropRule, DropRuleKind, Profile, ProfileRegister, ValueCondition, PROFILE_FORMAT_VERSION,
+};
+pub use regid::RegId;
+pub use regnames::reg_name;
+pub use rewrite::{
+    rewrite, DropReason, Dropped, Filled, IdAction, IdMismatch, Refusal, RefusalReason, Rewrite,
+    RewriteReport,
+};

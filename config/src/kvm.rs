@@ -1,0 +1,148 @@
+//! The destination register list as KVM gives it, filtered the way QEMU filters it.
+//!
+//! QEMU's `kvm_arm_init_cpreg_list()` (`target/arm/kvm.c`) takes `KVM_GET_REG_LIST`, drops the
+//! classes it syncs by hand (`kvm_arm_reg_syncs_via_cpreg_list()`: core registers 0x0010 and SVE
+//! 0x0015), and accepts only 32- and 64-bit registers (any other size aborts vCPU init with
+//! "Can't handle size of register in kernel list"). [`cpreg_list_from_kvm`] is that filter, pure,
+//! so it is tested here on recorded lists; [`capture`] runs it against the real kernel on aarch64.
+
+use crate::regid::{
+    RegId, KVM_REG_ARCH_MASK, KVM_REG_ARM64, KVM_REG_ARM64_SVE, KVM_REG_ARM_COPROC_MASK,
+    KVM_REG_ARM_CORE, KVM_REG_SIZE_MASK, KVM_REG_SIZE_U32, KVM_REG_SIZE_U64,
+};
+
+/// Why an index of `KVM_GET_REG_LIST` is not in QEMU's cpreg list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Excluded {
+    /// Core registers (0x0010): migrated as `xregs`, `pc`, `pstate`... in the `cpu` section.
+    Core,
+    /// SVE registers (0x0015): migrated in the `cpu/sve` subsection.
+    Sve,
+    /// Not 32 or 64 bits wide: QEMU's list cannot carry it (it would abort instead).
+    Size,
+    /// Not an ARM64 index at all.
+    NotArm64,
+}
+
+/// Whether QEMU would put this `KVM_GET_REG_LIST` index in its cpreg list.
+pub fn qemu_keeps(id: u64) -> Result<(), Excluded> {
+    if id & KVM_REG_ARCH_MASK != KVM_REG_ARM64 {
+        return Err(Excluded::NotArm64);
+    }
+    match id & KVM_REG_ARM_COPROC_MASK {
+        KVM_REG_ARM_CORE => return Err(Excluded::Core),
+        KVM_REG_ARM64_SVE => return Err(Excluded::Sve),
+        _ => {}
+    }
+    match id & KVM_REG_SIZE_MASK {
+        KVM_REG_SIZE_U32 | KVM_REG_SIZE_U64 => Ok(()),
+        _ => Err(Excluded::Size),
+    }
+}
+
+/// QEMU's cpreg list from a `KVM_GET_REG_LIST` result: filtered and sorted ascending
+/// (QEMU sorts with `qsort(compare_u64)`), duplicates removed.
+pub fn cpreg_list_from_kvm(reg_list: &[u64]) -> Vec<RegId> {
+    let mut ids: Vec<RegId> = reg_list
+        .iter()
+        .copied()
+        .filter(|&id| qemu_keeps(id).is_ok())
+        .map(RegId)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// `KVM_ARM_GET_REG_WRITABLE_MASKS` describes the feature-ID space op0=3, op1=0, CRn=0,
+/// CRm=0..7, op2=0..7 as an array indexed by `ARM64_FEATURE_ID_SPACE_IDX` (linux
+/// `arch/arm64/include/uapi/asm/kvm.h`): `((op1 << 6) | ((crm & 7) << 3) | op2)` for op1 in
+/// 0..=7. Returns the index into the 64-entry-per-op1 array for a sysreg in that space.
+pub fn feature_id_space_index(id: RegId) -> Option<usize> {
+    let (op0, op1, crn, crm, op2) = id.sysreg_fields()?;
+    if op0 != 3 || crn != 0 || crm > 7 {
+        return None;
+    }
+    Some((usize::from(op1) << 6) | (usize::from(crm) << 3) | usize::from(op2))
+}
+
+/// Capture from KVM directly: only on aarch64 hosts.
+pub fn capture() -> Result<crate::Profile, crate::ConfigError> {
+    Err(crate::ConfigError::Invalid(
+        "--from-kvm reads KVM's ARM64 register list and is only available on aarch64 hosts".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `KVM_GET_REG_LIST` excerpt of the shape Linux 6.x returns for a vCPU with SVE: core
+    /// registers (incl. 128-bit V registers), CCSIDR demux (U32), sysregs, firmware, SVE (2048-bit
+    /// Z and 256-bit P registers, the U64 VLS pseudo-register), bitmaps. Ids unsorted on purpose.
+    const RECORDED: &[u64] = &[
+        0x6030_0000_0010_0000, // core x0
+        0x6040_0000_0010_0050, // core v0 (U128)
+        0x6020_0000_0010_0040, // core fpsr? (U32 core)
+        0x6020_0000_0011_0000, // CCSIDR demux 0 (U32)
+        0x6030_0000_0013_c103, // TCR2_EL1
+        0x6030_0000_0013_c000, // MIDR_EL1
+        0x6030_0000_0013_c005, // MPIDR_EL1
+        0x6030_0000_0014_0000, // PSCI version
+        0x6030_0000_0014_0003, // SMCCC workaround 3
+        0x6080_0000_0015_0000, // SVE Z0 (U2048)
+        0x6050_0000_0015_0400, // SVE P0 (U256)
+        0x6060_0000_0015_ffff, // SVE VLS (U512)
+        0x6030_0000_0016_0003, // VENDOR_HYP_BMAP_2
+        0x6030_0000_0016_0000, // STD_BMAP
+        0x6030_0000_0013_c000, // duplicate MIDR
+        0x6050_0000_0013_c200, // a hypothetical 128-bit sysreg (FEAT_SYSREG128)
+        0x4020_0000_000f_0000, // not ARM64
+    ];
+
+    #[test]
+    fn filter_matches_qemu() {
+        let list: Vec<u64> = cpreg_list_from_kvm(RECORDED)
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(
+            list,
+            vec![
+                0x6020_0000_0011_0000,
+                0x6030_0000_0013_c000,
+                0x6030_0000_0013_c005,
+                0x6030_0000_0013_c103,
+                0x6030_0000_0014_0000,
+                0x6030_0000_0014_0003,
+                0x6030_0000_0016_0000,
+                0x6030_0000_0016_0003,
+            ]
+        );
+        assert_eq!(qemu_keeps(0x6030_0000_0010_0000), Err(Excluded::Core));
+        assert_eq!(qemu_keeps(0x6030_0000_0015_0000), Err(Excluded::Sve));
+        assert_eq!(qemu_keeps(0x6050_0000_0013_c200), Err(Excluded::Size));
+        assert_eq!(qemu_keeps(0x4020_0000_000f_0000), Err(Excluded::NotArm64));
+    }
+
+    #[test]
+    fn feature_id_space_indexes() {
+        assert_eq!(
+            feature_id_space_index(RegId(0x6030_0000_0013_c000)),
+            Some(0)
+        ); // MIDR_EL1
+        assert_eq!(
+            feature_id_space_index(RegId(0x6030_0000_0013_c00a)),
+            Some(10)
+        ); // ID_DFR0_EL1
+        assert_eq!(
+            feature_id_space_index(RegId(0x6030_0000_0013_c03b)),
+            Some(59)
+        ); // ID_AA64MMFR3_EL1
+        assert_eq!(
+            feature_id_space_index(RegId(0x6030_0000_0013_c801)),
+            Some(65)
+        ); // CLIDR_EL1
+        assert_eq!(feature_id_space_index(RegId(0x6030_0000_0013_c103)), None); // TCR2_EL1
+    }
+}

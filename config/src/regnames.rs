@@ -1,0 +1,103 @@
+//! Register names: the architectural name of a cpreg index, and back.
+//!
+//! How the table (`regnames/table.rs`) was built, so it can be rebuilt:
+//! - AArch64 system registers: every `mrs x0, S<op0>_<op1>_C<n>_C<m>_<op2>` for op0 in {2,3},
+//!   assembled with GNU as (`-march=armv9.2-a`) and disassembled with objdump, which prints the
+//!   architectural name where binutils knows one (Armv8-R-only names removed); then by hand the
+//!   registers binutils 2.40 does not know yet (TCR2_EL1, PIR_EL1, PIRE0_EL1, POR_EL1,
+//!   SCTLR2_EL1, HCRX_EL2, FPMR, GCS, the newer ID_AA64*_EL1) and the implementation-defined
+//!   registers QEMU's Cortex-A53/A57/A72 models list (L2CTLR_EL1, CPUACTLR_EL1, ...);
+//! - AArch32 cp14/cp15 views: by hand from the Arm ARM (QEMU's TCG lists them; `_S` marks the
+//!   secure bank, which QEMU lists with the NS bit clear; `_64` the 64-bit view where a 32-bit
+//!   register of the same name exists);
+//! - firmware pseudo-registers: the names of `linux/arch/arm64/include/uapi/asm/kvm.h`.
+//!
+//! Every index QEMU 7.2 and 10.0 put in the cpreg lists of the captured a64fx, cortex-a57 and
+//! max streams has a name, except reserved (RAZ) encodings of the ID space, which have none
+//! architecturally and print in the generic form.
+//!
+//! Note on KVM's timer quirk: KVM calls `S3_3_C14_C3_2` `KVM_REG_ARM_TIMER_CNT` (the virtual
+//! count) and `S3_3_C14_C0_2` `KVM_REG_ARM_TIMER_CVAL`; the table gives architectural names.
+
+mod table;
+
+use table::REGISTER_NAMES;
+
+/// The architectural name of a register index, if the table has one.
+pub fn reg_name(id: u64) -> Option<&'static str> {
+    REGISTER_NAMES
+        .binary_search_by_key(&id, |&(k, _)| k)
+        .ok()
+        .and_then(|i| REGISTER_NAMES.get(i))
+        .map(|&(_, name)| name)
+}
+
+/// The index of a register name (case-insensitive).
+pub(crate) fn reg_by_name(name: &str) -> Option<u64> {
+    REGISTER_NAMES
+        .iter()
+        .find(|(_, n)| n.eq_ignore_ascii_case(name))
+        .map(|&(id, _)| id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_sorted_and_names_are_unique() {
+        assert!(REGISTER_NAMES.windows(2).all(|w| w[0].0 < w[1].0));
+        let mut names: Vec<String> = REGISTER_NAMES
+            .iter()
+            .map(|(_, n)| n.to_ascii_uppercase())
+            .collect();
+        names.sort();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len());
+    }
+
+    #[test]
+    fn required_names_are_present() {
+        for (id, name) in [
+            (0x6030_0000_0013_c103, "TCR2_EL1"),
+            (0x6030_0000_0013_c513, "PIR_EL1"),
+            (0x6030_0000_0013_c512, "PIRE0_EL1"),
+            (0x6030_0000_0013_c514, "POR_EL1"),
+            (0x6030_0000_0013_c083, "SCTLR2_EL1"),
+            (0x6030_0000_0013_e092, "HCRX_EL2"),
+            (0x6030_0000_0013_c602, "RMR_EL1"),
+            (0x6030_0000_0013_e180, "DACR32_EL2"),
+            (0x6030_0000_0013_e281, "IFSR32_EL2"),
+            (0x6030_0000_0013_8002, "OSDTRRX_EL1"),
+            (0x6030_0000_0013_9828, "DBGDTRRX_EL0"),
+            (0x6030_0000_0013_c00a, "ID_DFR0_EL1"),
+            (0x6030_0000_0013_c03b, "ID_AA64MMFR3_EL1"),
+            (0x4020_0000_200f_0082, "ID_DFR0"),
+            (0x4020_0000_200e_0298, "DBGDTRTX"),
+            (0x6030_0000_0014_0000, "KVM_REG_ARM_PSCI_VERSION"),
+            (0x6030_0000_0014_0001, "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_1"),
+            (0x6030_0000_0014_0002, "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2"),
+            (0x6030_0000_0014_0003, "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_3"),
+            (0x6030_0000_0016_0000, "KVM_REG_ARM_STD_BMAP"),
+            (0x6030_0000_0016_0003, "KVM_REG_ARM_VENDOR_HYP_BMAP_2"),
+        ] {
+            assert_eq!(reg_name(id), Some(name), "{id:#x}");
+            assert_eq!(reg_by_name(name), Some(id), "{name}");
+        }
+        // Every AArch64 ID register (op0=3, op1=0, CRn=0) named architecturally has an entry.
+        for name in [
+            "MIDR_EL1",
+            "MPIDR_EL1",
+            "REVIDR_EL1",
+            "ID_AA64PFR0_EL1",
+            "ID_AA64ZFR0_EL1",
+            "ID_AA64ISAR2_EL1",
+            "CLIDR_EL1",
+            "CTR_EL0",
+            "DCZID_EL0",
+        ] {
+            assert!(reg_by_name(name).is_some(), "{name}");
+        }
+    }
+}

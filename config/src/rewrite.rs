@@ -1,0 +1,450 @@
+//! The cpreg rewrite: one vCPU's source registers + the destination profile (+ optionally a
+//! profile of a fresh source VM) + a policy -> the registers to send and a report.
+//!
+//! Pure and total: no I/O, no clock, no error type; everything that stops a migration is a
+//! [`Refusal`] in the report, so `plan` and the proxy make the same decision from the same input.
+//! The rules are design-decisions §4:
+//!
+//! ```text
+//! source has, destination lacks  -> drop if allowed, else refuse (naming register and value)
+//!     --allow-drop REG           -> drop
+//!     --on-extra refuse          -> refuse
+//!     profile rule forbid        -> refuse;  rule allow [when value&mask==equals] -> drop/refuse
+//!     --on-extra drop            -> drop
+//!     --on-extra drop-unused     -> drop if value == 0 or == the source profile's default
+//! destination has, source lacks  -> fill with the destination default (TCG, or --fill-missing
+//!                                   always), else leave out (KVM keeps its own reset value)
+//! both have, ID register differs -> report; refuse / warn / use the destination value
+//! ```
+//!
+//! The output is sorted strictly ascending by id (QEMU's `cpu_post_load` merges two sorted
+//! lists); when nothing changes it is the input itself.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::policy::{FillMissing, OnExtra, OnIdMismatch, Policy};
+use crate::profile::{Accel, DropRuleKind, Profile, ValueCondition};
+use crate::regid::RegId;
+
+/// Why a register the destination lacks was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Its value is 0: unused since reset.
+    Zero,
+    /// Its value equals the source profile's reset value: unused since reset.
+    SourceDefault,
+    /// Named by `--allow-drop`.
+    AllowedByFlag,
+    /// A profile rule allows it (and its condition holds).
+    ProfileRule,
+    /// `--on-extra drop`.
+    OnExtraDrop,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dropped {
+    pub id: RegId,
+    pub value: u64,
+    pub reason: DropReason,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Filled {
+    pub id: RegId,
+    pub value: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// The destination lacks it and its value is neither 0 nor the source's reset value.
+    InUse { source_default: Option<u64> },
+    /// `--on-extra refuse`.
+    OnExtraRefuse,
+    /// A profile rule forbids dropping it.
+    RuleForbids,
+    /// A profile rule allows dropping it only when the condition holds, and it does not.
+    RuleCondition(ValueCondition),
+    /// An identification register differs and the destination cannot take the source's value.
+    IdMismatch { dest: u64, accel: Accel },
+    /// As above, KVM destination with writable masks: bits outside the mask differ.
+    IdOutsideWritableMask { dest: u64, mask: u64 },
+    /// The source lists this id more than once: a malformed stream.
+    Duplicate,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub id: RegId,
+    pub value: u64,
+    pub reason: RefusalReason,
+}
+
+/// What was done about a differing identification register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdAction {
+    Refused,
+    Warned,
+    /// The source value was replaced with the destination's (`--on-id-mismatch use-destination`).
+    UsedDestination,
+    /// KVM destination with writable masks: the difference is within them, KVM will take it.
+    WithinWritableMask,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdMismatch {
+    pub id: RegId,
+    pub source: u64,
+    pub dest: u64,
+    pub action: IdAction,
+}
+
+/// Everything the rewrite of one vCPU did or refused to do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RewriteReport {
+    pub vcpu: u32,
+    pub source_len: usize,
+    pub output_len: usize,
+    pub dropped: Vec<Dropped>,
+    pub filled: Vec<Filled>,
+    pub refused: Vec<Refusal>,
+    pub id_mismatches: Vec<IdMismatch>,
+    /// Registers the source lacks and that were not filled (KVM keeps its reset value).
+    pub left_missing: Vec<RegId>,
+    pub warnings: Vec<String>,
+}
+
+/// The new arrays plus the report; `registers` is only meaningful when the report is not refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rewrite {
+    pub registers: Vec<(u64, u64)>,
+    pub report: RewriteReport,
+}
+
+impl RewriteReport {
+    pub fn is_refused(&self) -> bool {
+        !self.refused.is_empty()
+    }
+
+    /// Nothing dropped, filled or changed: the output equals the input.
+    pub fn is_unchanged(&self) -> bool {
+        self.dropped.is_empty()
+            && self.filled.is_empty()
+            && !self
+                .id_mismatches
+                .iter()
+                .any(|m| m.action == IdAction::UsedDestination)
+    }
+
+    /// One line naming every refused register and why, for logs and error messages.
+    pub fn refusal_summary(&self) -> String {
+        let parts: Vec<String> = self.refused.iter().map(describe_refusal).collect();
+        format!("vcpu {}: {}", self.vcpu, parts.join("; "))
+    }
+}
+
+fn describe_refusal(r: &Refusal) -> String {
+    let Refusal { id, value, reason } = *r;
+    match reason {
+        RefusalReason::InUse { source_default: Some(d) } => format!(
+            "{id} = {value:#x} is not on the destination and differs from the source default {d:#x}: dropping it would lose guest state"
+        ),
+        RefusalReason::InUse { source_default: None } => format!(
+            "{id} = {value:#x} is not on the destination and is nonzero: dropping it could lose guest state (a --source-profile tells whether it is a mere default; --allow-drop {id} forces it)"
+        ),
+        RefusalReason::OnExtraRefuse => {
+            format!("{id} = {value:#x} is not on the destination (--on-extra refuse)")
+        }
+        RefusalReason::RuleForbids => {
+            format!("{id} = {value:#x} is not on the destination and a profile rule forbids dropping it")
+        }
+        RefusalReason::RuleCondition(c) => format!(
+            "{id} = {value:#x} is not on the destination and a profile rule drops it only when value & {:#x} == {:#x}",
+            c.mask, c.equals
+        ),
+        RefusalReason::IdMismatch { dest, accel: Accel::Tcg } => format!(
+            "identification register {id}: source {value:#x}, destination {dest:#x}; a TCG destination treats it as a constant and would fail to load"
+        ),
+        RefusalReason::IdMismatch { dest, accel: Accel::Kvm } => format!(
+            "identification register {id}: source {value:#x}, destination {dest:#x} (refused by --on-id-mismatch refuse)"
+        ),
+        RefusalReason::IdOutsideWritableMask { dest, mask } => format!(
+            "identification register {id}: source {value:#x}, destination {dest:#x}; bits {:#x} differ outside KVM's writable mask {mask:#x}",
+            (value ^ dest) & !mask
+        ),
+        RefusalReason::Duplicate => format!("{id} appears more than once in the source list"),
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DropReason::Zero => "zero, unused since reset",
+            DropReason::SourceDefault => "equals the source default, unused since reset",
+            DropReason::AllowedByFlag => "--allow-drop",
+            DropReason::ProfileRule => "allowed by a profile rule",
+            DropReason::OnExtraDrop => "--on-extra drop",
+        })
+    }
+}
+
+impl fmt::Display for RewriteReport {
+    /// One readable block: a summary line, then one line per register concerned.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_unchanged() && self.refused.is_empty() && self.id_mismatches.is_empty() {
+            write!(
+                f,
+                "vcpu {}: unchanged ({} registers)",
+                self.vcpu, self.source_len
+            )?;
+        } else {
+            write!(
+                f,
+                "vcpu {}: {} -> {} registers: {} dropped, {} filled, {} refused, {} id mismatches",
+                self.vcpu,
+                self.source_len,
+                self.output_len,
+                self.dropped.len(),
+                self.filled.len(),
+                self.refused.len(),
+                self.id_mismatches.len()
+            )?;
+        }
+        for r in &self.refused {
+            write!(f, "\n  REFUSE {}", describe_refusal(r))?;
+        }
+        for d in &self.dropped {
+            write!(
+                f,
+                "\n  drop   {} ({:#x}) = {:#x}: {}",
+                d.id, d.id.0, d.value, d.reason
+            )?;
+        }
+        for x in &self.filled {
+            write!(
+                f,
+                "\n  fill   {} ({:#x}) = {:#x} (destination default)",
+                x.id, x.id.0, x.value
+            )?;
+        }
+        for m in &self.id_mismatches {
+            let what = match m.action {
+                IdAction::Refused => continue,
+                IdAction::Warned => "kept the source value; the destination may reject it",
+                IdAction::UsedDestination => {
+                    "sent the destination value: the guest sees a changed CPU"
+                }
+                IdAction::WithinWritableMask => "kept; within KVM's writable mask",
+            };
+            write!(
+                f,
+                "\n  id     {}: source {:#x}, destination {:#x}: {what}",
+                m.id, m.source, m.dest
+            )?;
+        }
+        if !self.left_missing.is_empty() {
+            let names: Vec<String> = self.left_missing.iter().map(RegId::to_string).collect();
+            write!(
+                f,
+                "\n  absent from the source, left to the destination's reset value: {}",
+                names.join(", ")
+            )?;
+        }
+        for w in &self.warnings {
+            write!(f, "\n  warning: {w}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Rewrite one vCPU's cpreg list for the destination. See the module docs for the rules.
+pub fn rewrite(
+    vcpu: u32,
+    source: &[(u64, u64)],
+    dest: &Profile,
+    source_profile: Option<&Profile>,
+    policy: &Policy,
+) -> Rewrite {
+    let mut report = RewriteReport {
+        vcpu,
+        source_len: source.len(),
+        ..RewriteReport::default()
+    };
+    let mut out: BTreeMap<u64, u64> = BTreeMap::new();
+    for &(raw_id, value) in source {
+        let id = RegId(raw_id);
+        if out.contains_key(&raw_id) || report.dropped.iter().any(|d| d.id == id) {
+            report.refused.push(Refusal {
+                id,
+                value,
+                reason: RefusalReason::Duplicate,
+            });
+            continue;
+        }
+        if dest.has(id) {
+            let kept = check_identification(vcpu, id, value, dest, policy, &mut report);
+            out.insert(raw_id, kept);
+        } else {
+            match drop_decision(vcpu, id, value, dest, source_profile, policy) {
+                Ok(reason) => report.dropped.push(Dropped { id, value, reason }),
+                Err(reason) => {
+                    report.refused.push(Refusal { id, value, reason });
+                    // Keep it in the output so a refused rewrite still shows what came in.
+                    out.insert(raw_id, value);
+                }
+            }
+        }
+    }
+    let fill = match policy.fill_missing {
+        FillMissing::Always => true,
+        FillMissing::Never => false,
+        FillMissing::Auto => dest.accel == Accel::Tcg,
+    };
+    for reg in dest.present() {
+        if out.contains_key(&reg.id.0) || source.iter().any(|&(i, _)| i == reg.id.0) {
+            continue;
+        }
+        if !fill {
+            report.left_missing.push(reg.id);
+            continue;
+        }
+        let value = match reg.value_for(vcpu) {
+            Some(v) => v,
+            None => {
+                let v = reg.value.unwrap_or(0);
+                report.warnings.push(format!(
+                    "{}: the destination profile has no value for vcpu {vcpu} (captured with {} vcpus); filled vcpu 0's {v:#x}",
+                    reg.id, dest.vcpus
+                ));
+                v
+            }
+        };
+        out.insert(reg.id.0, value);
+        report.filled.push(Filled { id: reg.id, value });
+    }
+    let registers = if report.is_unchanged() && report.refused.is_empty() {
+        source.to_vec()
+    } else {
+        out.into_iter().collect()
+    };
+    report.output_len = registers.len();
+    Rewrite { registers, report }
+}
+
+/// `Ok(reason)` to drop a register the destination lacks, `Err(reason)` to refuse.
+fn drop_decision(
+    vcpu: u32,
+    id: RegId,
+    value: u64,
+    dest: &Profile,
+    source_profile: Option<&Profile>,
+    policy: &Policy,
+) -> Result<DropReason, RefusalReason> {
+    if policy.allow_drop.contains(&id) {
+        return Ok(DropReason::AllowedByFlag);
+    }
+    if policy.on_extra == OnExtra::Refuse {
+        return Err(RefusalReason::OnExtraRefuse);
+    }
+    // The destination's rule first (it knows what it can live without), then the source's.
+    if let Some(rule) = dest
+        .rule(id)
+        .or_else(|| source_profile.and_then(|p| p.rule(id)))
+    {
+        return match (rule.kind, rule.when) {
+            (DropRuleKind::Forbid, _) => Err(RefusalReason::RuleForbids),
+            (DropRuleKind::Allow, None) => Ok(DropReason::ProfileRule),
+            (DropRuleKind::Allow, Some(c)) if c.holds(value) => Ok(DropReason::ProfileRule),
+            (DropRuleKind::Allow, Some(c)) => Err(RefusalReason::RuleCondition(c)),
+        };
+    }
+    if policy.on_extra == OnExtra::Drop {
+        return Ok(DropReason::OnExtraDrop);
+    }
+    if value == 0 {
+        return Ok(DropReason::Zero);
+    }
+    let source_default = source_profile.and_then(|p| p.value_for(vcpu, id));
+    if source_default == Some(value) {
+        return Ok(DropReason::SourceDefault);
+    }
+    Err(RefusalReason::InUse { source_default })
+}
+
+/// Compare an identification register both sides have; returns the value to send.
+fn check_identification(
+    vcpu: u32,
+    id: RegId,
+    value: u64,
+    dest: &Profile,
+    policy: &Policy,
+    report: &mut RewriteReport,
+) -> u64 {
+    if !id.is_identification() {
+        return value;
+    }
+    let Some(dest_value) = dest.value_for(vcpu, id) else {
+        report.warnings.push(format!(
+            "{id}: the destination profile has no value for vcpu {vcpu} (captured with {} vcpus); not compared",
+            dest.vcpus
+        ));
+        return value;
+    };
+    if dest_value == value {
+        return value;
+    }
+    let mask = dest.writable_mask(id);
+    let (action, refusal) = match policy.on_id_mismatch {
+        OnIdMismatch::Refuse => (
+            IdAction::Refused,
+            Some(RefusalReason::IdMismatch {
+                dest: dest_value,
+                accel: dest.accel,
+            }),
+        ),
+        OnIdMismatch::Warn => (IdAction::Warned, None),
+        OnIdMismatch::UseDestination => (IdAction::UsedDestination, None),
+        OnIdMismatch::Auto => match dest.accel {
+            Accel::Tcg => (
+                IdAction::Refused,
+                Some(RefusalReason::IdMismatch {
+                    dest: dest_value,
+                    accel: Accel::Tcg,
+                }),
+            ),
+            Accel::Kvm => match mask {
+                Some(mask) if (value ^ dest_value) & !mask != 0 => (
+                    IdAction::Refused,
+                    Some(RefusalReason::IdOutsideWritableMask {
+                        dest: dest_value,
+                        mask,
+                    }),
+                ),
+                Some(_) => (IdAction::WithinWritableMask, None),
+                // Without masks a profile cannot tell what the kernel accepts: say so, go on.
+                None if dest.has_writable_masks() => (
+                    IdAction::Refused,
+                    Some(RefusalReason::IdOutsideWritableMask {
+                        dest: dest_value,
+                        mask: 0,
+                    }),
+                ),
+                None => (IdAction::Warned, None),
+            },
+        },
+    };
+    report.id_mismatches.push(IdMismatch {
+        id,
+        source: value,
+        dest: dest_value,
+        action,
+    });
+    if let Some(reason) = refusal {
+        report.refused.push(Refusal { id, value, reason });
+    }
+    if action == IdAction::UsedDestination {
+        dest_value
+    } else {
+        value
+    }
+}
