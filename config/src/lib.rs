@@ -8,6 +8,7 @@
 //! - [`kvm`]: the filter QEMU applies to `KVM_GET_REG_LIST`, and the aarch64-only capture.
 
 mod error;
+pub mod file;
 pub mod kvm;
 mod policy;
 mod profile;

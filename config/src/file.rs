@@ -1,0 +1,155 @@
+//! The `migproxy run` configuration file (TOML): one or more listeners, each with its upstream,
+//! profiles and policy, plus daemon-wide settings.
+//!
+//! ```toml
+//! admin = "tcp:127.0.0.1:9444"        # /metrics, /healthz, /readyz, /profiles/NAME
+//! drain_timeout_secs = 60             # after SIGTERM, how long live migrations may go on
+//! description_timeout_ms = 2000       # wait for the description after EOF (design-decisions §1)
+//! identify_timeout_ms = 1000          # a new connection must identify itself within this
+//! log_json = false
+//!
+//! [profiles]                          # served on the admin address as /profiles/NAME
+//! a64fx-7.2 = "/etc/migproxy/a64fx-7.2.json"
+//!
+//! [[listener]]
+//! listen = "tcp:0.0.0.0:4444"
+//! upstream = "tcp:dest.example:4444"  # or tcp:HOST:FIRST-LAST, original-dst, tproxy
+//! dest_profile = "http://dest.example:9444/profiles/a64fx-7.2"   # a file or an http:// URL
+//! source_profile = "/etc/migproxy/a64fx-10.0.json"              # optional
+//!
+//! [listener.policy]                   # same words as the command-line policy flags
+//! on_extra = "drop-unused"
+//! allow_drop = ["KVM_REG_ARM_VENDOR_HYP_BMAP_2"]
+//! fill_missing = "auto"
+//! on_id_mismatch = "auto"
+//! ```
+//!
+//! This module only reads and shape-checks the file (unknown keys are errors, so a typo cannot
+//! silently disable a setting); the daemon validates addresses, profiles and policy words before
+//! it binds anything.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    /// Admin HTTP address (QEMU address syntax).
+    pub admin: Option<String>,
+    pub drain_timeout_secs: Option<u64>,
+    pub description_timeout_ms: Option<u64>,
+    pub identify_timeout_ms: Option<u64>,
+    pub log_json: Option<bool>,
+    /// Profiles advertised on the admin address: name -> file.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, String>,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerFile>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub listen: String,
+    pub upstream: String,
+    /// A profile file or an `http://` URL.
+    pub dest_profile: Option<String>,
+    /// A profile file or an `http://` URL.
+    pub source_profile: Option<String>,
+    #[serde(default)]
+    pub policy: PolicyFile,
+}
+
+/// Policy words exactly as the command-line flags spell them (`drop-unused`, `auto`, ...).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    pub on_extra: Option<String>,
+    #[serde(default)]
+    pub allow_drop: Vec<String>,
+    pub fill_missing: Option<String>,
+    pub on_id_mismatch: Option<String>,
+}
+
+impl RunFile {
+    /// Parse a configuration text; `origin` names it in the error.
+    pub fn from_toml(text: &str, origin: &str) -> Result<RunFile, ConfigError> {
+        let file: RunFile = toml::from_str(text).map_err(|err| {
+            // toml's message spans several lines (it quotes the source); one line is the contract.
+            let message = err.message().trim().to_owned();
+            let location = err
+                .span()
+                .map(|span| {
+                    let line = text
+                        .get(..span.start)
+                        .map(|before| before.matches('\n').count().saturating_add(1))
+                        .unwrap_or(0);
+                    format!(" at line {line}")
+                })
+                .unwrap_or_default();
+            ConfigError::Invalid(format!("{origin}{location}: {message}"))
+        })?;
+        if file.listeners.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "{origin}: no [[listener]] table"
+            )));
+        }
+        Ok(file)
+    }
+
+    pub fn load(path: &Path) -> Result<RunFile, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| ConfigError::Invalid(format!("reading {}: {err}", path.display())))?;
+        RunFile::from_toml(&text, &path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_documented_example() {
+        let text = r#"
+admin = "tcp:127.0.0.1:9444"
+drain_timeout_secs = 60
+[profiles]
+a64fx-7_2 = "/etc/p.json"
+[[listener]]
+listen = "tcp:0.0.0.0:4444"
+upstream = "tcp:dest:4444"
+dest_profile = "http://dest:9444/profiles/a64fx-7_2"
+[listener.policy]
+on_extra = "drop-unused"
+allow_drop = ["TCR2_EL1"]
+[[listener]]
+listen = "unix:/run/m.sock"
+upstream = "original-dst"
+"#;
+        let file = RunFile::from_toml(text, "test.toml").unwrap_or_default();
+        assert_eq!(file.listeners.len(), 2);
+        assert_eq!(file.drain_timeout_secs, Some(60));
+        assert_eq!(
+            file.listeners[0].policy.allow_drop,
+            vec!["TCR2_EL1".to_owned()]
+        );
+        assert_eq!(file.profiles.len(), 1);
+    }
+
+    #[test]
+    fn unknown_keys_fail_with_one_line() {
+        let text = "[[listener]]\nlisten = \"tcp:a:1\"\nupstream = \"tcp:b:2\"\nupstraem = 1\n";
+        let err = RunFile::from_toml(text, "bad.toml")
+            .err()
+            .map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(err.contains("bad.toml at line 4"), "{err}");
+        assert!(err.contains("upstraem"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        assert!(RunFile::from_toml("admin = \"tcp:a:1\"\n", "x").is_err());
+    }
+}
