@@ -1,0 +1,226 @@
+//! The `migproxy` binary under test: `profile capture` and a guarded `run` daemon.
+//!
+//! The binary is not a dependency of this crate (Cargo only exposes `CARGO_BIN_EXE_*` to tests of
+//! the same package), so it is located in the workspace target directory, after
+//! `cargo build -p migproxy` (scripts/test-all.sh does that), or taken from `MIGPROXY_BIN`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::qemu::repo_root;
+use crate::workdir::WorkDir;
+
+/// The `migproxy` binary: `$MIGPROXY_BIN`, else `target/debug/migproxy`, else `target/release/migproxy`.
+pub fn binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("MIGPROXY_BIN") {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!("MIGPROXY_BIN={} is not a file", path.display());
+        }
+        return Ok(path);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    for profile in ["debug", "release"] {
+        let path = target.join(profile).join("migproxy");
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    bail!(
+        "no migproxy binary in {}/{{debug,release}}: run `cargo build -p migproxy` first \
+         (scripts/test-all.sh does) or set MIGPROXY_BIN",
+        target.display()
+    )
+}
+
+/// Run `migproxy ARGS` to completion with a deadline.
+pub fn run_command(args: &[&str], timeout: Duration) -> Result<Output> {
+    let binary = binary()?;
+    let mut child = Command::new(&binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {} {}", binary.display(), args.join(" ")))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait()?.is_some() {
+            return child
+                .wait_with_output()
+                .context("collecting migproxy output");
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("migproxy {} did not finish in {timeout:?}", args.join(" "));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `migproxy profile capture --from-stream STREAM -o PROFILE`.
+pub fn capture_profile(stream: &Path, profile: &Path) -> Result<()> {
+    let stream_arg = stream.display().to_string();
+    let profile_arg = profile.display().to_string();
+    let out = run_command(
+        &[
+            "profile",
+            "capture",
+            "--from-stream",
+            &stream_arg,
+            "-o",
+            &profile_arg,
+        ],
+        Duration::from_secs(60),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "migproxy profile capture --from-stream {stream_arg} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    if !profile.is_file() {
+        bail!("migproxy profile capture wrote no {profile_arg}");
+    }
+    Ok(())
+}
+
+/// A running `migproxy run`, killed on drop.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    log_path: PathBuf,
+    pub listen_port: u16,
+    command_line: String,
+}
+
+impl Daemon {
+    /// `migproxy run --listen tcp:127.0.0.1:LISTEN --upstream UPSTREAM EXTRA...`; returns once
+    /// the listening socket exists (checked in /proc/net/tcp, so no probe connection is made:
+    /// a probe would itself be a stray connection).
+    pub fn spawn(
+        workdir: &WorkDir,
+        name: &str,
+        listen_port: u16,
+        upstream: &str,
+        extra: &[String],
+    ) -> Result<Daemon> {
+        let binary = binary()?;
+        let log_path = workdir.join(&format!("{name}.log"));
+        let mut args = vec![
+            "run".to_owned(),
+            "--listen".to_owned(),
+            crate::ports::tcp_uri(listen_port),
+            "--upstream".to_owned(),
+            upstream.to_owned(),
+        ];
+        args.extend(extra.iter().cloned());
+        let command_line = format!("{} {}", binary.display(), args.join(" "));
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let child = Command::new(&binary)
+            .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("cloning the log file")?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {command_line}"))?;
+        let mut daemon = Daemon {
+            child,
+            log_path,
+            listen_port,
+            command_line,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!(
+                    "{} exited at start-up ({status}): {}",
+                    daemon.command_line,
+                    daemon.log().trim()
+                );
+            }
+            if is_listening(listen_port) {
+                return Ok(daemon);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} is not listening on port {listen_port} after 20 s: {}",
+                    daemon.command_line,
+                    daemon.log().trim()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn command_line(&self) -> &str {
+        &self.command_line
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Wait until the log contains `needle` (case-insensitive).
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        let lower = needle.to_lowercase();
+        loop {
+            let log = self.log();
+            if log.to_lowercase().contains(&lower) {
+                return Ok(log);
+            }
+            if Instant::now() >= deadline {
+                bail!("migproxy never logged {needle:?} within {timeout:?}; log:\n{log}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `Some(status)` once the daemon has exited.
+    pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait().context("checking migproxy")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether some socket listens on loopback/any TCP `port` (IPv4 or IPv6), per /proc/net/tcp{,6}.
+pub fn is_listening(port: u16) -> bool {
+    const TCP_LISTEN: &str = "0A";
+    let wanted = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|line| {
+                let mut cols = line.split_whitespace();
+                let local = cols.nth(1).unwrap_or("");
+                let state = cols.nth(1).unwrap_or("");
+                local.ends_with(&wanted) && state == TCP_LISTEN
+            })
+    })
+}

@@ -1,0 +1,233 @@
+//! A small synchronous QMP client over a unix socket.
+//!
+//! QMP sends one JSON object per line: a greeting, then replies (`return` / `error`) and
+//! asynchronous events (`event`), which this client skips. Every read has a deadline, so a QEMU
+//! that hangs fails the scenario instead of the test run.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+/// How long one QMP command may take to answer.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often `query-*` polling asks again.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+#[derive(Debug)]
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+}
+
+impl Qmp {
+    /// Connect to an established socket and leave capabilities negotiation mode.
+    pub fn connect(path: &Path) -> Result<Qmp> {
+        let stream = UnixStream::connect(path)
+            .with_context(|| format!("connecting to qmp socket {}", path.display()))?;
+        let writer = stream.try_clone().context("cloning the qmp socket")?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+            next_id: 0,
+        };
+        let greeting = qmp.read_message(Instant::now() + COMMAND_TIMEOUT)?;
+        if greeting.get("QMP").is_none() {
+            bail!("qmp: expected a greeting, got {greeting}");
+        }
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    /// Run a command, returning its `return` value or its `error.desc` as an error.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
+        self.execute_with_timeout(command, arguments, COMMAND_TIMEOUT)
+    }
+
+    pub fn execute_with_timeout(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        timeout: Duration,
+    ) -> Result<Value> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut request = json!({ "execute": command, "id": id });
+        if arguments.as_object().is_some_and(|a| !a.is_empty()) {
+            request["arguments"] = arguments;
+        }
+        let mut line = request.to_string();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .with_context(|| format!("qmp: sending {command}"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let message = self
+                .read_message(deadline)
+                .with_context(|| format!("qmp: waiting for the reply to {command}"))?;
+            if message.get("event").is_some() {
+                continue;
+            }
+            if message.get("id").and_then(Value::as_u64) != Some(id) {
+                continue;
+            }
+            if let Some(ret) = message.get("return") {
+                return Ok(ret.clone());
+            }
+            let desc = message
+                .pointer("/error/desc")
+                .and_then(Value::as_str)
+                .unwrap_or("(no description)");
+            bail!("qmp: {command} failed: {desc}");
+        }
+    }
+
+    /// A human monitor command (QEMU's HMP), e.g. `xp /1xg 0x40100000`.
+    pub fn hmp(&mut self, command_line: &str) -> Result<String> {
+        let out = self.execute(
+            "human-monitor-command",
+            json!({ "command-line": command_line }),
+        )?;
+        out.as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("qmp: human-monitor-command returned {out}"))
+    }
+
+    /// `query-status` -> the run state (`running`, `paused`, `postmigrate`, `inmigrate`, ...).
+    pub fn status(&mut self) -> Result<String> {
+        let out = self.execute("query-status", json!({}))?;
+        out.get("status")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("qmp: query-status returned {out}"))
+    }
+
+    /// `query-migrate` as returned (the `status` field is absent before any migration).
+    pub fn query_migrate(&mut self) -> Result<Value> {
+        self.execute("query-migrate", json!({}))
+    }
+
+    /// Poll `query-migrate` until its status is one of `wanted` or a terminal one
+    /// (`completed`, `failed`, `cancelled`), and return that last reply.
+    pub fn wait_migration(&mut self, wanted: &[&str], timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.query_migrate()?;
+            let status = info.get("status").and_then(Value::as_str).unwrap_or("none");
+            if wanted.contains(&status) || matches!(status, "completed" | "failed" | "cancelled") {
+                return Ok(info);
+            }
+            if Instant::now() >= deadline {
+                bail!("migration still {status} after {timeout:?}: {info}");
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Poll `query-migrate` until `ready(info)` holds.
+    pub fn wait_migrate_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut(&Value) -> bool,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.query_migrate()?;
+            if ready(&info) {
+                return Ok(info);
+            }
+            let status = info.get("status").and_then(Value::as_str).unwrap_or("none");
+            if matches!(status, "completed" | "failed" | "cancelled") {
+                bail!("migration ended ({status}) before {what}: {info}");
+            }
+            if Instant::now() >= deadline {
+                bail!("no {what} after {timeout:?}: {info}");
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Poll `query-status` until the run state is `wanted`.
+    pub fn wait_status(&mut self, wanted: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status()?;
+            if status == wanted {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("run state still {status} after {timeout:?}, wanted {wanted}");
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Set migration capabilities, e.g. `&[("return-path", true)]`.
+    pub fn set_capabilities(&mut self, capabilities: &[(&str, bool)]) -> Result<()> {
+        if capabilities.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<Value> = capabilities
+            .iter()
+            .map(|(name, state)| json!({ "capability": name, "state": state }))
+            .collect();
+        self.execute("migrate-set-capabilities", json!({ "capabilities": list }))?;
+        Ok(())
+    }
+
+    /// Set migration parameters, e.g. `json!({"multifd-channels": 3})`.
+    pub fn set_parameters(&mut self, parameters: Value) -> Result<()> {
+        if parameters.as_object().is_some_and(|p| p.is_empty()) {
+            return Ok(());
+        }
+        self.execute("migrate-set-parameters", parameters)?;
+        Ok(())
+    }
+
+    fn read_message(&mut self, deadline: Instant) -> Result<Value> {
+        let mut line = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("qmp: no message before the deadline");
+            }
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(left))
+                .context("qmp: setting the read timeout")?;
+            line.clear();
+            let n = match self.reader.read_line(&mut line) {
+                Ok(n) => n,
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    bail!("qmp: no message before the deadline")
+                }
+                Err(err) => return Err(err).context("qmp: reading"),
+            };
+            if n == 0 {
+                bail!("qmp: connection closed (did QEMU exit?)");
+            }
+            if line.trim().is_empty() {
+                continue;
+            }
+            return serde_json::from_str(line.trim())
+                .with_context(|| format!("qmp: not json: {}", line.trim()));
+        }
+    }
+}
+
+/// `status` of a `query-migrate` reply, `none` when absent.
+pub fn migration_status(info: &Value) -> &str {
+    info.get("status").and_then(Value::as_str).unwrap_or("none")
+}

@@ -1,0 +1,276 @@
+//! What every scenario shares: a work directory, logs on failure, guests, profiles, migrations.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::guest;
+use crate::migproxy;
+use crate::ports;
+use crate::qemu::{Version, Vm, VmConfig};
+use crate::qmp::migration_status;
+use crate::workdir::WorkDir;
+
+/// Pages the test guest keeps dirty in end-to-end scenarios (2 MiB: every precopy pass resends it).
+pub const E2E_WINDOW_PAGES: u64 = 512;
+/// Guest RAM in end-to-end scenarios.
+pub const E2E_MEM_MIB: u32 = 64;
+/// How long a guest may take to show it runs.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Run one scenario: on error keep its directory, print every log in it, and fail the test.
+pub fn run(name: &str, body: impl FnOnce(&mut Scenario) -> Result<()>) {
+    let started = Instant::now();
+    eprintln!("scenario {name}: start");
+    let mut scenario = match Scenario::new(name) {
+        Ok(s) => s,
+        Err(err) => panic!("scenario {name}: cannot set up: {err:#}"),
+    };
+    let outcome = body(&mut scenario);
+    let elapsed = started.elapsed();
+    match outcome {
+        Ok(()) => eprintln!("scenario {name}: PASS in {:.1} s", elapsed.as_secs_f64()),
+        Err(err) => {
+            scenario.dir.keep();
+            eprintln!(
+                "scenario {name}: FAIL after {:.1} s: {err:#}",
+                elapsed.as_secs_f64()
+            );
+            dump_logs(scenario.dir.path());
+            panic!("scenario {name} failed: {err:#}");
+        }
+    }
+}
+
+fn dump_logs(dir: &Path) {
+    eprintln!("scenario logs kept in {}", dir.display());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut logs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        // Keep the end: the failure is there, and a proxy log can be long.
+        let tail: Vec<&str> = text.lines().rev().take(60).collect();
+        eprintln!("----- {} (last {} lines) -----", log.display(), tail.len());
+        for line in tail.iter().rev() {
+            eprintln!("{line}");
+        }
+    }
+}
+
+pub struct Scenario {
+    pub name: String,
+    pub dir: WorkDir,
+    guest_images: HashMap<u64, PathBuf>,
+}
+
+impl Scenario {
+    fn new(name: &str) -> Result<Scenario> {
+        Ok(Scenario {
+            name: name.to_owned(),
+            dir: WorkDir::new(name)?,
+            guest_images: HashMap::new(),
+        })
+    }
+
+    /// The counting guest with a window of `pages`, built once per scenario.
+    pub fn guest_image(&mut self, pages: u64) -> Result<PathBuf> {
+        if let Some(path) = self.guest_images.get(&pages) {
+            return Ok(path.clone());
+        }
+        let path = guest::build(self.dir.path(), pages)?;
+        self.guest_images.insert(pages, path.clone());
+        Ok(path)
+    }
+
+    /// Start `config` running the counting guest and wait until it counts.
+    pub fn start_source(&mut self, name: &str, config: &VmConfig) -> Result<Vm> {
+        let mut config = config.clone();
+        config.guest = Some(self.guest_image(E2E_WINDOW_PAGES)?);
+        config.paused = false;
+        config.incoming = false;
+        let mut vm = Vm::spawn(&self.dir, name, &config)?;
+        guest::wait_counter_above(&mut vm, 0, LIVENESS_TIMEOUT)
+            .context("source guest never started counting")?;
+        Ok(vm)
+    }
+
+    /// Start `config` as a destination (`-incoming defer`), apply capabilities and parameters,
+    /// and listen on a fresh port. Returns the VM and its port.
+    pub fn start_destination(
+        &mut self,
+        name: &str,
+        config: &VmConfig,
+        capabilities: &[(&str, bool)],
+        parameters: Value,
+    ) -> Result<(Vm, u16)> {
+        let mut vm = Vm::spawn(&self.dir, name, &config.as_incoming())?;
+        vm.qmp.set_capabilities(capabilities)?;
+        vm.qmp.set_parameters(parameters)?;
+        let port = ports::free_port()?;
+        vm.qmp
+            .execute("migrate-incoming", json!({ "uri": ports::tcp_uri(port) }))?;
+        Ok((vm, port))
+    }
+
+    /// The register profile of a fresh, never-started VM of `config`'s version, machine, CPU and
+    /// vCPU count, captured with `migproxy profile capture --from-stream`. Cached per process.
+    pub fn profile(&mut self, config: &VmConfig) -> Result<PathBuf> {
+        fresh_profile(config)
+    }
+
+    /// The `migproxy run` flags that pass both profiles.
+    pub fn profile_args(&mut self, source: &VmConfig, dest: &VmConfig) -> Result<Vec<String>> {
+        let source_profile = self.profile(source)?;
+        let dest_profile = self.profile(dest)?;
+        Ok(vec![
+            "--dest-profile".into(),
+            dest_profile.display().to_string(),
+            "--source-profile".into(),
+            source_profile.display().to_string(),
+        ])
+    }
+}
+
+/// Start `migrate` on the source towards `port`.
+pub fn migrate(source: &mut Vm, port: u16) -> Result<()> {
+    source
+        .qmp
+        .execute("migrate", json!({ "uri": ports::tcp_uri(port) }))?;
+    Ok(())
+}
+
+/// After a successful migration: the source is stopped, the destination runs, and its counter
+/// starts at or after the value the source stopped with and keeps going.
+pub fn assert_migrated(source: &mut Vm, dest: &mut Vm) -> Result<()> {
+    let info = source
+        .qmp
+        .wait_migration(&[], crate::MIGRATION_TIMEOUT)
+        .context("waiting for the source")?;
+    if migration_status(&info) != "completed" {
+        bail!("source migration ended {}: {info}", migration_status(&info));
+    }
+    let source_status = source.qmp.status()?;
+    if source_status != "postmigrate" {
+        bail!("source run state after completion is {source_status}, expected postmigrate");
+    }
+    let stopped_at = guest::read_counter(source)?;
+    dest.qmp
+        .wait_status("running", Duration::from_secs(30))
+        .context("destination never ran the guest")?;
+    let first = guest::read_counter(dest)?;
+    if first < stopped_at {
+        bail!(
+            "destination counter {first} is below the value the source stopped at ({stopped_at}): \
+             guest memory did not arrive"
+        );
+    }
+    let later = guest::assert_running(dest, LIVENESS_TIMEOUT)?;
+    eprintln!("  source stopped at counter {stopped_at}; destination continued {first} -> {later}");
+    Ok(())
+}
+
+/// After a failed migration: the source still runs the guest (its counter advances).
+pub fn assert_source_kept_running(source: &mut Vm) -> Result<Value> {
+    let info = source
+        .qmp
+        .wait_migration(&[], crate::MIGRATION_TIMEOUT)
+        .context("waiting for the source")?;
+    if migration_status(&info) != "failed" {
+        bail!(
+            "source migration ended {}, expected failed: {info}",
+            migration_status(&info)
+        );
+    }
+    source
+        .qmp
+        .wait_status("running", Duration::from_secs(30))
+        .context("source did not resume the guest")?;
+    let value = guest::assert_running(source, LIVENESS_TIMEOUT)?;
+    eprintln!("  source still running, counter {value}");
+    Ok(info)
+}
+
+fn profile_cache() -> &'static Mutex<HashMap<String, PathBuf>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn profile_dir() -> Result<&'static Path> {
+    static DIR: OnceLock<std::result::Result<WorkDir, String>> = OnceLock::new();
+    DIR.get_or_init(|| WorkDir::new("profiles").map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map(WorkDir::path)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn fresh_profile(config: &VmConfig) -> Result<PathBuf> {
+    let key = format!(
+        "{}-{}-{}-smp{}",
+        config.version.tag(),
+        config.machine,
+        config.cpu,
+        config.smp
+    );
+    let cache = profile_cache();
+    // Held for the whole capture: two scenarios needing the same profile capture it once.
+    let mut guard = cache
+        .lock()
+        .map_err(|_| anyhow::anyhow!("profile cache poisoned"))?;
+    if let Some(path) = guard.get(&key) {
+        return Ok(path.clone());
+    }
+    let dir = profile_dir()?;
+    let stream = dir.join(format!("{key}.stream"));
+    let profile = dir.join(format!("{key}.json"));
+    save_fresh_stream(config, &stream)?;
+    migproxy::capture_profile(&stream, &profile)?;
+    guard.insert(key, profile.clone());
+    Ok(profile)
+}
+
+/// Save the outgoing stream of a never-started VM (`-S`, no guest code) with `exec:cat > FILE`.
+pub fn save_fresh_stream(config: &VmConfig, stream: &Path) -> Result<()> {
+    let mut fresh = config.clone();
+    fresh.guest = None;
+    fresh.paused = true;
+    fresh.incoming = false;
+    let workdir = WorkDir::new("fresh")?;
+    let name = format!("fresh-{}", config.version.tag());
+    let mut vm = Vm::spawn(&workdir, &name, &fresh)?;
+    vm.qmp.execute(
+        "migrate",
+        json!({ "uri": format!("exec:cat > {}", shell_quote(stream)) }),
+    )?;
+    let info = vm.qmp.wait_migration(&[], crate::MIGRATION_TIMEOUT)?;
+    if migration_status(&info) != "completed" {
+        bail!(
+            "saving the fresh stream of {} failed: {info}; log: {}",
+            config.describe(),
+            vm.log()
+        );
+    }
+    vm.quit()?;
+    Ok(())
+}
+
+/// Single-quote a path for `exec:` (QEMU runs it with /bin/sh -c).
+pub fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
+}
+
+/// The a64fx configuration of the headline scenarios.
+pub fn a64fx(version: Version) -> VmConfig {
+    let mut config = VmConfig::new(version, "virt-7.2", "a64fx");
+    config.mem_mib = E2E_MEM_MIB;
+    config
+}
