@@ -220,6 +220,13 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct HealthcheckArgs {
     /// The health URL to query.
-    #[arg(long, default_value = "http://127.0.0.1:9444/healthz")]
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:9444/healthz",
+        env = "MIGPROXY_HEALTHCHECK_URL"
+    )]
     pub url: String,
+    /// Give up after this many milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    pub timeout_ms: u64,
 }

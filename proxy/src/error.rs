@@ -24,9 +24,21 @@ pub enum ProxyError {
     /// The command line was wrong in a way clap cannot express.
     #[error("{0}")]
     Usage(String),
+    /// A `run` setting (flag, environment variable or configuration file) is invalid.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// An address is not in QEMU's syntax (`tcp:HOST:PORT`, `tcp:[IPV6]:PORT`, `unix:PATH`).
+    #[error("invalid address {text:?}: {reason}")]
+    Address { text: String, reason: String },
     /// The migration would lose guest state or cannot load.
     #[error("refused: {0}")]
     Refused(String),
+    /// A migration could not be carried on, and every connection of it was closed.
+    #[error("migration aborted: {0}")]
+    Aborted(String),
+    /// An HTTP exchange (health check, profile fetch) failed.
+    #[error("http {url}: {reason}")]
+    Http { url: String, reason: String },
     /// Anything else that went wrong at run time.
     #[error("{0}")]
     Runtime(String),
@@ -40,10 +52,24 @@ impl ProxyError {
         }
     }
 
+    pub fn address(text: &str, reason: impl Into<String>) -> Self {
+        ProxyError::Address {
+            text: text.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
-            ProxyError::Decode(_) | ProxyError::Io { .. } | ProxyError::Runtime(_) => 1,
-            ProxyError::Config(_) | ProxyError::Usage(_) => 2,
+            ProxyError::Decode(_)
+            | ProxyError::Io { .. }
+            | ProxyError::Runtime(_)
+            | ProxyError::Aborted(_)
+            | ProxyError::Http { .. } => 1,
+            ProxyError::Config(_)
+            | ProxyError::Usage(_)
+            | ProxyError::InvalidConfig(_)
+            | ProxyError::Address { .. } => 2,
             ProxyError::Refused(_) => 3,
         }
     }

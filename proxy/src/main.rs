@@ -4,14 +4,26 @@
 //! This file only parses the command line and maps outcomes to exit codes; every
 //! subcommand lives in its own module.
 
+mod addr;
+mod admin;
+mod classify;
 mod cli;
+mod conn;
 mod error;
 mod healthcheck;
+mod http_client;
 mod inspect;
+mod listener;
+mod main_channel;
+mod metrics;
+mod migration;
 mod plan;
 mod profile_cmd;
+mod profile_source;
+mod relay;
 mod rewrite_cmd;
 mod run;
+mod shutdown;
 
 use std::process::ExitCode;
 

@@ -1,8 +1,451 @@
-//! Placeholder until this subcommand lands.
+//! `migproxy run`: validate the whole configuration (flags, environment, `--config` file), then
+//! bind, serve until SIGTERM, drain and exit 0.
+//!
+//! Precedence: a `--config` file defines its `[[listener]]`s; `--listen` adds listeners made of the
+//! listener flags (`--upstream`, `--dest-profile`, `--source-profile`, policy flags). With neither,
+//! the embedded default listens on `tcp:127.0.0.1:4444` and forwards to `tcp:127.0.0.1:4445`
+//! (the listener flags still apply to it). Daemon-wide settings: flag, else file, else default.
+//! Everything is checked before the first socket is bound; the first problem is reported as one
+//! line and the exit code is 2.
 
-use crate::cli::RunArgs;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use migproxy_codec::Limits;
+use migproxy_config::file::{ListenerFile, PolicyFile, RunFile};
+use migproxy_config::{FillMissing, OnExtra, OnIdMismatch, Policy, RegId};
+
+use crate::addr::{Address, ListenSpec, Upstream};
+use crate::admin::{self, AdminState};
+use crate::cli::{FillMissingArg, OnExtraArg, OnIdMismatchArg, PolicyArgs, RunArgs};
 use crate::error::ProxyError;
+use crate::listener::{self, BoundListener};
+use crate::main_channel::ChannelSettings;
+use crate::metrics::Metrics;
+use crate::migration::{ListenerCtx, Registry};
+use crate::profile_source::{ProfileSource, RewriteConfig};
+use crate::shutdown::{self, Shutdown};
 
-pub fn main(_args: RunArgs) -> Result<(), ProxyError> {
-    Err(ProxyError::Runtime("not implemented yet".into()))
+pub const DEFAULT_LISTEN: &str = "tcp:127.0.0.1:4444";
+pub const DEFAULT_UPSTREAM: &str = "tcp:127.0.0.1:4445";
+pub const DEFAULT_ADMIN: &str = "tcp:127.0.0.1:9444";
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
+pub const DEFAULT_DESCRIPTION_TIMEOUT_MS: u64 = 2000;
+pub const DEFAULT_IDENTIFY_TIMEOUT_MS: u64 = 1000;
+const PROFILE_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The validated configuration of the daemon.
+#[derive(Debug)]
+pub struct RunConfig {
+    pub listeners: Vec<ListenerConfig>,
+    pub admin: Option<Address>,
+    pub served_profiles: BTreeMap<String, PathBuf>,
+    pub drain_timeout: Duration,
+    pub description_timeout: Duration,
+    pub identify_timeout: Duration,
+    pub log_json: bool,
+}
+
+#[derive(Debug)]
+pub struct ListenerConfig {
+    pub listen: ListenSpec,
+    pub upstream: Upstream,
+    pub rewrite: RewriteConfig,
+}
+
+pub fn main(args: RunArgs) -> Result<(), ProxyError> {
+    let config = RunConfig::from_args(&args)?;
+    init_logging(config.log_json);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ProxyError::io("starting the runtime", e))?;
+    runtime.block_on(serve(config))
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests) is harmless: the first subscriber stays.
+    let _ = if json {
+        builder.json().with_current_span(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+impl RunConfig {
+    pub fn from_args(args: &RunArgs) -> Result<RunConfig, ProxyError> {
+        let file = match &args.config {
+            Some(path) => Some(RunFile::load(path)?),
+            None => None,
+        };
+        let listener_flags =
+            args.upstream.is_some() || args.dest_profile.is_some() || args.source_profile.is_some();
+        let mut listeners = Vec::new();
+        if let Some(file) = &file {
+            if args.listen.is_empty() && listener_flags {
+                return Err(ProxyError::InvalidConfig(
+                    "--upstream/--dest-profile/--source-profile need --listen when --config is given (or put them in a [[listener]])".into(),
+                ));
+            }
+            for (index, listener) in file.listeners.iter().enumerate() {
+                listeners.push(ListenerConfig::from_file(listener).map_err(|e| {
+                    ProxyError::InvalidConfig(format!(
+                        "[[listener]] #{}: {}",
+                        index.saturating_add(1),
+                        strip(&e)
+                    ))
+                })?);
+            }
+        }
+        let cli_listens: Vec<String> = if !args.listen.is_empty() {
+            args.listen.clone()
+        } else if file.is_none() {
+            vec![DEFAULT_LISTEN.to_owned()]
+        } else {
+            Vec::new()
+        };
+        for listen in &cli_listens {
+            let upstream = match (&args.upstream, args.listen.is_empty()) {
+                (Some(upstream), _) => upstream.as_str(),
+                (None, true) => DEFAULT_UPSTREAM,
+                (None, false) => {
+                    return Err(ProxyError::Usage(format!(
+                        "--listen {listen} needs --upstream"
+                    )))
+                }
+            };
+            listeners.push(ListenerConfig::new(
+                listen,
+                upstream,
+                args.dest_profile.as_deref(),
+                args.source_profile.as_deref(),
+                policy_from_args(&args.policy)?,
+            )?);
+        }
+        let file_admin = file.as_ref().and_then(|f| f.admin.clone());
+        let admin_text = args
+            .admin
+            .clone()
+            .or(file_admin)
+            .unwrap_or_else(|| DEFAULT_ADMIN.to_owned());
+        let admin = if admin_text == "none" {
+            None
+        } else {
+            Some(admin_text.parse::<Address>()?)
+        };
+        let mut served_profiles = BTreeMap::new();
+        if let Some(file) = &file {
+            for (name, path) in &file.profiles {
+                served_profiles.insert(name.clone(), PathBuf::from(path));
+            }
+        }
+        for spec in &args.serve_profile {
+            let Some((name, path)) = spec.split_once('=') else {
+                return Err(ProxyError::InvalidConfig(format!(
+                    "--serve-profile {spec:?}: expected NAME=FILE"
+                )));
+            };
+            served_profiles.insert(name.to_owned(), PathBuf::from(path));
+        }
+        for (name, path) in &served_profiles {
+            if name.is_empty() || name.contains('/') {
+                return Err(ProxyError::InvalidConfig(format!(
+                    "served profile name {name:?} must be non-empty and without '/'"
+                )));
+            }
+            migproxy_config::Profile::load(path).map_err(|e| {
+                ProxyError::InvalidConfig(format!(
+                    "served profile {name} ({}): {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        if admin.is_none() && !served_profiles.is_empty() {
+            return Err(ProxyError::InvalidConfig(
+                "profiles are served on the admin address, which is disabled (--admin none)".into(),
+            ));
+        }
+        let pick = |flag: Option<u64>, from_file: Option<u64>, default: u64| {
+            flag.or(from_file).unwrap_or(default)
+        };
+        let description_ms = pick(
+            args.description_timeout,
+            file.as_ref().and_then(|f| f.description_timeout_ms),
+            DEFAULT_DESCRIPTION_TIMEOUT_MS,
+        );
+        let identify_ms = pick(
+            args.identify_timeout,
+            file.as_ref().and_then(|f| f.identify_timeout_ms),
+            DEFAULT_IDENTIFY_TIMEOUT_MS,
+        );
+        if description_ms == 0 || identify_ms == 0 {
+            return Err(ProxyError::InvalidConfig(
+                "description and identify timeouts must be at least 1 ms".into(),
+            ));
+        }
+        Ok(RunConfig {
+            listeners,
+            admin,
+            served_profiles,
+            drain_timeout: Duration::from_secs(pick(
+                args.drain_timeout,
+                file.as_ref().and_then(|f| f.drain_timeout_secs),
+                DEFAULT_DRAIN_TIMEOUT_SECS,
+            )),
+            description_timeout: Duration::from_millis(description_ms),
+            identify_timeout: Duration::from_millis(identify_ms),
+            log_json: args.log_json || file.as_ref().and_then(|f| f.log_json).unwrap_or(false),
+        })
+    }
+}
+
+/// The message of an error without its variant's prefix (nested in a located one-liner).
+fn strip(err: &ProxyError) -> String {
+    match err {
+        ProxyError::InvalidConfig(message) => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl ListenerConfig {
+    fn new(
+        listen: &str,
+        upstream: &str,
+        dest_profile: Option<&str>,
+        source_profile: Option<&str>,
+        policy: Policy,
+    ) -> Result<ListenerConfig, ProxyError> {
+        let listen: ListenSpec = listen.parse()?;
+        let upstream: Upstream = upstream.parse()?;
+        match (&listen, &upstream) {
+            (
+                ListenSpec::Unix(_),
+                Upstream::PortRange { .. } | Upstream::OriginalDst | Upstream::Tproxy,
+            ) => {
+                return Err(ProxyError::InvalidConfig(format!(
+                    "upstream {upstream} needs a tcp listener, not {listen}"
+                )));
+            }
+            (
+                ListenSpec::Tcp { first, last, .. },
+                Upstream::PortRange {
+                    first: up_first,
+                    last: up_last,
+                    ..
+                },
+            ) if first < up_first || last > up_last => {
+                return Err(ProxyError::InvalidConfig(format!(
+                    "listen ports {first}-{last} are not all inside the upstream range {up_first}-{up_last}"
+                )));
+            }
+            _ => {}
+        }
+        if dest_profile.is_none() && source_profile.is_some() {
+            return Err(ProxyError::InvalidConfig(
+                "a source profile without a destination profile does nothing".into(),
+            ));
+        }
+        let dest = dest_profile.map(ProfileSource::open).transpose()?;
+        let source = source_profile.map(ProfileSource::open).transpose()?;
+        Ok(ListenerConfig {
+            listen,
+            upstream,
+            rewrite: RewriteConfig {
+                dest,
+                source,
+                policy,
+                fetch_timeout: PROFILE_FETCH_TIMEOUT,
+            },
+        })
+    }
+
+    fn from_file(file: &ListenerFile) -> Result<ListenerConfig, ProxyError> {
+        ListenerConfig::new(
+            &file.listen,
+            &file.upstream,
+            file.dest_profile.as_deref(),
+            file.source_profile.as_deref(),
+            policy_from_file(&file.policy)?,
+        )
+    }
+}
+
+fn policy_from_args(args: &PolicyArgs) -> Result<Policy, ProxyError> {
+    Ok(Policy {
+        on_extra: on_extra(args.on_extra),
+        allow_drop: reg_ids(&args.allow_drop)?,
+        fill_missing: fill_missing(args.fill_missing),
+        on_id_mismatch: on_id_mismatch(args.on_id_mismatch),
+    })
+}
+
+/// The file spells policy words exactly as the flags do; clap's parser is the one vocabulary.
+fn policy_from_file(file: &PolicyFile) -> Result<Policy, ProxyError> {
+    fn word<T: ValueEnum>(key: &str, value: Option<&String>, default: T) -> Result<T, ProxyError> {
+        match value {
+            None => Ok(default),
+            Some(text) => T::from_str(text, false).map_err(|_| {
+                let allowed: Vec<String> = T::value_variants()
+                    .iter()
+                    .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_owned()))
+                    .collect();
+                ProxyError::InvalidConfig(format!(
+                    "policy.{key} = {text:?}: expected one of {}",
+                    allowed.join(", ")
+                ))
+            }),
+        }
+    }
+    Ok(Policy {
+        on_extra: on_extra(word(
+            "on_extra",
+            file.on_extra.as_ref(),
+            OnExtraArg::DropUnused,
+        )?),
+        allow_drop: reg_ids(&file.allow_drop)?,
+        fill_missing: fill_missing(word(
+            "fill_missing",
+            file.fill_missing.as_ref(),
+            FillMissingArg::Auto,
+        )?),
+        on_id_mismatch: on_id_mismatch(word(
+            "on_id_mismatch",
+            file.on_id_mismatch.as_ref(),
+            OnIdMismatchArg::Auto,
+        )?),
+    })
+}
+
+fn reg_ids(names: &[String]) -> Result<Vec<RegId>, ProxyError> {
+    names
+        .iter()
+        .map(|name| {
+            name.parse::<RegId>()
+                .map_err(|e| ProxyError::InvalidConfig(format!("allow-drop {name:?}: {e}")))
+        })
+        .collect()
+}
+
+fn on_extra(arg: OnExtraArg) -> OnExtra {
+    match arg {
+        OnExtraArg::DropUnused => OnExtra::DropUnused,
+        OnExtraArg::Drop => OnExtra::Drop,
+        OnExtraArg::Refuse => OnExtra::Refuse,
+    }
+}
+
+fn fill_missing(arg: FillMissingArg) -> FillMissing {
+    match arg {
+        FillMissingArg::Auto => FillMissing::Auto,
+        FillMissingArg::Always => FillMissing::Always,
+        FillMissingArg::Never => FillMissing::Never,
+    }
+}
+
+fn on_id_mismatch(arg: OnIdMismatchArg) -> OnIdMismatch {
+    match arg {
+        OnIdMismatchArg::Auto => OnIdMismatch::Auto,
+        OnIdMismatchArg::Refuse => OnIdMismatch::Refuse,
+        OnIdMismatchArg::Warn => OnIdMismatch::Warn,
+        OnIdMismatchArg::UseDestination => OnIdMismatch::UseDestination,
+    }
+}
+
+/// Bind everything, serve until SIGTERM/SIGINT, drain, return.
+pub async fn serve(config: RunConfig) -> Result<(), ProxyError> {
+    // Installed first: a signal arriving during startup must drain, not kill.
+    let mut signals = shutdown::Signals::install()?;
+    let shutdown = Shutdown::default();
+    let metrics = Arc::new(Metrics::default());
+    let started = start(&config, &shutdown, &metrics).await?;
+    let name = signals.recv().await;
+    tracing::info!(signal = name, "shutting down: no new migrations accepted");
+    shutdown.drain(&metrics, config.drain_timeout).await;
+    // Let closed migrations log their summaries before the runtime goes away.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while metrics.active() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    drop(started);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Handles of a started daemon (for tests: the bound addresses).
+#[derive(Debug)]
+pub struct Started {
+    pub listeners: Vec<Address>,
+    pub admin: Option<Address>,
+}
+
+/// Bind every listener and the admin address, then spawn their tasks.
+pub async fn start(
+    config: &RunConfig,
+    shutdown: &Shutdown,
+    metrics: &Arc<Metrics>,
+) -> Result<Started, ProxyError> {
+    let mut bound = Vec::new();
+    for listener in &config.listeners {
+        let ctx = Arc::new(ListenerCtx {
+            listen: listener.listen.to_string(),
+            upstream: listener.upstream.clone(),
+            rewrite: listener.rewrite.clone(),
+            channel: ChannelSettings {
+                limits: Limits::default(),
+                description_timeout: config.description_timeout,
+            },
+            identify_timeout: config.identify_timeout,
+            metrics: Arc::clone(metrics),
+            shutdown: shutdown.clone(),
+            registry: Registry::default(),
+        });
+        for addr in listener.listen.addresses() {
+            bound.push((BoundListener::bind(&addr).await?, Arc::clone(&ctx)));
+        }
+    }
+    let admin = match &config.admin {
+        Some(addr) => Some(BoundListener::bind(addr).await?),
+        None => None,
+    };
+    let mut started = Started {
+        listeners: Vec::new(),
+        admin: None,
+    };
+    for (socket, ctx) in bound {
+        let local = socket.local_address();
+        let mode = match &ctx.rewrite.dest {
+            None => "checking relay".to_owned(),
+            Some(ProfileSource::File { path, .. }) => format!("rewrite to profile {path}"),
+            Some(ProfileSource::Url(url)) => format!("rewrite to profile {url}"),
+        };
+        if let Some(local) = &local {
+            tracing::info!(listen = %local, upstream = %ctx.upstream, %mode, "listening");
+            started.listeners.push(local.clone());
+        }
+        tokio::spawn(listener::run(socket, ctx, shutdown.clone()));
+    }
+    if let Some(socket) = admin {
+        let local = socket.local_address();
+        if let Some(local) = &local {
+            tracing::info!(admin = %local, profiles = config.served_profiles.len(), "admin listening");
+            started.admin = Some(local.clone());
+        }
+        let state = Arc::new(AdminState {
+            metrics: Arc::clone(metrics),
+            shutdown: shutdown.clone(),
+            profiles: config.served_profiles.clone(),
+        });
+        tokio::spawn(admin::run(socket, state));
+    }
+    Ok(started)
 }
