@@ -596,3 +596,160 @@ impl RawProfile {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_of(text: &str) -> String {
+        match Profile::from_json(text) {
+            Ok(_) => String::from("<no error>"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const HEAD: &str = r#""format_version": 1, "accel": "tcg", "machine": "virt-7.2", "cpu_section_version": 22, "vcpus": 2"#;
+
+    #[test]
+    fn hand_written_profile_by_name_and_id() {
+        let text = format!(
+            r#"{{{HEAD}, "registers": [
+                {{"name": "RMR_EL1", "value": "0x1"}},
+                {{"id": "TCR2_EL1", "value": "0"}},
+                {{"id": "0x603000000013c005", "name": "MPIDR_EL1", "value": "0x80000000", "per_vcpu": ["0x80000000", "0x80000001"]}},
+                {{"id": "S3_0_C0_C6_7", "value": "0x0"}},
+                {{"name": "KVM_REG_ARM_VENDOR_HYP_BMAP_2", "absent": true, "rule": {{"drop": "allow", "when": {{"equals": "0x0"}}}}}}
+            ]}}"#
+        );
+        let p = match Profile::from_json(&text) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(p.machine.as_deref(), Some("virt-7.2"));
+        assert!(p.has(RegId(0x6030_0000_0013_c602)));
+        assert!(!p.has(RegId(0x6030_0000_0016_0003)));
+        assert!(p.rule(RegId(0x6030_0000_0016_0003)).is_some());
+        assert_eq!(
+            p.value_for(1, RegId(0x6030_0000_0013_c005)),
+            Some(0x8000_0001)
+        );
+        assert_eq!(p.value_for(2, RegId(0x6030_0000_0013_c005)), None);
+        // Sorted, round-trips through its own JSON.
+        let ids: Vec<u64> = p.entries().iter().map(|r| r.id.0).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        let again = Profile::from_json(&p.to_json()).map_err(|e| e.to_string());
+        assert_eq!(again, Ok(p.clone()));
+        assert!(p
+            .to_json()
+            .contains(r#"{"id":"0x603000000013c602","name":"RMR_EL1","value":"0x1"}"#));
+    }
+
+    #[test]
+    fn validation_errors_name_the_field() {
+        let cases = [
+            (
+                r#"{"format_version": 2, "accel": "tcg", "vcpus": 1, "registers": []}"#,
+                "format_version: unsupported version 2",
+            ),
+            (
+                r#"{"format_version": 1, "accel": "tcx", "vcpus": 1, "registers": []}"#,
+                "unknown variant `tcx`",
+            ),
+            (
+                r#"{"format_version": 1, "accel": "tcg", "vcpus": 1, "registers": [], "colour": 1}"#,
+                "unknown field `colour`",
+            ),
+            (
+                r#"{"format_version": 1, "accel": "tcg", "vcpus": 0, "registers": []}"#,
+                "vcpus: must be at least 1",
+            ),
+            (
+                r#"{"format_version": 1, "accel": "tcg", "vcpus": 1, "registers": [{"id": "0x1", "value": "0xzz"}]}"#,
+                "registers[0].value: \"0xzz\" is not a 64-bit hex number",
+            ),
+            (
+                r#"{"format_version": 1, "accel": "tcg", "vcpus": 1, "registers": [{"id": "0x1"}]}"#,
+                "registers[0].value: missing",
+            ),
+            (
+                r#"{"format_version": 1, "accel": "tcg", "vcpus": 1, "registers": [{"name": "NO_SUCH_REG", "value": "0"}]}"#,
+                "registers[0].name: unknown register \"NO_SUCH_REG\"",
+            ),
+            (
+                r#"{"format_version": 1, "accel": "tcg", "vcpus": 1, "registers": [{"id": "0x603000000013c103", "name": "PIR_EL1", "value": "0"}]}"#,
+                "registers[0].name: \"PIR_EL1\" is PIR_EL1",
+            ),
+            (
+                r#"{"format_version": 1, "accel": "tcg", "vcpus": 1, "registers": [{"name": "TCR2_EL1", "value": "0"}, {"id": "0x603000000013c103", "value": "1"}]}"#,
+                "registers[1]: TCR2_EL1 is already listed as registers[0]",
+            ),
+            (
+                r#"{"format_version": 1, "accel": "tcg", "vcpus": 2, "registers": [{"id": "0x1", "value": "0", "per_vcpu": ["0"]}]}"#,
+                "registers[0].per_vcpu: has 1 values for 2 vcpus",
+            ),
+            (
+                r#"{"format_version": 1, "accel": "tcg", "vcpus": 1, "registers": [{"id": "0x1", "absent": true, "rule": {"drop": "allow", "when": {"mask": "0x1", "equals": "0x2"}}}]}"#,
+                "registers[0].rule.when.equals",
+            ),
+            (
+                r#"{"format_version": 1, "accel": "tcg", "vcpus": 1, "registers": [{"id": "0x1", "absent": true, "value": "0"}]}"#,
+                "registers[0].value: an absent register has no value",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = err_of(text);
+            assert!(e.contains(expected), "{e:?} should contain {expected:?}");
+        }
+    }
+
+    #[test]
+    fn from_vcpus_records_per_vcpu_differences() {
+        let vcpus = vec![
+            (
+                0,
+                vec![
+                    (0x6030_0000_0013_c005, 0x8000_0000),
+                    (0x6030_0000_0013_c080, 5),
+                ],
+            ),
+            (
+                1,
+                vec![
+                    (0x6030_0000_0013_c080, 5),
+                    (0x6030_0000_0013_c005, 0x8000_0001),
+                ],
+            ),
+        ];
+        let p = Profile::from_vcpus(Accel::Kvm, &vcpus).map_err(|e| e.to_string());
+        let p = match p {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(p.vcpus, 2);
+        assert_eq!(
+            p.entry(RegId(0x6030_0000_0013_c005))
+                .and_then(|r| r.per_vcpu.clone()),
+            Some(vec![0x8000_0000, 0x8000_0001])
+        );
+        assert_eq!(
+            p.entry(RegId(0x6030_0000_0013_c080))
+                .and_then(|r| r.per_vcpu.clone()),
+            None
+        );
+        let bad = vec![(0, vec![(1, 0)]), (1, vec![(2, 0)])];
+        assert!(Profile::from_vcpus(Accel::Tcg, &bad).is_err());
+    }
+
+    #[test]
+    fn accel_detection() {
+        assert_eq!(
+            Accel::detect(&[0x4020_0000_200f_0082, 0x6030_0000_0013_c080]),
+            Some(Accel::Tcg)
+        );
+        assert_eq!(
+            Accel::detect(&[0x6030_0000_0014_0000, 0x6030_0000_0013_c080]),
+            Some(Accel::Kvm)
+        );
+        assert_eq!(Accel::detect(&[0x6030_0000_0013_c080]), None);
+    }
+}

@@ -111,6 +111,8 @@ pub struct RewriteReport {
     pub id_mismatches: Vec<IdMismatch>,
     /// Registers the source lacks and that were not filled (KVM keeps its reset value).
     pub left_missing: Vec<RegId>,
+    /// The source list was not sorted strictly ascending (QEMU always sorts it); it was sorted.
+    pub reordered: bool,
     pub warnings: Vec<String>,
 }
 
@@ -130,6 +132,7 @@ impl RewriteReport {
     pub fn is_unchanged(&self) -> bool {
         self.dropped.is_empty()
             && self.filled.is_empty()
+            && !self.reordered
             && !self
                 .id_mismatches
                 .iter()
@@ -322,6 +325,12 @@ pub fn rewrite(
         out.insert(reg.id.0, value);
         report.filled.push(Filled { id: reg.id, value });
     }
+    if !source.windows(2).all(|w| w[0].0 < w[1].0) {
+        report.reordered = true;
+        report
+            .warnings
+            .push("the source list was not sorted by id; sorted it".into());
+    }
     let registers = if report.is_unchanged() && report.refused.is_empty() {
         source.to_vec()
     } else {
@@ -448,3 +457,6 @@ fn check_identification(
         value
     }
 }
+
+#[cfg(test)]
+mod tests;
