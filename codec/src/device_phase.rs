@@ -1,9 +1,29 @@
 //! The held device-state phase: FULL sections, EOF and the description, walked with the
 //! description (design-decisions §1).
+//!
+//! ```text
+//! held bytes:  FULL s0 .. 7E s0 | FULL s1 .. 7E s1 | ... | 00 (EOF) | 06 | be32 len | JSON (len bytes)
+//!              ^ walked with the description's per-field sizes   ^ must land exactly here
+//! ```
+//!
+//! Non-iterable sections carry no length: their payload size is the sum of the sizes the
+//! description lists (`stream-format.md` §6.2): Σ fields (size × array_len) + Σ subsections
+//! (6 + len(name) + their payload). The walk checks every section header against its description
+//! entry, every subsection header, every footer, and that the sections end exactly at EOF.
+//!
+//! The ARM `cpu` section's cpreg arrays are located from the description's field list
+//! (`cpreg_vmstate_array_len`, `cpreg_vmstate_indexes`, `cpreg_vmstate_values`), not from a fixed
+//! offset. Replacing them re-encodes that section and patches the two `array_len` numbers in the
+//! description text (and its be32 length); every other byte is re-emitted as received.
 
-use bytes::BytesMut;
+use std::ops::Range;
 
-use crate::error::DecodeError;
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::{DecodeError, SectionRef};
+use crate::json::{self, Json};
+use crate::reader::{self, Reader};
+use crate::wire::*;
 
 /// One non-iterable device section inside the held phase.
 #[derive(Debug, Clone)]
@@ -12,7 +32,7 @@ pub struct DeviceSection {
     pub idstr: String,
     pub instance: u32,
     pub version: u32,
-    /// Header + payload + footer.
+    /// Header + payload + footer, as received.
     pub wire_len: usize,
 }
 
@@ -24,36 +44,540 @@ pub struct CpuRegisters {
     pub registers: Vec<(u64, u64)>,
 }
 
+/// Where one `cpu` section keeps its cpreg arrays.
+#[derive(Debug, Clone)]
+struct CpuSlot {
+    instance: u32,
+    section_version: u32,
+    /// Position of the be32 `cpreg_vmstate_array_len` in the held bytes.
+    array_len_pos: usize,
+    count: usize,
+    /// Spans (in the held bytes) of the description's `array_len` numbers of the two arrays.
+    json_spans: Vec<Range<usize>>,
+    replacement: Option<Vec<(u64, u64)>>,
+}
+
+impl CpuSlot {
+    fn arrays_end(&self) -> usize {
+        // Checked when the slot was built: the arrays lie inside the held bytes.
+        self.array_len_pos + 4 + 16 * self.count
+    }
+}
+
 /// The whole device-state phase, verified against the description.
-#[derive(Debug)]
 pub struct DeviceState {
+    held: Bytes,
+    /// Stream offset of the first held byte.
+    base_offset: u64,
     sections: Vec<DeviceSection>,
+    cpus: Vec<CpuSlot>,
+    /// Position of the be32 description length (after EOF and QEMU_VM_VMDESCRIPTION).
+    desc_len_pos: usize,
+}
+
+impl std::fmt::Debug for DeviceState {
+    // Device payloads are guest state: show the layout only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceState")
+            .field("base_offset", &self.base_offset)
+            .field("len", &self.held.len())
+            .field("sections", &self.sections.len())
+            .field("cpus", &self.cpus.len())
+            .finish()
+    }
 }
 
 impl DeviceState {
-    /// Every device section, in stream order.
+    /// Every device section, in stream order (layout as received).
     pub fn sections(&self) -> &[DeviceSection] {
         &self.sections
     }
 
-    /// Every `cpu` section's registers, in stream order.
+    /// Every `cpu` section's registers, in stream order (replacements included).
     pub fn cpus(&self) -> Vec<CpuRegisters> {
-        Vec::new()
+        self.cpus
+            .iter()
+            .map(|slot| CpuRegisters {
+                instance: slot.instance,
+                section_version: slot.section_version,
+                registers: match &slot.replacement {
+                    Some(regs) => regs.clone(),
+                    None => self.original_registers(slot),
+                },
+            })
+            .collect()
+    }
+
+    fn original_registers(&self, slot: &CpuSlot) -> Vec<(u64, u64)> {
+        let ids_pos = slot.array_len_pos + 4;
+        let values_pos = ids_pos + 8 * slot.count;
+        let mut ids = Reader::at(&self.held, ids_pos);
+        let mut values = Reader::at(&self.held, values_pos);
+        (0..slot.count)
+            .map_while(|_| Some((ids.be64()?, values.be64()?)))
+            .collect()
     }
 
     /// Replace one vCPU's cpreg arrays; `regs` sorted strictly ascending by id.
-    pub fn set_cpregs(&mut self, instance: u32, _regs: &[(u64, u64)]) -> Result<(), DecodeError> {
-        Err(DecodeError::CpuRegisters {
-            instance,
-            message: "no such cpu section".into(),
-        })
+    pub fn set_cpregs(&mut self, instance: u32, regs: &[(u64, u64)]) -> Result<(), DecodeError> {
+        let err = |message: String| DecodeError::CpuRegisters { instance, message };
+        if let Some(pair) = regs.windows(2).find(|w| w[0].0 >= w[1].0) {
+            return Err(err(format!(
+                "register ids must be strictly ascending: 0x{:x} is followed by 0x{:x}",
+                pair[0].0, pair[1].0
+            )));
+        }
+        // QEMU reads the count as a positive int32 (VMSTATE_INT32_POSITIVE_LE).
+        if i32::try_from(regs.len()).is_err() {
+            return Err(err(format!(
+                "{} registers do not fit an int32 count",
+                regs.len()
+            )));
+        }
+        let slot = self
+            .cpus
+            .iter_mut()
+            .find(|slot| slot.instance == instance)
+            .ok_or_else(|| err("no cpu section with cpreg arrays for this instance".into()))?;
+        if slot.json_spans.len() != 2 {
+            return Err(err(
+                "the description does not give the cpreg arrays' array_len; cannot patch it".into(),
+            ));
+        }
+        slot.replacement = Some(regs.to_vec());
+        Ok(())
+    }
+
+    fn replaced(&self) -> impl Iterator<Item = (&CpuSlot, &Vec<(u64, u64)>)> {
+        self.cpus
+            .iter()
+            .filter_map(|slot| slot.replacement.as_ref().map(|regs| (slot, regs)))
+    }
+
+    /// The description text with the replaced `array_len` values.
+    fn patched_description(&self) -> Vec<u8> {
+        let json_start = self.desc_len_pos + 4;
+        let mut patches: Vec<(Range<usize>, String)> = self
+            .replaced()
+            .flat_map(|(slot, regs)| {
+                slot.json_spans
+                    .iter()
+                    .map(move |span| (span.clone(), regs.len().to_string()))
+            })
+            .collect();
+        patches.sort_by_key(|(span, _)| span.start);
+        let mut out = Vec::with_capacity(self.held.len() - json_start + 16);
+        let mut cursor = json_start;
+        for (span, text) in patches {
+            out.extend_from_slice(&self.held[cursor..span.start]);
+            out.extend_from_slice(text.as_bytes());
+            cursor = span.end;
+        }
+        out.extend_from_slice(&self.held[cursor..]);
+        out
     }
 
     /// Bytes `encode` writes.
     pub fn wire_len(&self) -> usize {
-        0
+        if self.replaced().next().is_none() {
+            return self.held.len();
+        }
+        let mut len = self.desc_len_pos + 4 + self.patched_description().len();
+        for (slot, regs) in self.replaced() {
+            len = len - 16 * slot.count + 16 * regs.len();
+        }
+        len
     }
 
     /// Sections + EOF + (patched) description.
-    pub fn encode(&self, _dst: &mut BytesMut) {}
+    pub fn encode(&self, dst: &mut BytesMut) {
+        if self.replaced().next().is_none() {
+            dst.extend_from_slice(&self.held);
+            return;
+        }
+        let description = self.patched_description();
+        dst.reserve(self.wire_len());
+        let mut cursor = 0;
+        for (slot, regs) in self.replaced() {
+            dst.extend_from_slice(&self.held[cursor..slot.array_len_pos]);
+            // Fits: checked in set_cpregs.
+            dst.put_u32(u32::try_from(regs.len()).unwrap_or(u32::MAX));
+            for (id, _) in regs {
+                dst.put_u64(*id);
+            }
+            for (_, value) in regs {
+                dst.put_u64(*value);
+            }
+            cursor = slot.arrays_end();
+        }
+        dst.extend_from_slice(&self.held[cursor..self.desc_len_pos]);
+        dst.put_u32(u32::try_from(description.len()).unwrap_or(u32::MAX));
+        dst.extend_from_slice(&description);
+    }
+}
+
+/// The held bytes end with a complete description: where it starts, if so.
+///
+/// `held` must end with `00 06 <be32 len> {json}` where len reaches exactly to the end. Only then
+/// is the walk attempted; see `decoder` for why the end of the received bytes is the only place
+/// the description can be looked for.
+pub(crate) fn description_at_end(held: &[u8], max_description: usize) -> Option<usize> {
+    let json_start = json::object_start_from_end(held, max_description)?;
+    let desc_len_pos = json_start.checked_sub(4)?;
+    let eof_pos = json_start.checked_sub(6)?;
+    let mut r = Reader::at(held, eof_pos);
+    let eof = r.u8()?;
+    let tag = r.u8()?;
+    let len = r.be32()?;
+    let json_len = held.len() - json_start;
+    (eof == QEMU_VM_EOF
+        && tag == QEMU_VM_VMDESCRIPTION
+        && usize::try_from(len).ok() == Some(json_len))
+    .then_some(desc_len_pos)
+}
+
+/// Walk `held` (which ends with a complete description starting at `desc_len_pos + 4`).
+pub(crate) fn walk(
+    held: Bytes,
+    base_offset: u64,
+    desc_len_pos: usize,
+) -> Result<DeviceState, DecodeError> {
+    let json_start = desc_len_pos + 4;
+    let eof_pos = desc_len_pos - 2;
+    let at = |pos: usize| base_offset + pos as u64;
+    let json_text = &held[json_start..];
+    let desc = json::parse(json_text).map_err(|e| DecodeError::Description {
+        offset: at(json_start + e.pos),
+        message: format!("not valid json: {}", e.message),
+    })?;
+    let desc_err = |message: String| DecodeError::Description {
+        offset: at(json_start),
+        message,
+    };
+    let devices = desc
+        .get("devices")
+        .and_then(Json::as_array)
+        .ok_or_else(|| desc_err("no \"devices\" array".into()))?;
+
+    let mut sections = Vec::with_capacity(devices.len());
+    let mut cpus = Vec::new();
+    let mut pos = 0usize;
+    for (index, device) in devices.iter().enumerate() {
+        let dev_name = device.get("name").and_then(Json::as_str);
+        let dev_instance = device.get("instance_id").and_then(Json::as_u64);
+        let (Some(dev_name), Some(dev_instance)) = (dev_name, dev_instance) else {
+            return Err(desc_err(format!(
+                "device entry {index} lacks \"name\" or \"instance_id\""
+            )));
+        };
+        // Header: 04, be32 id, counted idstr, be32 instance, be32 version.
+        let mut r = Reader::at(&held[..eof_pos], pos);
+        let record = r.u8().ok_or_else(|| DecodeError::UnexpectedInDevicePhase {
+            offset: at(pos),
+            found: format!(
+                "eof, but the description still lists device \"{dev_name}\" instance {dev_instance}"
+            ),
+        })?;
+        if record != QEMU_VM_SECTION_FULL {
+            return Err(DecodeError::UnexpectedInDevicePhase {
+                offset: at(pos),
+                found: record_type_name(record),
+            });
+        }
+        let truncated = || DecodeError::DeviceState {
+            offset: at(pos),
+            section: SectionRef {
+                id: 0,
+                idstr: Some(dev_name.to_string()),
+            },
+            message: "section header runs past eof".into(),
+        };
+        let section_id = r.be32().ok_or_else(truncated)?;
+        let idstr = reader::name(r.counted().ok_or_else(truncated)?);
+        let instance = r.be32().ok_or_else(truncated)?;
+        let version = r.be32().ok_or_else(truncated)?;
+        let section = SectionRef {
+            id: section_id,
+            idstr: Some(idstr.clone()),
+        };
+        if idstr != dev_name || u64::from(instance) != dev_instance {
+            return Err(DecodeError::DeviceState {
+                offset: at(pos),
+                section,
+                message: format!(
+                    "description entry {index} is \"{dev_name}\" instance {dev_instance}, the stream has instance {instance}"
+                ),
+            });
+        }
+        let payload_start = r.pos();
+        let mut walker = Walker {
+            held: &held[..eof_pos],
+            base_offset,
+            section: &section,
+        };
+        let payload_end = walker.vmsd(device, payload_start, 0)?;
+        let mut f = Reader::at(&held[..eof_pos], payload_end);
+        match (f.u8(), f.be32()) {
+            (Some(QEMU_VM_SECTION_FOOTER), Some(id)) if id == section_id => {}
+            (tag, id) => {
+                return Err(DecodeError::DeviceState {
+                    offset: at(payload_end),
+                    section,
+                    message: format!(
+                        "expected footer 7e {section_id:08x} after the described fields, found {}",
+                        match (tag, id) {
+                            (Some(t), Some(i)) => format!("{t:02x} {i:08x}"),
+                            (Some(t), None) => format!("{t:02x} and eof"),
+                            _ => "eof".into(),
+                        }
+                    ),
+                })
+            }
+        }
+        let end = f.pos();
+        if idstr == IDSTR_CPU {
+            if let Some(slot) = locate_cpregs(
+                &held,
+                base_offset,
+                json_start,
+                CpuSection {
+                    section: &section,
+                    device,
+                    payload_start,
+                    instance,
+                    version,
+                },
+            )? {
+                cpus.push(slot);
+            }
+        }
+        sections.push(DeviceSection {
+            section_id,
+            idstr,
+            instance,
+            version,
+            wire_len: end - pos,
+        });
+        pos = end;
+    }
+    if pos != eof_pos {
+        let found = held.get(pos).copied().unwrap_or(QEMU_VM_EOF);
+        return Err(DecodeError::UnexpectedInDevicePhase {
+            offset: at(pos),
+            found: format!(
+                "{} not listed in the description ({} devices described)",
+                record_type_name(found),
+                devices.len()
+            ),
+        });
+    }
+    Ok(DeviceState {
+        held,
+        base_offset,
+        sections,
+        cpus,
+        desc_len_pos,
+    })
+}
+
+struct Walker<'a> {
+    held: &'a [u8],
+    base_offset: u64,
+    section: &'a SectionRef,
+}
+
+impl Walker<'_> {
+    fn err(&self, pos: usize, message: String) -> DecodeError {
+        DecodeError::DeviceState {
+            offset: self.base_offset + pos as u64,
+            section: self.section.clone(),
+            message,
+        }
+    }
+
+    /// Walk one vmstate (fields, then subsections) described by `desc` from `pos`; returns the end.
+    fn vmsd(&mut self, desc: &Json, pos: usize, depth: usize) -> Result<usize, DecodeError> {
+        if depth > 16 {
+            return Err(self.err(pos, "subsections nested too deeply".into()));
+        }
+        let mut pos = pos;
+        if let Some(fields) = desc.get("fields") {
+            let fields = fields
+                .as_array()
+                .ok_or_else(|| self.err(pos, "description \"fields\" is not an array".into()))?;
+            for field in fields {
+                let size = field_size(field).ok_or_else(|| {
+                    self.err(
+                        pos,
+                        format!(
+                            "description field {:?} has no valid size",
+                            field.get("name").and_then(Json::as_str).unwrap_or("?")
+                        ),
+                    )
+                })?;
+                pos = pos
+                    .checked_add(size)
+                    .filter(|end| *end <= self.held.len())
+                    .ok_or_else(|| {
+                        self.err(
+                            pos,
+                            format!(
+                                "field {:?} ({size} bytes) runs past eof",
+                                field.get("name").and_then(Json::as_str).unwrap_or("?")
+                            ),
+                        )
+                    })?;
+            }
+        }
+        if let Some(subs) = desc.get("subsections") {
+            let subs = subs.as_array().ok_or_else(|| {
+                self.err(pos, "description \"subsections\" is not an array".into())
+            })?;
+            for sub in subs {
+                let name = sub
+                    .get("vmsd_name")
+                    .and_then(Json::as_str)
+                    .ok_or_else(|| self.err(pos, "subsection without vmsd_name".into()))?;
+                let version = sub.get("version").and_then(Json::as_u64);
+                let mut r = Reader::at(self.held, pos);
+                let header = (r.u8(), r.counted(), r.be32());
+                match header {
+                    (Some(QEMU_VM_SUBSECTION), Some(wire_name), Some(wire_version))
+                        if wire_name == name.as_bytes()
+                            && version.is_none_or(|v| v == u64::from(wire_version)) => {}
+                    _ => {
+                        return Err(self.err(
+                            pos,
+                            format!("expected subsection header for \"{name}\" here"),
+                        ))
+                    }
+                }
+                pos = self.vmsd(sub, r.pos(), depth + 1)?;
+            }
+        }
+        Ok(pos)
+    }
+}
+
+/// Bytes one description field occupies: size × array_len (compressed arrays) or size.
+fn field_size(field: &Json) -> Option<usize> {
+    let size = usize::try_from(field.get("size")?.as_u64()?).ok()?;
+    match field.get("array_len") {
+        Some(n) => size.checked_mul(usize::try_from(n.as_u64()?).ok()?),
+        None => Some(size),
+    }
+}
+
+/// Find the cpreg arrays of one `cpu` section from its description fields.
+/// One `cpu` section as the walk found it.
+struct CpuSection<'a> {
+    section: &'a SectionRef,
+    device: &'a Json,
+    payload_start: usize,
+    instance: u32,
+    version: u32,
+}
+
+fn locate_cpregs(
+    held: &[u8],
+    base_offset: u64,
+    json_start: usize,
+    cpu: CpuSection<'_>,
+) -> Result<Option<CpuSlot>, DecodeError> {
+    let CpuSection {
+        section,
+        device,
+        payload_start,
+        instance,
+        version,
+    } = cpu;
+    let err = |pos: usize, message: String| DecodeError::DeviceState {
+        offset: base_offset + pos as u64,
+        section: section.clone(),
+        message,
+    };
+    let Some(fields) = device.get("fields").and_then(Json::as_array) else {
+        return Ok(None);
+    };
+    let mut pos = payload_start;
+    let mut array_len_pos = None;
+    let mut indexes = None;
+    let mut values = None;
+    for field in fields {
+        // Sizes were validated by the walk.
+        let size = field_size(field).unwrap_or(0);
+        match field.get("name").and_then(Json::as_str) {
+            Some(CPREG_ARRAY_LEN_FIELD) => array_len_pos = Some((pos, size)),
+            Some(CPREG_INDEXES_FIELD) => indexes = Some((pos, field)),
+            Some(CPREG_VALUES_FIELD) => values = Some((pos, field)),
+            _ => {}
+        }
+        pos += size;
+    }
+    let Some((array_len_pos, len_size)) = array_len_pos else {
+        return Ok(None);
+    };
+    if len_size != 4 {
+        return Err(err(
+            array_len_pos,
+            format!("{CPREG_ARRAY_LEN_FIELD} has size {len_size}, expected 4"),
+        ));
+    }
+    let count = Reader::at(held, array_len_pos)
+        .be32()
+        .ok_or_else(|| err(array_len_pos, "cpreg count runs past eof".into()))?;
+    let count_usize = usize::try_from(count).unwrap_or(usize::MAX);
+    if i32::try_from(count).is_err() {
+        return Err(err(
+            array_len_pos,
+            format!("cpreg count {count} is not a positive int32"),
+        ));
+    }
+    let mut json_spans = Vec::new();
+    for (name, found, expected_pos) in [
+        (CPREG_INDEXES_FIELD, indexes, array_len_pos + 4),
+        (
+            CPREG_VALUES_FIELD,
+            values,
+            array_len_pos + 4 + 8 * count_usize.min(held.len()),
+        ),
+    ] {
+        match found {
+            Some((field_pos, field)) => {
+                let array_len = field.get("array_len");
+                let size = field.get("size").and_then(Json::as_u64);
+                let described = array_len.and_then(Json::as_u64);
+                if field_pos != expected_pos
+                    || size != Some(8)
+                    || described != Some(u64::from(count))
+                {
+                    return Err(err(
+                        field_pos,
+                        format!(
+                            "{name}: expected {count} elements of 8 bytes right after the previous cpreg field, the description says size {size:?} array_len {described:?}"
+                        ),
+                    ));
+                }
+                if let Some(span) = array_len.and_then(Json::span) {
+                    // Spans are relative to the JSON text; make them relative to `held`.
+                    json_spans.push(span.start + json_start..span.end + json_start);
+                }
+            }
+            None if count == 0 => {}
+            None => {
+                return Err(err(
+                    array_len_pos,
+                    format!("{count} cpregs but the description has no {name} field"),
+                ))
+            }
+        }
+    }
+    Ok(Some(CpuSlot {
+        instance,
+        section_version: version,
+        array_len_pos,
+        count: count_usize,
+        json_spans,
+        replacement: None,
+    }))
 }

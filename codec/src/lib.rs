@@ -16,8 +16,10 @@ mod device_phase;
 mod encoder;
 mod error;
 mod frame;
+mod json;
 mod limits;
 pub mod offline;
+mod reader;
 pub mod wire;
 
 pub use decoder::StreamDecoder;

@@ -1,0 +1,363 @@
+//! A small JSON parser that keeps byte spans.
+//!
+//! The description must be re-emitted byte for byte except for the cpreg `array_len` numbers, so
+//! we need to know where each number sits in the text; a general-purpose JSON library would
+//! re-format everything. Only what QEMU's `json_writer` produces matters, but the parser accepts
+//! any RFC 8259 text and bounds its nesting depth (the input comes from the network).
+
+use std::ops::Range;
+
+const MAX_DEPTH: usize = 64;
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Json {
+    Null,
+    Bool(bool),
+    /// An integer that fits u64 (`None` for negative, fractional or huge numbers) and its span.
+    Number {
+        value: Option<u64>,
+        span: Range<usize>,
+    },
+    String(String),
+    Array(Vec<Json>),
+    Object(Vec<(String, Json)>),
+}
+
+impl Json {
+    pub(crate) fn get(&self, key: &str) -> Option<&Json> {
+        match self {
+            Json::Object(members) => members.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_u64(&self) -> Option<u64> {
+        match self {
+            Json::Number { value, .. } => *value,
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> Option<&str> {
+        match self {
+            Json::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_array(&self) -> Option<&[Json]> {
+        match self {
+            Json::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn span(&self) -> Option<Range<usize>> {
+        match self {
+            Json::Number { span, .. } => Some(span.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Why a text is not JSON, with the byte position (relative to the text).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct JsonError {
+    pub(crate) pos: usize,
+    pub(crate) message: &'static str,
+}
+
+pub(crate) fn parse(text: &[u8]) -> Result<Json, JsonError> {
+    let mut p = Parser { text, pos: 0 };
+    p.skip_ws();
+    let value = p.value(0)?;
+    p.skip_ws();
+    if p.pos != text.len() {
+        return Err(p.err("trailing characters after the json value"));
+    }
+    Ok(value)
+}
+
+struct Parser<'a> {
+    text: &'a [u8],
+    pos: usize,
+}
+
+impl Parser<'_> {
+    fn err(&self, message: &'static str) -> JsonError {
+        JsonError {
+            pos: self.pos,
+            message,
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.text.get(self.pos).copied()
+    }
+
+    fn skip_ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.pos += 1;
+        }
+    }
+
+    fn expect(&mut self, byte: u8, message: &'static str) -> Result<(), JsonError> {
+        if self.peek() == Some(byte) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            Err(self.err(message))
+        }
+    }
+
+    fn literal(&mut self, word: &[u8], value: Json) -> Result<Json, JsonError> {
+        let end = self.pos.saturating_add(word.len());
+        if self.text.get(self.pos..end) == Some(word) {
+            self.pos = end;
+            Ok(value)
+        } else {
+            Err(self.err("invalid literal"))
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Json, JsonError> {
+        if depth > MAX_DEPTH {
+            return Err(self.err("json nested too deeply"));
+        }
+        match self.peek() {
+            Some(b'{') => self.object(depth),
+            Some(b'[') => self.array(depth),
+            Some(b'"') => Ok(Json::String(self.string()?)),
+            Some(b't') => self.literal(b"true", Json::Bool(true)),
+            Some(b'f') => self.literal(b"false", Json::Bool(false)),
+            Some(b'n') => self.literal(b"null", Json::Null),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            Some(_) => Err(self.err("unexpected character")),
+            None => Err(self.err("unexpected end of json")),
+        }
+    }
+
+    fn object(&mut self, depth: usize) -> Result<Json, JsonError> {
+        self.pos += 1;
+        let mut members = Vec::new();
+        self.skip_ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            return Ok(Json::Object(members));
+        }
+        loop {
+            self.skip_ws();
+            if self.peek() != Some(b'"') {
+                return Err(self.err("expected an object key"));
+            }
+            let key = self.string()?;
+            self.skip_ws();
+            self.expect(b':', "expected ':'")?;
+            self.skip_ws();
+            let value = self.value(depth + 1)?;
+            members.push((key, value));
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Ok(Json::Object(members));
+                }
+                _ => return Err(self.err("expected ',' or '}'")),
+            }
+        }
+    }
+
+    fn array(&mut self, depth: usize) -> Result<Json, JsonError> {
+        self.pos += 1;
+        let mut items = Vec::new();
+        self.skip_ws();
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+            return Ok(Json::Array(items));
+        }
+        loop {
+            self.skip_ws();
+            items.push(self.value(depth + 1)?);
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b']') => {
+                    self.pos += 1;
+                    return Ok(Json::Array(items));
+                }
+                _ => return Err(self.err("expected ',' or ']'")),
+            }
+        }
+    }
+
+    fn hex4(&mut self) -> Result<u32, JsonError> {
+        let end = self.pos.saturating_add(4);
+        let digits = self
+            .text
+            .get(self.pos..end)
+            .ok_or_else(|| self.err("truncated \\u escape"))?;
+        let text = std::str::from_utf8(digits).map_err(|_| self.err("invalid \\u escape"))?;
+        let value = u32::from_str_radix(text, 16).map_err(|_| self.err("invalid \\u escape"))?;
+        self.pos = end;
+        Ok(value)
+    }
+
+    fn string(&mut self) -> Result<String, JsonError> {
+        self.pos += 1;
+        let mut out: Vec<u8> = Vec::new();
+        loop {
+            let byte = self.peek().ok_or_else(|| self.err("unterminated string"))?;
+            self.pos += 1;
+            match byte {
+                b'"' => break,
+                b'\\' => {
+                    let esc = self.peek().ok_or_else(|| self.err("unterminated escape"))?;
+                    self.pos += 1;
+                    let ch = match esc {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'n' => '\n',
+                        b'r' => '\r',
+                        b't' => '\t',
+                        b'u' => {
+                            let code = self.hex4()?;
+                            char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER)
+                        }
+                        _ => return Err(self.err("invalid escape")),
+                    };
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                }
+                0x00..=0x1f => return Err(self.err("control character in string")),
+                _ => out.push(byte),
+            }
+        }
+        String::from_utf8(out).map_err(|_| self.err("string is not utf-8"))
+    }
+
+    fn number(&mut self) -> Result<Json, JsonError> {
+        let start = self.pos;
+        if self.peek() == Some(b'-') {
+            self.pos += 1;
+        }
+        let digits_start = self.pos;
+        while matches!(self.peek(), Some(b'0'..=b'9')) {
+            self.pos += 1;
+        }
+        if self.pos == digits_start {
+            return Err(self.err("invalid number"));
+        }
+        let mut integer = true;
+        if self.peek() == Some(b'.') {
+            integer = false;
+            self.pos += 1;
+            while matches!(self.peek(), Some(b'0'..=b'9')) {
+                self.pos += 1;
+            }
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            integer = false;
+            self.pos += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.pos += 1;
+            }
+            while matches!(self.peek(), Some(b'0'..=b'9')) {
+                self.pos += 1;
+            }
+        }
+        let span = start..self.pos;
+        let value = if integer {
+            self.text
+                .get(span.clone())
+                .and_then(|t| std::str::from_utf8(t).ok())
+                .and_then(|t| t.parse::<u64>().ok())
+        } else {
+            None
+        };
+        Ok(Json::Number { value, span })
+    }
+}
+
+/// If `buf` ends with a complete JSON object, the index of its opening `{`.
+///
+/// Walks backwards over JSON structure only (strings, braces), starting at the last byte, and
+/// looks at no more than `max_len` bytes. Inner objects close quickly, so when the buffer ends
+/// inside a description this costs the size of the innermost object just completed.
+pub(crate) fn object_start_from_end(buf: &[u8], max_len: usize) -> Option<usize> {
+    if buf.last() != Some(&b'}') {
+        return None;
+    }
+    let floor = buf.len().saturating_sub(max_len);
+    let mut depth: usize = 0;
+    let mut i = buf.len();
+    while i > floor {
+        i -= 1;
+        let byte = *buf.get(i)?;
+        match byte {
+            b'}' | b']' => depth += 1,
+            b'{' | b'[' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return (byte == b'{').then_some(i);
+                }
+            }
+            b'"' => {
+                // Skip back to the opening quote: the nearest quote not escaped by an odd
+                // number of backslashes.
+                loop {
+                    if i <= floor {
+                        return None;
+                    }
+                    i -= 1;
+                    if buf.get(i) == Some(&b'"') {
+                        let mut backslashes = 0usize;
+                        let mut j = i;
+                        while j > floor && buf.get(j - 1) == Some(&b'\\') {
+                            backslashes += 1;
+                            j -= 1;
+                        }
+                        if backslashes.is_multiple_of(2) {
+                            break;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_with_spans() {
+        let text = br#"{"a": [1, {"b": "x\"y"}], "n": 261}"#;
+        let json = parse(text).unwrap();
+        let n = json.get("n").unwrap();
+        assert_eq!(n.as_u64(), Some(261));
+        assert_eq!(&text[n.span().unwrap()], b"261");
+    }
+
+    #[test]
+    fn rejects_deep_nesting_and_garbage() {
+        let deep = "[".repeat(1000);
+        assert!(parse(deep.as_bytes()).is_err());
+        assert!(parse(b"{\"a\":1} x").is_err());
+        assert!(parse(b"{\"a\":\x00}").is_err());
+    }
+
+    #[test]
+    fn finds_object_start_from_end() {
+        let buf = b"\x00\x06\x00\x00\x00\x0e{\"a\": \"}{\\\"\"}";
+        assert_eq!(object_start_from_end(buf, 100), Some(6));
+        assert_eq!(object_start_from_end(b"xx}", 100), None);
+        assert_eq!(object_start_from_end(b"{}", 1), None);
+    }
+}
