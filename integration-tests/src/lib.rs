@@ -9,8 +9,10 @@
 //! - [`migproxy`]: the `migproxy` binary: `profile capture` and a guarded `run` daemon;
 //! - [`relay`]: a recording TCP relay (used by the vector capture tool);
 //! - [`workdir`]: per-scenario scratch directories;
-//! - [`scenario`]: the scaffolding every scenario shares (logs on failure, common flows).
+//! - [`scenario`]: the scaffolding every scenario shares (logs on failure, guests, profiles);
+//! - [`flows`]: the migrations scenarios run (pairs, proxy in between, outcome checks).
 
+pub mod flows;
 pub mod guest;
 pub mod migproxy;
 pub mod ports;

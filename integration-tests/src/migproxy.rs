@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
 use crate::qemu::repo_root;
 use crate::workdir::WorkDir;
@@ -104,9 +105,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// `migproxy run --listen tcp:127.0.0.1:LISTEN --upstream UPSTREAM EXTRA...`; returns once
-    /// the listening socket exists (checked in /proc/net/tcp, so no probe connection is made:
-    /// a probe would itself be a stray connection).
+    /// `migproxy run --log-json --listen tcp:127.0.0.1:LISTEN --upstream UPSTREAM EXTRA...`.
     pub fn spawn(
         workdir: &WorkDir,
         name: &str,
@@ -114,16 +113,29 @@ impl Daemon {
         upstream: &str,
         extra: &[String],
     ) -> Result<Daemon> {
-        let binary = binary()?;
-        let log_path = workdir.join(&format!("{name}.log"));
         let mut args = vec![
-            "run".to_owned(),
             "--listen".to_owned(),
             crate::ports::tcp_uri(listen_port),
             "--upstream".to_owned(),
             upstream.to_owned(),
         ];
         args.extend(extra.iter().cloned());
+        Daemon::spawn_args(workdir, name, &args, &[listen_port])
+    }
+
+    /// `migproxy run --log-json ARGS...`; returns once every port in `listen_ports` has a
+    /// listening socket (checked in /proc/net/tcp, so no probe connection is made: a probe would
+    /// itself be a stray connection). JSON logs make the daemon's events parseable.
+    pub fn spawn_args(
+        workdir: &WorkDir,
+        name: &str,
+        run_args: &[String],
+        listen_ports: &[u16],
+    ) -> Result<Daemon> {
+        let binary = binary()?;
+        let log_path = workdir.join(&format!("{name}.log"));
+        let mut args = vec!["run".to_owned(), "--log-json".to_owned()];
+        args.extend(run_args.iter().cloned());
         let command_line = format!("{} {}", binary.display(), args.join(" "));
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
@@ -133,6 +145,7 @@ impl Daemon {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("cloning the log file")?)
             .stderr(log)
@@ -141,7 +154,7 @@ impl Daemon {
         let mut daemon = Daemon {
             child,
             log_path,
-            listen_port,
+            listen_port: listen_ports.first().copied().unwrap_or(0),
             command_line,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -153,18 +166,66 @@ impl Daemon {
                     daemon.log().trim()
                 );
             }
-            if is_listening(listen_port) {
+            if listen_ports.iter().all(|p| is_listening(*p)) {
                 return Ok(daemon);
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "{} is not listening on port {listen_port} after 20 s: {}",
+                    "{} is not listening on ports {listen_ports:?} after 20 s: {}",
                     daemon.command_line,
                     daemon.log().trim()
                 );
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Every JSON log event so far (lines that are not JSON are skipped).
+    pub fn events(&self) -> Vec<Value> {
+        self.log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .collect()
+    }
+
+    /// Events whose message is `message`.
+    pub fn events_named(&self, message: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| event_message(e) == message)
+            .collect()
+    }
+
+    /// Wait until at least `count` events named `message` were logged; returns them.
+    pub fn wait_events(
+        &self,
+        message: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self.events_named(message);
+            if found.len() >= count {
+                return Ok(found);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "migproxy logged {} {message:?} event(s) within {timeout:?}, wanted {count}",
+                    found.len()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait for the daemon's end-of-migration summary (`migration summary`), the only one.
+    pub fn wait_summary(&self, timeout: Duration) -> Result<Value> {
+        let mut all = self.wait_events(SUMMARY, 1, timeout)?;
+        if all.len() > 1 {
+            bail!("expected one migration, migproxy summarised {}", all.len());
+        }
+        all.pop().ok_or_else(|| anyhow::anyhow!("no summary"))
     }
 
     pub fn command_line(&self) -> &str {
@@ -204,6 +265,26 @@ impl Drop for Daemon {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+    }
+}
+
+/// The message of the daemon's one-per-migration summary event.
+pub const SUMMARY: &str = "migration summary";
+
+/// `fields.message` of a tracing JSON event.
+pub fn event_message(event: &Value) -> &str {
+    event
+        .pointer("/fields/message")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
+/// `fields.NAME` of a tracing JSON event, as text (strings unquoted).
+pub fn event_field(event: &Value, name: &str) -> String {
+    match event.get("fields").and_then(|f| f.get(name)) {
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => other.to_string(),
+        None => String::new(),
     }
 }
 
