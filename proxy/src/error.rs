@@ -44,6 +44,13 @@ pub enum ProxyError {
     Runtime(String),
 }
 
+/// For `migproxy_codec::offline::decode_reader`, whose reads carry no context of their own.
+impl From<std::io::Error> for ProxyError {
+    fn from(source: std::io::Error) -> Self {
+        ProxyError::io("reading the stream", source)
+    }
+}
+
 impl ProxyError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         ProxyError::Io {

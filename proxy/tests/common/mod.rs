@@ -1,0 +1,330 @@
+//! Test helpers: the real `migproxy` binary as a child process (JSON logs parsed from stderr), a
+//! destination made of a plain TCP listener, and the codec's test vectors.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+pub fn vector(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../codec/tests/vectors")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Poll `check` until it returns Some, or fail after `deadline`.
+pub fn wait_until<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running `migproxy run`, killed on drop.
+pub struct Daemon {
+    child: Child,
+    logs: Arc<(Mutex<Vec<Value>>, Condvar)>,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Daemon {
+    /// `migproxy run --listen tcp:127.0.0.1:0 --admin tcp:127.0.0.1:0 --log-json ARGS...`
+    pub fn start(args: &[&str]) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_migproxy"))
+            .arg("run")
+            .args([
+                "--listen",
+                "tcp:127.0.0.1:0",
+                "--admin",
+                "tcp:127.0.0.1:0",
+                "--log-json",
+            ])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning migproxy");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let logs: Arc<(Mutex<Vec<Value>>, Condvar)> = Arc::default();
+        let sink = Arc::clone(&logs);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("daemon: {line}");
+                let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                let (lock, cond) = &*sink;
+                lock.lock().expect("log lock").push(value);
+                cond.notify_all();
+            }
+        });
+        let mut daemon = Daemon {
+            child,
+            logs,
+            listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+        let listening = daemon.wait_log("listening", Duration::from_secs(20));
+        daemon.listen = tcp_field(&listening, "listen");
+        let admin = daemon.wait_log("admin listening", Duration::from_secs(20));
+        daemon.admin = tcp_field(&admin, "admin");
+        daemon
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The first log event whose message is `message`.
+    pub fn wait_log(&self, message: &str, deadline: Duration) -> Value {
+        self.wait_event(message, deadline, |_| true)
+    }
+
+    pub fn wait_event(
+        &self,
+        message: &str,
+        deadline: Duration,
+        accept: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let (lock, cond) = &*self.logs;
+        let start = Instant::now();
+        let mut logs = lock.lock().expect("log lock");
+        loop {
+            if let Some(found) = logs
+                .iter()
+                .find(|v| v["fields"]["message"] == message && accept(v))
+            {
+                return found.clone();
+            }
+            let left = deadline.checked_sub(start.elapsed()).unwrap_or_else(|| {
+                panic!("no {message:?} log within {deadline:?}; logs: {logs:#?}")
+            });
+            logs = cond.wait_timeout(logs, left).expect("log lock").0;
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        wait_until("daemon exit", deadline, || {
+            self.child.try_wait().ok().flatten()
+        })
+    }
+
+    /// Peak resident memory of the daemon, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path)
+    }
+
+    pub fn metric(&self, sample: &str) -> Option<u64> {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tcp_field(event: &Value, field: &str) -> SocketAddr {
+    let text = event["fields"][field].as_str().unwrap_or_default();
+    text.strip_prefix("tcp:")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{field} is not a tcp address: {event}"))
+}
+
+/// A minimal HTTP/1.0 GET.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect admin");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").expect("write request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// What the fake destination does with one accepted connection.
+#[derive(Clone, Debug)]
+pub enum Behaviour {
+    /// Read to EOF, then write `reply` (a return path) and close.
+    ReadAll { reply: Vec<u8> },
+    /// Read this many bytes, then close (a destination QEMU that died).
+    DieAfter(usize),
+    /// Wait for `gate` before reading anything, then read to EOF.
+    Gated(Arc<(Mutex<bool>, Condvar)>),
+}
+
+/// A destination: accepts connections and records what each received.
+pub struct Destination {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
+}
+
+impl Destination {
+    /// Connections get `behaviours` in order; later ones get the last.
+    pub fn start(behaviours: Vec<Behaviour>) -> Destination {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind destination");
+        let addr = listener.local_addr().expect("destination address");
+        let received: Arc<Mutex<Vec<Option<Vec<u8>>>>> = Arc::default();
+        let record = Arc::clone(&received);
+        thread::spawn(move || {
+            for (index, conn) in listener.incoming().enumerate() {
+                let Ok(mut conn) = conn else { break };
+                let behaviour = behaviours
+                    .get(index)
+                    .or(behaviours.last())
+                    .cloned()
+                    .unwrap_or(Behaviour::ReadAll { reply: Vec::new() });
+                record.lock().expect("lock").push(None);
+                let record = Arc::clone(&record);
+                thread::spawn(move || {
+                    let mut data = Vec::new();
+                    match behaviour {
+                        Behaviour::ReadAll { reply } => {
+                            let _ = conn.read_to_end(&mut data);
+                            let _ = conn.write_all(&reply);
+                        }
+                        Behaviour::DieAfter(n) => {
+                            data.resize(n, 0);
+                            let got = conn.read(&mut data).unwrap_or(0);
+                            let mut total = got;
+                            while total < n {
+                                match conn.read(&mut data[total..]) {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(k) => total += k,
+                                }
+                            }
+                            data.truncate(total);
+                        }
+                        Behaviour::Gated(gate) => {
+                            let (lock, cond) = &*gate;
+                            let mut open = lock.lock().expect("gate");
+                            while !*open {
+                                open = cond.wait(open).expect("gate");
+                            }
+                            drop(open);
+                            let _ = conn.read_to_end(&mut data);
+                        }
+                    }
+                    let _ = conn.shutdown(Shutdown::Both);
+                    if let Some(slot) = record.lock().expect("lock").get_mut(index) {
+                        *slot = Some(data);
+                    }
+                });
+            }
+        });
+        Destination { addr, received }
+    }
+
+    pub fn upstream(&self) -> String {
+        format!("tcp:{}", self.addr)
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.received.lock().expect("lock").len()
+    }
+
+    /// What connection `index` received, once it has finished.
+    pub fn wait_received(&self, index: usize, deadline: Duration) -> Vec<u8> {
+        wait_until("destination connection to finish", deadline, || {
+            self.received
+                .lock()
+                .expect("lock")
+                .get(index)
+                .cloned()
+                .flatten()
+        })
+    }
+}
+
+/// Connect as a source.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect to migproxy");
+    stream.set_read_timeout(Some(Duration::from_secs(20))).ok();
+    stream
+}
+
+/// Read until the proxy closes this connection; returns what arrived.
+pub fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return data,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                panic!("connection not closed by the proxy within the read timeout")
+            }
+            Err(_) => return data, // reset: closed as well
+        }
+    }
+}
+
+/// The offset of the description record (QEMU_VM_VMDESCRIPTION, 0x06 + be32 length + JSON) that
+/// ends a precopy stream.
+pub fn description_offset(stream: &[u8]) -> usize {
+    (0..stream.len().saturating_sub(5))
+        .rev()
+        .find(|&pos| {
+            stream[pos] == 0x06
+                && u32::from_be_bytes([
+                    stream[pos + 1],
+                    stream[pos + 2],
+                    stream[pos + 3],
+                    stream[pos + 4],
+                ]) as usize
+                    == stream.len() - pos - 5
+                && stream.get(pos + 5) == Some(&b'{')
+        })
+        .expect("stream ends with a description")
+}

@@ -1,0 +1,292 @@
+//! `migproxy run` end to end with raw sockets: the real binary between a source socket that
+//! writes a captured QEMU stream and a destination listener.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::net::Shutdown;
+use std::time::Duration;
+
+use common::*;
+
+const SECS: Duration = Duration::from_secs(20);
+
+/// Push a whole stream as a source, half-close, and return what came back on the return path.
+fn migrate(daemon: &Daemon, stream: &[u8]) -> Vec<u8> {
+    let mut source = connect(daemon.listen);
+    source.write_all(stream).expect("source write");
+    source.shutdown(Shutdown::Write).expect("half-close");
+    read_until_closed(&mut source)
+}
+
+#[test]
+fn checking_relay_forwards_a_real_stream_unchanged_and_metrics_show_it() {
+    let reply = vector("q10-rp-main.d2s");
+    let destination = Destination::start(vec![Behaviour::ReadAll {
+        reply: reply.clone(),
+    }]);
+    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let stream = vector("q10-rp-main.bin");
+
+    let back = migrate(&daemon, &stream);
+
+    assert_eq!(
+        destination.wait_received(0, SECS),
+        stream,
+        "forwarded bytes differ"
+    );
+    assert_eq!(back, reply, "the return path was not relayed");
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
+    assert_eq!(summary["fields"]["return_path"], true, "{summary}");
+    assert_eq!(
+        summary["fields"]["bytes_to_destination"].as_u64(),
+        Some(stream.len() as u64)
+    );
+    assert_eq!(
+        daemon.metric("migproxy_migrations_total{outcome=\"completed\"}"),
+        Some(1)
+    );
+    assert_eq!(
+        daemon.metric("migproxy_bytes_total{direction=\"to_destination\"}"),
+        Some(stream.len() as u64)
+    );
+    assert_eq!(
+        daemon.metric("migproxy_connections_total{kind=\"main\"}"),
+        Some(1)
+    );
+    assert_eq!(daemon.get("/healthz").0, 200);
+    assert_eq!(daemon.get("/readyz").0, 200);
+}
+
+#[test]
+fn stray_connections_never_reach_the_destination() {
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--identify-timeout",
+        "300",
+    ]);
+    // A port probe that sends nothing, and a client that speaks the wrong protocol.
+    let mut silent = connect(daemon.listen);
+    let mut garbage = connect(daemon.listen);
+    garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    read_until_closed(&mut silent);
+    read_until_closed(&mut garbage);
+    assert_eq!(
+        destination.accepted(),
+        0,
+        "a stray connection was dialed upstream"
+    );
+    assert_eq!(
+        daemon.metric("migproxy_connections_total{kind=\"stray\"}"),
+        Some(2)
+    );
+
+    // The migration that follows still goes through, alone.
+    let stream = vector("q72-a64fx.bin");
+    migrate(&daemon, &stream);
+    assert_eq!(destination.wait_received(0, SECS), stream);
+    assert_eq!(destination.accepted(), 1);
+}
+
+#[test]
+fn destination_dying_mid_stream_closes_the_source_and_the_daemon_keeps_serving() {
+    let destination = Destination::start(vec![
+        Behaviour::DieAfter(64 * 1024),
+        Behaviour::ReadAll { reply: Vec::new() },
+    ]);
+    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let stream = vector("q72-a64fx.bin");
+
+    let mut source = connect(daemon.listen);
+    // The write may fail once the proxy has closed us: that is the expected outcome.
+    let _ = source.write_all(&stream);
+    read_until_closed(&mut source);
+    assert!(destination.wait_received(0, SECS).len() <= 64 * 1024);
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "failed", "{summary}");
+
+    migrate(&daemon, &stream);
+    assert_eq!(destination.wait_received(1, SECS), stream);
+}
+
+#[test]
+fn source_dying_mid_stream_closes_the_destination_and_the_daemon_keeps_serving() {
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let stream = vector("q72-a64fx.bin");
+    let half = stream.len() / 2;
+
+    let mut source = connect(daemon.listen);
+    source.write_all(&stream[..half]).unwrap();
+    drop(source);
+    let received = destination.wait_received(0, SECS);
+    assert!(received.len() <= half, "more than the source sent");
+    assert_eq!(received, stream[..received.len()], "forwarded bytes differ");
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "failed", "{summary}");
+
+    migrate(&daemon, &stream);
+    assert_eq!(destination.wait_received(1, SECS), stream);
+}
+
+#[test]
+fn a_missing_description_fails_closed_after_the_deadline() {
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--description-timeout",
+        "300",
+    ]);
+    let stream = vector("q72-a64fx.bin");
+    let cut = description_offset(&stream);
+
+    // Everything up to the description, then the source waits (as with suppress-vmdesc and a
+    // return path): the proxy must not hang with it.
+    let mut source = connect(daemon.listen);
+    source.write_all(&stream[..cut]).unwrap();
+    read_until_closed(&mut source);
+    let received = destination.wait_received(0, SECS);
+    assert!(
+        received.len() < cut,
+        "held device state was released without a description"
+    );
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "refused", "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("description"), "{reason}");
+}
+
+#[test]
+fn sigterm_lets_a_live_migration_finish_then_exits_zero() {
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let mut daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--drain-timeout",
+        "20",
+    ]);
+    let stream = vector("q72-a64fx.bin");
+    let half = stream.len() / 2;
+
+    let mut source = connect(daemon.listen);
+    source.write_all(&stream[..half]).unwrap();
+    daemon.wait_log("channel identified", SECS);
+    daemon.signal("TERM");
+    daemon.wait_log("shutting down: no new migrations accepted", SECS);
+    // Draining: no new connections, not ready, still healthy.
+    wait_until("listener closed", SECS, || {
+        std::net::TcpStream::connect(daemon.listen)
+            .is_err()
+            .then_some(())
+    });
+    assert_eq!(daemon.get("/readyz").0, 503);
+    assert_eq!(daemon.get("/healthz").0, 200);
+
+    source.write_all(&stream[half..]).unwrap();
+    source.shutdown(Shutdown::Write).unwrap();
+    read_until_closed(&mut source);
+    assert_eq!(destination.wait_received(0, SECS), stream);
+    let status = daemon.wait_exit(SECS);
+    assert_eq!(status.code(), Some(0));
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
+}
+
+#[test]
+fn sigterm_closes_migrations_still_running_at_the_drain_deadline() {
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let mut daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--drain-timeout",
+        "1",
+    ]);
+    let stream = vector("q72-a64fx.bin");
+
+    let mut source = connect(daemon.listen);
+    source.write_all(&stream[..stream.len() / 2]).unwrap();
+    daemon.wait_log("channel identified", SECS);
+    daemon.signal("TERM");
+    read_until_closed(&mut source);
+    assert!(destination.wait_received(0, SECS).len() < stream.len());
+    assert_eq!(daemon.wait_exit(SECS).code(), Some(0));
+}
+
+#[test]
+fn invalid_configuration_fails_before_binding_with_exit_2() {
+    let dir = std::env::temp_dir().join(format!("migproxy-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("bad.toml");
+    std::fs::write(
+        &config,
+        "[[listener]]\nlisten = \"tcp:127.0.0.1:0\"\nupstream = \"tcp:127.0.0.1:1\"\nupstraem = \"x\"\n",
+    )
+    .unwrap();
+    for args in [
+        vec!["run", "--config", config.to_str().unwrap()],
+        vec![
+            "run",
+            "--listen",
+            "127.0.0.1:4444",
+            "--upstream",
+            "tcp:127.0.0.1:1",
+        ],
+        vec![
+            "run",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--upstream",
+            "tcp:127.0.0.1:1",
+            "--dest-profile",
+            "/nonexistent/profile.json",
+        ],
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_migproxy"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{args:?}: not one line: {stderr}"
+        );
+        assert!(!stderr.contains("listening"), "{args:?}: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn healthcheck_reports_the_daemon_state() {
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let healthcheck = |url: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_migproxy"))
+            .args(["healthcheck", "--url", &url])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(
+        healthcheck(format!("http://{}/healthz", daemon.admin)),
+        Some(0)
+    );
+    assert_eq!(
+        healthcheck(format!("http://{}/nothing", daemon.admin)),
+        Some(1)
+    );
+    drop(daemon);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    assert_eq!(healthcheck(format!("http://{closed}/healthz")), Some(1));
+}
