@@ -1,8 +1,198 @@
-//! Placeholder until this subcommand lands.
+//! `migproxy plan`: before any migration, what the rewrite would drop, fill and refuse per vCPU,
+//! by register name and value. Exit 3 when the migration would be refused.
+//!
+//! The source is a saved stream (decoded whole, its `cpu` sections taken) or a profile (each of
+//! its vCPUs as a fresh VM would send it). The decision is the same pure function the proxy runs
+//! (`migproxy_config::rewrite`), so the plan is what the proxy will do.
 
-use crate::cli::PlanArgs;
+use std::io::Read;
+use std::path::Path;
+
+use migproxy_config::{
+    rewrite, FillMissing, OnExtra, OnIdMismatch, Policy, Profile, RegId, RewriteReport,
+};
+use serde_json::json;
+
+use crate::cli::{FillMissingArg, OnExtraArg, OnIdMismatchArg, PlanArgs, PolicyArgs};
 use crate::error::ProxyError;
+use crate::profile_cmd;
 
-pub fn main(_args: &PlanArgs) -> Result<(), ProxyError> {
-    Err(ProxyError::Runtime("not implemented yet".into()))
+pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
+    let policy = policy_from_args(&args.policy)?;
+    let dest = Profile::load(&args.dest_profile)?;
+    let source_profile = args
+        .source_profile
+        .as_deref()
+        .map(Profile::load)
+        .transpose()?;
+    let source = load_source(&args.source)?;
+
+    let mut notes = Vec::new();
+    if let (Some(src), Some(dst)) = (&source.machine, &dest.machine) {
+        if src != dst {
+            notes.push(format!(
+                "the source machine type is {src}, the destination profile's {dst}: a migration \
+                 needs the same machine type on both sides"
+            ));
+        }
+    }
+    if source.vcpus.len() > usize::try_from(dest.vcpus).unwrap_or(usize::MAX) {
+        notes.push(format!(
+            "the source has {} vcpus, the destination profile was captured with {}",
+            source.vcpus.len(),
+            dest.vcpus
+        ));
+    }
+    let reports: Vec<RewriteReport> = source
+        .vcpus
+        .iter()
+        .map(|(vcpu, regs)| rewrite(*vcpu, regs, &dest, source_profile.as_ref(), &policy).report)
+        .collect();
+    let refused: Vec<&RewriteReport> = reports.iter().filter(|r| r.is_refused()).collect();
+
+    if args.json {
+        println!("{}", plan_json(&source.kind, &dest, &reports, &notes));
+    } else {
+        println!(
+            "plan: {} ({}) -> destination profile {} ({}, {})",
+            args.source.display(),
+            source.kind,
+            args.dest_profile.display(),
+            dest.accel,
+            dest.machine.as_deref().unwrap_or("machine unknown")
+        );
+        for note in &notes {
+            println!("note: {note}");
+        }
+        for report in &reports {
+            println!("{report}");
+        }
+        if refused.is_empty() {
+            println!("verdict: the migration can go through migproxy");
+        } else {
+            println!("verdict: REFUSED");
+        }
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(ProxyError::Refused(
+            refused
+                .iter()
+                .map(|r| r.refusal_summary())
+                .collect::<Vec<_>>()
+                .join(" | "),
+        ))
+    }
+}
+
+/// The policy flags as the rewrite takes them; an unknown `--allow-drop` register is a usage error.
+pub(crate) fn policy_from_args(args: &PolicyArgs) -> Result<Policy, ProxyError> {
+    let allow_drop = args
+        .allow_drop
+        .iter()
+        .map(|s| s.parse::<RegId>())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Policy {
+        on_extra: match args.on_extra {
+            OnExtraArg::DropUnused => OnExtra::DropUnused,
+            OnExtraArg::Drop => OnExtra::Drop,
+            OnExtraArg::Refuse => OnExtra::Refuse,
+        },
+        allow_drop,
+        fill_missing: match args.fill_missing {
+            FillMissingArg::Auto => FillMissing::Auto,
+            FillMissingArg::Always => FillMissing::Always,
+            FillMissingArg::Never => FillMissing::Never,
+        },
+        on_id_mismatch: match args.on_id_mismatch {
+            OnIdMismatchArg::Auto => OnIdMismatch::Auto,
+            OnIdMismatchArg::Refuse => OnIdMismatch::Refuse,
+            OnIdMismatchArg::Warn => OnIdMismatch::Warn,
+            OnIdMismatchArg::UseDestination => OnIdMismatch::UseDestination,
+        },
+    })
+}
+
+struct Source {
+    kind: String,
+    machine: Option<String>,
+    vcpus: Vec<(u32, Vec<(u64, u64)>)>,
+}
+
+/// A stream starts with QEMU's file magic `QEVM`; anything else is read as a profile.
+fn load_source(path: &Path) -> Result<Source, ProxyError> {
+    let mut head = [0u8; 4];
+    let is_stream = path != Path::new("-")
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .map(|()| &head == b"QEVM")
+            .unwrap_or(false);
+    if is_stream || path == Path::new("-") {
+        let stream = profile_cmd::read_stream(path)?;
+        return Ok(Source {
+            kind: "stream".into(),
+            machine: stream.info.machine.clone(),
+            vcpus: stream
+                .cpus
+                .into_iter()
+                .map(|c| (c.instance, c.registers))
+                .collect(),
+        });
+    }
+    let profile = Profile::load(path)?;
+    Ok(Source {
+        kind: "profile".into(),
+        machine: profile.machine.clone(),
+        vcpus: (0..profile.vcpus)
+            .map(|v| (v, profile.registers_for_vcpu(v)))
+            .collect(),
+    })
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+fn plan_json(
+    kind: &str,
+    dest: &Profile,
+    reports: &[RewriteReport],
+    notes: &[String],
+) -> serde_json::Value {
+    let vcpus: Vec<serde_json::Value> = reports
+        .iter()
+        .map(|r| {
+            json!({
+                "vcpu": r.vcpu,
+                "refused": r.is_refused(),
+                "unchanged": r.is_unchanged(),
+                "source_registers": r.source_len,
+                "output_registers": r.output_len,
+                "dropped": r.dropped.iter().map(|d| json!({
+                    "id": hex(d.id.0), "name": d.id.to_string(), "value": hex(d.value),
+                    "reason": d.reason.to_string()})).collect::<Vec<_>>(),
+                "filled": r.filled.iter().map(|f| json!({
+                    "id": hex(f.id.0), "name": f.id.to_string(), "value": hex(f.value)}))
+                    .collect::<Vec<_>>(),
+                "refused_registers": r.refused.iter().map(|x| json!({
+                    "id": hex(x.id.0), "name": x.id.to_string(), "value": hex(x.value),
+                    "reason": format!("{:?}", x.reason)})).collect::<Vec<_>>(),
+                "id_mismatches": r.id_mismatches.iter().map(|m| json!({
+                    "id": hex(m.id.0), "name": m.id.to_string(), "source": hex(m.source),
+                    "destination": hex(m.dest), "action": format!("{:?}", m.action)}))
+                    .collect::<Vec<_>>(),
+                "left_missing": r.left_missing.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
+                "warnings": r.warnings,
+                "summary": if r.is_refused() { Some(r.refusal_summary()) } else { None },
+            })
+        })
+        .collect();
+    json!({
+        "source_kind": kind,
+        "destination": { "accel": dest.accel.as_str(), "machine": dest.machine, "vcpus": dest.vcpus },
+        "refused": reports.iter().any(RewriteReport::is_refused),
+        "notes": notes,
+        "vcpus": vcpus,
+    })
 }
