@@ -1,0 +1,73 @@
+//! Through migproxy (both fresh profiles given): QEMU 10.0 <-> 7.2, `-M virt-7.2 -cpu a64fx`,
+//! 2 vCPUs, running guest, live over TCP. Each migration completes, the destination continues the
+//! guest's counter from where the source stopped, and the proxy rewrote both vCPUs. Also with
+//! multifd (3 channels), with the return path, and with both.
+
+use migproxy_integration_tests::flows::{proxied_rewrite_succeeds, Setup};
+use migproxy_integration_tests::qemu::Version::{self, V10, V72};
+use migproxy_integration_tests::scenario::{self, a64fx};
+
+/// Multifd connections besides the main channel ("several channels").
+const MULTIFD_CHANNELS: u32 = 3;
+
+fn setup(from: Version, to: Version) -> Setup {
+    Setup::new(a64fx(from), a64fx(to))
+}
+
+#[test]
+fn proxy_a64fx_10_to_72() {
+    scenario::run("proxy_a64fx_10_to_72", |s| {
+        proxied_rewrite_succeeds(s, &setup(V10, V72)).map(drop)
+    });
+}
+
+#[test]
+fn proxy_a64fx_72_to_10() {
+    scenario::run("proxy_a64fx_72_to_10", |s| {
+        proxied_rewrite_succeeds(s, &setup(V72, V10)).map(drop)
+    });
+}
+
+#[test]
+fn proxy_a64fx_10_to_72_multifd() {
+    scenario::run("proxy_a64fx_10_to_72_multifd", |s| {
+        proxied_rewrite_succeeds(s, &setup(V10, V72).multifd(MULTIFD_CHANNELS)).map(drop)
+    });
+}
+
+#[test]
+fn proxy_a64fx_72_to_10_multifd() {
+    scenario::run("proxy_a64fx_72_to_10_multifd", |s| {
+        proxied_rewrite_succeeds(s, &setup(V72, V10).multifd(MULTIFD_CHANNELS)).map(drop)
+    });
+}
+
+#[test]
+fn proxy_a64fx_10_to_72_return_path() {
+    scenario::run("proxy_a64fx_10_to_72_return_path", |s| {
+        proxied_rewrite_succeeds(s, &setup(V10, V72).return_path()).map(drop)
+    });
+}
+
+#[test]
+fn proxy_a64fx_72_to_10_return_path() {
+    scenario::run("proxy_a64fx_72_to_10_return_path", |s| {
+        proxied_rewrite_succeeds(s, &setup(V72, V10).return_path()).map(drop)
+    });
+}
+
+#[test]
+fn proxy_a64fx_10_to_72_multifd_return_path() {
+    scenario::run("proxy_a64fx_10_to_72_multifd_return_path", |s| {
+        let setup = setup(V10, V72).multifd(MULTIFD_CHANNELS).return_path();
+        proxied_rewrite_succeeds(s, &setup).map(drop)
+    });
+}
+
+#[test]
+fn proxy_a64fx_72_to_10_multifd_return_path() {
+    scenario::run("proxy_a64fx_72_to_10_multifd_return_path", |s| {
+        let setup = setup(V72, V10).multifd(MULTIFD_CHANNELS).return_path();
+        proxied_rewrite_succeeds(s, &setup).map(drop)
+    });
+}
