@@ -1,0 +1,153 @@
+//! Added switchover latency: how much later the destination has the device-state tail
+//! when a relay sits in between.
+//!
+//! Each iteration sends the RAM part, waits until the destination has all of it (so
+//! nothing is in flight), then writes the device-state tail (FULL sections, EOF,
+//! description) and half-closes. Latency = destination's last byte - the instant the
+//! source's last write returned. migproxy holds the whole tail until the description
+//! has arrived (design decision 1), so this is where its hold shows.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::receiver::Receiver;
+use crate::relay_process::{RelaySpec, RunningRelay};
+use crate::sender::Sender;
+use crate::stats::{summarize, Summary};
+use crate::stream_layout::layout_of_file;
+use crate::BenchError;
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayLatency {
+    pub relay: RelaySpec,
+    /// Destination's last byte minus the source's last write, microseconds.
+    pub samples_us: Vec<f64>,
+    /// Destination's last byte minus the source's first tail byte, microseconds.
+    pub from_tail_start_us: Vec<f64>,
+    pub latency_us: Summary,
+    pub from_tail_start: Summary,
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub stream: PathBuf,
+    pub stream_bytes: u64,
+    pub device_state_offset: u64,
+    pub device_state_bytes: u64,
+    pub vcpus: usize,
+    pub iterations: usize,
+    pub relays: Vec<RelayLatency>,
+}
+
+/// (latency from last write, latency from first tail byte), seconds.
+fn one_iteration(
+    target: u16,
+    receiver: &Receiver,
+    stream: &Path,
+    prefix_len: u64,
+    tail: &[u8],
+) -> Result<(f64, f64), String> {
+    let mut sender = Sender::connect(target, stream)?;
+    sender.send_range(0, prefix_len)?;
+    let connection = receiver.next_connection(STEP_TIMEOUT)?;
+    connection.wait_bytes(prefix_len, STEP_TIMEOUT)?;
+    let tail_start = std::time::Instant::now();
+    sender.send_bytes(tail)?;
+    let last_write = std::time::Instant::now();
+    sender.shutdown_write()?;
+    let last_byte = connection
+        .wait_finished(STEP_TIMEOUT)?
+        .ok_or("the destination received nothing")?;
+    sender.finish(STEP_TIMEOUT)?;
+    let signed = |later: std::time::Instant, earlier: std::time::Instant| match later
+        .checked_duration_since(earlier)
+    {
+        Some(d) => d.as_secs_f64(),
+        // The destination may read the last byte before the source's write() returns.
+        None => -earlier.duration_since(later).as_secs_f64(),
+    };
+    Ok((signed(last_byte, last_write), signed(last_byte, tail_start)))
+}
+
+pub fn run(
+    stream: &Path,
+    iterations: usize,
+    relays: &[RelaySpec],
+    log_dir: &Path,
+) -> Result<Report, BenchError> {
+    let layout = layout_of_file(stream)?;
+    let tail = {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open(stream)
+            .map_err(BenchError::io(format!("open {}", stream.display())))?;
+        file.seek(SeekFrom::Start(layout.device_state_offset))
+            .map_err(BenchError::io("seek tail"))?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail)
+            .map_err(BenchError::io("read tail"))?;
+        tail
+    };
+    let receiver = Receiver::start()?;
+    // Long-lived relays here: the per-connection cost is what is measured, not start-up.
+    let running: Vec<Option<RunningRelay>> = relays
+        .iter()
+        .map(|r| r.start(receiver.port(), log_dir))
+        .collect::<Result<_, _>>()?;
+    let mut samples = vec![(Vec::new(), Vec::new(), Vec::new()); relays.len()];
+    for iteration in 0..iterations {
+        for k in 0..relays.len() {
+            let index = (iteration + k) % relays.len();
+            let (Some(relay), Some(process), Some(slot)) = (
+                relays.get(index),
+                running.get(index),
+                samples.get_mut(index),
+            ) else {
+                continue;
+            };
+            let target = process.as_ref().map_or(receiver.port(), |p| p.listen_port);
+            receiver.discard_stray();
+            match one_iteration(target, &receiver, stream, layout.device_state_offset, &tail) {
+                Ok((latency, from_start)) => {
+                    slot.0.push(latency * 1e6);
+                    slot.1.push(from_start * 1e6);
+                }
+                Err(e) => {
+                    eprintln!(
+                        "migbench: switchover {} iteration {iteration}: {e}",
+                        relay.name
+                    );
+                    slot.2.push(e);
+                }
+            }
+        }
+    }
+    for process in running.into_iter().flatten() {
+        process.stop();
+    }
+    let relays = relays
+        .iter()
+        .zip(samples)
+        .map(|(relay, (latency, from_start, errors))| RelayLatency {
+            relay: relay.clone(),
+            latency_us: summarize(&latency),
+            from_tail_start: summarize(&from_start),
+            samples_us: latency,
+            from_tail_start_us: from_start,
+            errors,
+        })
+        .collect();
+    Ok(Report {
+        stream: stream.to_path_buf(),
+        stream_bytes: layout.total_len,
+        device_state_offset: layout.device_state_offset,
+        device_state_bytes: layout.tail_len(),
+        vcpus: layout.vcpus,
+        iterations,
+        relays,
+    })
+}

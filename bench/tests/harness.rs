@@ -1,0 +1,83 @@
+//! The harness end to end: a stream file through the real `tokio-relay` binary and
+//! directly, checking that every byte arrives and that the relay's CPU and memory are seen.
+
+use std::path::PathBuf;
+
+use migproxy_bench::relay_process::RelaySpec;
+use migproxy_bench::throughput;
+
+fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("migbench-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).ok();
+    dir
+}
+
+#[test]
+fn tokio_relay_and_direct_deliver_every_byte() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = scratch_dir("throughput");
+    let stream = dir.join("stream.bin");
+    // 24 MiB of varied bytes: not a QEMU stream, which neither of these relays needs.
+    let data: Vec<u8> = (0..24u32 * 1024 * 1024)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&stream, &data)?;
+    let tokio_relay = env!("CARGO_BIN_EXE_tokio-relay");
+    let relays: Vec<RelaySpec> = vec![
+        "direct".parse()?,
+        format!(
+            "tokio={tokio_relay} --listen 127.0.0.1:{{listen}} --upstream 127.0.0.1:{{upstream}}"
+        )
+        .parse()?,
+    ];
+    let report = throughput::run(&stream, 2, &relays, &dir.join("logs"))?;
+    std::fs::remove_dir_all(&dir).ok();
+
+    assert_eq!(report.stream_bytes, data.len() as u64);
+    let [direct, tokio] = report.relays.as_slice() else {
+        panic!("two relays expected, got {}", report.relays.len());
+    };
+    for result in [direct, tokio] {
+        assert!(
+            result.errors.is_empty(),
+            "{}: {:?}",
+            result.relay.name,
+            result.errors
+        );
+        assert_eq!(result.runs.len(), 2);
+        for run in &result.runs {
+            assert_eq!(run.bytes_received, data.len() as u64);
+            assert!(run.gib_per_s > 0.0);
+        }
+    }
+    assert!(direct.runs.iter().all(|r| r.relay_cpu_s.is_none()));
+    for run in &tokio.runs {
+        // A live tokio process has a few MiB resident; a zero would mean we read the wrong pid.
+        assert!(
+            run.peak_rss_kib.unwrap_or(0) > 1024,
+            "peak rss {:?}",
+            run.peak_rss_kib
+        );
+        assert!(run.relay_cpu_s.is_some());
+    }
+    Ok(())
+}
+
+#[test]
+fn a_relay_that_never_listens_is_reported() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = scratch_dir("broken");
+    let stream = dir.join("stream.bin");
+    std::fs::write(&stream, vec![1u8; 4096])?;
+    let relays: Vec<RelaySpec> = vec!["broken=false".parse()?];
+    let report = throughput::run(&stream, 1, &relays, &dir.join("logs"))?;
+    std::fs::remove_dir_all(&dir).ok();
+    let broken = report.relays.first().ok_or("no result")?;
+    assert!(broken.runs.is_empty());
+    assert_eq!(broken.errors.len(), 1);
+    assert!(
+        broken.errors.iter().all(|e| e.contains("before listening")),
+        "{:?}",
+        broken.errors
+    );
+    Ok(())
+}
