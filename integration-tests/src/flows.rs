@@ -220,7 +220,9 @@ pub fn assert_destination_untouched(dest: &mut Vm) -> Result<()> {
         }
     }
     let log = dest.log();
-    for forbidden in ["error while loading state", "Failed to load"] {
+    // A RAM-section error ("error while loading state section id N(ram)") is the broken stream
+    // itself; a device load error names the device.
+    for forbidden in ["of device '", "Failed to load "] {
         if log.contains(forbidden) {
             bail!("the destination loaded (and rejected) device state: {log}");
         }

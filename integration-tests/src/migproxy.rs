@@ -135,6 +135,11 @@ impl Daemon {
         let binary = binary()?;
         let log_path = workdir.join(&format!("{name}.log"));
         let mut args = vec!["run".to_owned(), "--log-json".to_owned()];
+        let admin_port = crate::ports::free_port()?;
+        if !run_args.iter().any(|a| a == "--admin" || a == "--config") {
+            // The admin address has a fixed default; a free port keeps parallel daemons apart.
+            args.extend(["--admin".to_owned(), crate::ports::tcp_uri(admin_port)]);
+        }
         args.extend(run_args.iter().cloned());
         let command_line = format!("{} {}", binary.display(), args.join(" "));
         let log =

@@ -268,9 +268,14 @@ pub fn shell_quote(path: &Path) -> String {
     format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
 }
 
-/// The a64fx configuration of the headline scenarios.
-pub fn a64fx(version: Version) -> VmConfig {
-    let mut config = VmConfig::new(version, "virt-7.2", "a64fx");
+/// `-M virt-7.2 -cpu CPU -smp 2 -m 64` on `version`: the machine type both QEMUs know.
+pub fn virt72(version: Version, cpu: &str) -> VmConfig {
+    let mut config = VmConfig::new(version, "virt-7.2", cpu);
     config.mem_mib = E2E_MEM_MIB;
     config
+}
+
+/// The a64fx configuration of the headline scenarios.
+pub fn a64fx(version: Version) -> VmConfig {
+    virt72(version, "a64fx")
 }
