@@ -46,7 +46,7 @@ use std::collections::HashMap;
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
-use crate::device_phase;
+use crate::device_phase::{self, DeviceState};
 use crate::error::{DecodeError, SectionRef};
 use crate::frame::{Frame, MigCommand, RecordKind, StreamInfo};
 use crate::limits::Limits;
@@ -125,6 +125,7 @@ enum Step {
 }
 
 /// Decoder of the QEMU main migration channel.
+#[derive(Debug)]
 pub struct StreamDecoder {
     limits: Limits,
     info: StreamInfo,
@@ -140,6 +141,9 @@ pub struct StreamDecoder {
     seen_end: bool,
     /// The main channel has named a RAM block (CONTINUE records refer to it).
     have_ram_block: bool,
+    /// Why the last apparent description at the end of the held bytes did not verify, and the
+    /// held length it was checked at (so the same bytes are not walked twice).
+    description_error: Option<(usize, DecodeError)>,
 }
 
 impl StreamDecoder {
@@ -156,7 +160,17 @@ impl StreamDecoder {
             advise_summary: None,
             seen_end: false,
             have_ram_block: false,
+            description_error: None,
         }
+    }
+
+    /// While holding the device phase: why the bytes that last looked like a complete
+    /// description (EOF, VMDESCRIPTION, be32 length reaching the end of the received bytes, a JSON
+    /// object) did not verify. Such bytes may be device data that merely look like a description,
+    /// so the decoder keeps holding; at end of input it reports this error instead of
+    /// `MissingDescription`. Connection code can name it when its description deadline expires.
+    pub fn description_error(&self) -> Option<&DecodeError> {
+        self.description_error.as_ref().map(|(_, err)| err)
     }
 
     pub fn info(&self) -> &StreamInfo {
@@ -941,16 +955,34 @@ impl StreamDecoder {
                 limit: self.held_limit(),
             });
         }
+        if matches!(&self.description_error, Some((len, _)) if *len == src.len()) {
+            return Ok(Step::NeedMore);
+        }
         let Some(desc_len_pos) = device_phase::description_at_end(src, self.limits.max_description)
         else {
             return Ok(Step::NeedMore);
         };
-        let len = src.len();
-        let held = src.split_to(len).freeze();
-        self.offset += len as u64;
-        let state = device_phase::walk(held, start, desc_len_pos)?;
-        self.state = State::Done;
-        Ok(Step::Frame(Frame::DeviceState(state)))
+        // Device payloads are guest data and may end with bytes that look like a description:
+        // only a walk that verifies every header and footer and lands exactly on EOF counts.
+        match device_phase::walk(src, start, desc_len_pos) {
+            Ok(layout) => {
+                let len = src.len();
+                let held = src.split_to(len).freeze();
+                self.offset += len as u64;
+                self.description_error = None;
+                self.state = State::Done;
+                Ok(Step::Frame(Frame::DeviceState(DeviceState::new(
+                    held,
+                    start,
+                    desc_len_pos,
+                    layout,
+                ))))
+            }
+            Err(err) => {
+                self.description_error = Some((src.len(), err));
+                Ok(Step::NeedMore)
+            }
+        }
     }
 
     /// Why the input may not end here.
@@ -966,7 +998,10 @@ impl StreamDecoder {
             State::Block { .. } => "a block migration record",
             State::Footer { .. } => "a section footer",
             State::DevicePhase { start } => {
-                return DecodeError::MissingDescription { offset: start };
+                return match &self.description_error {
+                    Some((len, err)) if *len == src.len() => clone_error(err),
+                    _ => DecodeError::MissingDescription { offset: start },
+                };
             }
             State::Done => {
                 return DecodeError::TrailingData {
@@ -978,6 +1013,35 @@ impl StreamDecoder {
             offset: self.offset + src.len() as u64,
             expected: expected.to_string(),
         }
+    }
+}
+
+/// `DecodeError` holds an `io::Error`, so it is not `Clone`; the device-phase variants are.
+fn clone_error(err: &DecodeError) -> DecodeError {
+    match err {
+        DecodeError::Description { offset, message } => DecodeError::Description {
+            offset: *offset,
+            message: message.clone(),
+        },
+        DecodeError::DeviceState {
+            offset,
+            section,
+            message,
+        } => DecodeError::DeviceState {
+            offset: *offset,
+            section: section.clone(),
+            message: message.clone(),
+        },
+        DecodeError::UnexpectedInDevicePhase { offset, found } => {
+            DecodeError::UnexpectedInDevicePhase {
+                offset: *offset,
+                found: found.clone(),
+            }
+        }
+        other => DecodeError::Malformed {
+            offset: 0,
+            message: other.to_string(),
+        },
     }
 }
 

@@ -236,12 +236,30 @@ pub(crate) fn description_at_end(held: &[u8], max_description: usize) -> Option<
     .then_some(desc_len_pos)
 }
 
-/// Walk `held` (which ends with a complete description starting at `desc_len_pos + 4`).
+/// The layout the walk found.
+pub(crate) struct Layout {
+    sections: Vec<DeviceSection>,
+    cpus: Vec<CpuSlot>,
+}
+
+impl DeviceState {
+    pub(crate) fn new(held: Bytes, base_offset: u64, desc_len_pos: usize, layout: Layout) -> Self {
+        DeviceState {
+            held,
+            base_offset,
+            sections: layout.sections,
+            cpus: layout.cpus,
+            desc_len_pos,
+        }
+    }
+}
+
+/// Walk `held` (which ends with a complete description whose be32 length is at `desc_len_pos`).
 pub(crate) fn walk(
-    held: Bytes,
+    held: &[u8],
     base_offset: u64,
     desc_len_pos: usize,
-) -> Result<DeviceState, DecodeError> {
+) -> Result<Layout, DecodeError> {
     let json_start = desc_len_pos + 4;
     let eof_pos = desc_len_pos - 2;
     let at = |pos: usize| base_offset + pos as u64;
@@ -337,7 +355,7 @@ pub(crate) fn walk(
         let end = f.pos();
         if idstr == IDSTR_CPU {
             if let Some(slot) = locate_cpregs(
-                &held,
+                held,
                 base_offset,
                 json_start,
                 CpuSection {
@@ -371,13 +389,7 @@ pub(crate) fn walk(
             ),
         });
     }
-    Ok(DeviceState {
-        held,
-        base_offset,
-        sections,
-        cpus,
-        desc_len_pos,
-    })
+    Ok(Layout { sections, cpus })
 }
 
 struct Walker<'a> {

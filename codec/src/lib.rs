@@ -20,6 +20,8 @@ mod json;
 mod limits;
 pub mod offline;
 mod reader;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod wire;
 
 pub use decoder::StreamDecoder;
