@@ -256,7 +256,15 @@ impl Drop for Migration {
         let channels = self
             .channels
             .get_mut()
-            .map(|c| c.iter().map(|k| k.as_str()).collect::<Vec<_>>().join("+"))
+            .map(|channels| {
+                // Join order is a race between tasks; the summary lists kinds in a fixed order.
+                channels.sort_by_key(|kind| *kind as u8);
+                channels
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join("+")
+            })
             .unwrap_or_default();
         let summary = self
             .rewrite_summary

@@ -290,3 +290,221 @@ fn healthcheck_reports_the_daemon_state() {
         .unwrap();
     assert_eq!(healthcheck(format!("http://{closed}/healthz")), Some(1));
 }
+
+#[test]
+fn rewrites_like_the_offline_rewrite_with_a_profile_fetched_from_the_destination_daemon() {
+    let dir = TempDir::new("rewrite");
+    let dest_profile = dir.file("dest72.json");
+    let source_profile = dir.file("src10.json");
+    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
+    migproxy(&[
+        "profile",
+        "capture",
+        "--from-stream",
+        &format!("{vectors}q72-a64fx.bin"),
+        "-o",
+        &dest_profile,
+    ]);
+    migproxy(&[
+        "profile",
+        "capture",
+        "--from-stream",
+        &format!("{vectors}q10m72-a64fx.bin"),
+        "-o",
+        &source_profile,
+    ]);
+    let expected_file = dir.file("expected.bin");
+    migproxy(&[
+        "rewrite",
+        &format!("{vectors}q10m72-a64fx.bin"),
+        &expected_file,
+        "--dest-profile",
+        &dest_profile,
+        "--source-profile",
+        &source_profile,
+    ]);
+    let expected = std::fs::read(&expected_file).unwrap();
+    let stream = vector("q10m72-a64fx.bin");
+    assert_ne!(expected, stream);
+
+    // The destination host's daemon advertises its profile; the source side fetches it per migration.
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let advertiser = Daemon::start(&[
+        "--upstream",
+        "tcp:127.0.0.1:1",
+        "--serve-profile",
+        &format!("a64fx-7.2={dest_profile}"),
+    ]);
+    let (status, body) = advertiser.get("/profiles/a64fx-7.2");
+    assert_eq!(status, 200);
+    assert_eq!(body, std::fs::read_to_string(&dest_profile).unwrap());
+    assert_eq!(advertiser.get("/profiles/other").0, 404);
+    let url = format!("http://{}/profiles/a64fx-7.2", advertiser.admin);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--dest-profile",
+        &url,
+        "--source-profile",
+        &source_profile,
+    ]);
+    migrate(&daemon, &stream);
+    assert!(
+        destination.wait_received(0, SECS) == expected,
+        "proxy output differs from migproxy rewrite"
+    );
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
+    assert_eq!(summary["fields"]["cpus_rewritten"], 2, "{summary}");
+    let dropped = summary["fields"]["dropped"].as_str().unwrap_or_default();
+    assert!(dropped.contains("RMR_EL1"), "{summary}");
+    assert_eq!(daemon.metric("migproxy_cpus_rewritten_total"), Some(2));
+}
+
+#[test]
+fn postcopy_is_refused_at_advise_when_rewriting() {
+    let dir = TempDir::new("postcopy");
+    let dest_profile = dir.file("dest72.json");
+    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
+    migproxy(&[
+        "profile",
+        "capture",
+        "--from-stream",
+        &format!("{vectors}q72-a64fx.bin"),
+        "-o",
+        &dest_profile,
+    ]);
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--dest-profile",
+        &dest_profile,
+    ]);
+    let stream = vector("q72-postcopy-main.bin");
+
+    let mut source = connect(daemon.listen);
+    let _ = source.write_all(&stream);
+    read_until_closed(&mut source);
+    // Nothing past the header may reach the destination: no RAM moved.
+    assert!(destination.wait_received(0, SECS).len() < 4096);
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "refused", "{summary}");
+    assert!(summary["fields"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("postcopy"));
+}
+
+#[test]
+fn postcopy_passes_a_checking_relay() {
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let stream = vector("q72-postcopy-main.bin");
+    migrate(&daemon, &stream);
+    assert!(destination.wait_received(0, SECS) == stream);
+}
+
+#[test]
+fn the_main_channel_reaches_the_destination_first_even_when_multifd_identifies_first() {
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--identify-timeout",
+        "3000",
+    ]);
+    let stream = vector("q72-mfd-main.bin");
+    let multifd = |id: u8| {
+        let mut handshake = vec![0x11, 0x22, 0x33, 0x44, 0, 0, 0, 1];
+        handshake.extend_from_slice(&[0; 16]);
+        handshake.push(id);
+        handshake.extend_from_slice(&[0; 39]);
+        handshake
+    };
+    // Multifd channels that send their handshake before the main channel says anything.
+    let mut channel1 = connect(daemon.listen);
+    channel1.write_all(&multifd(1)).unwrap();
+    let mut channel0 = connect(daemon.listen);
+    channel0.write_all(&multifd(0)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        destination.accepted(),
+        0,
+        "multifd dialed before the main channel"
+    );
+    let mut main = connect(daemon.listen);
+    main.write_all(&stream).unwrap();
+    main.shutdown(Shutdown::Write).unwrap();
+    for channel in [&mut channel0, &mut channel1] {
+        channel.shutdown(Shutdown::Write).unwrap();
+    }
+    assert!(
+        destination.wait_received(0, SECS) == stream,
+        "connection 0 is not the main channel"
+    );
+    let mut others = [
+        destination.wait_received(1, SECS),
+        destination.wait_received(2, SECS),
+    ];
+    others.sort();
+    assert_eq!(others, [multifd(0), multifd(1)]);
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(
+        summary["fields"]["channels"], "main+multifd+multifd",
+        "{summary}"
+    );
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
+}
+
+#[test]
+fn a_slow_destination_slows_the_source_instead_of_filling_memory() {
+    let gate: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)> = Default::default();
+    let destination = Destination::start(vec![Behaviour::Gated(std::sync::Arc::clone(&gate))]);
+    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let stream = std::sync::Arc::new(with_extra_pages(&vector("q72-a64fx.bin"), 16384)); // +64 MiB
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut source = connect(daemon.listen);
+    let writer = {
+        let (stream, written) = (
+            std::sync::Arc::clone(&stream),
+            std::sync::Arc::clone(&written),
+        );
+        let mut source = source.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for chunk in stream.chunks(256 * 1024) {
+                source.write_all(chunk).unwrap();
+                written.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+            source.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    // Wait until the source is blocked: nothing more accepted for half a second.
+    let mut last = usize::MAX;
+    wait_until("the source to be blocked", SECS, || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = written.load(std::sync::atomic::Ordering::Relaxed);
+        let stalled = now == last;
+        last = now;
+        stalled.then_some(())
+    });
+    assert!(
+        last < stream.len() / 2,
+        "the source was not slowed down ({last} bytes accepted)"
+    );
+    let peak_kib = daemon.peak_rss_kib();
+    assert!(
+        peak_kib > 0 && peak_kib < 48 * 1024,
+        "daemon peak RSS {peak_kib} KiB while the destination reads nothing"
+    );
+
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    writer.join().unwrap();
+    read_until_closed(&mut source);
+    assert!(
+        destination.wait_received(0, SECS) == *stream,
+        "forwarded bytes differ"
+    );
+    assert!(daemon.peak_rss_kib() < 48 * 1024);
+}

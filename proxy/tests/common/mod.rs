@@ -328,3 +328,97 @@ pub fn description_offset(stream: &[u8]) -> usize {
         })
         .expect("stream ends with a description")
 }
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("migproxy-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+
+    pub fn file(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Run the migproxy binary to completion; panics unless it exits 0.
+pub fn migproxy(args: &[&str]) {
+    let output = Command::new(env!("CARGO_BIN_EXE_migproxy"))
+        .args(args)
+        .output()
+        .expect("running migproxy");
+    assert!(
+        output.status.success(),
+        "migproxy {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `stream` with `pages` extra RAM pages inserted as `ram` PART sections before its first PART:
+/// a large, valid stream made from a real one.
+pub fn with_extra_pages(stream: &[u8], pages: usize) -> Vec<u8> {
+    use migproxy_codec::{offline, DecodeError, Frame, Limits, RecordKind, StreamDecoder};
+    let mut decoder = StreamDecoder::new(Limits::default());
+    let mut offset = 0usize;
+    let mut ram_id = None;
+    let mut insert_at = None;
+    offline::decode_reader(
+        stream,
+        &mut decoder,
+        |_, frame| -> Result<(), DecodeError> {
+            if let Frame::Verbatim {
+                kind, section_id, ..
+            } = &frame
+            {
+                match kind {
+                    RecordKind::SectionStart { idstr, .. } if idstr == "ram" => {
+                        ram_id = *section_id
+                    }
+                    RecordKind::SectionPart if insert_at.is_none() && *section_id == ram_id => {
+                        insert_at = Some(offset)
+                    }
+                    _ => {}
+                }
+            }
+            offset += frame.wire_len();
+            Ok(())
+        },
+    )
+    .expect("decoding the vector");
+    let (ram_id, insert_at) = (ram_id.expect("ram section"), insert_at.expect("a ram part"));
+    const RAM_SAVE_FLAG_PAGE: u64 = 0x08;
+    const RAM_SAVE_FLAG_EOS: u64 = 0x10;
+    const QEMU_VM_SECTION_PART: u8 = 0x02;
+    const QEMU_VM_SECTION_FOOTER: u8 = 0x7e;
+    let block = b"mach-virt.ram";
+    let mut extra = Vec::with_capacity(pages * 4200);
+    for chunk in 0..pages.div_ceil(256) {
+        extra.push(QEMU_VM_SECTION_PART);
+        extra.extend_from_slice(&ram_id.to_be_bytes());
+        for page in 0..256.min(pages - chunk * 256) {
+            let index = ((chunk * 256 + page) % 2048) as u64;
+            extra.extend_from_slice(&((index * 4096) | RAM_SAVE_FLAG_PAGE).to_be_bytes());
+            extra.push(block.len() as u8);
+            extra.extend_from_slice(block);
+            extra.extend(std::iter::repeat_n((page % 251) as u8, 4096));
+        }
+        extra.extend_from_slice(&RAM_SAVE_FLAG_EOS.to_be_bytes());
+        extra.push(QEMU_VM_SECTION_FOOTER);
+        extra.extend_from_slice(&ram_id.to_be_bytes());
+    }
+    let mut out = Vec::with_capacity(stream.len() + extra.len());
+    out.extend_from_slice(&stream[..insert_at]);
+    out.extend_from_slice(&extra);
+    out.extend_from_slice(&stream[insert_at..]);
+    out
+}
