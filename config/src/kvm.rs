@@ -54,19 +54,31 @@ pub fn cpreg_list_from_kvm(reg_list: &[u64]) -> Vec<RegId> {
     ids
 }
 
-/// `KVM_ARM_GET_REG_WRITABLE_MASKS` describes the feature-ID space op0=3, op1=0, CRn=0,
-/// CRm=0..7, op2=0..7 as an array indexed by `ARM64_FEATURE_ID_SPACE_IDX` (linux
-/// `arch/arm64/include/uapi/asm/kvm.h`): `((op1 << 6) | ((crm & 7) << 3) | op2)` for op1 in
-/// 0..=7. Returns the index into the 64-entry-per-op1 array for a sysreg in that space.
+/// `KVM_ARM_GET_REG_WRITABLE_MASKS` describes the feature-ID space op0=3, CRn=0, op1 in
+/// {0, 1, 3}, CRm=0..7, op2=0..7 as one array of `KVM_ARM_FEATURE_ID_RANGE_SIZE` (192) masks,
+/// indexed as linux `KVM_ARM_FEATURE_ID_RANGE_IDX()` does: op1 3 takes slot 2, then
+/// `op1 << 6 | (crm & 7) << 3 | op2`. The index of a sysreg in that space, for reading masks.
 pub fn feature_id_space_index(id: RegId) -> Option<usize> {
     let (op0, op1, crn, crm, op2) = id.sysreg_fields()?;
     if op0 != 3 || crn != 0 || crm > 7 {
         return None;
     }
-    Some((usize::from(op1) << 6) | (usize::from(crm) << 3) | usize::from(op2))
+    let slot: usize = match op1 {
+        0 => 0,
+        1 => 1,
+        3 => 2,
+        _ => return None,
+    };
+    Some((slot << 6) | (usize::from(crm) << 3) | usize::from(op2))
 }
 
+#[cfg(target_arch = "aarch64")]
+mod capture_aarch64;
+#[cfg(target_arch = "aarch64")]
+pub use capture_aarch64::capture;
+
 /// Capture from KVM directly: only on aarch64 hosts.
+#[cfg(not(target_arch = "aarch64"))]
 pub fn capture() -> Result<crate::Profile, crate::ConfigError> {
     Err(crate::ConfigError::Invalid(
         "--from-kvm reads KVM's ARM64 register list and is only available on aarch64 hosts".into(),
@@ -143,6 +155,11 @@ mod tests {
             feature_id_space_index(RegId(0x6030_0000_0013_c801)),
             Some(65)
         ); // CLIDR_EL1
+        assert_eq!(
+            feature_id_space_index(RegId(0x6030_0000_0013_d801)),
+            Some(129)
+        ); // CTR_EL0
+        assert_eq!(feature_id_space_index(RegId(0x6030_0000_0013_d007)), None); // CSSELR_EL1 (op1=2)
         assert_eq!(feature_id_space_index(RegId(0x6030_0000_0013_c103)), None); // TCR2_EL1
     }
 }

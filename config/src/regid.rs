@@ -510,25 +510,21 @@ mod tests {
             KVM_REG_ARM64_SYSREG_OP2_SHIFT,
             kb::KVM_REG_ARM64_SYSREG_OP2_SHIFT
         );
-        assert_eq!(KVM_REG_ARM_PSCI_VERSION, kb::KVM_REG_ARM_PSCI_VERSION);
-        assert_eq!(
-            KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_1,
-            kb::KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_1
-        );
-        assert_eq!(
-            KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2,
-            kb::KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2
-        );
-        assert_eq!(
-            KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_3,
-            kb::KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_3
-        );
-        assert_eq!(KVM_REG_ARM_STD_BMAP, kb::KVM_REG_ARM_STD_BMAP);
-        assert_eq!(KVM_REG_ARM_STD_HYP_BMAP, kb::KVM_REG_ARM_STD_HYP_BMAP);
-        assert_eq!(KVM_REG_ARM_VENDOR_HYP_BMAP, kb::KVM_REG_ARM_VENDOR_HYP_BMAP);
-        assert_eq!(
-            KVM_REG_ARM_VENDOR_HYP_BMAP_2,
-            kb::KVM_REG_ARM_VENDOR_HYP_BMAP_2
-        );
+        // The firmware ids are C macros (KVM_REG_ARM_FW_REG(r)) bindgen does not export: check
+        // their parts.
+        let fw = kb::KVM_REG_ARM64 | kb::KVM_REG_SIZE_U64 | u64::from(kb::KVM_REG_ARM_FW);
+        let bmap =
+            kb::KVM_REG_ARM64 | kb::KVM_REG_SIZE_U64 | u64::from(kb::KVM_REG_ARM_FW_FEAT_BMAP);
+        assert_eq!(KVM_REG_ARM_PSCI_VERSION, fw);
+        assert_eq!(KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_1, fw | 1);
+        assert_eq!(KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2, fw | 2);
+        assert_eq!(KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_3, fw | 3);
+        assert_eq!(KVM_REG_ARM_STD_BMAP, bmap);
+        assert_eq!(KVM_REG_ARM_VENDOR_HYP_BMAP_2, bmap | 3);
+        assert_eq!(KVM_REG_ARCH_MASK, kb::KVM_REG_ARCH_MASK as u64);
+        assert_eq!(KVM_REG_ARM, kb::KVM_REG_ARM);
+        assert_eq!(KVM_REG_SIZE_MASK, kb::KVM_REG_SIZE_MASK);
+        assert_eq!(KVM_REG_SIZE_SHIFT, kb::KVM_REG_SIZE_SHIFT);
+        assert_eq!(KVM_REG_ARM_COPROC_SHIFT, kb::KVM_REG_ARM_COPROC_SHIFT);
     }
 }
