@@ -43,10 +43,6 @@ LABEL org.opencontainers.image.title="migproxy" \
 COPY --from=build /out/migproxy /migproxy
 # Numeric, so it works on bases without /etc/passwd (scratch); 65532 is distroless' `nonroot`.
 USER 65532:65532
-# Inside a container the proxy must listen on all addresses of its network namespace (with --network host:
-# the host's). Flags given on the command line win over these (`run --listen ...`).
-ENV MIGPROXY_LISTEN=tcp:0.0.0.0:4444 \
-    MIGPROXY_ADMIN=tcp:0.0.0.0:9444
 # 4444: migrations in; 9444: admin (/healthz, /readyz, /metrics, /profiles/NAME).
 EXPOSE 4444/tcp 9444/tcp
 # migproxy drains on SIGTERM: it stops accepting, lets running migrations finish (up to --drain-timeout), then
@@ -56,4 +52,10 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["/migproxy", "healthcheck"]
 ENTRYPOINT ["/migproxy"]
-CMD ["run"]
+# Inside a container the proxy must listen on all addresses of its network namespace (with --network host:
+# the host's). The destination comes from the environment (MIGPROXY_UPSTREAM, MIGPROXY_DEST_PROFILE, ...):
+#   podman run --network host -e MIGPROXY_UPSTREAM=tcp:DEST:4444 IMAGE
+# These are flags rather than ENV on purpose: `IMAGE run --config FILE` replaces them entirely, whereas an
+# ENV MIGPROXY_LISTEN would add a listener to every configuration file. The health check's URL follows
+# MIGPROXY_HEALTHCHECK_URL when the admin address is moved.
+CMD ["run", "--listen", "tcp:0.0.0.0:4444", "--admin", "tcp:0.0.0.0:9444"]

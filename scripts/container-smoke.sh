@@ -119,15 +119,15 @@ runtime_image() {
     printf '%s\n' "$tag"
 }
 
-# Vendored crates for the current Cargo.lock, cached; made from the local cargo cache only.
+# Vendored crates for the context's Cargo.lock, cached by its hash; made from the local cargo cache only.
 vendor_dir() {
-    local key dir
-    key="$(sha <"$ROOT/Cargo.lock")"
+    local ctx="$1" key dir
+    key="$(sha <"$ctx/Cargo.lock")"
     dir="$CACHE/vendor-$key"
     if [ ! -d "$dir/vendor" ]; then
         log "cargo vendor (offline, from the local cargo cache)"
         rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
-        (cd "$ROOT" && CARGO_NET_OFFLINE=true cargo vendor --locked "$dir.tmp/vendor" >/dev/null 2>&1) \
+        (cd "$ctx" && CARGO_NET_OFFLINE=true cargo vendor --locked "$dir.tmp/vendor" >/dev/null 2>&1) \
             || die "cargo vendor failed (are the crates in the local cargo cache? run cargo fetch)"
         rm -rf "$dir" && mv "$dir.tmp" "$dir"
     fi
@@ -135,17 +135,16 @@ vendor_dir() {
 }
 
 # A temporary build context: the working tree's files (tracked and untracked, minus .gitignore'd ones; or
-# the tree of $MIGPROXY_SOURCE_REV), the
-# vendored crates and a .cargo/config.toml that points cargo at them.
+# the tree of $MIGPROXY_SOURCE_REV), the vendored crates and a .cargo/config.toml that points cargo at them.
 make_context() {
     local ctx="$1" vendored
-    vendored="$(vendor_dir)"
     if [ -n "${MIGPROXY_SOURCE_REV:-}" ]; then
         git -C "$ROOT" archive --format=tar "$MIGPROXY_SOURCE_REV" | tar -C "$ctx" -xf -
     else
         (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard \
             | tar --null --ignore-failed-read -T - -cf -) 2>/dev/null | tar -C "$ctx" -xf -
     fi
+    vendored="$(vendor_dir "$ctx")"
     cp -al "$vendored/vendor" "$ctx/vendor" 2>/dev/null || cp -a "$vendored/vendor" "$ctx/vendor"
     mkdir -p "$ctx/.cargo"
     # Relative to the directory holding .cargo/, i.e. the build context root (WORKDIR /src in the image).
@@ -191,8 +190,7 @@ smoke_run() {
     trap 'podman rm -f -t 0 '"$name"' >/dev/null 2>&1 || true' EXIT
     log "podman run $name (listen $listen, admin $admin)"
     "${PODMAN[@]}" run -d --name "$name" --network host "${RUN_LIMITS[@]}" \
-        --health-cmd "[\"/migproxy\",\"healthcheck\",\"--url\",\"http://127.0.0.1:$admin/healthz\"]" \
-        --health-interval disable \
+        -e "MIGPROXY_HEALTHCHECK_URL=http://127.0.0.1:$admin/healthz" \
         "$IMAGE" run --listen "tcp:127.0.0.1:$listen" --admin "tcp:127.0.0.1:$admin" \
         --upstream "tcp:127.0.0.1:$upstream" >/dev/null
 
