@@ -153,7 +153,7 @@ fn describe_refusal(r: &Refusal) -> String {
             "{id} = {value:#x} is not on the destination and differs from the source default {d:#x}: dropping it would lose guest state"
         ),
         RefusalReason::InUse { source_default: None } => format!(
-            "{id} = {value:#x} is not on the destination and is nonzero: dropping it could lose guest state (a --source-profile tells whether it is a mere default; --allow-drop {id} forces it)"
+            "{id} = {value:#x} is not on the destination and is nonzero (no source profile shows it is a reset default)"
         ),
         RefusalReason::OnExtraRefuse => {
             format!("{id} = {value:#x} is not on the destination (--on-extra refuse)")

@@ -5,11 +5,13 @@
 //! its vCPUs as a fresh VM would send it). The decision is the same pure function the proxy runs
 //! (`migproxy_config::rewrite`), so the plan is what the proxy will do.
 
-use std::io::Read;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use migproxy_config::{
-    rewrite, FillMissing, OnExtra, OnIdMismatch, Policy, Profile, RegId, RewriteReport,
+    rewrite, FillMissing, OnExtra, OnIdMismatch, Policy, Profile, RefusalReason, RegId,
+    RewriteReport,
 };
 use serde_json::json;
 
@@ -50,10 +52,12 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
         .collect();
     let refused: Vec<&RewriteReport> = reports.iter().filter(|r| r.is_refused()).collect();
 
+    let mut text = String::new();
     if args.json {
-        println!("{}", plan_json(&source.kind, &dest, &reports, &notes));
+        let _ = writeln!(text, "{}", plan_json(&source.kind, &dest, &reports, &notes));
     } else {
-        println!(
+        let _ = writeln!(
+            text,
             "plan: {} ({}) -> destination profile {} ({}, {})",
             args.source.display(),
             source.kind,
@@ -62,16 +66,39 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
             dest.machine.as_deref().unwrap_or("machine unknown")
         );
         for note in &notes {
-            println!("note: {note}");
+            let _ = writeln!(text, "note: {note}");
         }
         for report in &reports {
-            println!("{report}");
+            let _ = writeln!(text, "{report}");
         }
-        if refused.is_empty() {
-            println!("verdict: the migration can go through migproxy");
+        let verdict = if refused.is_empty() {
+            "the migration can go through migproxy"
         } else {
-            println!("verdict: REFUSED");
+            "REFUSED"
+        };
+        let _ = writeln!(text, "verdict: {verdict}");
+        let unproven = refused.iter().flat_map(|r| &r.refused).any(|x| {
+            matches!(
+                x.reason,
+                RefusalReason::InUse {
+                    source_default: None
+                }
+            )
+        });
+        if unproven && source_profile.is_none() {
+            let _ = writeln!(
+                text,
+                "hint: --source-profile (a fresh VM of the source's configuration) shows which \
+                 nonzero values are reset defaults; --allow-drop REG drops a register regardless"
+            );
         }
+    }
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        // A reader that stopped early (`| head`) is not our failure.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(ProxyError::io("write standard output", e))
+        }
+        _ => {}
     }
     if refused.is_empty() {
         Ok(())
