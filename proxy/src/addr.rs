@@ -9,6 +9,39 @@
 //!   keeps the original destination, read with `SO_ORIGINAL_DST`) and `tproxy` (connections
 //!   delivered by nftables `tproxy`: the accepted socket's local address is the original
 //!   destination).
+//!
+//! Interception with nftables (`redirect`, upstream `original-dst`; verified in a network namespace
+//! with a proxy running as uid 65534 and a real stream). On the source host, for libvirt's ports:
+//!
+//! ```text
+//! table inet migproxy {
+//!   chain output {                     # migrations started on this host
+//!     type nat hook output priority -100; policy accept;
+//!     meta skuid "migproxy" return     # the proxy's own upstream connections go out as they are
+//!     tcp dport 49152-49215 redirect to :4444
+//!   }
+//!   chain prerouting {                 # migrations routed through this host
+//!     type nat hook prerouting priority -100; policy accept;
+//!     tcp dport 49152-49215 redirect to :4444
+//!   }
+//! }
+//! migproxy run --listen tcp:0.0.0.0:4444 --upstream original-dst
+//! ```
+//!
+//! `tproxy` (a gateway that must not rewrite addresses; the listener is bound with IP_TRANSPARENT,
+//! which needs CAP_NET_ADMIN; not exercised by the tests):
+//!
+//! ```text
+//! table inet migproxy {
+//!   chain prerouting {
+//!     type filter hook prerouting priority mangle; policy accept;
+//!     tcp dport 49152-49215 meta mark set 1 tproxy ip to 127.0.0.1:4444 accept
+//!   }
+//! }
+//! ip rule add fwmark 1 lookup 100
+//! ip route add local 0.0.0.0/0 dev lo table 100
+//! migproxy run --listen tcp:127.0.0.1:4444 --upstream tproxy
+//! ```
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -22,8 +22,24 @@ pub enum BoundListener {
 
 impl BoundListener {
     pub async fn bind(addr: &Address) -> Result<BoundListener, ProxyError> {
+        BoundListener::bind_with(addr, false).await
+    }
+
+    /// `transparent`: IP_TRANSPARENT, so nftables `tproxy` can deliver connections addressed to
+    /// other hosts to this socket (needs CAP_NET_ADMIN).
+    pub async fn bind_with(addr: &Address, transparent: bool) -> Result<BoundListener, ProxyError> {
         let context = || format!("binding {addr}");
         match addr {
+            Address::Tcp { host, port } if transparent => {
+                let resolved = tokio::net::lookup_host(Address::host_port(host, *port))
+                    .await
+                    .map_err(|e| ProxyError::io(context(), e))?
+                    .next()
+                    .ok_or_else(|| ProxyError::io(context(), io::ErrorKind::NotFound.into()))?;
+                bind_transparent(resolved)
+                    .map(BoundListener::Tcp)
+                    .map_err(|e| ProxyError::io(context(), e))
+            }
             Address::Tcp { host, port } => TcpListener::bind(Address::host_port(host, *port))
                 .await
                 .map(BoundListener::Tcp)
@@ -72,6 +88,21 @@ impl BoundListener {
             }
         }
     }
+}
+
+fn bind_transparent(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_ip_transparent_v6(true)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Accept migration connections until shutdown stops accepting.

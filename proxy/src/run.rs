@@ -410,8 +410,12 @@ pub async fn start(
             shutdown: shutdown.clone(),
             registry: Registry::default(),
         });
+        let transparent = listener.upstream == Upstream::Tproxy;
         for addr in listener.listen.addresses() {
-            bound.push((BoundListener::bind(&addr).await?, Arc::clone(&ctx)));
+            bound.push((
+                BoundListener::bind_with(&addr, transparent).await?,
+                Arc::clone(&ctx),
+            ));
         }
     }
     let admin = match &config.admin {

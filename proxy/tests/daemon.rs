@@ -508,3 +508,48 @@ fn a_slow_destination_slows_the_source_instead_of_filling_memory() {
     );
     assert!(daemon.peak_rss_kib() < 48 * 1024);
 }
+
+#[test]
+fn a_config_file_runs_several_listeners_over_tcp_and_unix() {
+    use std::io::Read;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dir = TempDir::new("config");
+    let dest_socket = dir.file("dest.sock");
+    let in_socket = dir.file("in.sock");
+    let unix_destination = UnixListener::bind(&dest_socket).unwrap();
+    let unix_received = std::thread::spawn(move || {
+        let (mut conn, _) = unix_destination.accept().unwrap();
+        let mut data = Vec::new();
+        conn.read_to_end(&mut data).unwrap();
+        data
+    });
+    let tcp_destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let config = dir.file("migproxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "admin = \"tcp:127.0.0.1:0\"\nidentify_timeout_ms = 500\n\n\
+             [[listener]]\nlisten = \"tcp:127.0.0.1:0\"\nupstream = \"unix:{dest_socket}\"\n\n\
+             [[listener]]\nlisten = \"unix:{in_socket}\"\nupstream = \"{}\"\n[listener.policy]\non_extra = \"refuse\"\n",
+            tcp_destination.upstream()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start_raw(&["--config", &config]);
+    let stream = vector("q72-a64fx.bin");
+
+    // tcp -> unix
+    migrate(&daemon, &stream);
+    assert!(unix_received.join().unwrap() == stream);
+    // unix -> tcp
+    let mut source = UnixStream::connect(&in_socket).unwrap();
+    source.write_all(&stream).unwrap();
+    source.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    source.read_to_end(&mut back).unwrap();
+    assert!(tcp_destination.wait_received(0, SECS) == stream);
+    assert_eq!(
+        daemon.metric("migproxy_migrations_total{outcome=\"completed\"}"),
+        Some(2)
+    );
+}

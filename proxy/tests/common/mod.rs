@@ -47,15 +47,16 @@ pub struct Daemon {
 impl Daemon {
     /// `migproxy run --listen tcp:127.0.0.1:0 --admin tcp:127.0.0.1:0 --log-json ARGS...`
     pub fn start(args: &[&str]) -> Daemon {
+        let mut all = vec!["--listen", "tcp:127.0.0.1:0", "--admin", "tcp:127.0.0.1:0"];
+        all.extend_from_slice(args);
+        Daemon::start_raw(&all)
+    }
+
+    /// `migproxy run --log-json ARGS...`: ARGS must configure a tcp listener and a tcp admin address.
+    pub fn start_raw(args: &[&str]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_migproxy"))
             .arg("run")
-            .args([
-                "--listen",
-                "tcp:127.0.0.1:0",
-                "--admin",
-                "tcp:127.0.0.1:0",
-                "--log-json",
-            ])
+            .arg("--log-json")
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -82,7 +83,11 @@ impl Daemon {
             listen: SocketAddr::from(([0, 0, 0, 0], 0)),
             admin: SocketAddr::from(([0, 0, 0, 0], 0)),
         };
-        let listening = daemon.wait_log("listening", Duration::from_secs(20));
+        let listening = daemon.wait_event("listening", Duration::from_secs(20), |event| {
+            event["fields"]["listen"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("tcp:"))
+        });
         daemon.listen = tcp_field(&listening, "listen");
         let admin = daemon.wait_log("admin listening", Duration::from_secs(20));
         daemon.admin = tcp_field(&admin, "admin");
