@@ -137,6 +137,69 @@ mod tests {
         assert_eq!(qemu_keeps(0x4020_0000_000f_0000), Err(Excluded::NotArm64));
     }
 
+    /// The full shape of a `KVM_GET_REG_LIST` answer for a vCPU with SVE and PMU (Linux 6.x
+    /// layout: `struct kvm_regs` offsets in 32-bit words for core registers, SVE slices 0),
+    /// checked class by class against what QEMU keeps.
+    #[test]
+    fn filter_keeps_exactly_qemus_classes_on_a_full_list() {
+        use crate::regid::{KVM_REG_ARM_DEMUX, KVM_REG_ARM_FW, KVM_REG_ARM_FW_FEAT_BMAP};
+        const U128: u64 = 0x0040_0000_0000_0000;
+        const U256: u64 = 0x0050_0000_0000_0000;
+        const U512: u64 = 0x0060_0000_0000_0000;
+        const U2048: u64 = 0x0080_0000_0000_0000;
+        let core = |size: u64, word: u64| KVM_REG_ARM64 | size | KVM_REG_ARM_CORE | word;
+        let sve = |size: u64, idx: u64| KVM_REG_ARM64 | size | KVM_REG_ARM64_SVE | idx;
+        let mut list = Vec::new();
+        // regs[0..31], sp, pc, pstate (64-bit words 0..33), sp_el1, elr_el1, spsr[0..5].
+        list.extend((0..34).map(|n| core(KVM_REG_SIZE_U64, 2 * n)));
+        list.extend((34..41).map(|n| core(KVM_REG_SIZE_U64, 2 * n)));
+        // fp_regs.vregs[0..32] (128-bit), fpsr, fpcr (32-bit).
+        list.extend((0..32).map(|n| core(U128, 84 + 4 * n)));
+        list.extend([core(KVM_REG_SIZE_U32, 212), core(KVM_REG_SIZE_U32, 213)]);
+        // SVE: Z0..Z31 (2048-bit), P0..P15 and FFR (256-bit), the VLS pseudo-register (512-bit).
+        list.extend((0..32).map(|n| sve(U2048, n << 5)));
+        list.extend((0..17).map(|n| sve(U256, 0x400 + (n << 5))));
+        list.push(sve(U512, 0xffff));
+        // CCSIDR demux (32-bit), firmware and bitmap registers.
+        list.extend((0..7).map(|n| KVM_REG_ARM64 | KVM_REG_SIZE_U32 | KVM_REG_ARM_DEMUX | n));
+        list.extend((0..4).map(|n| KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_FW | n));
+        list.extend(
+            (0..4).map(|n| KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_FW_FEAT_BMAP | n),
+        );
+        // System registers: the ID space and a few others, unsorted as the kernel may list them.
+        let mut sysregs: Vec<u64> = (0..64u8)
+            .map(|i| RegId::arm64_sysreg(3, 0, 0, i >> 3, i & 7).0)
+            .collect();
+        sysregs.extend([
+            0x6030_0000_0013_df1a,
+            0x6030_0000_0013_c080,
+            0x6030_0000_0013_df19,
+        ]);
+        list.extend(sysregs.iter().rev());
+
+        let kept = cpreg_list_from_kvm(&list);
+        assert_eq!(kept.len(), 7 + 4 + 4 + sysregs.len());
+        assert!(kept.windows(2).all(|w| w[0] < w[1]));
+        assert!(kept
+            .iter()
+            .all(|id| id.coproc() != 0x10 && id.coproc() != 0x15));
+        assert!(kept.iter().all(|id| matches!(id.size_bytes(), Some(4 | 8))));
+        assert_eq!(
+            list.iter()
+                .filter(|&&id| qemu_keeps(id) == Err(Excluded::Core))
+                .count(),
+            75
+        );
+        assert_eq!(
+            list.iter()
+                .filter(|&&id| qemu_keeps(id) == Err(Excluded::Sve))
+                .count(),
+            50
+        );
+        // The firmware and bitmap registers sort after every sysreg, as QEMU's merge expects.
+        assert_eq!(kept.last().map(|id| id.0), Some(0x6030_0000_0016_0003));
+    }
+
     #[test]
     fn feature_id_space_indexes() {
         assert_eq!(
