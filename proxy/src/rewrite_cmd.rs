@@ -60,6 +60,14 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
                 }
                 Frame::DeviceState(mut state) => {
                     saw_device_state = true;
+                    if let (Some(stream), Some(profile)) = (&dec.info().machine, &dest.machine) {
+                        if stream != profile {
+                            eprintln!(
+                                "migproxy: warning: the stream's machine type is {stream}, the \
+                                 destination profile's {profile}: the destination needs the same one"
+                            );
+                        }
+                    }
                     let rewrites: Vec<(u32, Rewrite)> = state
                         .cpus()
                         .iter()
