@@ -173,7 +173,8 @@ pub struct RunArgs {
     /// A TOML configuration file describing one or more listeners.
     #[arg(long, value_name = "FILE", env = "MIGPROXY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address to accept migrations on (`tcp:HOST:PORT`, `tcp:[IPV6]:PORT`, `unix:PATH`); repeatable.
+    /// Address to accept migrations on (`tcp:HOST:PORT`, `tcp:[IPV6]:PORT`, `tcp:HOST:FIRST-LAST`,
+    /// `unix:PATH`); repeatable. Default without --config: tcp:127.0.0.1:4444.
     #[arg(
         long,
         value_name = "ADDR",
@@ -181,7 +182,8 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub listen: Vec<String>,
-    /// Where to forward: an address, `tcp:HOST:FIRST-LAST` (same port as accepted), or `original-dst`.
+    /// Where to forward: an address, `tcp:HOST:FIRST-LAST` (same port as accepted), `original-dst`
+    /// (nftables redirect) or `tproxy`. Default without --listen: tcp:127.0.0.1:4445.
     #[arg(long, value_name = "ADDR", env = "MIGPROXY_UPSTREAM")]
     pub upstream: Option<String>,
     /// The destination's register profile: a file or an `http://` URL.
@@ -190,7 +192,8 @@ pub struct RunArgs {
     /// A profile of a fresh VM with the source's configuration: a file or an `http://` URL.
     #[arg(long, value_name = "PROFILE|URL", env = "MIGPROXY_SOURCE_PROFILE")]
     pub source_profile: Option<String>,
-    /// Admin address serving /metrics, /healthz, /readyz and /profiles/NAME.
+    /// Admin address serving /metrics, /healthz, /readyz and /profiles/NAME (`none` disables it).
+    /// Default: tcp:127.0.0.1:9444.
     #[arg(long, value_name = "ADDR", env = "MIGPROXY_ADMIN")]
     pub admin: Option<String>,
     /// A profile to advertise on the admin address as /profiles/NAME (`NAME=FILE`; repeatable).
@@ -204,13 +207,13 @@ pub struct RunArgs {
     /// Log as JSON lines.
     #[arg(long, env = "MIGPROXY_LOG_JSON")]
     pub log_json: bool,
-    /// How long live migrations may keep running after SIGTERM, in seconds.
+    /// How long live migrations may keep running after SIGTERM, in seconds (default 30).
     #[arg(long, value_name = "SECONDS", env = "MIGPROXY_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<u64>,
-    /// How long to wait for the description after EOF, in milliseconds.
+    /// How long to wait for the description after the device-state EOF, in milliseconds (default 2000).
     #[arg(long, value_name = "MS", env = "MIGPROXY_DESCRIPTION_TIMEOUT")]
     pub description_timeout: Option<u64>,
-    /// How long a new connection may take to identify itself, in milliseconds.
+    /// How long a new connection may take to identify itself, in milliseconds (default 1000).
     #[arg(long, value_name = "MS", env = "MIGPROXY_IDENTIFY_TIMEOUT")]
     pub identify_timeout: Option<u64>,
     #[command(flatten)]

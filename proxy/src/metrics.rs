@@ -61,11 +61,16 @@ impl Metrics {
             }
         };
         family(
+            "migproxy_migrations_started_total",
+            "counter",
+            "Migrations started (a main channel identified itself).",
+            &[("", get(&self.migrations_started))],
+        );
+        family(
             "migproxy_migrations_total",
             "counter",
-            "Migrations seen, by outcome (started counts every migration).",
+            "Migrations ended, by outcome.",
             &[
-                ("{outcome=\"started\"}", get(&self.migrations_started)),
                 ("{outcome=\"completed\"}", get(&self.migrations_completed)),
                 ("{outcome=\"refused\"}", get(&self.migrations_refused)),
                 ("{outcome=\"failed\"}", get(&self.migrations_failed)),
