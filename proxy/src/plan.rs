@@ -223,3 +223,49 @@ fn plan_json(
         "vcpus": vcpus,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(allow: &[&str]) -> PolicyArgs {
+        PolicyArgs {
+            on_extra: OnExtraArg::Refuse,
+            allow_drop: allow.iter().map(|s| s.to_string()).collect(),
+            fill_missing: FillMissingArg::Never,
+            on_id_mismatch: OnIdMismatchArg::UseDestination,
+        }
+    }
+
+    #[test]
+    fn policy_flags_map_and_registers_parse_by_name_or_id() {
+        let policy = policy_from_args(&args(&["TCR2_EL1", "0x6030000000160003", "s3_0_c10_c2_3"]));
+        let policy = match policy {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(policy.on_extra, OnExtra::Refuse);
+        assert_eq!(policy.fill_missing, FillMissing::Never);
+        assert_eq!(policy.on_id_mismatch, OnIdMismatch::UseDestination);
+        let ids: Vec<u64> = policy.allow_drop.iter().map(|r| r.0).collect();
+        assert_eq!(
+            ids,
+            vec![
+                0x6030_0000_0013_c103,
+                0x6030_0000_0016_0003,
+                0x6030_0000_0013_c513
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unknown_register_is_a_usage_error() {
+        match policy_from_args(&args(&["NO_SUCH_REG"])) {
+            Err(e) => {
+                assert_eq!(e.exit_code(), 2);
+                assert!(e.to_string().contains("NO_SUCH_REG"));
+            }
+            Ok(_) => panic!("accepted an unknown register"),
+        }
+    }
+}

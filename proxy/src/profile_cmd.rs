@@ -348,3 +348,45 @@ impl Drop for RemoveOnDrop {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(ids: &[u64]) -> StreamCpus {
+        let registers: Vec<(u64, u64)> = ids.iter().map(|&id| (id, 0)).collect();
+        StreamCpus {
+            info: StreamInfo {
+                machine: Some("virt-7.2".into()),
+                ..StreamInfo::default()
+            },
+            cpus: vec![CpuRegisters {
+                instance: 0,
+                section_version: 22,
+                registers,
+            }],
+        }
+    }
+
+    #[test]
+    fn accelerator_from_the_list_or_the_flag() {
+        let tcg = stream(&[0x4020_0000_200f_0082, 0x6030_0000_0013_c080]);
+        let kvm = stream(&[0x6030_0000_0013_c080, 0x6030_0000_0014_0000]);
+        let neither = stream(&[0x6030_0000_0013_c080]);
+        let accel = |s: &StreamCpus, o| profile_from_stream(s, o, "stream").map(|p| p.accel).ok();
+        assert_eq!(accel(&tcg, None), Some(Accel::Tcg));
+        assert_eq!(accel(&kvm, None), Some(Accel::Kvm));
+        assert_eq!(accel(&tcg, Some(Accel::Kvm)), Some(Accel::Kvm));
+        assert_eq!(accel(&neither, Some(Accel::Tcg)), Some(Accel::Tcg));
+        match profile_from_stream(&neither, None, "stream") {
+            Err(e) => assert_eq!(e.exit_code(), 2),
+            Ok(_) => panic!("guessed an accelerator"),
+        }
+        let p = profile_from_stream(&tcg, None, "stream").ok();
+        assert_eq!(
+            p.as_ref().and_then(|p| p.machine.clone()).as_deref(),
+            Some("virt-7.2")
+        );
+        assert_eq!(p.and_then(|p| p.cpu_section_version), Some(22));
+    }
+}
