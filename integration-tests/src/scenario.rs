@@ -234,6 +234,8 @@ fn fresh_profile(config: &VmConfig) -> Result<PathBuf> {
     let profile = dir.join(format!("{key}.json"));
     save_fresh_stream(config, &stream)?;
     migproxy::capture_profile(&stream, &profile)?;
+    // The stream (mostly zero pages) is not needed once the profile exists.
+    let _ = std::fs::remove_file(&stream);
     guard.insert(key, profile.clone());
     Ok(profile)
 }
