@@ -20,7 +20,7 @@
 //! The output is sorted strictly ascending by id (QEMU's `cpu_post_load` merges two sorted
 //! lists); when nothing changes it is the input itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::policy::{FillMissing, OnExtra, OnIdMismatch, Policy};
@@ -274,9 +274,11 @@ pub fn rewrite(
         ..RewriteReport::default()
     };
     let mut out: BTreeMap<u64, u64> = BTreeMap::new();
+    // Every id the source lists: it runs at switchover, for every vCPU, so no quadratic scans.
+    let mut seen: BTreeSet<u64> = BTreeSet::new();
     for &(raw_id, value) in source {
         let id = RegId(raw_id);
-        if out.contains_key(&raw_id) || report.dropped.iter().any(|d| d.id == id) {
+        if !seen.insert(raw_id) {
             report.refused.push(Refusal {
                 id,
                 value,
@@ -304,7 +306,7 @@ pub fn rewrite(
         FillMissing::Auto => dest.accel == Accel::Tcg,
     };
     for reg in dest.present() {
-        if out.contains_key(&reg.id.0) || source.iter().any(|&(i, _)| i == reg.id.0) {
+        if seen.contains(&reg.id.0) {
             continue;
         }
         if !fill {
