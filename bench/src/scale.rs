@@ -57,6 +57,7 @@ fn one_run(
         stream_bytes,
         log_dir,
         hz,
+        ..
     } = setup;
     let (stream_bytes, hz) = (*stream_bytes, *hz);
     let failed = |reason: String| BenchError::Transfer {
@@ -93,10 +94,7 @@ fn one_run(
         outcome = match (outcome, step) {
             (Err(e), _) => Err(e),
             (Ok(_), Err(e)) => Err(e),
-            (Ok(_), Ok((_, bytes))) if bytes < stream_bytes => {
-                Err(format!("a destination got {bytes} of {stream_bytes} bytes"))
-            }
-            (Ok(latest), Ok((t, _))) => Ok(latest.max(t)),
+            (Ok(latest), Ok((t, bytes))) => setup.check_received(bytes).map(|()| latest.max(t)),
         };
         if outcome.is_err() {
             break;

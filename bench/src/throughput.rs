@@ -9,6 +9,7 @@ use crate::receiver::Receiver;
 use crate::relay_process::RelaySpec;
 use crate::sender::Sender;
 use crate::stats::{summarize, Summary};
+use crate::stream_layout::layout_of_file;
 use crate::{procfs, BenchError, GIB};
 
 /// Upper bound for one transfer; a relay that stalls is reported, not waited for forever.
@@ -63,6 +64,23 @@ pub struct Setup<'a> {
     pub log_dir: &'a Path,
     /// Clock ticks per second of `/proc/PID/stat`.
     pub hz: u64,
+    /// How far the destination's byte count may differ from the stream's: a rewriting
+    /// relay changes the size of the device-state phase (registers dropped or filled), and
+    /// nothing else. 0 when the file is not a QEMU stream with a description.
+    pub size_tolerance: u64,
+}
+
+impl Setup<'_> {
+    /// Whether a destination that received `bytes` got the whole migration.
+    pub fn check_received(&self, bytes: u64) -> Result<(), String> {
+        if bytes.abs_diff(self.stream_bytes) > self.size_tolerance {
+            return Err(format!(
+                "the destination received {bytes} bytes of a {}-byte stream (allowed difference {})",
+                self.stream_bytes, self.size_tolerance
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl<'a> Setup<'a> {
@@ -78,6 +96,7 @@ impl<'a> Setup<'a> {
             stream_bytes,
             log_dir,
             hz: procfs::clock_ticks_per_second(),
+            size_tolerance: layout_of_file(stream).map_or(0, |layout| layout.tail_len()),
         })
     }
 }
@@ -91,6 +110,7 @@ pub fn one_run(relay: &RelaySpec, setup: &Setup, rep: usize) -> Result<Run, Benc
         stream_bytes,
         log_dir,
         hz,
+        ..
     } = setup;
     let (stream_bytes, hz) = (*stream_bytes, *hz);
     let failed = |reason: String| BenchError::Transfer {
@@ -135,6 +155,7 @@ pub fn one_run(relay: &RelaySpec, setup: &Setup, rep: usize) -> Result<Run, Benc
         r.stop();
     }
     let bytes_received = connection.bytes();
+    setup.check_received(bytes_received).map_err(failed)?;
     let gib = stream_bytes as f64 / GIB;
     Ok(Run {
         rep,

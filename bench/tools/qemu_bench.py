@@ -5,7 +5,8 @@ Only the Python standard library is used. QMP is spoken directly over the unix s
 
   qemu_bench.py fill FILE SIZE_MIB          pre-fill a guest RAM file with non-zero data
   qemu_bench.py capture --out FILE ...      `migrate "exec:cat > FILE"` from a paused guest
-  qemu_bench.py migrate --via PORT ...      one QEMU -> QEMU live migration over TCP, JSON result on stdout
+  qemu_bench.py migrate [--relay CMD] ...   one QEMU -> QEMU live migration over TCP (through the relay
+                                            command, `{listen}`/`{upstream}` = ports), JSON result on stdout
 """
 import argparse
 import json
@@ -69,7 +70,11 @@ class Qmp:
 def qemu_cmdline(args, qmp_path, fill, extra):
     cmd = [args.qemu, "-M", args.machine, "-cpu", args.cpu, "-smp", str(args.smp), "-m", f"{args.mem_mib}M",
            "-nodefaults", "-nographic", "-display", "none", "-qmp", f"unix:{qmp_path},server=on,wait=off", "-S"]
-    if fill:
+    if fill == "ram":
+        # The RAM block is named after the backend id, so a destination of a file-backed
+        # source needs a backend with the same id.
+        cmd += ["-object", f"memory-backend-ram,id=mem0,size={args.mem_mib}M", "-machine", "memory-backend=mem0"]
+    elif fill:
         cmd += ["-object", f"memory-backend-file,id=mem0,size={args.mem_mib}M,mem-path={fill},share=off",
                 "-machine", "memory-backend=mem0"]
     return cmd + extra
@@ -99,6 +104,16 @@ def wait_migration(qmp, deadline_s):
         if time.monotonic() > end:
             raise RuntimeError(f"migration still {status} after {deadline_s}s")
         time.sleep(0.05)
+
+
+def wait_running(qmp, deadline_s):
+    """The destination resumes the guest shortly after its side of the migration completes."""
+    end = time.monotonic() + deadline_s
+    while True:
+        status = qmp.cmd("query-status")
+        if status.get("running") or time.monotonic() > end:
+            return status
+        time.sleep(0.02)
 
 
 def start(cmd, log):
@@ -138,30 +153,115 @@ def cmd_capture(args):
             stop(proc, qmp)
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_listening(port):
+    """From /proc/net/tcp: a probe connection would reach the relay as a stray migration."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        return True
+        except OSError:
+            pass
+    return False
+
+
+def proc_cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def proc_status_kib(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def start_relay(command, dest_port, log):
+    listen = free_port()
+    argv = [a.replace("{listen}", str(listen)).replace("{upstream}", str(dest_port)) for a in shlex.split(command)]
+    proc = start(argv, log)
+    end = time.monotonic() + 20
+    while not is_listening(listen):
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            raise RuntimeError(f"relay {argv[0]} did not start listening on {listen}")
+        time.sleep(0.01)
+    return proc, listen
+
+
 def cmd_migrate(args):
-    """Source and destination QEMU 10.0; the source migrates to 127.0.0.1:VIA, which is either the
-    destination's own port (direct) or a relay in front of it (the relay forwards to --dest-port)."""
+    """Source and destination QEMU 10.0; the source migrates either to the destination's own port
+    (direct) or to a relay in front of it. The guest runs (no -S on the source): it executes nothing
+    useful (no firmware) but makes QEMU iterate precopy and stop the VM for the final stage, so
+    `downtime` is a real stop-and-copy time."""
+    dest_port = free_port()
     with tempfile.TemporaryDirectory(prefix="migbench-") as tmp:
         src_qmp_path = os.path.join(tmp, "src.qmp")
         dst_qmp_path = os.path.join(tmp, "dst.qmp")
-        dst = start(qemu_cmdline(args, dst_qmp_path, None, ["-incoming", "defer"]), subprocess.DEVNULL)
-        src = start(qemu_cmdline(args, src_qmp_path, args.fill, []), subprocess.DEVNULL)
+        dst_log = open(os.path.join(tmp, "dst.log"), "wb")
+        src_log = open(os.path.join(tmp, "src.log"), "wb")
+        dst_ram = "ram" if args.fill else None
+        # No -S: the destination resumes the guest after the migration, as in production.
+        dst_cmd = [c for c in qemu_cmdline(args, dst_qmp_path, dst_ram, ["-incoming", "defer"]) if c != "-S"]
+        dst = start(dst_cmd, dst_log)
+        # A running guest that idles: `wfi; b .-4` at RAM + 128 MiB (the DTB sits at the start) (vCPU 0; the others
+        # stay powered off, PSCI). Without code the vCPUs would spin through exceptions at
+        # 100% CPU each and starve everything else on a small machine.
+        idle = os.path.join(tmp, "idle.bin")
+        with open(idle, "wb") as f:
+            f.write((0xD503207F).to_bytes(4, "little") + (0x17FFFFFF).to_bytes(4, "little"))
+        src_cmd = [c for c in qemu_cmdline(args, src_qmp_path, args.fill, []) if c != "-S"]
+        src_cmd += ["-device", f"loader,file={idle},addr=0x48000000,cpu-num=0"]
+        src = start(src_cmd, src_log)
+        relay = None
         src_qmp = dst_qmp = None
         try:
             dst_qmp = Qmp(dst_qmp_path)
             src_qmp = Qmp(src_qmp_path)
-            dst_qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{args.dest_port}")
+            dst_qmp.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{dest_port}")
+            via = dest_port
+            if args.relay:
+                log = open(args.relay_log, "ab") if args.relay_log else subprocess.DEVNULL
+                relay, via = start_relay(args.relay, dest_port, log)
+                cpu_before = proc_cpu_ticks(relay.pid)
             src_qmp.cmd("migrate-set-parameters", **{"max-bandwidth": UNLIMITED_BANDWIDTH})
-            src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{args.via}")
+            src_qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{via}")
             info = wait_migration(src_qmp, args.timeout)
             dst_info = wait_migration(dst_qmp, args.timeout)
-            dst_status = dst_qmp.cmd("query-status")
-            print(json.dumps({"source": info, "destination": dst_info, "destination_status": dst_status}))
+            dst_status = wait_running(dst_qmp, 10.0)
+            result = {"source": info, "destination": dst_info, "destination_status": dst_status}
+            if relay:
+                hz = os.sysconf("SC_CLK_TCK")
+                result["relay_cpu_s"] = (proc_cpu_ticks(relay.pid) - cpu_before) / hz
+                result["relay_peak_rss_kib"] = proc_status_kib(relay.pid, "VmHWM")
+            print(json.dumps(result))
             if info.get("status") != "completed" or dst_info.get("status") != "completed":
-                raise RuntimeError("migration did not complete")
+                raise RuntimeError(f"migration did not complete: {info.get('error-desc') or dst_info}")
+        except (RuntimeError, OSError) as e:
+            for name in ("src.log", "dst.log"):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    text = f.read().decode(errors="replace").strip()
+                if text:
+                    print(f"qemu_bench: {name}: {text}", file=sys.stderr)
+            raise RuntimeError(str(e)) from e
         finally:
             stop(src, src_qmp)
             stop(dst, dst_qmp)
+            if relay:
+                relay.kill()
+                relay.wait()
 
 
 def main():
@@ -182,8 +282,8 @@ def main():
         if name == "capture":
             s.add_argument("--out", required=True)
         else:
-            s.add_argument("--via", type=int, required=True, help="port the source migrates to")
-            s.add_argument("--dest-port", type=int, required=True, help="port the destination listens on")
+            s.add_argument("--relay", help="relay command line with {listen} and {upstream} port placeholders")
+            s.add_argument("--relay-log", help="append the relay's output here")
     args = p.parse_args()
     if args.command == "fill":
         fill_file(args.file, args.size_mib)
