@@ -248,7 +248,9 @@ impl Parser<'_> {
         while matches!(self.peek(), Some(b'0'..=b'9')) {
             self.pos += 1;
         }
-        if self.pos == digits_start {
+        let digits = self.pos - digits_start;
+        // RFC 8259: no leading zeros (so a number's text is canonical and a patch round-trips).
+        if digits == 0 || (digits > 1 && self.text.get(digits_start) == Some(&b'0')) {
             return Err(self.err("invalid number"));
         }
         let mut integer = true;
