@@ -17,6 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 run_start=$(date +%s)
+# Every cargo test output also goes here, to total the results at the end.
+test_log=$(mktemp)
+trap 'rm -f "$test_log"' EXIT
 step_start=$run_start
 step() {
     local now
@@ -51,7 +54,7 @@ step "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "unit, property and vector tests"
-cargo test --workspace --exclude migproxy-integration-tests
+cargo test --workspace --exclude migproxy-integration-tests 2>&1 | tee -a "$test_log"
 
 if [ -d fuzz ] && [ "${MIGPROXY_SKIP_FUZZ:-0}" != 1 ]; then
     step "fuzz build"
@@ -70,7 +73,12 @@ export MIGPROXY_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/migproxy"
 test -x "$MIGPROXY_BIN"
 
 step "end-to-end scenarios (real QEMU 10.0 and 7.2 through migproxy)"
-cargo test -p migproxy-integration-tests -- --test-threads="${MIGPROXY_TEST_THREADS:-1}" --nocapture
+# --tests: the harness library has no doc tests worth a "0 passed" line.
+cargo test -p migproxy-integration-tests --tests -- \
+    --test-threads="${MIGPROXY_TEST_THREADS:-1}" --nocapture 2>&1 | tee -a "$test_log"
 
 step "done"
 echo "scripts/test-all.sh: all steps passed in $(( $(date +%s) - run_start )) s"
+# One closing line for the whole run (cargo prints one per test binary, the last often "0 passed").
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
+     END { printf "total: %d passed, %d failed\n", p, f }' "$test_log"
