@@ -16,6 +16,9 @@
 //! upstream = "tcp:dest.example:4444"  # or tcp:HOST:FIRST-LAST, original-dst, tproxy
 //! dest_profile = "http://dest.example:9444/profiles/a64fx-7.2"   # a file or an http:// URL
 //! source_profile = "/etc/migproxy/a64fx-10.0.json"              # optional
+//! tls_creds = "/etc/pki/qemu"         # optional: TLS on both legs, QEMU's credential layout
+//! tls_verify_peer = true              # optional: require the source's client certificate
+//! tls_hostname = "dest.example"       # optional: name in the destination's certificate
 //!
 //! [listener.policy]                   # same words as the command-line policy flags
 //! on_extra = "drop-unused"
@@ -60,6 +63,12 @@ pub struct ListenerFile {
     pub dest_profile: Option<String>,
     /// A profile file or an `http://` URL.
     pub source_profile: Option<String>,
+    /// TLS on both legs: a QEMU-style credential directory.
+    pub tls_creds: Option<String>,
+    /// Require the source's client certificate (QEMU's verify-peer).
+    pub tls_verify_peer: Option<bool>,
+    /// Name expected in the destination's certificate (default: the upstream host).
+    pub tls_hostname: Option<String>,
     #[serde(default)]
     pub policy: PolicyFile,
 }

@@ -216,6 +216,22 @@ pub struct RunArgs {
     /// How long a new connection may take to identify itself, in milliseconds (default 1000).
     #[arg(long, value_name = "MS", env = "MIGPROXY_IDENTIFY_TIMEOUT")]
     pub identify_timeout: Option<u64>,
+    /// TLS on both legs for --listen listeners: a QEMU-style credential directory (ca-cert.pem,
+    /// server-cert.pem/server-key.pem shown to the source, client-cert.pem/client-key.pem shown to
+    /// the destination).
+    #[arg(long, value_name = "DIR", env = "MIGPROXY_TLS_CREDS")]
+    pub tls_creds: Option<PathBuf>,
+    /// Require a client certificate from the source, signed by ca-cert.pem (QEMU's verify-peer).
+    #[arg(long, env = "MIGPROXY_TLS_VERIFY_PEER", requires = "tls_creds")]
+    pub tls_verify_peer: bool,
+    /// Name expected in the destination's certificate (default: the upstream host).
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "MIGPROXY_TLS_HOSTNAME",
+        requires = "tls_creds"
+    )]
+    pub tls_hostname: Option<String>,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }

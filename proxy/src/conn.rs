@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::{tcp, unix, TcpStream, UnixStream};
 
 use crate::addr::Address;
@@ -20,19 +20,27 @@ use crate::error::ProxyError;
 /// Kernel socket buffer size asked for on every migration socket.
 pub const SOCKET_BUFFER_BYTES: usize = 1 << 20;
 
+/// Any byte stream a connection can become (a TLS session over a socket).
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+
 pub enum Conn {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A TLS session (either leg).
+    Tls(Box<dyn Stream>),
 }
 
 pub enum ConnRead {
     Tcp(tcp::OwnedReadHalf),
     Unix(unix::OwnedReadHalf),
+    Tls(ReadHalf<Box<dyn Stream>>),
 }
 
 pub enum ConnWrite {
     Tcp(tcp::OwnedWriteHalf),
     Unix(unix::OwnedWriteHalf),
+    Tls(WriteHalf<Box<dyn Stream>>),
 }
 
 impl Conn {
@@ -78,6 +86,10 @@ impl Conn {
                 let (r, w) = stream.into_split();
                 (ConnRead::Unix(r), ConnWrite::Unix(w))
             }
+            Conn::Tls(stream) => {
+                let (r, w) = tokio::io::split(stream);
+                (ConnRead::Tls(r), ConnWrite::Tls(w))
+            }
         }
     }
 }
@@ -104,6 +116,7 @@ impl AsyncRead for ConnRead {
         match self.get_mut() {
             ConnRead::Tcp(r) => Pin::new(r).poll_read(cx, buf),
             ConnRead::Unix(r) => Pin::new(r).poll_read(cx, buf),
+            ConnRead::Tls(r) => Pin::new(r).poll_read(cx, buf),
         }
     }
 }
@@ -117,6 +130,7 @@ impl AsyncWrite for ConnWrite {
         match self.get_mut() {
             ConnWrite::Tcp(w) => Pin::new(w).poll_write(cx, buf),
             ConnWrite::Unix(w) => Pin::new(w).poll_write(cx, buf),
+            ConnWrite::Tls(w) => Pin::new(w).poll_write(cx, buf),
         }
     }
 
@@ -128,6 +142,7 @@ impl AsyncWrite for ConnWrite {
         match self.get_mut() {
             ConnWrite::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
             ConnWrite::Unix(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            ConnWrite::Tls(w) => Pin::new(w).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -135,6 +150,7 @@ impl AsyncWrite for ConnWrite {
         match self {
             ConnWrite::Tcp(w) => w.is_write_vectored(),
             ConnWrite::Unix(w) => w.is_write_vectored(),
+            ConnWrite::Tls(w) => w.is_write_vectored(),
         }
     }
 
@@ -142,6 +158,7 @@ impl AsyncWrite for ConnWrite {
         match self.get_mut() {
             ConnWrite::Tcp(w) => Pin::new(w).poll_flush(cx),
             ConnWrite::Unix(w) => Pin::new(w).poll_flush(cx),
+            ConnWrite::Tls(w) => Pin::new(w).poll_flush(cx),
         }
     }
 
@@ -150,6 +167,7 @@ impl AsyncWrite for ConnWrite {
         match self.get_mut() {
             ConnWrite::Tcp(w) => Pin::new(w).poll_shutdown(cx),
             ConnWrite::Unix(w) => Pin::new(w).poll_shutdown(cx),
+            ConnWrite::Tls(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
 }
@@ -164,6 +182,7 @@ impl AsyncRead for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -177,6 +196,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Conn::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -184,6 +204,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
             Conn::Unix(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -191,6 +212,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Conn::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

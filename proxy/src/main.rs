@@ -24,6 +24,7 @@ mod relay;
 mod rewrite_cmd;
 mod run;
 mod shutdown;
+mod tls;
 
 use std::process::ExitCode;
 

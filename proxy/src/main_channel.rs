@@ -69,16 +69,37 @@ pub async fn run(
         &migration.bytes_to_source,
         &migration.metrics.bytes_to_source,
     ];
-    let forward = forward(
-        source_read,
-        prefix,
-        dest_write,
-        rewrite,
-        migration,
-        settings,
-    );
+    let forwarded = AtomicBool::new(false);
+    let forward = async {
+        forward(
+            source_read,
+            prefix,
+            dest_write,
+            rewrite,
+            migration,
+            settings,
+        )
+        .await?;
+        forwarded.store(true, Ordering::Release);
+        Ok::<(), ProxyError>(())
+    };
     // The source blocks on SHUT, PONG and page requests: relay them the moment they arrive.
-    let return_path = relay::pump(dest_read, source_write, &[], &to_source, "return path");
+    let return_path = async {
+        match relay::pump(dest_read, source_write, &[], &to_source, "return path").await {
+            // QEMU may reset the main connection once the migration is over (issue 8): after
+            // the whole stream went through, that is a normal end.
+            Err(ProxyError::Io { source, .. })
+                if forwarded.load(Ordering::Acquire)
+                    && matches!(
+                        source.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                    ) =>
+            {
+                Ok(0)
+            }
+            other => other,
+        }
+    };
     tokio::try_join!(forward, return_path)?;
     Ok(())
 }
@@ -127,6 +148,16 @@ async fn forward(
         let frame = match next {
             None => break,
             Some(Ok(frame)) => frame,
+            // A TLS source that closes without close_notify, or resets, once its stream is
+            // complete (issue 8): nothing more could have followed.
+            Some(Err(DecodeError::Io(err)))
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                ) && frames.decoder().inner.is_done() =>
+            {
+                break
+            }
             Some(Err(err)) => {
                 return Err(decode_failure(err, frames.decoder(), settings));
             }

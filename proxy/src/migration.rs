@@ -35,6 +35,7 @@ use crate::metrics::{Metrics, Outcome};
 use crate::profile_source::RewriteConfig;
 use crate::relay;
 use crate::shutdown::Shutdown;
+use crate::tls::ListenerTls;
 
 /// Everything a listener's connections need.
 pub struct ListenerCtx {
@@ -48,6 +49,8 @@ pub struct ListenerCtx {
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
     pub registry: Registry,
+    /// TLS on both legs (issue 8); None: plain.
+    pub tls: Option<Arc<ListenerTls>>,
 }
 
 /// Which connections may belong together.
@@ -212,7 +215,11 @@ impl Migration {
     }
 
     /// Connect to the destination for one channel, after the main channel (see module docs).
-    async fn dial_upstream(&self, kind: ChannelKind) -> Result<Conn, ProxyError> {
+    async fn dial_upstream(
+        &self,
+        kind: ChannelKind,
+        tls: Option<&ListenerTls>,
+    ) -> Result<Conn, ProxyError> {
         if kind != ChannelKind::Main {
             let mut dialed = self.main_dialed.subscribe();
             dialed
@@ -221,7 +228,22 @@ impl Migration {
                 .map_err(|_| ProxyError::Aborted("main channel gone".into()))?;
         }
         let _order = self.dial_lock.lock().await;
-        let conn = dial(&self.key.upstream).await?;
+        let mut conn = dial(&self.key.upstream).await?;
+        if let Some(tls) = tls {
+            // Handshake inside the lock: the destination orders channels by completed handshake.
+            let host = match &self.key.upstream {
+                Address::Tcp { host, .. } => host.as_str(),
+                Address::Unix(_) => "localhost",
+            };
+            let session = tls
+                .connector
+                .connect(tls.server_name(host)?, conn)
+                .await
+                .map_err(|e| {
+                    ProxyError::io(format!("tls handshake with {}", self.key.upstream), e)
+                })?;
+            conn = Conn::Tls(Box::new(session));
+        }
         if kind == ChannelKind::Main {
             self.main_dialed.send_replace(true);
         }
@@ -309,6 +331,10 @@ pub async fn handle_connection(conn: Conn, info: AcceptedInfo, ctx: Arc<Listener
         source: info.peer.map(|p| p.ip()),
         upstream,
     };
+    if let Some(tls) = &ctx.tls {
+        let tls = Arc::clone(tls);
+        return handle_tls_connection(conn, key, peer, ctx, tls).await;
+    }
     let (mut read, write) = conn.into_split();
     let first = tokio::select! {
         first = read_first_bytes(&mut read, ctx.identify_timeout) => first,
@@ -401,7 +427,7 @@ async fn run_channel(
         if rewrite.is_none() {
             tracing::info!("checking relay: no destination profile, registers are not rewritten");
         }
-        let destination = migration.dial_upstream(kind).await?;
+        let destination = migration.dial_upstream(kind, None).await?;
         return main_channel::run(
             read,
             &prefix,
@@ -413,7 +439,7 @@ async fn run_channel(
         )
         .await;
     }
-    let destination = migration.dial_upstream(kind).await?;
+    let destination = migration.dial_upstream(kind, None).await?;
     let (to_destination, to_source) = migration.counters();
     relay::relay_channel(
         (read, write),
@@ -424,4 +450,135 @@ async fn run_channel(
         kind.as_str(),
     )
     .await
+}
+
+/// A connection on a TLS listener (issue 8): identified by its ClientHello, grouped by order (the
+/// first one from a host is the main channel), dialed and handshaken upstream before our own
+/// handshake completes, then confirmed by its first plaintext bytes.
+async fn handle_tls_connection(
+    conn: Conn,
+    key: GroupKey,
+    peer: String,
+    ctx: Arc<ListenerCtx>,
+    tls: Arc<ListenerTls>,
+) {
+    let lazy = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), conn);
+    let hello = tokio::select! {
+        hello = tokio::time::timeout(ctx.identify_timeout, lazy) => hello,
+        () = ctx.shutdown.close_all.cancelled() => return,
+    };
+    let start = match hello {
+        Ok(Ok(start)) => start,
+        Ok(Err(err)) => {
+            ctx.metrics
+                .connections_stray
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, listen = %ctx.listen, %err, "no tls client hello (plaintext on a tls listener?): closed, destination not contacted");
+            return;
+        }
+        Err(_) => {
+            ctx.metrics
+                .connections_stray
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, listen = %ctx.listen, reason = "no tls client hello within the identification deadline", "stray connection closed, destination not contacted");
+            return;
+        }
+    };
+    // design-decisions §3: under TLS, channels are told apart by order.
+    let (migration, by_order) = match ctx.registry.find(&key, |_| true) {
+        Some(migration) => (migration, ChannelKind::Multifd),
+        None => (
+            ctx.registry
+                .start(key, &ctx.metrics, &ctx.shutdown.close_all),
+            ChannelKind::Main,
+        ),
+    };
+    let span = tracing::info_span!(parent: &migration.span, "conn", tls = true, %peer);
+    let work = async {
+        let rewrite = if by_order == ChannelKind::Main {
+            ctx.rewrite.resolve().await?
+        } else {
+            None
+        };
+        let handshake = |start: tokio_rustls::StartHandshake<Conn>| async {
+            start
+                .into_stream(Arc::clone(&tls.server))
+                .await
+                .map_err(|e| ProxyError::io("tls handshake with the source", e))
+        };
+        let (session, destination) = if tls.verify_peer {
+            let session = handshake(start).await?;
+            (
+                session,
+                migration.dial_upstream(by_order, Some(&tls)).await?,
+            )
+        } else {
+            let destination = migration.dial_upstream(by_order, Some(&tls)).await?;
+            (handshake(start).await?, destination)
+        };
+        let (mut read, write) = Conn::Tls(Box::new(session)).into_split();
+        let first = read_first_bytes(&mut read, ctx.identify_timeout).await;
+        let kind = match (by_order, &first) {
+            (ChannelKind::Main, FirstBytes::Identified(ChannelKind::Main, _)) => ChannelKind::Main,
+            (ChannelKind::Main, other) => {
+                return Err(ProxyError::Aborted(format!(
+                    "the first tls connection is the main channel by order, but it sent {:02x?} instead of QEVM",
+                    other.prefix()
+                )))
+            }
+            (_, FirstBytes::Identified(ChannelKind::Main, _)) => {
+                return Err(ProxyError::Aborted(
+                    "a second main channel in one migration".into(),
+                ))
+            }
+            (_, FirstBytes::Identified(ChannelKind::Multifd, _)) => ChannelKind::Multifd,
+            _ => ChannelKind::Preempt,
+        };
+        migration.add_channel(kind);
+        tracing::info!(kind = kind.as_str(), upstream = %migration.key.upstream, "channel identified");
+        let prefix = first.prefix().to_vec();
+        if kind == ChannelKind::Main {
+            if rewrite.is_none() {
+                tracing::info!(
+                    "checking relay: no destination profile, registers are not rewritten"
+                );
+            }
+            main_channel::run(
+                read,
+                &prefix,
+                write,
+                destination,
+                rewrite.as_ref(),
+                &migration,
+                &ctx.channel,
+            )
+            .await
+            .map(|()| kind)
+        } else {
+            let (to_destination, to_source) = migration.counters();
+            relay::relay_channel(
+                (read, write),
+                destination.into_split(),
+                &prefix,
+                &to_destination,
+                &to_source,
+                kind.as_str(),
+            )
+            .await
+            .map(|()| kind)
+        }
+    };
+    async {
+        let result = tokio::select! {
+            result = work => result,
+            () = migration.cancel.cancelled() => return,
+        };
+        match result {
+            Ok(ChannelKind::Main) => migration.main_completed.store(true, Ordering::Release),
+            Ok(_) => {}
+            Err(err) => migration.fail(&err),
+        }
+    }
+    .instrument(span)
+    .await;
 }

@@ -39,10 +39,13 @@ where
     }
     let mut buf = vec![0u8; RELAY_BUFFER_BYTES];
     loop {
-        let n = reader
-            .read(&mut buf)
-            .await
-            .map_err(|e| ProxyError::io(format!("{what}: read"), e))?;
+        let n = match reader.read(&mut buf).await {
+            Ok(n) => n,
+            // A TLS peer that closes without close_notify (QEMU's multifd channels do, issue 8);
+            // plain sockets never report this on read.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(ProxyError::io(format!("{what}: read"), e)),
+        };
         if n == 0 {
             break;
         }

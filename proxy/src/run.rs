@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::migration::{ListenerCtx, Registry};
 use crate::profile_source::{ProfileSource, RewriteConfig};
 use crate::shutdown::{self, Shutdown};
+use crate::tls::{ListenerTls, TlsSettings};
 
 pub const DEFAULT_LISTEN: &str = "tcp:127.0.0.1:4444";
 pub const DEFAULT_UPSTREAM: &str = "tcp:127.0.0.1:4445";
@@ -54,6 +55,7 @@ pub struct ListenerConfig {
     pub listen: ListenSpec,
     pub upstream: Upstream,
     pub rewrite: RewriteConfig,
+    pub tls: Option<Arc<ListenerTls>>,
 }
 
 pub fn main(args: RunArgs) -> Result<(), ProxyError> {
@@ -123,12 +125,18 @@ impl RunConfig {
                     )))
                 }
             };
+            let tls = args.tls_creds.as_ref().map(|dir| TlsSettings {
+                dir: dir.clone(),
+                verify_peer: args.tls_verify_peer,
+                hostname: args.tls_hostname.clone(),
+            });
             listeners.push(ListenerConfig::new(
                 listen,
                 upstream,
                 args.dest_profile.as_deref(),
                 args.source_profile.as_deref(),
                 policy_from_args(&args.policy)?,
+                tls.as_ref(),
             )?);
         }
         let file_admin = file.as_ref().and_then(|f| f.admin.clone());
@@ -223,6 +231,7 @@ impl ListenerConfig {
         dest_profile: Option<&str>,
         source_profile: Option<&str>,
         policy: Policy,
+        tls: Option<&TlsSettings>,
     ) -> Result<ListenerConfig, ProxyError> {
         let listen: ListenSpec = listen.parse()?;
         let upstream: Upstream = upstream.parse()?;
@@ -256,9 +265,11 @@ impl ListenerConfig {
         }
         let dest = dest_profile.map(ProfileSource::open).transpose()?;
         let source = source_profile.map(ProfileSource::open).transpose()?;
+        let tls = tls.map(ListenerTls::load).transpose()?.map(Arc::new);
         Ok(ListenerConfig {
             listen,
             upstream,
+            tls,
             rewrite: RewriteConfig {
                 dest,
                 source,
@@ -275,6 +286,14 @@ impl ListenerConfig {
             file.dest_profile.as_deref(),
             file.source_profile.as_deref(),
             policy_from_file(&file.policy)?,
+            file.tls_creds
+                .as_ref()
+                .map(|dir| TlsSettings {
+                    dir: PathBuf::from(dir),
+                    verify_peer: file.tls_verify_peer.unwrap_or(false),
+                    hostname: file.tls_hostname.clone(),
+                })
+                .as_ref(),
         )
     }
 }
@@ -409,6 +428,7 @@ pub async fn start(
             metrics: Arc::clone(metrics),
             shutdown: shutdown.clone(),
             registry: Registry::default(),
+            tls: listener.tls.clone(),
         });
         let transparent = listener.upstream == Upstream::Tproxy;
         for addr in listener.listen.addresses() {
@@ -429,6 +449,9 @@ pub async fn start(
     for (socket, ctx) in bound {
         let local = socket.local_address();
         let mode = match &ctx.rewrite.dest {
+            _ if ctx.tls.is_some() && ctx.rewrite.dest.is_none() => {
+                "checking relay, tls".to_owned()
+            }
             None => "checking relay".to_owned(),
             Some(ProfileSource::File { path, .. }) => format!("rewrite to profile {path}"),
             Some(ProfileSource::Url(url)) => format!("rewrite to profile {url}"),
