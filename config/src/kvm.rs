@@ -5,6 +5,11 @@
 //! 0x0015), and accepts only 32- and 64-bit registers (any other size aborts vCPU init with
 //! "Can't handle size of register in kernel list"). [`cpreg_list_from_kvm`] is that filter, pure,
 //! so it is tested here on recorded lists; [`capture`] runs it against the real kernel on aarch64.
+//!
+//! The writable ID-register masks (`KVM_ARM_GET_REG_WRITABLE_MASKS`) come as one array over the
+//! feature-ID space; [`feature_id_space_reg`] maps an index back to its register and
+//! [`record_writable_masks`] stores an answer in a profile, both pure and tested here. The ioctl
+//! itself is in the aarch64-only `writable_masks` module, the project's one `unsafe` block.
 
 use crate::regid::{
     RegId, KVM_REG_ARCH_MASK, KVM_REG_ARM64, KVM_REG_ARM64_SVE, KVM_REG_ARM_COPROC_MASK,
@@ -72,8 +77,91 @@ pub fn feature_id_space_index(id: RegId) -> Option<usize> {
     Some((slot << 6) | (usize::from(crm) << 3) | usize::from(op2))
 }
 
+/// `KVM_ARM_FEATURE_ID_RANGE_SIZE`: the masks `KVM_ARM_GET_REG_WRITABLE_MASKS` writes, one per
+/// register of the feature-ID space (3 op1 values x 8 CRm x 8 op2 = 192).
+pub const KVM_ARM_FEATURE_ID_RANGE_SIZE: usize = 3 * 8 * 8;
+
+/// The register at an index of the feature-ID space: the inverse of [`feature_id_space_index`],
+/// used to read a `KVM_ARM_GET_REG_WRITABLE_MASKS` answer back into register ids.
+pub fn feature_id_space_reg(index: usize) -> Option<RegId> {
+    // Slot 2 is op1 3: the kernel's KVM_ARM_FEATURE_ID_RANGE_IDX() folds op1 {0, 1, 3} into 0..2.
+    let op1 = match index >> 6 {
+        0 => 0,
+        1 => 1,
+        2 => 3,
+        _ => return None,
+    };
+    let crm = u8::try_from((index >> 3) & 7).ok()?;
+    let op2 = u8::try_from(index & 7).ok()?;
+    Some(RegId::arm64_sysreg(3, op1, 0, crm, op2))
+}
+
+/// `KVMIO`, the ioctl type of every KVM ioctl (`include/uapi/linux/kvm.h`).
+pub const KVMIO: u8 = 0xae;
+
+/// `sizeof(struct reg_mask_range)`: `__u64 addr; __u32 range; __u32 reserved[13];`
+/// (`arch/arm64/include/uapi/asm/kvm.h`); checked against kvm-bindings on aarch64.
+pub const REG_MASK_RANGE_SIZE: usize = 64;
+
+/// `KVM_ARM_GET_REG_WRITABLE_MASKS`, defined in `include/uapi/linux/kvm.h` as
+/// `_IOR(KVMIO, 0xb6, struct reg_mask_range)`; kvm-ioctls has no wrapper for it.
+pub const KVM_ARM_GET_REG_WRITABLE_MASKS: u64 = ioc_read(KVMIO, 0xb6, REG_MASK_RANGE_SIZE);
+
+/// Linux's `_IOR(type, nr, size)` in the generic ioctl layout arm64 uses
+/// (`include/uapi/asm-generic/ioctl.h`): direction `_IOC_READ` (2) in bits 30-31, the argument
+/// size in bits 16-29, the type in bits 8-15, the number in bits 0-7.
+pub const fn ioc_read(ty: u8, nr: u8, size: usize) -> u64 {
+    const IOC_READ: u64 = 2;
+    // `_IOC_SIZEBITS` is 14: a larger argument cannot be encoded (a compile error in const use).
+    assert!(size < 1 << 14);
+    (IOC_READ << 30) | ((size as u64) << 16) | ((ty as u64) << 8) | nr as u64
+}
+
+/// The mask a destination QEMU on KVM can use, from the kernel's mask for one register of the
+/// feature-ID space. The kernel reports the `val` of every descriptor that has a `set_user` hook
+/// (`kvm_vm_ioctl_get_reg_writable_masks()`, `arch/arm64/kvm/sys_regs.c`); two registers need a
+/// correction for what QEMU's `write_list_to_kvmstate()` meets on the destination:
+///
+/// - MIDR_EL1, REVIDR_EL1, AIDR_EL1: kernels that know `KVM_CAP_ARM_WRITABLE_IMP_ID_REGS` report
+///   masks for them, but only a VM that enabled that capability may change them
+///   (`set_imp_id_reg()` refuses a different value otherwise; older kernels treat them as
+///   invariant), and QEMU 10.0 does not enable it. Treated as not writable (0).
+/// - MPIDR_EL1: its descriptor has no `set_user`, so the kernel reports 0, yet `KVM_SET_ONE_REG`
+///   stores any value (it is how QEMU restores each vCPU's MPIDR). Treated as all writable.
+pub fn effective_writable_mask(id: RegId, kernel_mask: u64) -> u64 {
+    const MIDR_EL1: RegId = RegId::arm64_sysreg(3, 0, 0, 0, 0);
+    const MPIDR_EL1: RegId = RegId::arm64_sysreg(3, 0, 0, 0, 5);
+    const REVIDR_EL1: RegId = RegId::arm64_sysreg(3, 0, 0, 0, 6);
+    const AIDR_EL1: RegId = RegId::arm64_sysreg(3, 1, 0, 0, 7);
+    match id {
+        MIDR_EL1 | REVIDR_EL1 | AIDR_EL1 => 0,
+        MPIDR_EL1 => u64::MAX,
+        _ => kernel_mask,
+    }
+}
+
+/// Store a `KVM_ARM_GET_REG_WRITABLE_MASKS` answer (`masks[i]` belongs to the register at
+/// feature-ID index `i`) in a profile: every register of the space the profile has gets its mask,
+/// 0 included (0 = KVM takes no change, so a difference there refuses). Registers the profile
+/// lacks are not migrated and get nothing. Returns how many registers got a mask.
+pub fn record_writable_masks(profile: &mut crate::Profile, masks: &[u64]) -> usize {
+    let mut recorded = 0;
+    for (index, &mask) in masks.iter().enumerate() {
+        let Some(id) = feature_id_space_reg(index) else {
+            break;
+        };
+        if profile.has(id) {
+            profile.set_writable_mask(id, effective_writable_mask(id, mask));
+            recorded += 1;
+        }
+    }
+    recorded
+}
+
 #[cfg(target_arch = "aarch64")]
 mod capture_aarch64;
+#[cfg(target_arch = "aarch64")]
+mod writable_masks;
 #[cfg(target_arch = "aarch64")]
 pub use capture_aarch64::capture;
 
@@ -224,5 +312,150 @@ mod tests {
         ); // CTR_EL0
         assert_eq!(feature_id_space_index(RegId(0x6030_0000_0013_d007)), None); // CSSELR_EL1 (op1=2)
         assert_eq!(feature_id_space_index(RegId(0x6030_0000_0013_c103)), None); // TCR2_EL1
+    }
+
+    #[test]
+    fn feature_id_space_maps_both_ways() {
+        // Every index names a register whose forward index is that index, and no two coincide.
+        let regs: Vec<RegId> = (0..KVM_ARM_FEATURE_ID_RANGE_SIZE)
+            .filter_map(feature_id_space_reg)
+            .collect();
+        assert_eq!(regs.len(), 192);
+        for (index, &id) in regs.iter().enumerate() {
+            assert_eq!(feature_id_space_index(id), Some(index), "{id}");
+        }
+        let mut sorted = regs.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 192);
+        assert_eq!(feature_id_space_reg(192), None);
+        assert_eq!(feature_id_space_reg(usize::MAX), None);
+        // Landmarks, by name: the kernel's KVM_ARM_FEATURE_ID_RANGE_IDX() of each.
+        let named = |index: usize| feature_id_space_reg(index).map(|id| id.to_string());
+        assert_eq!(named(0).as_deref(), Some("MIDR_EL1"));
+        assert_eq!(named(5).as_deref(), Some("MPIDR_EL1"));
+        assert_eq!(named(10).as_deref(), Some("ID_DFR0_EL1"));
+        assert_eq!(named(40).as_deref(), Some("ID_AA64DFR0_EL1"));
+        assert_eq!(named(59).as_deref(), Some("ID_AA64MMFR3_EL1"));
+        assert_eq!(named(65).as_deref(), Some("CLIDR_EL1"));
+        assert_eq!(named(71).as_deref(), Some("AIDR_EL1"));
+        assert_eq!(named(129).as_deref(), Some("CTR_EL0"));
+        assert_eq!(named(135).as_deref(), Some("DCZID_EL0"));
+    }
+
+    #[test]
+    fn ioctl_number_is_linux_ior() {
+        // _IOR(KVMIO, 0xb6, struct reg_mask_range): READ, 64 bytes, type 0xae, number 0xb6.
+        assert_eq!(KVM_ARM_GET_REG_WRITABLE_MASKS, 0x8040_aeb6);
+        // The same macro for a well-known number: KVM_GET_REGS on x86 (144-byte struct kvm_regs).
+        assert_eq!(ioc_read(KVMIO, 0x81, 144), 0x8090_ae81);
+    }
+
+    /// A `KVM_ARM_GET_REG_WRITABLE_MASKS` answer in the layout the kernel writes: 192 masks, 0
+    /// where no descriptor with `set_user` sits. Hand-built, not recorded (no aarch64 host was
+    /// available): ID_DFR0_EL1 and ID_AA64DFR0_EL1 as their Linux 6.7 descriptors in
+    /// `arch/arm64/kvm/sys_regs.c` give them, MIDR_EL1/REVIDR_EL1 as `IMPLEMENTATION_ID()` does
+    /// in kernels with `KVM_CAP_ARM_WRITABLE_IMP_ID_REGS`, the rest illustrative.
+    fn kernel_masks() -> Vec<u64> {
+        let mut masks = vec![0u64; KVM_ARM_FEATURE_ID_RANGE_SIZE];
+        let mut set = |id: u64, mask: u64| {
+            if let Some(slot) = feature_id_space_index(RegId(id)).and_then(|i| masks.get_mut(i)) {
+                *slot = mask;
+            }
+        };
+        set(0x6030_0000_0013_c000, 0xffff_ffff); // MIDR_EL1: IMPLEMENTATION_ID(MIDR_EL1, GENMASK(31, 0))
+        set(0x6030_0000_0013_c006, u64::MAX); // REVIDR_EL1
+        set(0x6030_0000_0013_c00a, 0x0f00_000f); // ID_DFR0_EL1: PerfMon | CopDbg
+        set(0x6030_0000_0013_c028, 0xf0f); // ID_AA64DFR0_EL1: PMUVer | DebugVer
+        set(0x6030_0000_0013_c03b, 0xf0f); // ID_AA64MMFR3_EL1
+        set(0x6030_0000_0013_c801, u64::MAX); // CLIDR_EL1
+        set(0x6030_0000_0013_c807, u64::MAX); // AIDR_EL1
+        masks
+    }
+
+    #[test]
+    fn writable_masks_are_recorded_and_round_trip() {
+        use crate::{rewrite, Accel, IdAction, Policy, Profile, RefusalReason};
+        let midr = 0x6030_0000_0013_c000;
+        let mpidr = 0x6030_0000_0013_c005;
+        let dfr0 = 0x6030_0000_0013_c028; // ID_AA64DFR0_EL1
+        let pfr0 = 0x6030_0000_0013_c020; // ID_AA64PFR0_EL1: no mask in kernel_masks()
+        let sctlr = 0x6030_0000_0013_c080;
+        let registers = vec![
+            (midr, 0x410f_d0c0),
+            (mpidr, 0x8000_0000),
+            (pfr0, 0x1100_0000_0011_1111),
+            (dfr0, 0x0000_0000_1010_5106),
+            (sctlr, 0x00c5_0838),
+            (0x6030_0000_0014_0000, 0x1_0001), // PSCI version
+        ];
+        let mut profile = match Profile::from_vcpus(Accel::Kvm, &[(0, registers.clone())]) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        // MIDR, MPIDR, ID_AA64PFR0, ID_AA64DFR0 are in the space and in the profile; REVIDR,
+        // ID_DFR0, MMFR3, CLIDR, AIDR are not in the profile; SCTLR and PSCI are outside the space.
+        assert_eq!(record_writable_masks(&mut profile, &kernel_masks()), 4);
+        assert_eq!(
+            profile.writable_mask(RegId(midr)),
+            Some(0),
+            "needs WRITABLE_IMP_ID_REGS"
+        );
+        assert_eq!(profile.writable_mask(RegId(mpidr)), Some(u64::MAX));
+        assert_eq!(profile.writable_mask(RegId(pfr0)), Some(0));
+        assert_eq!(profile.writable_mask(RegId(dfr0)), Some(0xf0f));
+        assert_eq!(profile.writable_mask(RegId(sctlr)), None);
+        assert!(!profile.has(RegId(0x6030_0000_0013_c00a)));
+
+        // The file carries them, and reads back to the same profile.
+        let json = profile.to_json();
+        assert!(
+            json.contains(
+                r#""name":"ID_AA64DFR0_EL1","value":"0x10105106","writable_mask":"0xf0f""#
+            ),
+            "{json}"
+        );
+        let again = Profile::from_json(&json).map_err(|e| e.to_string());
+        assert_eq!(again, Ok(profile.clone()));
+
+        // And the rewrite uses them: a DebugVer difference is within the mask, a PMSVer one
+        // (bits 32-35) is not; MIDR may not change at all; MPIDR may.
+        let with = |id: u64, value: u64| -> Vec<(u64, u64)> {
+            registers
+                .iter()
+                .map(|&(i, v)| if i == id { (i, value) } else { (i, v) })
+                .collect()
+        };
+        let policy = Policy::default();
+        let out = rewrite(0, &with(dfr0, 0x1010_5107), &profile, None, &policy);
+        assert!(!out.report.is_refused());
+        assert_eq!(
+            out.report.id_mismatches[0].action,
+            IdAction::WithinWritableMask
+        );
+        let out = rewrite(0, &with(dfr0, 0x1_1010_5106), &profile, None, &policy);
+        assert!(matches!(
+            out.report.refused[0].reason,
+            RefusalReason::IdOutsideWritableMask { mask: 0xf0f, .. }
+        ));
+        assert!(
+            rewrite(0, &with(midr, 0x410f_d0c1), &profile, None, &policy)
+                .report
+                .is_refused()
+        );
+        assert!(
+            !rewrite(0, &with(mpidr, 0x8000_0100), &profile, None, &policy)
+                .report
+                .is_refused()
+        );
+        assert!(rewrite(
+            0,
+            &with(pfr0, 0x1100_0000_0011_1112),
+            &profile,
+            None,
+            &policy
+        )
+        .report
+        .is_refused());
     }
 }

@@ -42,12 +42,21 @@ pub fn capture(args: &CaptureArgs) -> Result<(), ProxyError> {
         ));
     };
     write_output(args.output.as_deref(), profile.to_json().as_bytes())?;
+    let masks = profile
+        .present()
+        .filter(|r| r.writable_mask.is_some())
+        .count();
     eprintln!(
-        "migproxy: profile: {} registers, {} vcpus, accel {}, machine {}",
+        "migproxy: profile: {} registers, {} vcpus, accel {}, machine {}{}",
         profile.present().count(),
         profile.vcpus,
         profile.accel,
-        profile.machine.as_deref().unwrap_or("unknown")
+        profile.machine.as_deref().unwrap_or("unknown"),
+        if masks > 0 {
+            format!(", writable masks for {masks} id registers")
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

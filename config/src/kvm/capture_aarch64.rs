@@ -9,8 +9,9 @@
 //!   started with other `-cpu` properties needs a `--from-qmp` capture instead;
 //! - one vCPU is captured (`vcpus: 1`), so per-vCPU registers (MPIDR_EL1) are known for vCPU 0
 //!   only; the rewrite then does not compare them for other vCPUs and says so;
-//! - `KVM_ARM_GET_REG_WRITABLE_MASKS` has no safe wrapper in kvm-ioctls and this crate forbids
-//!   `unsafe`, so no writable masks are recorded: ID-register mismatches then warn (design §4).
+//! - the writable ID-register masks (`KVM_ARM_GET_REG_WRITABLE_MASKS`, see `writable_masks`) are
+//!   recorded when the kernel offers them (Linux 6.7+); without them ID-register mismatches warn
+//!   (design §4), with them they refuse for bits outside the masks.
 
 use kvm_bindings::RegList;
 use kvm_bindings::{
@@ -19,7 +20,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm};
 
-use super::cpreg_list_from_kvm;
+use super::{cpreg_list_from_kvm, record_writable_masks, writable_masks};
 use crate::error::ConfigError;
 use crate::profile::{Accel, Profile};
 
@@ -87,8 +88,15 @@ pub fn capture() -> Result<Profile, ConfigError> {
         registers.push((id.0, v));
     }
     let mut profile = Profile::from_vcpus(Accel::Kvm, &[(0, registers)])?;
+    let masks = match writable_masks::read(&vm)? {
+        Some(masks) => format!(
+            "writable masks for {} id registers",
+            record_writable_masks(&mut profile, &masks)
+        ),
+        None => "no writable masks (KVM_CAP_ARM_SUPPORTED_REG_MASK_RANGES absent)".to_owned(),
+    };
     profile.captured_from = Some(format!(
-        "kvm (KVM_GET_REG_LIST of a scratch vcpu, target {}, features {:#x})",
+        "kvm (KVM_GET_REG_LIST of a scratch vcpu, target {}, features {:#x}; {masks})",
         init.target,
         init.features.first().copied().unwrap_or(0)
     ));
