@@ -7,6 +7,8 @@
 //! description_timeout_ms = 2000       # wait for the description after EOF (design-decisions §1)
 //! identify_timeout_ms = 1000          # a new connection must identify itself within this
 //! log_json = false
+//! max_device_state_bytes = 268435456 # decoder limits: max_record_bytes, max_device_state_bytes,
+//!                                     # max_description_bytes, max_packaged_bytes
 //!
 //! [profiles]                          # served on the admin address as /profiles/NAME
 //! a64fx-7.2 = "/etc/migproxy/a64fx-7.2.json"
@@ -47,6 +49,11 @@ pub struct RunFile {
     pub description_timeout_ms: Option<u64>,
     pub identify_timeout_ms: Option<u64>,
     pub log_json: Option<bool>,
+    /// Decoder limits in bytes (design-decisions §1); absent: the codec's defaults.
+    pub max_record_bytes: Option<usize>,
+    pub max_device_state_bytes: Option<usize>,
+    pub max_description_bytes: Option<usize>,
+    pub max_packaged_bytes: Option<usize>,
     /// Profiles advertised on the admin address: name -> file.
     #[serde(default)]
     pub profiles: BTreeMap<String, String>,

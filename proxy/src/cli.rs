@@ -216,6 +216,18 @@ pub struct RunArgs {
     /// How long a new connection may take to identify itself, in milliseconds (default 1000).
     #[arg(long, value_name = "MS", env = "MIGPROXY_IDENTIFY_TIMEOUT")]
     pub identify_timeout: Option<u64>,
+    /// Largest single non-page record accepted, in bytes (default 16 MiB).
+    #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_RECORD")]
+    pub max_record: Option<usize>,
+    /// Largest held device-state phase, in bytes (default 256 MiB).
+    #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_DEVICE_STATE")]
+    pub max_device_state: Option<usize>,
+    /// Largest description JSON, in bytes (default 16 MiB).
+    #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_DESCRIPTION")]
+    pub max_description: Option<usize>,
+    /// Largest postcopy PACKAGED blob (checking relay), in bytes (default 256 MiB).
+    #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_PACKAGED")]
+    pub max_packaged: Option<usize>,
     /// TLS on both legs for --listen listeners: a QEMU-style credential directory (ca-cert.pem,
     /// server-cert.pem/server-key.pem shown to the source, client-cert.pem/client-key.pem shown to
     /// the destination).

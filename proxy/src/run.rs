@@ -48,6 +48,7 @@ pub struct RunConfig {
     pub description_timeout: Duration,
     pub identify_timeout: Duration,
     pub log_json: bool,
+    pub limits: Limits,
 }
 
 #[derive(Debug)]
@@ -200,7 +201,44 @@ impl RunConfig {
                 "description and identify timeouts must be at least 1 ms".into(),
             ));
         }
+        let defaults = Limits::default();
+        let limit =
+            |flag: Option<usize>, from_file: Option<usize>, default: usize, name: &str| match flag
+                .or(from_file)
+            {
+                Some(0) => Err(ProxyError::InvalidConfig(format!(
+                    "{name} must be at least 1 byte"
+                ))),
+                other => Ok(other.unwrap_or(default)),
+            };
+        let limits = Limits {
+            max_record: limit(
+                args.max_record,
+                file.as_ref().and_then(|f| f.max_record_bytes),
+                defaults.max_record,
+                "max_record",
+            )?,
+            max_device_state: limit(
+                args.max_device_state,
+                file.as_ref().and_then(|f| f.max_device_state_bytes),
+                defaults.max_device_state,
+                "max_device_state",
+            )?,
+            max_description: limit(
+                args.max_description,
+                file.as_ref().and_then(|f| f.max_description_bytes),
+                defaults.max_description,
+                "max_description",
+            )?,
+            max_packaged: limit(
+                args.max_packaged,
+                file.as_ref().and_then(|f| f.max_packaged_bytes),
+                defaults.max_packaged,
+                "max_packaged",
+            )?,
+        };
         Ok(RunConfig {
+            limits,
             listeners,
             admin,
             served_profiles,
@@ -421,7 +459,7 @@ pub async fn start(
             upstream: listener.upstream.clone(),
             rewrite: listener.rewrite.clone(),
             channel: ChannelSettings {
-                limits: Limits::default(),
+                limits: config.limits.clone(),
                 description_timeout: config.description_timeout,
             },
             identify_timeout: config.identify_timeout,

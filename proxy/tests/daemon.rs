@@ -553,3 +553,25 @@ fn a_config_file_runs_several_listeners_over_tcp_and_unix() {
         Some(2)
     );
 }
+
+#[test]
+fn decoder_limits_are_configurable_and_fail_closed() {
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--max-device-state",
+        "1000",
+        "--max-description",
+        "1000",
+    ]);
+    let stream = vector("q72-a64fx.bin");
+    let mut source = connect(daemon.listen);
+    let _ = source.write_all(&stream);
+    read_until_closed(&mut source);
+    assert!(destination.wait_received(0, SECS).len() < stream.len());
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "failed", "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("limit"), "{reason}");
+}
