@@ -142,6 +142,7 @@ async fn forward(
             Some(next) => next,
             None => {
                 out.flush().await?;
+                make_room(frames.read_buffer_mut());
                 frames.next().await
             }
         };
@@ -212,6 +213,19 @@ async fn forward(
         "main channel: source finished"
     );
     Ok(())
+}
+
+/// Give the next read up to 1 MiB of room. FramedRead alone regrows its buffer in 8-64 KiB steps
+/// once page payloads have been cut from it; after a flush no frame refers to the buffer any more,
+/// so this reclaims the same allocation instead of growing memory.
+fn make_room(buffer: &mut BytesMut) {
+    let spare = buffer.capacity().saturating_sub(buffer.len());
+    if spare < READ_BUFFER_BYTES / 2 {
+        let wanted = READ_BUFFER_BYTES
+            .saturating_sub(buffer.len())
+            .max(READ_BUFFER_BYTES / 2);
+        buffer.reserve(wanted);
+    }
 }
 
 /// Replace every vCPU's cpreg arrays with the destination's list (design-decisions §4).
