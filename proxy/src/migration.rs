@@ -188,6 +188,12 @@ impl Migration {
         self.cancel.cancel();
     }
 
+    /// Whether a new channel may still join: not once the main channel has finished (a
+    /// back-to-back migration from the same host must not be mistaken for part of this one).
+    fn accepts_channels(&self) -> bool {
+        !self.main_completed.load(Ordering::Acquire)
+    }
+
     pub fn note_postcopy_advised(&self) {
         if !self.postcopy_advised.swap(true, Ordering::AcqRel) {
             self.registry_changed.notify_waiters();
@@ -349,20 +355,22 @@ pub async fn handle_connection(conn: Conn, info: AcceptedInfo, ctx: Arc<Listener
         }
         FirstBytes::Identified(kind, _) => ctx
             .registry
-            .wait_for(&key, ctx.identify_timeout, |_| true)
+            .wait_for(&key, ctx.identify_timeout, Migration::accepts_channels)
             .await
             .map(|m| (m, *kind)),
         FirstBytes::Unknown(_) => ctx
             .registry
             .wait_for(&key, ctx.identify_timeout, |m| {
-                m.postcopy_advised.load(Ordering::Acquire)
+                m.accepts_channels() && m.postcopy_advised.load(Ordering::Acquire)
             })
             .await
             .map(|m| (m, ChannelKind::Preempt)),
         // The 7.2 preempt channel is silent until postcopy ends: see module docs.
         FirstBytes::Silent(_) => ctx
             .registry
-            .find(&key, |m| m.postcopy_advised.load(Ordering::Acquire))
+            .find(&key, |m| {
+                m.accepts_channels() && m.postcopy_advised.load(Ordering::Acquire)
+            })
             .map(|m| (m, ChannelKind::Preempt)),
         FirstBytes::Closed(_) => None,
     };
@@ -485,7 +493,7 @@ async fn handle_tls_connection(
         }
     };
     // design-decisions §3: under TLS, channels are told apart by order.
-    let (migration, by_order) = match ctx.registry.find(&key, |_| true) {
+    let (migration, by_order) = match ctx.registry.find(&key, Migration::accepts_channels) {
         Some(migration) => (migration, ChannelKind::Multifd),
         None => (
             ctx.registry
