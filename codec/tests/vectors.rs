@@ -139,3 +139,43 @@ fn a_real_cpu_section_takes_another_versions_register_list() {
     let first_difference = q10.iter().zip(&out).position(|(a, b)| a != b).unwrap();
     assert!(first_difference > q10.len() / 2);
 }
+
+#[test]
+fn truncated_vectors_fail_with_a_located_error() {
+    for path in vectors() {
+        let input = std::fs::read(&path).unwrap();
+        // 31 cut points spread over the stream, plus the last few bytes.
+        let cuts = (1..32)
+            .map(|i| input.len() * i / 32)
+            .chain(input.len().saturating_sub(4)..input.len());
+        for cut in cuts {
+            match decode_chunked(&input[..cut], Limits::default(), || 1 << 15, |_| {}) {
+                Ok(_) => panic!("{}: prefix of {cut} bytes decoded", path.display()),
+                Err(err) => assert!(
+                    err.to_string().starts_with("at byte "),
+                    "{}: {err}",
+                    path.display()
+                ),
+            }
+        }
+    }
+}
+
+#[test]
+fn corrupted_vectors_never_panic() {
+    let path = vectors().into_iter().next().unwrap();
+    let input = std::fs::read(&path).unwrap();
+    let mut rng = Rng(7);
+    for _ in 0..200 {
+        let mut bad = input.clone();
+        // Corrupt near record structure as well as anywhere: the first KiB and the last 64 KiB
+        // (device state and description) hold most of it.
+        let i = match rng.below(3) {
+            0 => rng.below(1024),
+            1 => input.len() - 1 - rng.below(65536.min(input.len())),
+            _ => rng.below(input.len()),
+        };
+        bad[i] ^= 1 << rng.below(8);
+        let _ = decode_chunked(&bad, Limits::default(), || 1 + rng.below(1 << 16), |_| {});
+    }
+}
