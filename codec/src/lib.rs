@@ -10,6 +10,22 @@
 //!   device-state phase is held until the description arrives (design-decisions §1).
 //!
 //! The codec knows nothing about sockets or runtimes, so it can be fuzzed and used offline.
+//!
+//! # For connection code
+//!
+//! - Write `Frame::Verbatim` and `Frame::Payload` bytes to the destination as they come (they are
+//!   slices of the read buffer; vectored writes avoid any copy). Only `Frame::DeviceState` needs
+//!   encoding: optionally `set_cpregs` per vCPU, then `encode` into a `BytesMut` of `wire_len()`.
+//! - `awaiting_description()` is true from the first device (FULL) section until the description
+//!   has verified: the decoder cannot know where EOF is before then (FULL sections carry no
+//!   length). Arm the description deadline while it is true; `description_error()` says why the
+//!   last description-looking bytes did not verify, if any did.
+//! - After the device state (precopy) or the final EOF (postcopy), `is_done()` is true and any
+//!   further byte is `DecodeError::TrailingData`. `decode_eof` reports truncation, a missing
+//!   description (`MissingDescription`) or the description's own error.
+//! - A postcopy `MIG_CMD_PACKAGED` comes as one `Verbatim` frame holding the command and the whole
+//!   blob (bounded by `Limits::max_packaged`); its device state is not delimited (no description).
+//! - The held device phase is bounded by `max_device_state + max_description`.
 
 mod decoder;
 mod device_phase;
