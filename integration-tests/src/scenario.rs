@@ -205,12 +205,37 @@ fn profile_cache() -> &'static Mutex<HashMap<String, PathBuf>> {
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
+/// The per-process profile cache. A static is never dropped, so each process first removes the
+/// caches of test processes that have exited.
 fn profile_dir() -> Result<&'static Path> {
     static DIR: OnceLock<std::result::Result<WorkDir, String>> = OnceLock::new();
-    DIR.get_or_init(|| WorkDir::new("profiles").map_err(|e| format!("{e:#}")))
-        .as_ref()
-        .map(WorkDir::path)
-        .map_err(|e| anyhow::anyhow!("{e}"))
+    DIR.get_or_init(|| {
+        remove_stale_profile_dirs();
+        WorkDir::new("profiles").map_err(|e| format!("{e:#}"))
+    })
+    .as_ref()
+    .map(WorkDir::path)
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Remove `mpit-profiles-PID-*` directories whose process no longer exists.
+fn remove_stale_profile_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("mpit-profiles-"))
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn fresh_profile(config: &VmConfig) -> Result<PathBuf> {
