@@ -100,9 +100,13 @@ impl ListenerTls {
             server_builder.with_no_client_auth()
         };
         let server_cert = dir.join("server-cert.pem");
-        let server = server_builder
+        let mut server = server_builder
             .with_single_cert(certs(&server_cert)?, key(&dir.join("server-key.pem"))?)
             .map_err(|e| invalid(&server_cert, e))?;
+        // No TLS 1.3 session tickets: a source without a return path never reads its socket, and
+        // closing it with unread tickets makes its kernel send a reset, which discards the tail of
+        // the stream still unread on our side (seen with 7.2 sources and multifd).
+        server.send_tls13_tickets = 0;
 
         let client_builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
