@@ -575,3 +575,39 @@ fn decoder_limits_are_configurable_and_fail_closed() {
     let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("limit"), "{reason}");
 }
+
+#[test]
+fn a_silent_channel_joins_a_postcopy_migration_as_its_preempt_channel() {
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--identify-timeout",
+        "300",
+    ]);
+    let stream = vector("q72-postcopy-main.bin");
+    let head = 64 * 1024; // well past POSTCOPY_ADVISE, which comes right after the configuration
+
+    let mut main = connect(daemon.listen);
+    main.write_all(&stream[..head]).unwrap();
+    daemon.wait_log("channel identified", SECS);
+    // QEMU 7.2 opens the preempt channel at the start and keeps it silent until postcopy ends.
+    let mut preempt = connect(daemon.listen);
+    wait_until("the preempt channel to be dialed", SECS, || {
+        (destination.accepted() == 2).then_some(())
+    });
+    let eos = 0x10u64.to_be_bytes(); // RAM_SAVE_FLAG_EOS, all the 7.2 preempt channel ever sent here
+    preempt.write_all(&eos).unwrap();
+    preempt.shutdown(Shutdown::Write).unwrap();
+    main.write_all(&stream[head..]).unwrap();
+    main.shutdown(Shutdown::Write).unwrap();
+
+    assert!(
+        destination.wait_received(0, SECS) == stream,
+        "connection 0 is not the main channel"
+    );
+    assert_eq!(destination.wait_received(1, SECS), eos);
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["channels"], "main+preempt", "{summary}");
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
+}
