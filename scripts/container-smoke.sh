@@ -3,6 +3,8 @@
 #
 #   scripts/container-smoke.sh               build, run, health check, drain on `podman stop`
 #   scripts/container-smoke.sh --build-only  build (or reuse) the image and print IMAGE=... on the last line
+#   scripts/container-smoke.sh --e2e         the smoke test, then the real-QEMU migrations through the image
+#                                            (integration-tests/tests/container.rs, needs QEMU 10.0 and 7.2)
 #
 # Why it looks like this (see the operators guide, deploy/README.md):
 # - no registry pulls and no crates.io during the build: the base images are made here (mmdebstrap, plus the
@@ -32,10 +34,12 @@ PODMAN=(podman --runtime runc)
 RUN_LIMITS=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
 
 BUILD_ONLY=0
+E2E=0
 case "${1:-}" in
     --build-only) BUILD_ONLY=1 ;;
+    --e2e) E2E=1 ;;
     "") ;;
-    *) echo "usage: $0 [--build-only]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--build-only|--e2e]" >&2; exit 2 ;;
 esac
 
 T0=$SECONDS
@@ -168,6 +172,8 @@ build_image() {
         --build-arg BUILDER_IMAGE="$builder" --build-arg RUNTIME_IMAGE="$runtime" \
         -t "$IMAGE" "$ctx" >&2 || { rm -rf "$ctx"; die "podman build failed"; }
     rm -rf "$ctx"
+    # Superseded build-stage images (each holds a copy of the context): they inherit the builder's label.
+    podman image prune -f --filter label=org.migproxy.rust >/dev/null
     local config
     config="$(podman image inspect --format '{{.Config.User}} {{.Config.StopSignal}} {{json .Config.Healthcheck.Test}}' "$IMAGE")"
     log "image config: $config"
@@ -225,7 +231,13 @@ main() {
     log "image built"
     if [ "$BUILD_ONLY" = 0 ]; then
         smoke_run
-        log "OK"
+        log "smoke OK"
+    fi
+    if [ "$E2E" = 1 ]; then
+        log "cargo test -p migproxy-integration-tests --test container"
+        (cd "$ROOT" && MIGPROXY_IMAGE="$IMAGE" cargo test -p migproxy-integration-tests --test container \
+            -- --test-threads=1 --nocapture) >&2 || die "container end-to-end tests failed"
+        log "end-to-end OK"
     fi
     printf 'IMAGE=%s\n' "$IMAGE"
 }

@@ -31,8 +31,8 @@ use serde_json::Value;
 
 use migproxy_integration_tests::flows::{Pair, Setup};
 use migproxy_integration_tests::migproxy::{event_field, event_message, is_listening, SUMMARY};
-use migproxy_integration_tests::qemu::repo_root;
 use migproxy_integration_tests::qemu::Version::{self, V10, V72};
+use migproxy_integration_tests::qemu::{repo_root, Vm};
 use migproxy_integration_tests::scenario::{self, a64fx, Scenario, LIVENESS_TIMEOUT};
 use migproxy_integration_tests::{guest, ports, MIGRATION_TIMEOUT};
 
@@ -88,8 +88,8 @@ fn through_container(s: &mut Scenario, mode: Mode) -> Result<()> {
     // Profiles, captured by the image from fresh streams (what an operator runs per host kernel).
     let profiles = s.dir.join("profiles");
     std::fs::create_dir_all(&profiles).context("creating the profile directory")?;
-    capture_profile(s, &image, &profiles, V10, "source.json")?;
-    capture_profile(s, &image, &profiles, V72, "dest.json")?;
+    capture_profile_from_stream(s, &image, &profiles.join("source.json"), V10)?;
+    capture_profile_from_qmp(s, &image, &profiles.join("dest.json"), V72)?;
     let profiles_mount = format!("{}:/profiles:ro", profiles.display());
 
     let setup = Setup::new(source_cfg, dest_cfg);
@@ -251,24 +251,79 @@ fn find_or_build_image(log: &Path) -> Result<String> {
         .ok_or_else(|| anyhow!("{} printed no IMAGE= line", script.display()))
 }
 
-/// `podman run -i --rm IMAGE profile capture --from-stream -` on a fresh stream of `version`.
-fn capture_profile(
+/// `podman run --rm -i IMAGE profile capture --from-stream - < fresh.stream > PROFILE`, the stream
+/// saved from a fresh, never-started VM of `version`.
+fn capture_profile_from_stream(
     s: &Scenario,
     image: &str,
-    dir: &Path,
+    profile: &Path,
     version: Version,
-    name: &str,
 ) -> Result<()> {
     let stream = s.dir.join(&format!("fresh-{}.stream", version.tag()));
     scenario::save_fresh_stream(&a64fx(version), &stream)?;
-    let profile = dir.join(name);
-    let stderr_log = s.dir.join(&format!("capture-{}.log", version.tag()));
+    let stdin = File::open(&stream).with_context(|| format!("opening {}", stream.display()))?;
+    let podman_args = ["run", "--rm", "-i", "--network", "none"];
+    let command = [image, "profile", "capture", "--from-stream", "-"];
+    capture_in_container(s, &podman_args, &command, stdin, profile, version)
+}
+
+/// deploy/README.md section 3: a throwaway `-S` QEMU of `version` with a QMP socket in a directory
+/// mounted at the same path in the container (TMPDIR too: migproxy opens the socket QEMU migrates
+/// into there), and the image's `profile capture --from-qmp` as uid 0 (root's QMP socket).
+fn capture_profile_from_qmp(
+    s: &Scenario,
+    image: &str,
+    profile: &Path,
+    version: Version,
+) -> Result<()> {
+    let dir = s.dir.join("capture");
+    std::fs::create_dir_all(&dir).context("creating the capture directory")?;
+    let qmp = dir.join("qmp.sock");
+    let mut fresh = a64fx(version);
+    fresh.paused = true;
+    // The harness holds the VM's first QMP socket; QEMU serves one client per socket.
+    fresh.extra_args.extend([
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+    ]);
+    let vm = Vm::spawn(&s.dir, &format!("capture-{}", version.tag()), &fresh)?;
+    let mount = format!("{0}:{0}", dir.display());
+    let tmpdir = format!("TMPDIR={}", dir.display());
+    let qmp_arg = qmp.display().to_string();
+    let podman_args = [
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--user",
+        "0",
+        "-v",
+        &mount,
+        "-e",
+        &tmpdir,
+    ];
+    let command = [image, "profile", "capture", "--from-qmp", &qmp_arg];
+    capture_in_container(s, &podman_args, &command, Stdio::null(), profile, version)?;
+    // Done: that QEMU now sits in postmigrate (deploy/README.md: kill it).
+    drop(vm);
+    Ok(())
+}
+
+fn capture_in_container(
+    s: &Scenario,
+    podman_args: &[&str],
+    command: &[&str],
+    stdin: impl Into<Stdio>,
+    profile: &Path,
+    version: Version,
+) -> Result<()> {
+    let stderr_log = s.dir.join(&format!("capture-{}-podman.log", version.tag()));
     let mut child = podman()
-        .args(["run", "--rm", "-i", "--network", "none"])
+        .args(podman_args)
         .args(ulimits())
-        .args([image, "profile", "capture", "--from-stream", "-"])
-        .stdin(File::open(&stream).with_context(|| format!("opening {}", stream.display()))?)
-        .stdout(File::create(&profile).with_context(|| format!("creating {}", profile.display()))?)
+        .args(command)
+        .stdin(stdin)
+        .stdout(File::create(profile).with_context(|| format!("creating {}", profile.display()))?)
         .stderr(File::create(&stderr_log)?)
         .spawn()
         .context("starting podman run ... profile capture")?;
@@ -279,11 +334,17 @@ fn capture_profile(
     )?;
     if !status.success() {
         bail!(
-            "profile capture in the container failed ({status}): {}",
+            "podman {} {} failed ({status}): {}",
+            podman_args.join(" "),
+            command.join(" "),
             std::fs::read_to_string(&stderr_log)
                 .unwrap_or_default()
                 .trim()
         );
+    }
+    let text = std::fs::read_to_string(profile).unwrap_or_default();
+    if !text.contains("\"registers\"") {
+        bail!("podman {} wrote no profile: {text:?}", command.join(" "));
     }
     Ok(())
 }
