@@ -11,4 +11,6 @@ for vector in "$here"/../codec/tests/vectors/*.bin; do
         { printf "\\$(printf '%03o' "$split")"; cat "$vector"; } > "$corpus/$name-$split"
     done
 done
+# Small synthetic streams reach the device phase after a few hundred bytes.
+(cd "$here/.." && cargo run -q -p migproxy-codec --features testing --example synthetic_seeds -- "$corpus")
 echo "seeded $(ls "$corpus" | wc -l) inputs into $corpus"
