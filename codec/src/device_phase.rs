@@ -327,6 +327,18 @@ pub(crate) fn walk(
                 ),
             });
         }
+        // The description records the vmstate version the section was saved with.
+        if let Some(described) = device.get("version").and_then(Json::as_u64) {
+            if described != u64::from(version) {
+                return Err(DecodeError::DeviceState {
+                    offset: at(pos),
+                    section,
+                    message: format!(
+                        "section version {version}, the description says version {described}"
+                    ),
+                });
+            }
+        }
         let payload_start = r.pos();
         let mut walker = Walker {
             held: &held[..eof_pos],
