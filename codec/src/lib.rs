@@ -43,6 +43,6 @@ pub mod wire;
 pub use decoder::StreamDecoder;
 pub use device_phase::{CpuRegisters, DeviceSection, DeviceState};
 pub use encoder::StreamEncoder;
-pub use error::DecodeError;
+pub use error::{DecodeError, SectionRef};
 pub use frame::{Frame, MigCommand, RecordKind, StreamInfo};
 pub use limits::Limits;
