@@ -210,7 +210,8 @@ pub struct RunArgs {
     /// How long live migrations may keep running after SIGTERM, in seconds (default 30).
     #[arg(long, value_name = "SECONDS", env = "MIGPROXY_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<u64>,
-    /// How long to wait for the description after the device-state EOF, in milliseconds (default 2000).
+    /// How long the source may stay silent in the device-state phase before the description has
+    /// arrived, in milliseconds (default 2000).
     #[arg(long, value_name = "MS", env = "MIGPROXY_DESCRIPTION_TIMEOUT")]
     pub description_timeout: Option<u64>,
     /// How long a new connection may take to identify itself, in milliseconds (default 1000).

@@ -305,7 +305,7 @@ fn decode_failure(
 ) -> ProxyError {
     match err {
         DecodeError::Io(io) if io.kind() == io::ErrorKind::TimedOut => ProxyError::Refused(format!(
-            "at byte {}: no description within {} ms after the device-state eof (suppress-vmdesc?); device sections cannot be delimited",
+            "at byte {}: the source sent no description and went silent for {} ms in the device-state phase (suppress-vmdesc?); device sections cannot be delimited",
             decoder.inner.offset(),
             settings.description_timeout.as_millis()
         )),
@@ -336,7 +336,8 @@ impl Decoder for WatchedDecoder {
     }
 }
 
-/// The source's read half, failing with `TimedOut` once the description is overdue.
+/// The source's read half, failing with `TimedOut` once the source has been silent for the
+/// description timeout while the decoder waits for the description.
 struct DescriptionDeadline {
     inner: ConnRead,
     awaiting_description: Arc<AtomicBool>,
@@ -363,7 +364,16 @@ impl AsyncRead for DescriptionDeadline {
                 )));
             }
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        let filled_before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        // The clock measures silence, not the length of the device phase: the decoder waits
+        // from the first device section on (the EOF's position is known only once the
+        // description verifies), and several MB of device state over a slow link must not
+        // time out while bytes are still arriving.
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > filled_before {
+            this.sleep = None;
+        }
+        polled
     }
 }
 

@@ -163,6 +163,33 @@ fn a_missing_description_fails_closed_after_the_deadline() {
 }
 
 #[test]
+fn a_device_phase_that_trickles_in_longer_than_the_deadline_still_completes() {
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--description-timeout",
+        "300",
+    ]);
+    let stream = vector("q72-a64fx.bin");
+    let cut = description_offset(&stream);
+    // The device phase starts well before the description; send it in pieces spaced below the
+    // deadline but adding up to several times it: the deadline measures silence only.
+    let device_start = cut.saturating_sub(8 * 1024);
+    let mut source = connect(daemon.listen);
+    source.write_all(&stream[..device_start]).unwrap();
+    for piece in stream[device_start..].chunks(1024) {
+        std::thread::sleep(Duration::from_millis(150));
+        source.write_all(piece).unwrap();
+    }
+    source.shutdown(Shutdown::Write).unwrap();
+    read_until_closed(&mut source);
+    assert_eq!(destination.wait_received(0, SECS), stream);
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
+}
+
+#[test]
 fn sigterm_lets_a_live_migration_finish_then_exits_zero() {
     let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
     let mut daemon = Daemon::start(&[
