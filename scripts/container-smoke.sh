@@ -174,6 +174,7 @@ build_image() {
     rm -rf "$ctx"
     # Superseded build-stage images (each holds a copy of the context): they inherit the builder's label.
     podman image prune -f --filter label=org.migproxy.rust >/dev/null
+    podman image prune -f --filter label=org.opencontainers.image.title=migproxy >/dev/null
     local config
     config="$(podman image inspect --format '{{.Config.User}} {{.Config.StopSignal}} {{json .Config.Healthcheck.Test}}' "$IMAGE")"
     log "image config: $config"
@@ -227,7 +228,12 @@ smoke_run() {
 main() {
     mkdir -p "$CACHE"
     ensure_tools
+    # One build at a time (the tests may call --build-only while CI runs the smoke): they share the caches
+    # and the 2 cores.
+    exec 9>"$CACHE/build.lock"
+    flock 9
     build_image
+    flock -u 9
     log "image built"
     if [ "$BUILD_ONLY" = 0 ]; then
         smoke_run
