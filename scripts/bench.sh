@@ -21,9 +21,10 @@
 #   6. real QEMU 10.0 -> 10.0 live migrations, direct and through migproxy, alternating;
 #   7. writes docs/benchmarks.md and docs/benchmarks.png.
 #
-# Knobs (environment): BENCH_CACHE, BENCH_RAM_MIB (4096), BENCH_REPS (5), BENCH_SWITCHOVER_ITER (300),
-# BENCH_SCALE_MIB (256), BENCH_SCALE_CONC (1,8,64), BENCH_SCALE_REPS (2), BENCH_QEMU_RAM_MIB (4096),
-# BENCH_QEMU_REPS (3), BENCH_SKIP_QEMU=1, BENCH_NO_DOCS=1 (keep results only), QEMU10.
+# Knobs (environment): BENCH_CACHE, BENCH_RAM_MIB (4096), BENCH_REPS (4), BENCH_SWITCHOVER_ITER (300),
+# BENCH_SCALE_MIB (128), BENCH_SCALE_CONC (1,8,64), BENCH_SCALE_REPS (2), BENCH_QEMU_RAM_MIB (4096),
+# BENCH_QEMU_REPS (3), BENCH_SKIP_QEMU=1, BENCH_NO_DOCS=1 (keep results only), MIGPROXY_BIN (skip
+# building migproxy, use this binary), QEMU10/QEMU72.
 set -euo pipefail
 
 started_epoch=$(date +%s)
@@ -37,9 +38,9 @@ if [ "${BENCH_QUICK:-}" = 1 ]; then
     : "${BENCH_SCALE_MIB:=64}" "${BENCH_SCALE_REPS:=1}" "${BENCH_QEMU_RAM_MIB:=1024}" "${BENCH_QEMU_REPS:=1}"
 fi
 ram_mib="${BENCH_RAM_MIB:-4096}"
-reps="${BENCH_REPS:-5}"
+reps="${BENCH_REPS:-4}"
 switchover_iter="${BENCH_SWITCHOVER_ITER:-300}"
-scale_mib="${BENCH_SCALE_MIB:-256}"
+scale_mib="${BENCH_SCALE_MIB:-128}"
 scale_conc="${BENCH_SCALE_CONC:-1,8,64}"
 scale_reps="${BENCH_SCALE_REPS:-2}"
 qemu_ram_mib="${BENCH_QEMU_RAM_MIB:-4096}"
@@ -54,11 +55,21 @@ commands="$results/commands.txt"
 
 # Record a command (with $cache and $root spelled symbolically, so the report carries no
 # path of this machine) and run it.
-run() {
-    local shown="$*"
+show() {
+    local arg shown=""
+    for arg in "$@"; do
+        # Quote what the shell would split, so the recorded line can be pasted as it is.
+        if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+{}-]+$ ]]; then shown+=" $arg"; else shown+=" \"$arg\""; fi
+    done
+    shown="${shown# }"
     shown="${shown//$results/\$RESULTS}"
     shown="${shown//$cache/\$BENCH_CACHE}"
     shown="${shown//$root/.}"
+    printf '%s\n' "$shown"
+}
+run() {
+    local shown
+    shown="$(show "$@")"
     printf '%s\n' "$shown" >>"$commands"
     log "+ $shown"
     "$@"
@@ -82,8 +93,15 @@ qemu_version="$("$QEMU10" --version | head -n1)"
 log "QEMU: $qemu_version"
 
 # --- 2. build -------------------------------------------------------------------------------
-run cargo build --release -p migproxy -p migproxy-bench
-migproxy="$root/target/release/migproxy"
+# MIGPROXY_BIN: benchmark an already built migproxy (then only the bench crate is built).
+if [ -n "${MIGPROXY_BIN:-}" ]; then
+    run cargo build --release -p migproxy-bench
+    migproxy="$(cd "$(dirname "$MIGPROXY_BIN")" && pwd)/$(basename "$MIGPROXY_BIN")"
+else
+    run cargo build --release -p migproxy -p migproxy-bench
+    migproxy="$root/target/release/migproxy"
+fi
+log "migproxy: $("$migproxy" --version)"
 migbench="$root/target/release/migbench"
 tokio_relay="$root/target/release/tokio-relay"
 
@@ -95,11 +113,13 @@ capture() { # NAME MIB FILL(yes|no) [QEMU MACHINE]
         run "$python" "$tools/qemu_bench.py" fill "$cache/ram-$2.fill" "$2"
         fill_args=(--fill "$cache/ram-$2.fill")
     fi
+    local capture_cmd=("$python" "$tools/qemu_bench.py" capture --qemu "$qemu" --machine "$machine" --smp 4
+        --mem-mib "$2" "${fill_args[@]}" --out "$out")
     if [ -s "$out" ] && "$migbench" layout "$out" >/dev/null 2>&1; then
         log "reusing $out"
+        printf '# cached from an earlier run: %s\n' "$(show "${capture_cmd[@]}")" >>"$commands"
     else
-        run "$python" "$tools/qemu_bench.py" capture --qemu "$qemu" --machine "$machine" --smp 4 --mem-mib "$2" \
-            "${fill_args[@]}" --out "$out" >"$results/capture-$1.json"
+        run "${capture_cmd[@]}" >"$results/capture-$1.json"
     fi
     "$migbench" layout "$out" >"$results/layout-$1.json"
 }
