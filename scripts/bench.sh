@@ -65,6 +65,7 @@ show() {
     shown="${shown//$results/\$RESULTS}"
     shown="${shown//$cache/\$BENCH_CACHE}"
     shown="${shown//$root/.}"
+    shown="${shown//$HOME/\~}"
     printf '%s\n' "$shown"
 }
 run() {
