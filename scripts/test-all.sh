@@ -20,11 +20,11 @@ run_start=$(date +%s)
 # Every cargo test output also goes here, to total the results at the end.
 test_log=$(mktemp)
 trap 'rm -f "$test_log"' EXIT
-step_start=$run_start
+step_start=""
 step() {
     local now
     now=$(date +%s)
-    if [ "$now" != "$run_start" ]; then
+    if [ -n "$step_start" ]; then
         printf '    (%d s)\n' "$((now - step_start))"
     fi
     step_start=$now
