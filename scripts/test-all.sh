@@ -5,7 +5,7 @@
 #   1. provision QEMU 10.0 and 7.2 and the aarch64 assembler (scripts/provision-qemu.sh)
 #   2. rustfmt/clippy components, cargo fmt --check, cargo clippy -D warnings
 #   3. unit, property and vector tests of every crate but the end-to-end suite
-#   4. fuzz build (cargo +nightly fuzz build) when fuzz/ exists
+#   4. fuzz build (cargo +nightly fuzz build) when fuzz/ exists; aarch64 check of --from-kvm
 #   5. build migproxy, then the real-QEMU end-to-end scenarios, one line per scenario
 #
 # Every step is bounded: the end-to-end scenarios carry their own deadlines, and the whole run
@@ -65,6 +65,17 @@ if [ -d fuzz ] && [ "${MIGPROXY_SKIP_FUZZ:-0}" != 1 ]; then
         cargo install cargo-fuzz --locked
     fi
     cargo +nightly fuzz build
+fi
+
+step "aarch64 compile check of the KVM capture path (profile capture --from-kvm)"
+# The --from-kvm path only exists on aarch64 and these machines are x86_64: check that it
+# compiles and is clippy-clean for aarch64. rustup fetches the target's std from its own
+# server; where that is unreachable the step says so loudly instead of passing silently.
+if rustup target list --installed | grep -q '^aarch64-unknown-linux-gnu$' \
+    || rustup target add aarch64-unknown-linux-gnu; then
+    cargo clippy -p migproxy-config --target aarch64-unknown-linux-gnu --all-targets -- -D warnings
+else
+    echo "WARNING: rustup target add aarch64-unknown-linux-gnu failed: aarch64 check NOT run"
 fi
 
 step "build migproxy"

@@ -247,11 +247,8 @@ fn rewrite_cpus(
             tracing::warn!(vcpu = cpu.instance, "{warning}");
         }
         if report.is_refused() {
-            return Err(ProxyError::Refused(format!(
-                "vcpu {}: {}",
-                cpu.instance,
-                report.refusal_summary()
-            )));
+            // The summary already names the vCPU.
+            return Err(ProxyError::Refused(report.refusal_summary()));
         }
         if report.is_unchanged() {
             continue;
