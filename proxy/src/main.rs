@@ -18,6 +18,7 @@ mod main_channel;
 mod metrics;
 mod migration;
 mod plan;
+mod policy_args;
 mod profile_cmd;
 mod profile_source;
 mod relay;

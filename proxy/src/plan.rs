@@ -9,14 +9,12 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use migproxy_config::{
-    rewrite, FillMissing, OnExtra, OnIdMismatch, Policy, Profile, RefusalReason, RegId,
-    RewriteReport,
-};
+use migproxy_config::{rewrite, Profile, RefusalReason, RewriteReport};
 use serde_json::json;
 
-use crate::cli::{FillMissingArg, OnExtraArg, OnIdMismatchArg, PlanArgs, PolicyArgs};
+use crate::cli::PlanArgs;
 use crate::error::ProxyError;
+use crate::policy_args::policy_from_args;
 use crate::profile_cmd;
 
 pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
@@ -113,34 +111,6 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
     }
 }
 
-/// The policy flags as the rewrite takes them; an unknown `--allow-drop` register is a usage error.
-pub(crate) fn policy_from_args(args: &PolicyArgs) -> Result<Policy, ProxyError> {
-    let allow_drop = args
-        .allow_drop
-        .iter()
-        .map(|s| s.parse::<RegId>())
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Policy {
-        on_extra: match args.on_extra {
-            OnExtraArg::DropUnused => OnExtra::DropUnused,
-            OnExtraArg::Drop => OnExtra::Drop,
-            OnExtraArg::Refuse => OnExtra::Refuse,
-        },
-        allow_drop,
-        fill_missing: match args.fill_missing {
-            FillMissingArg::Auto => FillMissing::Auto,
-            FillMissingArg::Always => FillMissing::Always,
-            FillMissingArg::Never => FillMissing::Never,
-        },
-        on_id_mismatch: match args.on_id_mismatch {
-            OnIdMismatchArg::Auto => OnIdMismatch::Auto,
-            OnIdMismatchArg::Refuse => OnIdMismatch::Refuse,
-            OnIdMismatchArg::Warn => OnIdMismatch::Warn,
-            OnIdMismatchArg::UseDestination => OnIdMismatch::UseDestination,
-        },
-    })
-}
-
 struct Source {
     kind: String,
     machine: Option<String>,
@@ -222,50 +192,4 @@ fn plan_json(
         "notes": notes,
         "vcpus": vcpus,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args(allow: &[&str]) -> PolicyArgs {
-        PolicyArgs {
-            on_extra: OnExtraArg::Refuse,
-            allow_drop: allow.iter().map(|s| s.to_string()).collect(),
-            fill_missing: FillMissingArg::Never,
-            on_id_mismatch: OnIdMismatchArg::UseDestination,
-        }
-    }
-
-    #[test]
-    fn policy_flags_map_and_registers_parse_by_name_or_id() {
-        let policy = policy_from_args(&args(&["TCR2_EL1", "0x6030000000160003", "s3_0_c10_c2_3"]));
-        let policy = match policy {
-            Ok(p) => p,
-            Err(e) => panic!("{e}"),
-        };
-        assert_eq!(policy.on_extra, OnExtra::Refuse);
-        assert_eq!(policy.fill_missing, FillMissing::Never);
-        assert_eq!(policy.on_id_mismatch, OnIdMismatch::UseDestination);
-        let ids: Vec<u64> = policy.allow_drop.iter().map(|r| r.0).collect();
-        assert_eq!(
-            ids,
-            vec![
-                0x6030_0000_0013_c103,
-                0x6030_0000_0016_0003,
-                0x6030_0000_0013_c513
-            ]
-        );
-    }
-
-    #[test]
-    fn an_unknown_register_is_a_usage_error() {
-        match policy_from_args(&args(&["NO_SUCH_REG"])) {
-            Err(e) => {
-                assert_eq!(e.exit_code(), 2);
-                assert!(e.to_string().contains("NO_SUCH_REG"));
-            }
-            Ok(_) => panic!("accepted an unknown register"),
-        }
-    }
 }

@@ -15,7 +15,7 @@ use migproxy_config::{rewrite, Profile, Rewrite, RewriteReport};
 
 use crate::cli::RewriteArgs;
 use crate::error::ProxyError;
-use crate::plan::policy_from_args;
+use crate::policy_args::policy_from_args;
 use crate::profile_cmd::{no_device_state, open_input};
 
 pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {

@@ -13,19 +13,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::ValueEnum;
 use migproxy_codec::Limits;
-use migproxy_config::file::{ListenerFile, PolicyFile, RunFile};
-use migproxy_config::{FillMissing, OnExtra, OnIdMismatch, Policy, RegId};
+use migproxy_config::file::{ListenerFile, RunFile};
+use migproxy_config::Policy;
 
 use crate::addr::{Address, ListenSpec, Upstream};
 use crate::admin::{self, AdminState};
-use crate::cli::{FillMissingArg, OnExtraArg, OnIdMismatchArg, PolicyArgs, RunArgs};
+use crate::cli::RunArgs;
 use crate::error::ProxyError;
 use crate::listener::{self, BoundListener};
 use crate::main_channel::ChannelSettings;
 use crate::metrics::Metrics;
 use crate::migration::{ListenerCtx, Registry};
+use crate::policy_args::{policy_from_args, policy_from_file};
 use crate::profile_source::{ProfileSource, RewriteConfig};
 use crate::shutdown::{self, Shutdown};
 use crate::tls::{ListenerTls, TlsSettings};
@@ -333,87 +333,6 @@ impl ListenerConfig {
                 })
                 .as_ref(),
         )
-    }
-}
-
-fn policy_from_args(args: &PolicyArgs) -> Result<Policy, ProxyError> {
-    Ok(Policy {
-        on_extra: on_extra(args.on_extra),
-        allow_drop: reg_ids(&args.allow_drop)?,
-        fill_missing: fill_missing(args.fill_missing),
-        on_id_mismatch: on_id_mismatch(args.on_id_mismatch),
-    })
-}
-
-/// The file spells policy words exactly as the flags do; clap's parser is the one vocabulary.
-fn policy_from_file(file: &PolicyFile) -> Result<Policy, ProxyError> {
-    fn word<T: ValueEnum>(key: &str, value: Option<&String>, default: T) -> Result<T, ProxyError> {
-        match value {
-            None => Ok(default),
-            Some(text) => T::from_str(text, false).map_err(|_| {
-                let allowed: Vec<String> = T::value_variants()
-                    .iter()
-                    .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_owned()))
-                    .collect();
-                ProxyError::InvalidConfig(format!(
-                    "policy.{key} = {text:?}: expected one of {}",
-                    allowed.join(", ")
-                ))
-            }),
-        }
-    }
-    Ok(Policy {
-        on_extra: on_extra(word(
-            "on_extra",
-            file.on_extra.as_ref(),
-            OnExtraArg::DropUnused,
-        )?),
-        allow_drop: reg_ids(&file.allow_drop)?,
-        fill_missing: fill_missing(word(
-            "fill_missing",
-            file.fill_missing.as_ref(),
-            FillMissingArg::Auto,
-        )?),
-        on_id_mismatch: on_id_mismatch(word(
-            "on_id_mismatch",
-            file.on_id_mismatch.as_ref(),
-            OnIdMismatchArg::Auto,
-        )?),
-    })
-}
-
-fn reg_ids(names: &[String]) -> Result<Vec<RegId>, ProxyError> {
-    names
-        .iter()
-        .map(|name| {
-            name.parse::<RegId>()
-                .map_err(|e| ProxyError::InvalidConfig(format!("allow-drop {name:?}: {e}")))
-        })
-        .collect()
-}
-
-fn on_extra(arg: OnExtraArg) -> OnExtra {
-    match arg {
-        OnExtraArg::DropUnused => OnExtra::DropUnused,
-        OnExtraArg::Drop => OnExtra::Drop,
-        OnExtraArg::Refuse => OnExtra::Refuse,
-    }
-}
-
-fn fill_missing(arg: FillMissingArg) -> FillMissing {
-    match arg {
-        FillMissingArg::Auto => FillMissing::Auto,
-        FillMissingArg::Always => FillMissing::Always,
-        FillMissingArg::Never => FillMissing::Never,
-    }
-}
-
-fn on_id_mismatch(arg: OnIdMismatchArg) -> OnIdMismatch {
-    match arg {
-        OnIdMismatchArg::Auto => OnIdMismatch::Auto,
-        OnIdMismatchArg::Refuse => OnIdMismatch::Refuse,
-        OnIdMismatchArg::Warn => OnIdMismatch::Warn,
-        OnIdMismatchArg::UseDestination => OnIdMismatch::UseDestination,
     }
 }
 
