@@ -71,3 +71,37 @@ fn proxy_a64fx_72_to_10_multifd_return_path() {
         proxied_rewrite_succeeds(s, &setup).map(drop)
     });
 }
+
+/// Other vCPU counts: every `cpu` section is rewritten, whatever their number (profiles captured
+/// from fresh VMs with the same count, as an operator would).
+fn setup_smp(from: Version, to: Version, smp: u32) -> Setup {
+    let mut source = a64fx(from);
+    source.smp = smp;
+    let mut dest = a64fx(to);
+    dest.smp = smp;
+    Setup::new(source, dest)
+}
+
+#[test]
+fn proxy_a64fx_10_to_72_one_vcpu() {
+    scenario::run("proxy_a64fx_10_to_72_one_vcpu", |s| {
+        proxied_rewrite_succeeds(s, &setup_smp(V10, V72, 1)).map(drop)
+    });
+}
+
+#[test]
+fn proxy_a64fx_72_to_10_four_vcpus_multifd_return_path() {
+    scenario::run("proxy_a64fx_72_to_10_four_vcpus_multifd_return_path", |s| {
+        let setup = setup_smp(V72, V10, 4)
+            .multifd(MULTIFD_CHANNELS)
+            .return_path();
+        proxied_rewrite_succeeds(s, &setup).map(drop)
+    });
+}
+
+#[test]
+fn proxy_a64fx_10_to_72_four_vcpus_multifd() {
+    scenario::run("proxy_a64fx_10_to_72_four_vcpus_multifd", |s| {
+        proxied_rewrite_succeeds(s, &setup_smp(V10, V72, 4).multifd(2)).map(drop)
+    });
+}
