@@ -139,8 +139,12 @@ pub struct StreamDecoder {
     advise_summary: Option<u64>,
     /// An END record has been seen: a FULL section now starts the device-state phase.
     seen_end: bool,
-    /// The main channel has named a RAM block (CONTINUE records refer to it).
-    have_ram_block: bool,
+    /// RAM blocks of the MEM_SIZE list: idstr -> used_length. Page records must name one of
+    /// them and stay inside it, as QEMU's loader demands ("Unknown ramblock", "Illegal RAM
+    /// offset"): a damaged stream then fails here, at its offset, not in the destination.
+    ram_blocks: HashMap<Vec<u8>, u64>,
+    /// used_length of the block the last page record named (CONTINUE records refer to it).
+    current_block_len: Option<u64>,
     /// Why the last apparent description at the end of the held bytes did not verify, and the
     /// held length it was checked at (so the same bytes are not walked twice).
     description_error: Option<(usize, DecodeError)>,
@@ -159,7 +163,8 @@ impl StreamDecoder {
             mapped_ram: false,
             advise_summary: None,
             seen_end: false,
-            have_ram_block: false,
+            ram_blocks: HashMap::new(),
+            current_block_len: None,
             description_error: None,
         }
     }
@@ -600,22 +605,59 @@ impl StreamDecoder {
             | RAM_SAVE_FLAG_PAGE
             | RAM_SAVE_FLAG_XBZRLE
             | RAM_SAVE_FLAG_COMPRESS_PAGE => {
-                if flags & RAM_SAVE_FLAG_CONTINUE == 0 {
-                    if r.counted().is_none() {
+                let block_len = if flags & RAM_SAVE_FLAG_CONTINUE == 0 {
+                    let Some(name) = r.counted() else {
                         return Ok(Step::NeedMore);
+                    };
+                    match self.ram_blocks.get(name) {
+                        Some(&len) => len,
+                        None => {
+                            return Err(self.in_section(
+                                section,
+                                8,
+                                "a ram block of the MEM_SIZE list",
+                                format!("{:?}", reader::name(name)),
+                            ))
+                        }
                     }
-                } else if !self.have_ram_block {
+                } else {
+                    match self.current_block_len {
+                        Some(len) => len,
+                        None => {
+                            return Err(self.in_section(
+                                section,
+                                0,
+                                "a ram block name before the first CONTINUE record",
+                                format!("flags 0x{flags:x}"),
+                            ))
+                        }
+                    }
+                };
+                let page_offset = header & !(self.page_size - 1);
+                if page_offset
+                    .checked_add(self.page_size)
+                    .is_none_or(|end| end > block_len)
+                {
                     return Err(self.in_section(
                         section,
                         0,
-                        "a ram block name before the first CONTINUE record",
-                        format!("flags 0x{flags:x}"),
+                        &format!("a page offset inside its ram block of {block_len} bytes"),
+                        format!("0x{page_offset:x}"),
                     ));
                 }
                 let (payload, then) = match kind {
                     RAM_SAVE_FLAG_ZERO => {
-                        if r.u8().is_none() {
+                        let Some(fill) = r.u8() else {
                             return Ok(Step::NeedMore);
+                        };
+                        // Both senders write 0; QEMU 10.0's loader refuses anything else.
+                        if fill != 0 {
+                            return Err(self.in_section(
+                                section,
+                                r.pos() - 1,
+                                "a zero page fill byte 0x00",
+                                format!("0x{fill:02x}"),
+                            ));
                         }
                         (0, AfterPayload::Ram)
                     }
@@ -659,7 +701,7 @@ impl StreamDecoder {
                         (usize::try_from(len).unwrap_or(usize::MAX), AfterPayload::Ram)
                     }
                 };
-                self.have_ram_block = true;
+                self.current_block_len = Some(block_len);
                 let head = r.pos();
                 if payload > 0 {
                     self.state = State::Payload {
@@ -690,6 +732,15 @@ impl StreamDecoder {
                     parsed: 8,
                 };
                 Ok(Step::Again)
+            }
+            // QEMU writes these two as the bare flag: address bits mean a misaligned stream.
+            RAM_SAVE_FLAG_MULTIFD_FLUSH | RAM_SAVE_FLAG_EOS if header != kind => {
+                Err(self.in_section(
+                    section,
+                    0,
+                    &format!("a bare 0x{kind:x} record header"),
+                    format!("0x{header:016x}"),
+                ))
             }
             RAM_SAVE_FLAG_MULTIFD_FLUSH => Ok(self.emit(src, 8, record, Some(section))),
             RAM_SAVE_FLAG_EOS => {
@@ -735,9 +786,14 @@ impl StreamDecoder {
                 ));
             }
         }
+        if parsed == 8 {
+            // A new list replaces the old one (QEMU resends it after a block list change).
+            self.ram_blocks.clear();
+            self.current_block_len = None;
+        }
         while remaining > 0 {
             let mut r = Reader::at(src, parsed);
-            let (Some(_name), Some(used_length)) = (r.counted(), r.be64()) else {
+            let (Some(name), Some(used_length)) = (r.counted(), r.be64()) else {
                 break;
             };
             if self.ignore_shared && r.be64().is_none() {
@@ -753,6 +809,7 @@ impl StreamDecoder {
             }
             remaining -= used_length;
             parsed = r.pos();
+            self.ram_blocks.insert(name.to_vec(), used_length);
         }
         if parsed > self.limits.max_record {
             return Err(DecodeError::LimitExceeded {
