@@ -496,7 +496,7 @@ fn field_size(field: &Json) -> Option<usize> {
 /// One `cpu` section as the walk found it.
 struct CpuSection<'a> {
     section: &'a SectionRef,
-    device: &'a Json,
+    device: &'a Json<'a>,
     payload_start: usize,
     instance: u32,
     version: u32,

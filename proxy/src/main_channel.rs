@@ -29,6 +29,7 @@ use futures::{FutureExt, StreamExt};
 use migproxy_codec::{
     DecodeError, DeviceState, Frame, Limits, MigCommand, RecordKind, StreamDecoder,
 };
+use migproxy_config::RewriteReport;
 use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio_util::codec::{Decoder, FramedRead};
@@ -43,8 +44,9 @@ use crate::relay;
 pub const READ_BUFFER_BYTES: usize = 1 << 20;
 /// Queued output is written once it reaches this size (or when the source has nothing more).
 const FLUSH_BYTES: usize = 1 << 20;
-/// At most this many buffers per vectored write (Linux IOV_MAX is 1024).
-const MAX_IOVECS: usize = 64;
+/// At most this many buffers per vectored write: Linux's IOV_MAX, so a 1 MiB flush of 4 KiB
+/// pages (a header and a payload each) is one writev.
+const MAX_IOVECS: usize = 1024;
 
 /// Main-channel settings shared by every migration of a listener.
 #[derive(Debug, Clone)]
@@ -193,12 +195,17 @@ async fn forward(
             }
             Frame::Payload { bytes, .. } => out.push(bytes),
             Frame::DeviceState(mut state) => {
-                if let Some(setup) = rewrite {
-                    rewrite_cpus(&mut state, setup, migration)?;
-                }
+                let rewritten = match rewrite {
+                    Some(setup) => rewrite_cpus(&mut state, setup)?,
+                    None => Vec::new(),
+                };
                 let mut encoded = BytesMut::with_capacity(state.wire_len());
                 state.encode(&mut encoded);
                 out.push(encoded.freeze());
+                // Both QEMUs are stopped until the destination has the device state: release
+                // it before anything else (logging, metrics) runs.
+                out.flush().await?;
+                report_rewrites(&rewritten, migration);
             }
         }
         if out.queued >= FLUSH_BYTES {
@@ -228,12 +235,21 @@ fn make_room(buffer: &mut BytesMut) {
     }
 }
 
+/// One vCPU whose cpreg arrays were replaced, for the log and the metrics.
+struct RewrittenCpu {
+    report: RewriteReport,
+    registers: usize,
+}
+
 /// Replace every vCPU's cpreg arrays with the destination's list (design-decisions §4).
+///
+/// Runs while both QEMUs are stopped, so it only computes and applies; what was done is logged
+/// by [`report_rewrites`] once the device state has been written.
 fn rewrite_cpus(
     state: &mut DeviceState,
     setup: &RewriteSetup,
-    migration: &Migration,
-) -> Result<(), ProxyError> {
+) -> Result<Vec<RewrittenCpu>, ProxyError> {
+    let mut rewritten = Vec::new();
     for cpu in state.cpus() {
         let result = migproxy_config::rewrite(
             cpu.instance,
@@ -242,25 +258,43 @@ fn rewrite_cpus(
             setup.source.as_deref(),
             &setup.policy,
         );
-        let report = &result.report;
-        for warning in &report.warnings {
-            tracing::warn!(vcpu = cpu.instance, "{warning}");
-        }
+        let report = result.report;
         if report.is_refused() {
+            for warning in &report.warnings {
+                tracing::warn!(vcpu = cpu.instance, "{warning}");
+            }
             // The summary already names the vCPU.
             return Err(ProxyError::Refused(report.refusal_summary()));
+        }
+        if !report.is_unchanged() {
+            state
+                .set_cpregs(cpu.instance, &result.registers)
+                .map_err(ProxyError::Decode)?;
+        }
+        if !report.is_unchanged() || !report.warnings.is_empty() {
+            rewritten.push(RewrittenCpu {
+                report,
+                registers: result.registers.len(),
+            });
+        }
+    }
+    Ok(rewritten)
+}
+
+/// Log and count what [`rewrite_cpus`] did, after the device state has been released.
+fn report_rewrites(rewritten: &[RewrittenCpu], migration: &Migration) {
+    for RewrittenCpu { report, registers } in rewritten {
+        for warning in &report.warnings {
+            tracing::warn!(vcpu = report.vcpu, "{warning}");
         }
         if report.is_unchanged() {
             continue;
         }
-        state
-            .set_cpregs(cpu.instance, &result.registers)
-            .map_err(ProxyError::Decode)?;
         tracing::info!(
-            vcpu = cpu.instance,
+            vcpu = report.vcpu,
             dropped = report.dropped.len(),
             filled = report.filled.len(),
-            registers = result.registers.len(),
+            registers,
             "cpu registers rewritten"
         );
         let metrics = &migration.metrics;
@@ -287,7 +321,6 @@ fn rewrite_cpus(
             }
         }
     }
-    Ok(())
 }
 
 fn count(n: usize) -> u64 {
