@@ -182,11 +182,30 @@ impl DeviceState {
         if self.replaced().next().is_none() {
             return self.held.len();
         }
-        let mut len = self.desc_len_pos + 4 + self.patched_description().len();
+        // The patched description's length without building it: each replaced array_len
+        // number changes by the difference of its decimal lengths.
+        let mut len = self.held.len();
+        for (slot, regs) in self.replaced() {
+            let text_len = regs.len().to_string().len();
+            for span in &slot.json_spans {
+                len = len - span.len() + text_len;
+            }
+        }
         for (slot, regs) in self.replaced() {
             len = len - 16 * slot.count + 16 * regs.len();
         }
         len
+    }
+
+    /// What [`encode`](Self::encode) writes, as one buffer: the received bytes themselves
+    /// (no copy) when no cpreg array was replaced.
+    pub fn to_bytes(&self) -> Bytes {
+        if self.replaced().next().is_none() {
+            return self.held.clone();
+        }
+        let mut out = BytesMut::with_capacity(self.wire_len());
+        self.encode(&mut out);
+        out.freeze()
     }
 
     /// Sections + EOF + (patched) description.

@@ -75,7 +75,13 @@ pub(crate) struct JsonError {
 }
 
 pub(crate) fn parse(text: &[u8]) -> Result<Json<'_>, JsonError> {
-    let mut p = Parser { text, pos: 0 };
+    // Validated once here, so a string between two quotes (ASCII, never inside a multi-byte
+    // sequence) can be borrowed without checking it again.
+    let utf8 = std::str::from_utf8(text).map_err(|e| JsonError {
+        pos: e.valid_up_to(),
+        message: "json text is not utf-8",
+    })?;
+    let mut p = Parser { text, utf8, pos: 0 };
     p.skip_ws();
     let value = p.value(0)?;
     p.skip_ws();
@@ -87,6 +93,8 @@ pub(crate) fn parse(text: &[u8]) -> Result<Json<'_>, JsonError> {
 
 struct Parser<'a> {
     text: &'a [u8],
+    /// `text`, known to be UTF-8.
+    utf8: &'a str,
     pos: usize,
 }
 
@@ -224,11 +232,12 @@ impl<'a> Parser<'a> {
             .map(|n| start + n);
         if let Some(end) = plain_end {
             if text.get(end) == Some(&b'"') {
-                let raw = text.get(start..end).unwrap_or_default();
                 self.pos = end + 1;
-                return std::str::from_utf8(raw)
+                return self
+                    .utf8
+                    .get(start..end)
                     .map(Cow::Borrowed)
-                    .map_err(|_| self.err("string is not utf-8"));
+                    .ok_or_else(|| self.err("string is not utf-8"));
             }
         }
         let mut out: Vec<u8> = Vec::new();

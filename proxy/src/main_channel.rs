@@ -199,9 +199,7 @@ async fn forward(
                     Some(setup) => rewrite_cpus(&mut state, setup)?,
                     None => Vec::new(),
                 };
-                let mut encoded = BytesMut::with_capacity(state.wire_len());
-                state.encode(&mut encoded);
-                out.push(encoded.freeze());
+                out.push(state.to_bytes());
                 // Both QEMUs are stopped until the destination has the device state: release
                 // it before anything else (logging, metrics) runs.
                 out.flush().await?;
