@@ -120,6 +120,34 @@ fn set_cpregs_rewrites_the_section_and_the_description_only() {
 }
 
 #[test]
+fn to_bytes_and_wire_len_match_encode_when_the_count_changes_digits() {
+    let input = sample();
+    // 20 -> 9 and 20 -> 100 registers change the length of the array_len text; none: as received.
+    for replacement in [None, Some(regs(9, 7)), Some(regs(100, 7))] {
+        let mut checked = false;
+        decode_chunked(
+            &input,
+            Limits::default(),
+            || usize::MAX,
+            |frame| {
+                if let Frame::DeviceState(state) = frame {
+                    if let Some(new_regs) = &replacement {
+                        state.set_cpregs(0, new_regs).unwrap();
+                    }
+                    let mut encoded = bytes::BytesMut::new();
+                    state.encode(&mut encoded);
+                    assert_eq!(state.to_bytes(), encoded.freeze());
+                    assert_eq!(state.wire_len(), state.to_bytes().len());
+                    checked = true;
+                }
+            },
+        )
+        .unwrap();
+        assert!(checked);
+    }
+}
+
+#[test]
 fn set_cpregs_refuses_unsorted_ids_and_unknown_instances() {
     let input = sample();
     decode_chunked(
