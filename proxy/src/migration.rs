@@ -32,7 +32,7 @@ use crate::conn::{dial, Conn, ConnRead, ConnWrite};
 use crate::error::ProxyError;
 use crate::main_channel::{self, ChannelSettings};
 use crate::metrics::{Metrics, Outcome};
-use crate::profile_source::RewriteConfig;
+use crate::profile_source::{RewriteConfig, RewriteSetup};
 use crate::relay;
 use crate::shutdown::Shutdown;
 use crate::tls::ListenerTls;
@@ -428,31 +428,57 @@ async fn run_channel(
     prefix: Vec<u8>,
     ctx: Arc<ListenerCtx>,
 ) -> Result<(), ProxyError> {
+    // Fetched when the migration starts, before the destination is contacted: a host upgraded in
+    // place advertises its new register list, and a fetch failure costs the destination nothing.
+    let rewrite = if kind == ChannelKind::Main {
+        ctx.rewrite.resolve().await?
+    } else {
+        None
+    };
+    let destination = migration.dial_upstream(kind, None).await?;
+    carry_channel(
+        &migration,
+        kind,
+        (read, write),
+        &prefix,
+        destination,
+        rewrite.as_ref(),
+        &ctx,
+    )
+    .await
+}
+
+/// Carry one identified channel to its dialed destination: the main channel through the decoder
+/// (and the rewrite, when a profile is configured), every other channel as a raw relay.
+async fn carry_channel(
+    migration: &Migration,
+    kind: ChannelKind,
+    (read, write): (ConnRead, ConnWrite),
+    prefix: &[u8],
+    destination: Conn,
+    rewrite: Option<&RewriteSetup>,
+    ctx: &ListenerCtx,
+) -> Result<(), ProxyError> {
     if kind == ChannelKind::Main {
-        // Fetched when the migration starts, before the destination is contacted: a host upgraded
-        // in place advertises its new register list, and a fetch failure costs the destination nothing.
-        let rewrite = ctx.rewrite.resolve().await?;
         if rewrite.is_none() {
             tracing::info!("checking relay: no destination profile, registers are not rewritten");
         }
-        let destination = migration.dial_upstream(kind, None).await?;
         return main_channel::run(
             read,
-            &prefix,
+            prefix,
             write,
             destination,
-            rewrite.as_ref(),
-            &migration,
+            rewrite,
+            migration,
             &ctx.channel,
         )
         .await;
     }
-    let destination = migration.dial_upstream(kind, None).await?;
     let (to_destination, to_source) = migration.counters();
     relay::relay_channel(
         (read, write),
         destination.into_split(),
-        &prefix,
+        prefix,
         &to_destination,
         &to_source,
         kind.as_str(),
@@ -545,36 +571,17 @@ async fn handle_tls_connection(
         migration.add_channel(kind);
         tracing::info!(kind = kind.as_str(), upstream = %migration.key.upstream, "channel identified");
         let prefix = first.prefix().to_vec();
-        if kind == ChannelKind::Main {
-            if rewrite.is_none() {
-                tracing::info!(
-                    "checking relay: no destination profile, registers are not rewritten"
-                );
-            }
-            main_channel::run(
-                read,
-                &prefix,
-                write,
-                destination,
-                rewrite.as_ref(),
-                &migration,
-                &ctx.channel,
-            )
-            .await
-            .map(|()| kind)
-        } else {
-            let (to_destination, to_source) = migration.counters();
-            relay::relay_channel(
-                (read, write),
-                destination.into_split(),
-                &prefix,
-                &to_destination,
-                &to_source,
-                kind.as_str(),
-            )
-            .await
-            .map(|()| kind)
-        }
+        carry_channel(
+            &migration,
+            kind,
+            (read, write),
+            &prefix,
+            destination,
+            rewrite.as_ref(),
+            &ctx,
+        )
+        .await
+        .map(|()| kind)
     };
     async {
         let result = tokio::select! {
