@@ -19,12 +19,8 @@ use crate::profile_cmd;
 
 pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
     let policy = policy_from_args(&args.policy)?;
-    let dest = Profile::load(&args.dest_profile)?;
-    let source_profile = args
-        .source_profile
-        .as_deref()
-        .map(Profile::load)
-        .transpose()?;
+    let (dest, source_profile) =
+        profile_cmd::load_profiles(&args.dest_profile, args.source_profile.as_deref())?;
     let source = load_source(&args.source)?;
 
     let mut notes = Vec::new();

@@ -358,6 +358,14 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// The destination profile and, when given, the source's: what `plan` and `rewrite` compare.
+pub(crate) fn load_profiles(
+    dest: &Path,
+    source: Option<&Path>,
+) -> Result<(Profile, Option<Profile>), ProxyError> {
+    Ok((Profile::load(dest)?, source.map(Profile::load).transpose()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

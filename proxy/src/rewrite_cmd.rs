@@ -11,21 +11,17 @@ use std::path::Path;
 
 use bytes::BytesMut;
 use migproxy_codec::{offline, Frame, Limits, StreamDecoder};
-use migproxy_config::{rewrite, Profile, Rewrite, RewriteReport};
+use migproxy_config::{rewrite, Rewrite, RewriteReport};
 
 use crate::cli::RewriteArgs;
 use crate::error::ProxyError;
 use crate::policy_args::policy_from_args;
-use crate::profile_cmd::{no_device_state, open_input};
+use crate::profile_cmd::{self, no_device_state, open_input};
 
 pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
     let policy = policy_from_args(&args.policy)?;
-    let dest = Profile::load(&args.dest_profile)?;
-    let source_profile = args
-        .source_profile
-        .as_deref()
-        .map(Profile::load)
-        .transpose()?;
+    let (dest, source_profile) =
+        profile_cmd::load_profiles(&args.dest_profile, args.source_profile.as_deref())?;
     let input = open_input(&args.input)?;
     let total = (args.input != Path::new("-"))
         .then(|| std::fs::metadata(&args.input).ok().map(|m| m.len()))
