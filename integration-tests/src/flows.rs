@@ -137,8 +137,19 @@ pub fn expect_summary(daemon: &Daemon, outcome: &str) -> Result<Value> {
 /// destination continues the guest, and the proxy rewrote every vCPU. Returns the summary.
 pub fn proxied_rewrite_succeeds(scenario: &mut Scenario, setup: &Setup) -> Result<Value> {
     let profiles = scenario.profile_args(&setup.source, &setup.dest)?;
+    migration_through_proxy_rewrites(scenario, setup, &profiles)
+}
+
+/// Source -> `migproxy run` with `proxy_args` (profiles, TLS, ...) -> destination: the migration
+/// completes, the destination continues the guest, every vCPU was rewritten and the channels
+/// match the setup. Returns the summary.
+pub fn migration_through_proxy_rewrites(
+    scenario: &mut Scenario,
+    setup: &Setup,
+    proxy_args: &[String],
+) -> Result<Value> {
     let mut pair = Pair::start(scenario, setup, "")?;
-    let daemon = start_proxy(scenario, pair.dest_port, &profiles)?;
+    let daemon = start_proxy(scenario, pair.dest_port, proxy_args)?;
     scenario::migrate(&mut pair.source, daemon.listen_port)?;
     scenario::assert_migrated(&mut pair.source, &mut pair.dest)?;
     let summary = expect_summary(&daemon, "completed")?;
