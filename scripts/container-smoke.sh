@@ -46,6 +46,7 @@ T0=$SECONDS
 log() { printf '[container-smoke %4ss] %s\n' "$((SECONDS - T0))" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
 
+# scripts/provision.sh installs these (scripts/debian-packages.txt); the script also runs on its own.
 ensure_tools() {
     local missing=()
     for tool in podman buildah runc mmdebstrap python3; do
@@ -53,8 +54,9 @@ ensure_tools() {
     done
     [ "${#missing[@]}" -eq 0 ] && return
     log "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        podman buildah runc mmdebstrap uidmap python3 >&2
+    apt-get -o DPkg::Lock::Timeout=600 update -qq >&2 || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends \
+        podman buildah runc mmdebstrap uidmap python3 >&2 || die "apt-get install ${missing[*]} failed"
 }
 
 sha() { sha256sum | cut -c1-12; }
@@ -123,16 +125,26 @@ runtime_image() {
     printf '%s\n' "$tag"
 }
 
-# Vendored crates for the context's Cargo.lock, cached by its hash; made from the local cargo cache only.
+# Vendored crates for the context's Cargo.lock, cached by its hash. `cargo vendor` needs every crate of
+# the lock file for every platform (windows-sys ...), more than a build fetches: scripts/provision.sh
+# runs `cargo fetch --locked` so this works offline; run on its own, the script fetches what is missing.
 vendor_dir() {
-    local ctx="$1" key dir
+    local ctx="$1" key dir errors
     key="$(sha <"$ctx/Cargo.lock")"
     dir="$CACHE/vendor-$key"
     if [ ! -d "$dir/vendor" ]; then
         log "cargo vendor (offline, from the local cargo cache)"
         rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
-        (cd "$ctx" && CARGO_NET_OFFLINE=true cargo vendor --locked "$dir.tmp/vendor" >/dev/null 2>&1) \
-            || die "cargo vendor failed (are the crates in the local cargo cache? run cargo fetch)"
+        errors="$dir.tmp/cargo-vendor.log"
+        if ! (cd "$ctx" && cargo vendor --locked --offline "$dir.tmp/vendor" >/dev/null 2>"$errors"); then
+            log "some crates are not in the local cargo cache: cargo fetch --locked"
+            (cd "$ctx" && cargo fetch --locked >&2) || die "cargo fetch --locked failed"
+            (cd "$ctx" && cargo vendor --locked --offline "$dir.tmp/vendor" >/dev/null 2>"$errors") || {
+                tail -n 20 "$errors" >&2
+                die "cargo vendor failed (cargo's last lines above)"
+            }
+        fi
+        rm -f "$errors"
         rm -rf "$dir" && mv "$dir.tmp" "$dir"
     fi
     printf '%s\n' "$dir"

@@ -20,6 +20,10 @@ mkdir -p "$cache"
 
 log() { printf 'provision-qemu: %s\n' "$*" >&2; }
 
+# Other apt users (a parallel provisioning, unattended upgrades) hold the dpkg lock for a while: wait
+# for it instead of failing at once.
+apt-get() { command apt-get -o DPkg::Lock::Timeout=600 "$@"; }
+
 need_root() {
     if [ "$(id -u)" != 0 ]; then
         log "must run as root to install packages (or set MIGPROXY_QEMU10/MIGPROXY_QEMU72)"

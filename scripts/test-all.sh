@@ -2,22 +2,28 @@
 # The project's test command (README, .ci/run): every check CI makes, runnable from a clean clone
 # on Debian 12 as root (or with MIGPROXY_QEMU10/MIGPROXY_QEMU72 pointing at existing QEMU builds).
 #
-#   1. provision QEMU 10.0 and 7.2 and the aarch64 assembler (scripts/provision-qemu.sh)
-#   2. rustfmt/clippy components, cargo fmt --check, cargo clippy -D warnings
+#   1. provision everything the tests use and check it (scripts/provision.sh: Debian packages of
+#      scripts/debian-packages.txt, QEMU 10.0 and 7.2, Rust components and targets, nightly +
+#      cargo-fuzz, every crate of the lock files); a missing tool stops the run here, by name
+#   2. cargo fmt --check, cargo clippy -D warnings
 #   3. unit, property and vector tests of every crate but the end-to-end suite
 #   4. fuzz build (cargo +nightly fuzz build) when fuzz/ exists; aarch64 check of --from-kvm
 #   5. build migproxy, then the real-QEMU end-to-end scenarios, one line per scenario
+#
+# Steps after provisioning all run even when one fails, and every test binary runs (--no-fail-fast):
+# a failure never hides another. The end lists the failed steps and tests by name and exits non-zero
+# if there is any.
 #
 # Every step is bounded: the end-to-end scenarios carry their own deadlines, and the whole run
 # takes well under CI's 90 minutes on 2 cores (timings are printed per step).
 #
 # Environment: MIGPROXY_TEST_THREADS (default 1: TCG guests need the cores), MIGPROXY_SKIP_FUZZ=1
-# to skip step 4 locally (CI never sets it).
+# to skip step 4's fuzz build locally (CI never sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 run_start=$(date +%s)
-# Every cargo test output also goes here, to total the results at the end.
+# Every cargo test output also goes here, to name the failures and total the results at the end.
 test_log=$(mktemp)
 trap 'rm -f "$test_log"' EXIT
 step_start=""
@@ -31,65 +37,82 @@ step() {
     printf '\n==> %s\n' "$*"
 }
 
-step "provision QEMU 10.0 and 7.2"
-provision_out=$(bash scripts/provision-qemu.sh)
-eval "$(printf '%s\n' "$provision_out" | grep -E '^QEMU(10|72)=')"
-export MIGPROXY_QEMU10="$QEMU10" MIGPROXY_QEMU72="$QEMU72"
-echo "QEMU 10.0: $MIGPROXY_QEMU10"
-echo "QEMU 7.2:  $MIGPROXY_QEMU72"
-
-step "rust toolchain components"
-installed=$(rustup component list --installed 2>/dev/null || true)
-for component in rustfmt clippy; do
-    if ! printf '%s\n' "$installed" | grep -q "^$component"; then
-        rustup component add "$component"
+# Run a check; on failure remember its name and go on.
+failed_steps=()
+check() {
+    local name="$1"
+    shift
+    if ! "$@"; then
+        failed_steps+=("$name")
+        printf '!!! FAILED: %s\n' "$name"
     fi
-done
+}
+
+# cargo test with its output also in the test log, every test binary run even when one fails.
+cargo_test() {
+    cargo test --no-fail-fast "$@" 2>&1 | tee -a "$test_log"
+}
+
+step "provision and check every tool the tests use (scripts/provision.sh)"
+# Provisioning stops the run: nothing after it can mean anything without its tools.
+if ! provision_env=$(bash scripts/provision.sh); then
+    echo "scripts/test-all.sh: FAIL: provisioning failed (see the provision: lines above)"
+    exit 1
+fi
+eval "$provision_env"
+printf '%s\n' "$provision_env" | sed 's/^export /    /'
 cargo --version
 
 step "cargo fmt --check"
-cargo fmt --all -- --check
+check "cargo fmt --check" cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -D warnings"
-cargo clippy --workspace --all-targets -- -D warnings
+check "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 
 step "unit, property and vector tests"
-cargo test --workspace --exclude migproxy-integration-tests 2>&1 | tee -a "$test_log"
+check "unit, property and vector tests" cargo_test --workspace --exclude migproxy-integration-tests
 
 if [ -d fuzz ] && [ "${MIGPROXY_SKIP_FUZZ:-0}" != 1 ]; then
     step "fuzz build"
-    if ! rustup toolchain list | grep -q '^nightly'; then
-        rustup toolchain install nightly --profile minimal
-    fi
-    if ! cargo fuzz --version >/dev/null 2>&1; then
-        cargo install cargo-fuzz --locked
-    fi
-    cargo +nightly fuzz build
+    check "fuzz build" cargo +nightly fuzz build
 fi
 
 step "aarch64 compile check of the KVM capture path (profile capture --from-kvm)"
 # The --from-kvm path only exists on aarch64 and these machines are x86_64: check that it
-# compiles and is clippy-clean for aarch64. rustup fetches the target's std from its own
-# server; where that is unreachable the step says so loudly instead of passing silently.
-if rustup target list --installed | grep -q '^aarch64-unknown-linux-gnu$' \
-    || rustup target add aarch64-unknown-linux-gnu; then
+# compiles and is clippy-clean for aarch64 (provisioning added the target).
+check "aarch64 clippy" \
     cargo clippy -p migproxy-config --target aarch64-unknown-linux-gnu --all-targets -- -D warnings
-else
-    echo "WARNING: rustup target add aarch64-unknown-linux-gnu failed: aarch64 check NOT run"
-fi
 
 step "build migproxy"
-cargo build -p migproxy
+check "build migproxy" cargo build -p migproxy
 export MIGPROXY_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/migproxy"
-test -x "$MIGPROXY_BIN"
 
 step "end-to-end scenarios (real QEMU 10.0 and 7.2 through migproxy)"
 # --tests: the harness library has no doc tests worth a "0 passed" line.
-cargo test -p migproxy-integration-tests --tests -- \
-    --test-threads="${MIGPROXY_TEST_THREADS:-1}" --nocapture 2>&1 | tee -a "$test_log"
+check "end-to-end scenarios" cargo_test -p migproxy-integration-tests --tests -- \
+    --test-threads="${MIGPROXY_TEST_THREADS:-1}" --nocapture
 
 step "done"
-echo "scripts/test-all.sh: all steps passed in $(( $(date +%s) - run_start )) s"
+# Failed tests by name, each with its test binary: cargo prints "Running <binary> (...)" before a
+# binary's output and, at its end, the names of its failed tests under the last "failures:" line.
+failed_tests=$(awk '/^ *Running / { binary = $0; sub(/^ *Running /, "", binary) }
+    /^failures:$/ { names = ""; listing = 1; next }
+    listing && /^    [A-Za-z_][A-Za-z0-9_:]*$/ { names = names "    " binary ": " substr($0, 5) "\n"; next }
+    /^test result:/ { printf "%s", names; names = ""; listing = 0 }' "$test_log")
+status=0
+if [ "${#failed_steps[@]}" -gt 0 ]; then
+    status=1
+    echo "failed steps:"
+    printf '    %s\n' "${failed_steps[@]}"
+    if [ -n "$failed_tests" ]; then
+        echo "failed tests:"
+        printf '%s\n' "$failed_tests"
+    fi
+    echo "scripts/test-all.sh: FAILED after $(($(date +%s) - run_start)) s"
+else
+    echo "scripts/test-all.sh: all steps passed in $(($(date +%s) - run_start)) s"
+fi
 # One closing line for the whole run (cargo prints one per test binary, the last often "0 passed").
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
      END { printf "total: %d passed, %d failed\n", p, f }' "$test_log"
+exit "$status"
