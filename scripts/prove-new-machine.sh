@@ -3,7 +3,7 @@
 # HEAD, starting from nothing the project made. Not part of .ci/run (it purges packages and takes about
 # half an hour of both cores); run it before every submission (README, Tests).
 #
-#   scripts/prove-new-machine.sh --base-packages FILE [--keep PACKAGE]... [--keep-work]
+#   scripts/prove-new-machine.sh --base-packages FILE [--keep PACKAGE]... [--keep-work] [--dry-run]
 #
 # FILE lists the packages a new machine of this kind has (one name per line, or the tab-separated
 # `apt<TAB>name<TAB>version` form of a machine image's package list; `name:arch` is read as `name`).
@@ -21,6 +21,7 @@
 #     storage of its own (no base image, no layer, no built image is reused) and an empty TMPDIR (buildah
 #     keeps the image build's cargo cache mount there).
 #   - The source: `git clone` of HEAD into a temporary directory (uncommitted changes are not proved).
+# --dry-run prints what would be purged and stops there.
 # Upgrades of base packages that a project package pulled in cannot be undone; the run lists none of them.
 #
 # Prints the test command's output, then the total run time and the verdict; exits with the test
@@ -46,11 +47,13 @@ usage() {
 base_packages=""
 keep=()
 keep_work=0
+dry_run=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --base-packages) base_packages="${2:-}" && shift 2 || usage ;;
         --keep) keep+=("${2:-}") && shift 2 || usage ;;
         --keep-work) keep_work=1 && shift ;;
+        --dry-run) dry_run=1 && shift ;;
         *) usage ;;
     esac
 done
@@ -94,17 +97,21 @@ base_names() {
 }
 
 purge_project_packages() {
-    local base installed extra=() name kept
+    local base installed kept_closure="" extra=() name
     base="$(base_names)"
     [ "$(wc -l <<<"$base")" -ge 50 ] || die "$base_packages lists fewer than 50 packages: not a machine's package list"
     installed="$(dpkg-query -W -f '${db:Status-Abbrev} ${Package}\n' | awk '$1 ~ /^[ih]i/ { print $2 }' | sort -u)"
+    if [ "${#keep[@]}" -gt 0 ]; then
+        # A kept package keeps what it depends on (purging a dependency would remove it too).
+        kept_closure="$(apt-cache depends --recurse --installed --no-recommends --no-suggests --no-conflicts \
+            --no-breaks --no-replaces --no-enhances "${keep[@]}" | awk '!/^ / && !/</ { print $1 }' | sort -u)"
+    fi
     while read -r name; do
-        kept=0
-        for k in "${keep[@]}"; do [ "$name" = "$k" ] && kept=1; done
-        [ "$kept" = 1 ] || extra+=("$name")
+        grep -qx -- "$name" <<<"$kept_closure" || extra+=("$name")
     done < <(comm -13 <(printf '%s\n' "$base") <(printf '%s\n' "$installed"))
     if [ "${#keep[@]}" -gt 0 ]; then
-        log "kept although not on a new machine (--keep): ${keep[*]}"
+        log "kept although not on a new machine (--keep, with their dependencies):" \
+            "$(comm -13 <(printf '%s\n' "$base") <(printf '%s\n' "$kept_closure") | tr '\n' ' ')"
     fi
     if [ "${#extra[@]}" -gt 0 ]; then
         # apt also removes what depends on a purged package: make sure that is no base package.
@@ -112,11 +119,15 @@ purge_project_packages() {
         removed="$(DEBIAN_FRONTEND=noninteractive "${APT[@]}" -s purge "${extra[@]}" | awk '/^Purg / { print $2 }' | sort -u)"
         unexpected="$(comm -12 <(printf '%s\n' "$base") <(printf '%s\n' "$removed") | tr '\n' ' ')"
         [ -z "$unexpected" ] || die "purging ${extra[*]} would also remove base packages: $unexpected"
+        unexpected="$(comm -12 <(printf '%s\n' "$kept_closure") <(printf '%s\n' "$removed") | tr '\n' ' ')"
+        [ -z "$unexpected" ] || die "purging ${extra[*]} would also remove kept packages: $unexpected"
         log "purging ${#extra[@]} packages a new machine does not have: ${extra[*]}"
+        [ "$dry_run" = 0 ] || return 0
         DEBIAN_FRONTEND=noninteractive "${APT[@]}" purge -y -qq "${extra[@]}" >&2 || die "apt-get purge failed"
     else
         log "no package beyond the base list is installed"
     fi
+    [ "$dry_run" = 0 ] || return 0
     if [ -e "$PROJECT_APT_SOURCE" ]; then
         log "removing the project's apt source $PROJECT_APT_SOURCE"
         rm -f "$PROJECT_APT_SOURCE"
@@ -187,6 +198,7 @@ CONF
 
 start=$SECONDS
 purge_project_packages
+[ "$dry_run" = 0 ] || exit 0
 fresh_rust_homes
 PATH="$(fresh_path)"
 export PATH
