@@ -219,7 +219,7 @@ fn find_or_build_image(log: &Path) -> Result<String> {
         let exists = Command::new("podman")
             .args(["image", "exists", &image])
             .status()
-            .context("running podman (is it installed? scripts/container-smoke.sh installs it)")?;
+            .context("running podman (scripts/provision.sh installs it)")?;
         if exists.success() {
             return Ok(image);
         }
@@ -534,7 +534,7 @@ impl NftRedirect {
             .arg("-f")
             .arg(&path)
             .output()
-            .context("running nft (apt-get install nftables)")?;
+            .context("running nft (scripts/provision.sh installs nftables)")?;
         if !out.status.success() {
             bail!(
                 "nft -f {} failed: {}\n{ruleset}",
