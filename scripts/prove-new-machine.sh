@@ -133,7 +133,8 @@ purge_project_packages() {
         rm -f "$PROJECT_APT_SOURCE"
         "${APT[@]}" update -qq >&2 || die "apt-get update failed"
     fi
-    "${APT[@]}" clean
+    # Only hygiene (a new machine has no downloaded .deb files): another apt run may hold the lock.
+    "${APT[@]}" clean || log "note: apt-get clean failed (apt busy); the download cache was not emptied"
 }
 
 # --- Rust: empty CARGO_HOME, RUSTUP_HOME as a rustup install leaves it ---------------------------------
