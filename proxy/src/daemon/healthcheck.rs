@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::cli::HealthcheckArgs;
 use crate::error::ProxyError;
-use crate::http_client;
+use crate::net::http_client;
 
 pub fn main(args: &HealthcheckArgs) -> Result<(), ProxyError> {
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 
-use crate::conn::ConnRead;
+use crate::net::conn::ConnRead;
 
 /// QEMU_VM_FILE_MAGIC (migration/savevm.c).
 pub const QEMU_VM_FILE_MAGIC: [u8; 4] = *b"QEVM";
@@ -98,7 +98,7 @@ pub async fn read_first_bytes(reader: &mut ConnRead, deadline: Duration) -> Firs
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::Conn;
+    use crate::net::conn::Conn;
     use tokio::io::AsyncWriteExt;
     use tokio::net::{TcpListener, TcpStream};
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use migproxy_config::{Policy, Profile};
 
 use crate::error::ProxyError;
-use crate::http_client;
+use crate::net::http_client;
 
 #[derive(Debug, Clone)]
 pub enum ProfileSource {

@@ -34,11 +34,11 @@ use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio_util::codec::{Decoder, FramedRead};
 
-use crate::conn::{Conn, ConnRead, ConnWrite};
 use crate::error::ProxyError;
-use crate::migration::Migration;
-use crate::profile_source::RewriteSetup;
-use crate::relay;
+use crate::migration::profile_source::RewriteSetup;
+use crate::migration::registry::Migration;
+use crate::net::conn::{Conn, ConnRead, ConnWrite};
+use crate::net::relay;
 
 /// Read buffer of the main channel.
 pub const READ_BUFFER_BYTES: usize = 1 << 20;

@@ -14,8 +14,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::{tcp, unix, TcpStream, UnixStream};
 
-use crate::addr::Address;
 use crate::error::ProxyError;
+use crate::net::addr::Address;
 
 /// Kernel socket buffer size asked for on every migration socket.
 pub const SOCKET_BUFFER_BYTES: usize = 1 << 20;

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::conn::{ConnRead, ConnWrite};
 use crate::error::ProxyError;
+use crate::net::conn::{ConnRead, ConnWrite};
 
 /// Relay buffer per direction.
 pub const RELAY_BUFFER_BYTES: usize = 1 << 20;
@@ -92,7 +92,7 @@ pub async fn relay_channel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::Conn;
+    use crate::net::conn::Conn;
     use std::sync::Arc;
     use tokio::net::{TcpListener, TcpStream};
 

@@ -12,15 +12,15 @@ use std::path::Path;
 use migproxy_config::{rewrite, Profile, RefusalReason, RewriteReport};
 use serde_json::json;
 
+use crate::cli::policy::policy_from_args;
 use crate::cli::PlanArgs;
 use crate::error::ProxyError;
-use crate::policy_args::policy_from_args;
-use crate::profile_cmd;
+use crate::offline::capture;
 
 pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
     let policy = policy_from_args(&args.policy)?;
     let (dest, source_profile) =
-        profile_cmd::load_profiles(&args.dest_profile, args.source_profile.as_deref())?;
+        capture::load_profiles(&args.dest_profile, args.source_profile.as_deref())?;
     let source = load_source(&args.source)?;
 
     let mut notes = Vec::new();
@@ -122,7 +122,7 @@ fn load_source(path: &Path) -> Result<Source, ProxyError> {
             .map(|()| &head == b"QEVM")
             .unwrap_or(false);
     if is_stream || path == Path::new("-") {
-        let stream = profile_cmd::read_stream(path)?;
+        let stream = capture::read_stream(path)?;
         return Ok(Source {
             kind: "stream".into(),
             machine: stream.info.machine.clone(),

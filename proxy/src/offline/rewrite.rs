@@ -13,15 +13,15 @@ use bytes::BytesMut;
 use migproxy_codec::{offline, Frame, Limits, StreamDecoder};
 use migproxy_config::{rewrite, Rewrite, RewriteReport};
 
+use crate::cli::policy::policy_from_args;
 use crate::cli::RewriteArgs;
 use crate::error::ProxyError;
-use crate::policy_args::policy_from_args;
-use crate::profile_cmd::{self, no_device_state, open_input};
+use crate::offline::capture::{self, no_device_state, open_input};
 
 pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
     let policy = policy_from_args(&args.policy)?;
     let (dest, source_profile) =
-        profile_cmd::load_profiles(&args.dest_profile, args.source_profile.as_deref())?;
+        capture::load_profiles(&args.dest_profile, args.source_profile.as_deref())?;
     let input = open_input(&args.input)?;
     let total = (args.input != Path::new("-"))
         .then(|| std::fs::metadata(&args.input).ok().map(|m| m.len()))
