@@ -12,9 +12,12 @@
 
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::net::conn::ConnRead;
+use crate::error::ProxyError;
+use crate::net::conn::Conn;
+use crate::net::prefixed::PrefixedIo;
 
 /// QEMU_VM_FILE_MAGIC (migration/savevm.c).
 pub const QEMU_VM_FILE_MAGIC: [u8; 4] = *b"QEVM";
@@ -40,27 +43,17 @@ impl ChannelKind {
     }
 }
 
-/// The outcome of reading a connection's first bytes.
-#[derive(Debug, PartialEq, Eq)]
+/// What a connection's first bytes say about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FirstBytes {
     /// Four bytes arrived and name the channel kind.
-    Identified(ChannelKind, [u8; 4]),
+    Identified(ChannelKind),
     /// Four bytes arrived, neither magic: a preempt channel, or garbage.
-    Unknown([u8; 4]),
+    Unknown,
     /// Fewer than four bytes before the deadline (possibly none): a silent channel, or a probe.
-    Silent(Vec<u8>),
+    Silent,
     /// The peer closed before sending four bytes.
-    Closed(Vec<u8>),
-}
-
-impl FirstBytes {
-    /// The bytes already consumed from the socket, to be forwarded first.
-    pub fn prefix(&self) -> &[u8] {
-        match self {
-            FirstBytes::Identified(_, b) | FirstBytes::Unknown(b) => b,
-            FirstBytes::Silent(b) | FirstBytes::Closed(b) => b,
-        }
-    }
+    Closed,
 }
 
 pub fn classify_magic(magic: [u8; 4]) -> Option<ChannelKind> {
@@ -71,84 +64,130 @@ pub fn classify_magic(magic: [u8; 4]) -> Option<ChannelKind> {
     }
 }
 
-/// Read up to the first 4 bytes within `deadline`.
-pub async fn read_first_bytes(reader: &mut ConnRead, deadline: Duration) -> FirstBytes {
+/// Read up to the first 4 bytes within `deadline`. The connection comes back carrying what was
+/// read, so whatever forwards it later starts with those bytes.
+pub async fn read_first_bytes<T: AsyncRead + Unpin>(
+    mut io: T,
+    deadline: Duration,
+) -> (FirstBytes, PrefixedIo<T>) {
     let mut got = [0u8; 4];
     let mut filled = 0usize;
     let sleep = tokio::time::sleep(deadline);
     tokio::pin!(sleep);
+    let mut outcome = None;
     while filled < got.len() {
         let Some(window) = got.get_mut(filled..) else {
             break;
         };
         tokio::select! {
-            read = reader.read(window) => match read {
-                Ok(0) | Err(_) => return FirstBytes::Closed(got.get(..filled).unwrap_or_default().to_vec()),
+            read = io.read(window) => match read {
+                Ok(0) | Err(_) => {
+                    outcome = Some(FirstBytes::Closed);
+                    break;
+                }
                 Ok(n) => filled = filled.saturating_add(n),
             },
-            () = &mut sleep => return FirstBytes::Silent(got.get(..filled).unwrap_or_default().to_vec()),
+            () = &mut sleep => {
+                outcome = Some(FirstBytes::Silent);
+                break;
+            }
         }
     }
-    match classify_magic(got) {
-        Some(kind) => FirstBytes::Identified(kind, got),
-        None => FirstBytes::Unknown(got),
-    }
+    let first = outcome.unwrap_or_else(|| match classify_magic(got) {
+        Some(kind) => FirstBytes::Identified(kind),
+        None => FirstBytes::Unknown,
+    });
+    let prefix = Bytes::copy_from_slice(got.get(..filled).unwrap_or_default());
+    (first, PrefixedIo::new(prefix, io))
+}
+
+/// A connection on a TLS listener, after both handshakes: its kind is known by order (the first
+/// connection of a migration is its main channel), and its first plaintext bytes must agree.
+pub async fn confirm_tls_channel(
+    session: Conn,
+    by_order: ChannelKind,
+    deadline: Duration,
+) -> Result<(ChannelKind, PrefixedIo<Conn>), ProxyError> {
+    let (first, io) = read_first_bytes(session, deadline).await;
+    let kind = match (by_order, first) {
+        (ChannelKind::Main, FirstBytes::Identified(ChannelKind::Main)) => ChannelKind::Main,
+        (ChannelKind::Main, _) => {
+            return Err(ProxyError::Aborted(format!(
+                "the first tls connection is the main channel by order, but it sent {:02x?} instead of QEVM",
+                io.prefix()
+            )))
+        }
+        (_, FirstBytes::Identified(ChannelKind::Main)) => {
+            return Err(ProxyError::Aborted(
+                "a second main channel in one migration".into(),
+            ))
+        }
+        (_, FirstBytes::Identified(ChannelKind::Multifd)) => ChannelKind::Multifd,
+        _ => ChannelKind::Preempt,
+    };
+    Ok((kind, io))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::conn::Conn;
-    use tokio::io::AsyncWriteExt;
-    use tokio::net::{TcpListener, TcpStream};
-
-    async fn pair() -> std::io::Result<(TcpStream, ConnRead)> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let client = TcpStream::connect(listener.local_addr()?).await?;
-        let (server, _) = listener.accept().await?;
-        let (read, _write) = Conn::Tcp(server).into_split();
-        Ok((client, read))
-    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     #[tokio::test]
     async fn identifies_by_magic_even_when_split() -> std::io::Result<()> {
-        let (mut client, mut read) = pair().await?;
+        let (mut client, server) = tokio::io::duplex(64);
         client.write_all(b"QE").await?;
         let reading =
-            tokio::spawn(async move { read_first_bytes(&mut read, Duration::from_secs(5)).await });
+            tokio::spawn(async move { read_first_bytes(server, Duration::from_secs(5)).await });
         client.write_all(b"VM\0\0\0\x03").await?;
-        let got = reading.await.map_err(std::io::Error::other)?;
-        assert_eq!(got, FirstBytes::Identified(ChannelKind::Main, *b"QEVM"));
+        drop(client);
+        let (first, mut io) = reading.await.map_err(std::io::Error::other)?;
+        assert_eq!(first, FirstBytes::Identified(ChannelKind::Main));
+        // The magic is read again, then the rest of the stream.
+        let mut all = Vec::new();
+        io.read_to_end(&mut all).await?;
+        assert_eq!(all, b"QEVM\0\0\0\x03");
 
-        let (mut client, mut read) = pair().await?;
+        let (mut client, server) = tokio::io::duplex(64);
         client.write_all(&MULTIFD_MAGIC).await?;
-        assert_eq!(
-            read_first_bytes(&mut read, Duration::from_secs(5)).await,
-            FirstBytes::Identified(ChannelKind::Multifd, MULTIFD_MAGIC)
-        );
+        let (first, io) = read_first_bytes(server, Duration::from_secs(5)).await;
+        assert_eq!(first, FirstBytes::Identified(ChannelKind::Multifd));
+        assert_eq!(io.prefix(), MULTIFD_MAGIC);
         Ok(())
     }
 
-    #[tokio::test]
-    async fn silent_garbage_and_closed() -> std::io::Result<()> {
-        let (mut client, mut read) = pair().await?;
-        client.write_all(b"G").await?;
-        assert_eq!(
-            read_first_bytes(&mut read, Duration::from_millis(50)).await,
-            FirstBytes::Silent(b"G".to_vec())
-        );
-        let (mut client, mut read) = pair().await?;
-        client.write_all(b"GET / HTTP/1.0\r\n").await?;
-        assert_eq!(
-            read_first_bytes(&mut read, Duration::from_secs(5)).await,
-            FirstBytes::Unknown(*b"GET ")
-        );
-        let (client, mut read) = pair().await?;
+    async fn first_bytes(sent: &[u8], close: bool, deadline: Duration) -> (FirstBytes, Vec<u8>) {
+        let (mut client, server): (DuplexStream, DuplexStream) = tokio::io::duplex(64);
+        if client.write_all(sent).await.is_err() {
+            return (FirstBytes::Closed, Vec::new());
+        }
+        if close {
+            drop(client);
+            let (first, io) = read_first_bytes(server, deadline).await;
+            return (first, io.prefix().to_vec());
+        }
+        let (first, io) = read_first_bytes(server, deadline).await;
         drop(client);
+        (first, io.prefix().to_vec())
+    }
+
+    #[tokio::test]
+    async fn silent_garbage_and_closed() {
         assert_eq!(
-            read_first_bytes(&mut read, Duration::from_secs(5)).await,
-            FirstBytes::Closed(Vec::new())
+            first_bytes(b"G", false, Duration::from_millis(50)).await,
+            (FirstBytes::Silent, b"G".to_vec())
         );
-        Ok(())
+        assert_eq!(
+            first_bytes(b"GET / HTTP/1.0\r\n", false, Duration::from_secs(5)).await,
+            (FirstBytes::Unknown, b"GET ".to_vec())
+        );
+        assert_eq!(
+            first_bytes(b"", true, Duration::from_secs(5)).await,
+            (FirstBytes::Closed, Vec::new())
+        );
+        assert_eq!(
+            first_bytes(b"QE", true, Duration::from_secs(5)).await,
+            (FirstBytes::Closed, b"QE".to_vec())
+        );
     }
 }

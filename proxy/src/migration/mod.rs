@@ -3,6 +3,7 @@
 //! decoder and the rewrite, and the profiles that rewrite uses.
 
 pub mod connection;
+pub mod dial;
 pub mod identify;
 pub mod metrics;
 pub mod profile_source;

@@ -38,6 +38,7 @@ use crate::error::ProxyError;
 use crate::migration::profile_source::RewriteSetup;
 use crate::migration::registry::Migration;
 use crate::net::conn::{Conn, ConnRead, ConnWrite};
+use crate::net::prefixed::PrefixedIo;
 use crate::net::relay;
 
 /// Read buffer of the main channel.
@@ -58,9 +59,7 @@ pub struct ChannelSettings {
 
 /// Pump one main channel until both directions have ended.
 pub async fn run(
-    source_read: ConnRead,
-    prefix: &[u8],
-    source_write: ConnWrite,
+    (source_read, source_write): (PrefixedIo<ConnRead>, ConnWrite),
     destination: Conn,
     rewrite: Option<&RewriteSetup>,
     migration: &Migration,
@@ -73,21 +72,13 @@ pub async fn run(
     ];
     let forwarded = AtomicBool::new(false);
     let forward = async {
-        forward(
-            source_read,
-            prefix,
-            dest_write,
-            rewrite,
-            migration,
-            settings,
-        )
-        .await?;
+        forward(source_read, dest_write, rewrite, migration, settings).await?;
         forwarded.store(true, Ordering::Release);
         Ok::<(), ProxyError>(())
     };
     // The source blocks on SHUT, PONG and page requests: relay them the moment they arrive.
     let return_path = async {
-        match relay::pump(dest_read, source_write, &[], &to_source, "return path").await {
+        match relay::pump(dest_read, source_write, &to_source, "return path").await {
             // QEMU may reset the main connection once the migration is over (issue 8): after
             // the whole stream went through, that is a normal end.
             Err(ProxyError::Io { source, .. })
@@ -107,8 +98,7 @@ pub async fn run(
 }
 
 async fn forward(
-    source: ConnRead,
-    prefix: &[u8],
+    source: PrefixedIo<ConnRead>,
     destination: ConnWrite,
     rewrite: Option<&RewriteSetup>,
     migration: &Migration,
@@ -126,8 +116,6 @@ async fn forward(
         sleep: None,
     };
     let mut frames = FramedRead::with_capacity(reader, decoder, READ_BUFFER_BYTES);
-    // The classifier already consumed the magic.
-    frames.read_buffer_mut().extend_from_slice(prefix);
     let mut out = WriteQueue {
         writer: destination,
         chunks: VecDeque::new(),
@@ -367,7 +355,7 @@ impl Decoder for WatchedDecoder {
 /// The source's read half, failing with `TimedOut` once the source has been silent for the
 /// description timeout while the decoder waits for the description.
 struct DescriptionDeadline {
-    inner: ConnRead,
+    inner: PrefixedIo<ConnRead>,
     awaiting_description: Arc<AtomicBool>,
     timeout: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,

@@ -22,15 +22,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
+use crate::migration::dial::DialOrder;
 use crate::migration::identify::ChannelKind;
 use crate::migration::metrics::{Metrics, Outcome};
 use crate::net::addr::Address;
-use crate::net::conn::{dial, Conn};
-use crate::net::tls::ListenerTls;
 
 /// Which connections may belong together.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -60,13 +59,11 @@ impl Registry {
             .next_id
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
-        let (main_dialed, _) = watch::channel(false);
         let migration = Arc::new(Migration {
             span: tracing::info_span!("migration", id, source = %source_name(&key), upstream = %key.upstream),
             key: key.clone(),
             cancel: parent.child_token(),
-            main_dialed,
-            dial_lock: tokio::sync::Mutex::new(()),
+            dial: DialOrder::default(),
             postcopy_advised: AtomicBool::new(false),
             return_path: AtomicBool::new(false),
             main_completed: AtomicBool::new(false),
@@ -139,12 +136,11 @@ pub struct Migration {
     pub span: tracing::Span,
     /// Cancelled on the first failure (or at the end of a drain): every connection closes.
     pub cancel: CancellationToken,
-    main_dialed: watch::Sender<bool>,
-    /// Serialises upstream connects, so the destination accepts them in our order.
-    dial_lock: tokio::sync::Mutex<()>,
-    pub postcopy_advised: AtomicBool,
+    /// Upstream connects, in the order the destination must see them.
+    pub dial: DialOrder,
+    postcopy_advised: AtomicBool,
     return_path: AtomicBool,
-    pub main_completed: AtomicBool,
+    main_completed: AtomicBool,
     failure: Mutex<Option<(Outcome, String)>>,
     pub rewrite_summary: Mutex<RewriteSummary>,
     channels: Mutex<Vec<ChannelKind>>,
@@ -177,10 +173,20 @@ impl Migration {
         !self.main_completed.load(Ordering::Acquire)
     }
 
+    /// The main channel has carried the whole stream: the migration completed, and channels
+    /// accepted from now on belong to the next one.
+    pub fn note_main_completed(&self) {
+        self.main_completed.store(true, Ordering::Release);
+    }
+
     pub fn note_postcopy_advised(&self) {
         if !self.postcopy_advised.swap(true, Ordering::AcqRel) {
             self.registry_changed.notify_waiters();
         }
+    }
+
+    pub fn postcopy_advised(&self) -> bool {
+        self.postcopy_advised.load(Ordering::Acquire)
     }
 
     pub fn note_return_path(&self) {
@@ -201,42 +207,6 @@ impl Migration {
             ChannelKind::Preempt => &self.metrics.connections_preempt,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Connect to the destination for one channel, after the main channel (see module docs).
-    pub async fn dial_upstream(
-        &self,
-        kind: ChannelKind,
-        tls: Option<&ListenerTls>,
-    ) -> Result<Conn, ProxyError> {
-        if kind != ChannelKind::Main {
-            let mut dialed = self.main_dialed.subscribe();
-            dialed
-                .wait_for(|dialed| *dialed)
-                .await
-                .map_err(|_| ProxyError::Aborted("main channel gone".into()))?;
-        }
-        let _order = self.dial_lock.lock().await;
-        let mut conn = dial(&self.key.upstream).await?;
-        if let Some(tls) = tls {
-            // Handshake inside the lock: the destination orders channels by completed handshake.
-            let host = match &self.key.upstream {
-                Address::Tcp { host, .. } => host.as_str(),
-                Address::Unix(_) => "localhost",
-            };
-            let session = tls
-                .connector
-                .connect(tls.server_name(host)?, conn)
-                .await
-                .map_err(|e| {
-                    ProxyError::io(format!("tls handshake with {}", self.key.upstream), e)
-                })?;
-            conn = Conn::Tls(Box::new(session));
-        }
-        if kind == ChannelKind::Main {
-            self.main_dialed.send_replace(true);
-        }
-        Ok(conn)
     }
 
     pub fn counters(&self) -> ([&AtomicU64; 2], [&AtomicU64; 2]) {

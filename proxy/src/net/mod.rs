@@ -5,5 +5,6 @@ pub mod addr;
 pub mod conn;
 pub mod http_client;
 pub mod listener;
+pub mod prefixed;
 pub mod relay;
 pub mod tls;

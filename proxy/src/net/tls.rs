@@ -25,6 +25,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::TlsConnector;
 
 use crate::error::ProxyError;
+use crate::net::addr::Address;
+use crate::net::conn::Conn;
 
 /// A listener's TLS settings, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +128,21 @@ impl ListenerTls {
             hostname: settings.hostname.clone(),
             verify_peer: settings.verify_peer,
         })
+    }
+
+    /// Open our TLS session to the destination over `conn`, checking its certificate against
+    /// `--tls-hostname` or, by default, the upstream host.
+    pub async fn connect(&self, conn: Conn, upstream: &Address) -> Result<Conn, ProxyError> {
+        let host = match upstream {
+            Address::Tcp { host, .. } => host.as_str(),
+            Address::Unix(_) => "localhost",
+        };
+        let session = self
+            .connector
+            .connect(self.server_name(host)?, conn)
+            .await
+            .map_err(|e| ProxyError::io(format!("tls handshake with {upstream}"), e))?;
+        Ok(Conn::Tls(Box::new(session)))
     }
 
     /// The name checked in the destination's certificate.
