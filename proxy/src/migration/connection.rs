@@ -104,14 +104,14 @@ async fn accept_plain(conn: Conn, key: GroupKey, peer: String, ctx: &ListenerCtx
         FirstBytes::Unknown => ctx
             .registry
             .wait_for(&key, ctx.identify_timeout, |m| {
-                m.accepts_channels() && m.postcopy_advised()
+                m.accepts_channels() && m.state.postcopy_advised()
             })
             .await
             .map(|m| (m, ChannelKind::Preempt)),
         // The 7.2 preempt channel is silent until postcopy ends: see `identify.rs`.
         FirstBytes::Silent => ctx
             .registry
-            .find(&key, |m| m.accepts_channels() && m.postcopy_advised())
+            .find(&key, |m| m.accepts_channels() && m.state.postcopy_advised())
             .map(|m| (m, ChannelKind::Preempt)),
         FirstBytes::Closed => None,
     };
@@ -235,19 +235,18 @@ async fn carry(
         }
         return pump::run(
             source.into_split(),
-            destination,
+            destination.into_split(),
             rewrite,
-            migration,
+            &migration.state,
             &ctx.channel,
         )
         .await;
     }
-    let (to_destination, to_source) = migration.counters();
     relay::relay_channel(
         source.into_split(),
         destination.into_split(),
-        &to_destination,
-        &to_source,
+        &migration.state.to_destination(),
+        &migration.state.to_source(),
         kind.as_str(),
     )
     .await

@@ -9,3 +9,6 @@ pub mod metrics;
 pub mod profile_source;
 pub mod pump;
 pub mod registry;
+pub mod rewrite;
+pub mod state;
+pub mod write_queue;

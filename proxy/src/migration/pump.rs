@@ -2,85 +2,85 @@
 //! with the return path relayed raw the other way at the same time.
 //!
 //! ```text
-//! source ──read 1 MiB──▶ FramedRead<StreamDecoder> ──Verbatim/Payload (Bytes)──▶ write queue ──▶ destination
-//!                                   └──DeviceState──▶ rewrite cpus ──encode──▶┘   (vectored writes)
-//! source ◀──────────────────── raw relay (return path, at once) ◀─────────────────────── destination
+//! source ──read ≤1 MiB──▶ StreamDecoder ──Verbatim/Payload (Bytes)──▶ WriteQueue ──▶ destination
+//!                               └──DeviceState──▶ rewrite cpus ──encode──▶┘  (vectored writes)
+//! source ◀──────────────────── raw relay (return path, at once) ◀──────────────────── destination
 //! ```
 //!
-//! Page payloads are `Bytes` cut from the read buffer and written as they are (vectored, no copy
-//! into an encoder buffer); only the held device-state phase is re-encoded. A write waits for the
-//! destination, and nothing is read meanwhile: a slow destination slows the source down instead of
-//! growing memory (backpressure). There is no idle timeout: with multifd the main channel may sit
-//! silent for the whole RAM phase. The only clock is the description deadline (design-decisions
-//! §1): once the decoder has read the EOF of a held device phase it waits for the description,
-//! and a source with `suppress-vmdesc=on` and a return path would wait for the destination
-//! forever, so the wait is bounded and its end fails the migration closed.
+//! The pump owns its read loop: decode every frame the buffer holds, write them, then read again
+//! (compare mini-redis `Connection::read_frame`). Page payloads are `Bytes` cut from the read
+//! buffer and written as they are (vectored, no copy into an encoder buffer); only the held
+//! device-state phase is re-encoded. A write waits for the destination, and nothing is read
+//! meanwhile: a slow destination slows the source down instead of growing memory (backpressure).
+//!
+//! There is no idle timeout: with multifd the main channel may sit silent for the whole RAM phase.
+//! The only clock is the description deadline (DESIGN.md, "No description means no exact
+//! delimiting"): while the decoder holds the device phase it waits for the description, and a
+//! source with `suppress-vmdesc=on` and a return path would wait for the destination forever, so
+//! each read in that phase has a deadline and its end refuses the migration. The clock measures
+//! silence, not the length of the phase: several MB of device state over a slow link must not time
+//! out while bytes are still arriving.
+//!
+//! The pump reports to a [`MigrationState`] (counters, flags, rewrite summary), not to the whole
+//! migration, so it runs over any byte streams: sockets in the daemon, in-memory pipes in tests.
 
-use std::collections::VecDeque;
-use std::io::{self, IoSlice};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures::{FutureExt, StreamExt};
-use migproxy_codec::{
-    DecodeError, DeviceState, Frame, Limits, MigCommand, RecordKind, StreamDecoder,
-};
-use migproxy_config::RewriteReport;
-use std::future::Future;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
-use tokio_util::codec::{Decoder, FramedRead};
+use bytes::BytesMut;
+use migproxy_codec::{Frame, Limits, MigCommand, RecordKind, StreamDecoder};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio_util::codec::Decoder;
 
 use crate::error::ProxyError;
 use crate::migration::profile_source::RewriteSetup;
-use crate::migration::registry::Migration;
-use crate::net::conn::{Conn, ConnRead, ConnWrite};
-use crate::net::prefixed::PrefixedIo;
+use crate::migration::rewrite::{report_rewrites, rewrite_cpus};
+use crate::migration::state::MigrationState;
+use crate::migration::write_queue::WriteQueue;
 use crate::net::relay;
 
 /// Read buffer of the main channel.
 pub const READ_BUFFER_BYTES: usize = 1 << 20;
-/// Queued output is written once it reaches this size (or when the source has nothing more).
+/// Queued output is written once it reaches this size (or before the next read).
 const FLUSH_BYTES: usize = 1 << 20;
-/// At most this many buffers per vectored write: Linux's IOV_MAX, so a 1 MiB flush of 4 KiB
-/// pages (a header and a payload each) is one writev.
-const MAX_IOVECS: usize = 1024;
 
 /// Main-channel settings shared by every migration of a listener.
 #[derive(Debug, Clone)]
 pub struct ChannelSettings {
     pub limits: Limits,
-    /// How long to wait for the description after the EOF of a held device phase.
+    /// How long the source may stay silent while the decoder holds the device phase.
     pub description_timeout: Duration,
 }
 
-/// Pump one main channel until both directions have ended.
-pub async fn run(
-    (source_read, source_write): (PrefixedIo<ConnRead>, ConnWrite),
-    destination: Conn,
+/// Pump one main channel until both directions have ended: `source` and `destination` are the
+/// read and write halves of each side.
+pub async fn run<SR, SW, DR, DW>(
+    (source_read, source_write): (SR, SW),
+    (dest_read, dest_write): (DR, DW),
     rewrite: Option<&RewriteSetup>,
-    migration: &Migration,
+    state: &MigrationState,
     settings: &ChannelSettings,
-) -> Result<(), ProxyError> {
-    let (dest_read, dest_write) = destination.into_split();
-    let to_source = [
-        &migration.bytes_to_source,
-        &migration.metrics.bytes_to_source,
-    ];
+) -> Result<(), ProxyError>
+where
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+    DR: AsyncRead + Unpin,
+    DW: AsyncWrite + Unpin,
+{
     let forwarded = AtomicBool::new(false);
     let forward = async {
-        forward(source_read, dest_write, rewrite, migration, settings).await?;
+        Forward::new(source_read, dest_write, rewrite, state, settings)
+            .run()
+            .await?;
         forwarded.store(true, Ordering::Release);
         Ok::<(), ProxyError>(())
     };
     // The source blocks on SHUT, PONG and page requests: relay them the moment they arrive.
     let return_path = async {
-        match relay::pump(dest_read, source_write, &to_source, "return path").await {
-            // QEMU may reset the main connection once the migration is over (issue 8): after
-            // the whole stream went through, that is a normal end.
+        match relay::pump(dest_read, source_write, &state.to_source(), "return path").await {
+            // QEMU may reset the main connection once the migration is over (seen with TLS):
+            // after the whole stream went through, that is a normal end.
             Err(ProxyError::Io { source, .. })
                 if forwarded.load(Ordering::Acquire)
                     && matches!(
@@ -97,120 +97,167 @@ pub async fn run(
     Ok(())
 }
 
-async fn forward(
-    source: PrefixedIo<ConnRead>,
-    destination: ConnWrite,
-    rewrite: Option<&RewriteSetup>,
-    migration: &Migration,
-    settings: &ChannelSettings,
-) -> Result<(), ProxyError> {
-    let awaiting = Arc::new(AtomicBool::new(false));
-    let decoder = WatchedDecoder {
-        inner: StreamDecoder::new(settings.limits.clone()),
-        awaiting_description: Arc::clone(&awaiting),
-    };
-    let reader = DescriptionDeadline {
-        inner: source,
-        awaiting_description: awaiting,
-        timeout: settings.description_timeout,
-        sleep: None,
-    };
-    let mut frames = FramedRead::with_capacity(reader, decoder, READ_BUFFER_BYTES);
-    let mut out = WriteQueue {
-        writer: destination,
-        chunks: VecDeque::new(),
-        queued: 0,
-        counters: [
-            &migration.bytes_to_destination,
-            &migration.metrics.bytes_to_destination,
-        ],
-    };
-    let mut flagged_no_return_path = false;
-    loop {
-        // Batch what is already decoded; write before waiting for the source again.
-        let next = match frames.next().now_or_never() {
-            Some(next) => next,
-            None => {
-                out.flush().await?;
-                make_room(frames.read_buffer_mut());
-                frames.next().await
+/// What one read from the source brought.
+enum Read {
+    Bytes,
+    Eof,
+    /// A TLS source that closes without close_notify, or resets, once its stream is complete:
+    /// nothing more could have followed.
+    ClosedAfterEnd,
+}
+
+/// The source -> destination direction.
+struct Forward<'a, R, W> {
+    source: R,
+    buffer: BytesMut,
+    decoder: StreamDecoder,
+    out: WriteQueue<'a, W>,
+    rewrite: Option<&'a RewriteSetup>,
+    state: &'a MigrationState,
+    description_timeout: Duration,
+    flagged_no_return_path: bool,
+}
+
+impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
+    fn new(
+        source: R,
+        destination: W,
+        rewrite: Option<&'a RewriteSetup>,
+        state: &'a MigrationState,
+        settings: &ChannelSettings,
+    ) -> Self {
+        Forward {
+            source,
+            buffer: BytesMut::with_capacity(READ_BUFFER_BYTES),
+            decoder: StreamDecoder::new(settings.limits.clone()),
+            out: WriteQueue::new(destination, state.to_destination()),
+            rewrite,
+            state,
+            description_timeout: settings.description_timeout,
+            flagged_no_return_path: false,
+        }
+    }
+
+    async fn run(mut self) -> Result<(), ProxyError> {
+        loop {
+            while let Some(frame) = self.decoder.decode(&mut self.buffer)? {
+                self.forward(frame).await?;
             }
+            match self.read().await? {
+                Read::Bytes => {}
+                Read::Eof => {
+                    while let Some(frame) = self.decoder.decode_eof(&mut self.buffer)? {
+                        self.forward(frame).await?;
+                    }
+                    break;
+                }
+                Read::ClosedAfterEnd => break,
+            }
+        }
+        self.out.flush().await?;
+        // Half-close: the destination sees EOF; its SHUT still comes back on the return path.
+        self.out.shutdown().await;
+        tracing::debug!(
+            bytes = self.decoder.offset(),
+            "main channel: source finished"
+        );
+        Ok(())
+    }
+
+    /// Write what is queued, then wait for the source's next bytes (with the description deadline
+    /// while the device phase is held).
+    async fn read(&mut self) -> Result<Read, ProxyError> {
+        self.out.flush().await?;
+        make_room(&mut self.buffer);
+        let read = self.source.read_buf(&mut self.buffer);
+        let result = if self.decoder.awaiting_description() {
+            match tokio::time::timeout(self.description_timeout, read).await {
+                Ok(result) => result,
+                Err(_) => {
+                    return Err(ProxyError::Refused(format!(
+                        "at byte {}: the source sent no description and went silent for {} ms in the device-state phase (suppress-vmdesc?); device sections cannot be delimited",
+                        self.decoder.offset(),
+                        self.description_timeout.as_millis()
+                    )))
+                }
+            }
+        } else {
+            read.await
         };
-        let frame = match next {
-            None => break,
-            Some(Ok(frame)) => frame,
-            // A TLS source that closes without close_notify, or resets, once its stream is
-            // complete (issue 8): nothing more could have followed.
-            Some(Err(DecodeError::Io(err)))
+        match result {
+            Ok(0) => Ok(Read::Eof),
+            Ok(_) => Ok(Read::Bytes),
+            Err(err)
                 if matches!(
                     err.kind(),
                     io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
-                ) && frames.decoder().inner.is_done() =>
+                ) && self.decoder.is_done() =>
             {
-                break
+                Ok(Read::ClosedAfterEnd)
             }
-            Some(Err(err)) => {
-                return Err(decode_failure(err, frames.decoder(), settings));
-            }
-        };
-        match frame {
-            Frame::Verbatim { kind, bytes, .. } => {
-                match &kind {
-                    RecordKind::Command(MigCommand::OpenReturnPath) => migration.note_return_path(),
-                    RecordKind::Command(MigCommand::PostcopyAdvise { .. }) => {
-                        migration.note_postcopy_advised();
-                        if rewrite.is_some() {
-                            // design-decisions §1: device state would travel in a PACKAGED blob
-                            // without description; refusing after the switch would strand the
-                            // guest, refusing now leaves it running at the source.
-                            return Err(ProxyError::Refused(format!(
-                                "postcopy advised at byte {}: a rewriting proxy cannot delimit the device state of a postcopy package; migrate without postcopy, or run a checking relay (no profile)",
-                                frames.decoder().inner.offset()
-                            )));
-                        }
-                    }
-                    RecordKind::SectionStart { .. } if !flagged_no_return_path => {
-                        flagged_no_return_path = true;
-                        if !migration.has_return_path() {
-                            tracing::warn!(
-                                "migration without a return path: if it is refused later, the source leaves the guest paused instead of resuming it (enable the return-path capability)"
-                            );
-                        }
-                    }
-                    _ => {}
-                }
-                out.push(bytes);
-            }
-            Frame::Payload { bytes, .. } => out.push(bytes),
-            Frame::DeviceState(mut state) => {
-                let rewritten = match rewrite {
-                    Some(setup) => rewrite_cpus(&mut state, setup)?,
-                    None => Vec::new(),
-                };
-                out.push(state.to_bytes());
-                // Both QEMUs are stopped until the destination has the device state: release
-                // it before anything else (logging, metrics) runs.
-                out.flush().await?;
-                report_rewrites(&rewritten, migration);
-            }
-        }
-        if out.queued >= FLUSH_BYTES {
-            out.flush().await?;
+            Err(err) => Err(ProxyError::io("main channel: read from source", err)),
         }
     }
-    out.flush().await?;
-    // Half-close: the destination sees EOF; its SHUT still comes back on the return path.
-    let _ = out.writer.shutdown().await;
-    tracing::debug!(
-        bytes = frames.decoder().inner.offset(),
-        "main channel: source finished"
-    );
-    Ok(())
+
+    /// Queue one decoded frame for the destination (rewritten, if it is the device state).
+    async fn forward(&mut self, frame: Frame) -> Result<(), ProxyError> {
+        match frame {
+            Frame::Verbatim { kind, bytes, .. } => {
+                self.note(&kind)?;
+                self.out.push(bytes);
+            }
+            Frame::Payload { bytes, .. } => self.out.push(bytes),
+            Frame::DeviceState(mut device) => {
+                let rewritten = match self.rewrite {
+                    Some(setup) => rewrite_cpus(&mut device, setup)?,
+                    None => Vec::new(),
+                };
+                self.out.push(device.to_bytes());
+                // Both QEMUs are stopped until the destination has the device state: release
+                // it before anything else (logging, metrics) runs.
+                self.out.flush().await?;
+                report_rewrites(&rewritten, self.state);
+            }
+        }
+        if self.out.queued() >= FLUSH_BYTES {
+            self.out.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// What a record announces about the migration.
+    fn note(&mut self, kind: &RecordKind) -> Result<(), ProxyError> {
+        match kind {
+            RecordKind::Command(MigCommand::OpenReturnPath) => self.state.note_return_path(),
+            RecordKind::Command(MigCommand::PostcopyAdvise { .. }) => {
+                self.state.note_postcopy_advised();
+                if self.rewrite.is_some() {
+                    // Device state would travel in a PACKAGED blob without description (DESIGN.md,
+                    // "No description means no exact delimiting"); refusing after the switch
+                    // would strand the guest, refusing now leaves it running at the source.
+                    return Err(ProxyError::Refused(format!(
+                        "postcopy advised at byte {}: a rewriting proxy cannot delimit the device state of a postcopy package; migrate without postcopy, or run a checking relay (no profile)",
+                        self.decoder.offset()
+                    )));
+                }
+            }
+            RecordKind::SectionStart { .. } if !self.flagged_no_return_path => {
+                self.flagged_no_return_path = true;
+                if !self.state.has_return_path() {
+                    tracing::warn!(
+                        "migration without a return path: if it is refused later, the source leaves the guest paused instead of resuming it (enable the return-path capability)"
+                    );
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
-/// Give the next read up to 1 MiB of room. FramedRead alone regrows its buffer in 8-64 KiB steps
-/// once page payloads have been cut from it; after a flush no frame refers to the buffer any more,
-/// so this reclaims the same allocation instead of growing memory.
+/// Give the next read up to 1 MiB of room. Once page payloads have been cut from the buffer it
+/// would regrow in small steps; after a flush no frame refers to it any more, so this reclaims
+/// the same allocation instead of growing memory.
 fn make_room(buffer: &mut BytesMut) {
     let spare = buffer.capacity().saturating_sub(buffer.len());
     if spare < READ_BUFFER_BYTES / 2 {
@@ -221,235 +268,238 @@ fn make_room(buffer: &mut BytesMut) {
     }
 }
 
-/// One vCPU whose cpreg arrays were replaced, for the log and the metrics.
-struct RewrittenCpu {
-    report: RewriteReport,
-    registers: usize,
-}
+/// The pump over in-memory pipes: no socket, no registry, no runtime beyond the test's.
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
 
-/// Replace every vCPU's cpreg arrays with the destination's list (design-decisions §4).
-///
-/// Runs while both QEMUs are stopped, so it only computes and applies; what was done is logged
-/// by [`report_rewrites`] once the device state has been written.
-fn rewrite_cpus(
-    state: &mut DeviceState,
-    setup: &RewriteSetup,
-) -> Result<Vec<RewrittenCpu>, ProxyError> {
-    let mut rewritten = Vec::new();
-    for cpu in state.cpus() {
-        let result = migproxy_config::rewrite(
-            cpu.instance,
-            &cpu.registers,
-            &setup.dest,
-            setup.source.as_deref(),
-            &setup.policy,
+    use migproxy_codec::testing::{RamRecord, StreamBuilder};
+    use migproxy_config::{Accel, Policy, Profile};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::migration::metrics::Metrics;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    const SCTLR_EL1: u64 = 0x6030_0000_0013_c080;
+    const TTBR0_EL1: u64 = 0x6030_0000_0013_c100;
+    const TCR_EL1: u64 = 0x6030_0000_0013_c102;
+    const CONTEXTIDR_EL1: u64 = 0x6030_0000_0013_c681;
+    /// Generous: the machine running the tests may be busy; no test measures time.
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    fn settings(description_timeout: Duration) -> ChannelSettings {
+        ChannelSettings {
+            limits: Limits::default(),
+            description_timeout,
+        }
+    }
+
+    fn state() -> MigrationState {
+        MigrationState::new(Arc::new(Metrics::default()), Arc::new(Notify::new()))
+    }
+
+    /// Header, RAM (pages a guest could fill with anything), one vCPU with these registers.
+    fn stream(registers: &[(u64, u64)]) -> StreamBuilder {
+        let mut builder = StreamBuilder::new("virt-7.2");
+        builder.ram_start(1 << 20);
+        builder.ram_section(
+            false,
+            &[RamRecord::Page(b"QEVM\x07cpu".to_vec()), RamRecord::Zero],
         );
-        let report = result.report;
-        if report.is_refused() {
-            for warning in &report.warnings {
-                tracing::warn!(vcpu = cpu.instance, "{warning}");
-            }
-            // The summary already names the vCPU.
-            return Err(ProxyError::Refused(report.refusal_summary()));
-        }
-        if !report.is_unchanged() {
-            state
-                .set_cpregs(cpu.instance, &result.registers)
-                .map_err(ProxyError::Decode)?;
-        }
-        if !report.is_unchanged() || !report.warnings.is_empty() {
-            rewritten.push(RewrittenCpu {
-                report,
-                registers: result.registers.len(),
-            });
+        builder.ram_section(true, &[RamRecord::Page(vec![0x5a; 4096])]);
+        builder.cpu(0, registers, 0x11);
+        builder
+    }
+
+    fn profile(registers: &[(u64, u64)]) -> Result<Profile, Box<dyn std::error::Error>> {
+        Ok(Profile::from_vcpus(Accel::Tcg, &[(0, registers.to_vec())])?)
+    }
+
+    struct Ends {
+        /// The source QEMU's socket.
+        source: DuplexStream,
+        /// The destination QEMU's socket.
+        destination: DuplexStream,
+        pump: tokio::task::JoinHandle<(Result<(), ProxyError>, MigrationState)>,
+    }
+
+    /// Start a pump between two pipes of `capacity` bytes each.
+    fn start(capacity: usize, rewrite: Option<RewriteSetup>, settings: ChannelSettings) -> Ends {
+        let (source, source_side) = tokio::io::duplex(capacity);
+        let (destination, destination_side) = tokio::io::duplex(capacity);
+        let pump = tokio::spawn(async move {
+            let state = state();
+            let result = run(
+                tokio::io::split(source_side),
+                tokio::io::split(destination_side),
+                rewrite.as_ref(),
+                &state,
+                &settings,
+            )
+            .await;
+            (result, state)
+        });
+        Ends {
+            source,
+            destination,
+            pump,
         }
     }
-    Ok(rewritten)
-}
 
-/// Log and count what [`rewrite_cpus`] did, after the device state has been released.
-fn report_rewrites(rewritten: &[RewrittenCpu], migration: &Migration) {
-    for RewrittenCpu { report, registers } in rewritten {
-        for warning in &report.warnings {
-            tracing::warn!(vcpu = report.vcpu, "{warning}");
-        }
-        if report.is_unchanged() {
-            continue;
-        }
-        tracing::info!(
-            vcpu = report.vcpu,
-            dropped = report.dropped.len(),
-            filled = report.filled.len(),
-            registers,
-            "cpu registers rewritten"
-        );
-        let metrics = &migration.metrics;
-        metrics.cpus_rewritten.fetch_add(1, Ordering::Relaxed);
-        metrics
-            .registers_dropped
-            .fetch_add(count(report.dropped.len()), Ordering::Relaxed);
-        metrics
-            .registers_filled
-            .fetch_add(count(report.filled.len()), Ordering::Relaxed);
-        if let Ok(mut summary) = migration.rewrite_summary.lock() {
-            summary.cpus_rewritten = summary.cpus_rewritten.saturating_add(1);
-            for dropped in &report.dropped {
-                let name = dropped.id.to_string();
-                if !summary.dropped.contains(&name) {
-                    summary.dropped.push(name);
+    async fn finish(
+        pump: tokio::task::JoinHandle<(Result<(), ProxyError>, MigrationState)>,
+    ) -> Result<(Result<(), ProxyError>, MigrationState), Box<dyn std::error::Error>> {
+        Ok(tokio::time::timeout(DEADLINE, pump).await??)
+    }
+
+    /// Everything the destination receives until the pump closes its side.
+    fn receive_all(
+        mut destination: DuplexStream,
+        chunk: usize,
+    ) -> tokio::task::JoinHandle<Vec<u8>> {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; chunk];
+            while let Ok(n) = destination.read(&mut buf).await {
+                if n == 0 {
+                    break;
                 }
+                got.extend_from_slice(buf.get(..n).unwrap_or_default());
+                tokio::task::yield_now().await;
             }
-            for filled in &report.filled {
-                let name = filled.id.to_string();
-                if !summary.filled.contains(&name) {
-                    summary.filled.push(name);
-                }
-            }
+            got
+        })
+    }
+
+    #[tokio::test]
+    async fn forwards_a_stream_split_at_odd_offsets_byte_for_byte() -> TestResult {
+        let bytes = stream(&[(SCTLR_EL1, 0x30d0_0980), (TTBR0_EL1, 0x4000_0000)]).finish();
+        let Ends {
+            mut source,
+            mut destination,
+            pump,
+        } = start(1 << 16, None, settings(DEADLINE));
+        // The return path: the destination answers, the source hears it while still sending.
+        destination.write_all(b"SHUT").await?;
+        destination.shutdown().await?;
+        let received = receive_all(destination, 1 << 16);
+        for piece in bytes.chunks(7) {
+            source.write_all(piece).await?;
+            tokio::task::yield_now().await;
         }
-    }
-}
-
-fn count(n: usize) -> u64 {
-    u64::try_from(n).unwrap_or(u64::MAX)
-}
-
-/// A decode error, or our description deadline surfacing through the reader.
-fn decode_failure(
-    err: DecodeError,
-    decoder: &WatchedDecoder,
-    settings: &ChannelSettings,
-) -> ProxyError {
-    match err {
-        DecodeError::Io(io) if io.kind() == io::ErrorKind::TimedOut => ProxyError::Refused(format!(
-            "at byte {}: the source sent no description and went silent for {} ms in the device-state phase (suppress-vmdesc?); device sections cannot be delimited",
-            decoder.inner.offset(),
-            settings.description_timeout.as_millis()
-        )),
-        DecodeError::Io(io) => ProxyError::io("main channel: read from source", io),
-        other => ProxyError::Decode(other),
-    }
-}
-
-/// The decoder, publishing whether it waits for the description (the reader owns the clock).
-struct WatchedDecoder {
-    inner: StreamDecoder,
-    awaiting_description: Arc<AtomicBool>,
-}
-
-impl Decoder for WatchedDecoder {
-    type Item = Frame;
-    type Error = DecodeError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
-        let frame = self.inner.decode(src);
-        self.awaiting_description
-            .store(self.inner.awaiting_description(), Ordering::Release);
-        frame
-    }
-
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
-        self.inner.decode_eof(src)
-    }
-}
-
-/// The source's read half, failing with `TimedOut` once the source has been silent for the
-/// description timeout while the decoder waits for the description.
-struct DescriptionDeadline {
-    inner: PrefixedIo<ConnRead>,
-    awaiting_description: Arc<AtomicBool>,
-    timeout: Duration,
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl AsyncRead for DescriptionDeadline {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.awaiting_description.load(Ordering::Acquire) {
-            let timeout = this.timeout;
-            let sleep = this
-                .sleep
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-            if sleep.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "description overdue",
-                )));
-            }
-        }
-        let filled_before = buf.filled().len();
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        // The clock measures silence, not the length of the device phase: the decoder waits
-        // from the first device section on (the EOF's position is known only once the
-        // description verifies), and several MB of device state over a slow link must not
-        // time out while bytes are still arriving.
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > filled_before {
-            this.sleep = None;
-        }
-        polled
-    }
-}
-
-/// Output waiting for the destination: the frames' own `Bytes`, written with vectored writes.
-struct WriteQueue<'a> {
-    writer: ConnWrite,
-    chunks: VecDeque<Bytes>,
-    queued: usize,
-    counters: [&'a AtomicU64; 2],
-}
-
-impl WriteQueue<'_> {
-    fn push(&mut self, bytes: Bytes) {
-        if !bytes.is_empty() {
-            self.queued = self.queued.saturating_add(bytes.len());
-            self.chunks.push_back(bytes);
-        }
-    }
-
-    async fn flush(&mut self) -> Result<(), ProxyError> {
-        while !self.chunks.is_empty() {
-            let slices: Vec<IoSlice<'_>> = self
-                .chunks
-                .iter()
-                .take(MAX_IOVECS)
-                .map(|chunk| IoSlice::new(chunk))
-                .collect();
-            let written = self
-                .writer
-                .write_vectored(&slices)
-                .await
-                .map_err(|e| ProxyError::io("main channel: write to destination", e))?;
-            drop(slices);
-            if written == 0 {
-                return Err(ProxyError::io(
-                    "main channel: write to destination",
-                    io::ErrorKind::WriteZero.into(),
-                ));
-            }
-            self.advance(written);
-        }
+        source.shutdown().await?;
+        let mut back = Vec::new();
+        source.read_to_end(&mut back).await?;
+        assert_eq!(back, b"SHUT");
+        let (result, state) = finish(pump).await?;
+        result?;
+        assert_eq!(received.await?, bytes);
+        assert_eq!(state.bytes_to_destination(), u64::try_from(bytes.len())?);
+        assert_eq!(state.bytes_to_source(), 4);
+        assert_eq!(state.rewrite_summary().cpus_rewritten, 0);
         Ok(())
     }
 
-    fn advance(&mut self, mut written: usize) {
-        self.queued = self.queued.saturating_sub(written);
-        for counter in self.counters {
-            counter.fetch_add(count(written), Ordering::Relaxed);
-        }
-        while written > 0 {
-            let Some(front) = self.chunks.front_mut() else {
-                return;
-            };
-            if written >= front.len() {
-                written = written.saturating_sub(front.len());
-                self.chunks.pop_front();
-            } else {
-                let _ = front.split_to(written);
-                written = 0;
+    #[tokio::test]
+    async fn a_slow_destination_gets_every_byte_and_the_rewritten_registers() -> TestResult {
+        let source_registers = [
+            (SCTLR_EL1, 0x30d0_0980),
+            (TTBR0_EL1, 0x4000_0000),
+            (CONTEXTIDR_EL1, 0),
+        ];
+        let dest_registers = [(SCTLR_EL1, 0x30d0_0980), (TTBR0_EL1, 0), (TCR_EL1, 0)];
+        let original = stream(&source_registers).finish();
+        // What the destination must receive: the same stream with its register list.
+        let expected_cpu = [
+            (SCTLR_EL1, 0x30d0_0980),
+            (TTBR0_EL1, 0x4000_0000),
+            (TCR_EL1, 0),
+        ];
+        let expected = stream(&expected_cpu).finish();
+        let setup = RewriteSetup {
+            dest: Arc::new(profile(&dest_registers)?),
+            source: None,
+            policy: Policy::default(),
+        };
+        // A 64-byte pipe read 16 bytes at a time: every write the pump makes is partial.
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(64, Some(setup), settings(DEADLINE));
+        let received = receive_all(destination, 16);
+        let sending = tokio::spawn(async move {
+            source.write_all(&original).await?;
+            source.shutdown().await?;
+            // Keep the source's end open until the pump has finished reading.
+            let mut back = Vec::new();
+            source.read_to_end(&mut back).await.map(|_| back)
+        });
+        let (result, state) = finish(pump).await?;
+        result?;
+        assert_eq!(received.await?, expected);
+        assert_eq!(sending.await??, b"");
+        let summary = state.rewrite_summary();
+        assert_eq!(summary.cpus_rewritten, 1);
+        assert_eq!(summary.dropped, ["CONTEXTIDR_EL1"]);
+        assert_eq!(summary.filled, ["TCR_EL1"]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_refusal_names_the_register_and_holds_back_the_device_state() -> TestResult {
+        let bytes = stream(&[(SCTLR_EL1, 0x30d0_0980), (CONTEXTIDR_EL1, 0x42)]).finish();
+        let setup = RewriteSetup {
+            dest: Arc::new(profile(&[(SCTLR_EL1, 0x30d0_0980)])?),
+            source: None,
+            policy: Policy::default(),
+        };
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(1 << 16, Some(setup), settings(DEADLINE));
+        let received = receive_all(destination, 1 << 16);
+        source.write_all(&bytes).await?;
+        let (result, _) = finish(pump).await?;
+        match result {
+            Err(ProxyError::Refused(reason)) => {
+                assert!(reason.contains("CONTEXTIDR_EL1"), "{reason}")
             }
+            other => panic!("expected a refusal, got {other:?}"),
         }
+        let received = received.await?;
+        let device_phase = stream(&[]).into_bytes().len();
+        assert!(
+            received.len() < device_phase,
+            "{} bytes reached the destination, the device phase starts at {device_phase}",
+            received.len()
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_missing_description_refuses_once_the_source_goes_silent() -> TestResult {
+        let bytes = stream(&[(SCTLR_EL1, 0x30d0_0980)]).finish_without_description();
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(1 << 16, None, settings(Duration::from_millis(50)));
+        let received = receive_all(destination, 1 << 16);
+        // suppress-vmdesc with a return path: the source sends EOF, then waits, socket open.
+        source.write_all(&bytes).await?;
+        let (result, _) = finish(pump).await?;
+        match result {
+            Err(ProxyError::Refused(reason)) => assert!(reason.contains("description"), "{reason}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let device_phase = stream(&[]).into_bytes().len();
+        assert!(received.await?.len() < device_phase);
+        drop(source);
+        Ok(())
     }
 }

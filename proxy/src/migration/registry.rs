@@ -29,6 +29,7 @@ use crate::error::ProxyError;
 use crate::migration::dial::DialOrder;
 use crate::migration::identify::ChannelKind;
 use crate::migration::metrics::{Metrics, Outcome};
+use crate::migration::state::MigrationState;
 use crate::net::addr::Address;
 
 /// Which connections may belong together.
@@ -64,17 +65,12 @@ impl Registry {
             key: key.clone(),
             cancel: parent.child_token(),
             dial: DialOrder::default(),
-            postcopy_advised: AtomicBool::new(false),
-            return_path: AtomicBool::new(false),
             main_completed: AtomicBool::new(false),
             failure: Mutex::new(None),
-            rewrite_summary: Mutex::new(RewriteSummary::default()),
             channels: Mutex::new(Vec::new()),
-            bytes_to_destination: AtomicU64::new(0),
-            bytes_to_source: AtomicU64::new(0),
             started: Instant::now(),
             metrics: Arc::clone(metrics),
-            registry_changed: Arc::clone(&self.changed),
+            state: MigrationState::new(Arc::clone(metrics), Arc::clone(&self.changed)),
         });
         metrics.migration_started();
         if let Ok(mut map) = self.current.lock() {
@@ -123,14 +119,6 @@ fn source_name(key: &GroupKey) -> String {
         .unwrap_or_else(|| "unix".to_owned())
 }
 
-/// What the rewrite did, for the summary line.
-#[derive(Debug, Default)]
-pub struct RewriteSummary {
-    pub cpus_rewritten: u32,
-    pub dropped: Vec<String>,
-    pub filled: Vec<String>,
-}
-
 pub struct Migration {
     pub key: GroupKey,
     pub span: tracing::Span,
@@ -138,17 +126,13 @@ pub struct Migration {
     pub cancel: CancellationToken,
     /// Upstream connects, in the order the destination must see them.
     pub dial: DialOrder,
-    postcopy_advised: AtomicBool,
-    return_path: AtomicBool,
+    /// What its channels report while they run.
+    pub state: MigrationState,
     main_completed: AtomicBool,
     failure: Mutex<Option<(Outcome, String)>>,
-    pub rewrite_summary: Mutex<RewriteSummary>,
     channels: Mutex<Vec<ChannelKind>>,
-    pub bytes_to_destination: AtomicU64,
-    pub bytes_to_source: AtomicU64,
     started: Instant,
-    pub metrics: Arc<Metrics>,
-    registry_changed: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
 impl Migration {
@@ -179,24 +163,6 @@ impl Migration {
         self.main_completed.store(true, Ordering::Release);
     }
 
-    pub fn note_postcopy_advised(&self) {
-        if !self.postcopy_advised.swap(true, Ordering::AcqRel) {
-            self.registry_changed.notify_waiters();
-        }
-    }
-
-    pub fn postcopy_advised(&self) -> bool {
-        self.postcopy_advised.load(Ordering::Acquire)
-    }
-
-    pub fn note_return_path(&self) {
-        self.return_path.store(true, Ordering::Release);
-    }
-
-    pub fn has_return_path(&self) -> bool {
-        self.return_path.load(Ordering::Acquire)
-    }
-
     pub fn add_channel(&self, kind: ChannelKind) {
         if let Ok(mut channels) = self.channels.lock() {
             channels.push(kind);
@@ -207,16 +173,6 @@ impl Migration {
             ChannelKind::Preempt => &self.metrics.connections_preempt,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn counters(&self) -> ([&AtomicU64; 2], [&AtomicU64; 2]) {
-        (
-            [
-                &self.bytes_to_destination,
-                &self.metrics.bytes_to_destination,
-            ],
-            [&self.bytes_to_source, &self.metrics.bytes_to_source],
-        )
     }
 }
 
@@ -247,20 +203,16 @@ impl Drop for Migration {
                     .join("+")
             })
             .unwrap_or_default();
-        let summary = self
-            .rewrite_summary
-            .get_mut()
-            .map(std::mem::take)
-            .unwrap_or_default();
+        let summary = self.state.rewrite_summary();
         tracing::info!(
             parent: &self.span,
             outcome = outcome.as_str(),
             reason = %reason,
             duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            bytes_to_destination = self.bytes_to_destination.load(Ordering::Relaxed),
-            bytes_to_source = self.bytes_to_source.load(Ordering::Relaxed),
+            bytes_to_destination = self.state.bytes_to_destination(),
+            bytes_to_source = self.state.bytes_to_source(),
             channels = %channels,
-            return_path = self.return_path.load(Ordering::Relaxed),
+            return_path = self.state.has_return_path(),
             cpus_rewritten = summary.cpus_rewritten,
             dropped = %summary.dropped.join(","),
             filled = %summary.filled.join(","),
