@@ -69,12 +69,11 @@ impl RunConfig {
                 ));
             }
             for (index, listener) in file.listeners.iter().enumerate() {
-                listeners.push(ListenerConfig::from_file(listener).map_err(|e| {
-                    ProxyError::InvalidConfig(format!(
-                        "[[listener]] #{}: {}",
-                        index.saturating_add(1),
-                        strip(&e)
-                    ))
+                listeners.push(ListenerConfig::from_file(listener).map_err(|source| {
+                    ProxyError::Listener {
+                        index: index.saturating_add(1),
+                        source: Box::new(source),
+                    }
                 })?);
             }
         }
@@ -140,11 +139,10 @@ impl RunConfig {
                     "served profile name {name:?} must be non-empty and without '/'"
                 )));
             }
-            migproxy_config::Profile::load(path).map_err(|e| {
-                ProxyError::InvalidConfig(format!(
-                    "served profile {name} ({}): {e}",
-                    path.display()
-                ))
+            migproxy_config::Profile::load(path).map_err(|source| ProxyError::ServedProfile {
+                name: name.clone(),
+                path: path.clone(),
+                source,
             })?;
         }
         if admin.is_none() && !served_profiles.is_empty() {
@@ -220,14 +218,6 @@ impl RunConfig {
             identify_timeout: Duration::from_millis(identify_ms),
             log_json: args.log_json || file.as_ref().and_then(|f| f.log_json).unwrap_or(false),
         })
-    }
-}
-
-/// The message of an error without its variant's prefix (nested in a located one-liner).
-fn strip(err: &ProxyError) -> String {
-    match err {
-        ProxyError::InvalidConfig(message) => message.clone(),
-        other => other.to_string(),
     }
 }
 

@@ -8,7 +8,7 @@
 
 use tokio::sync::{watch, Mutex};
 
-use crate::error::ProxyError;
+use crate::error::{Abort, ProxyError};
 use crate::migration::identify::ChannelKind;
 use crate::net::addr::Address;
 use crate::net::conn::{dial, Conn};
@@ -45,7 +45,7 @@ impl DialOrder {
             dialed
                 .wait_for(|dialed| *dialed)
                 .await
-                .map_err(|_| ProxyError::Aborted("main channel gone".into()))?;
+                .map_err(|_| ProxyError::Aborted(Abort::MainChannelGone))?;
         }
         let _turn = self.one_at_a_time.lock().await;
         let mut conn = dial(upstream).await?;

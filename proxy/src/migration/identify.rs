@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::error::ProxyError;
+use crate::error::{Abort, ProxyError};
 use crate::net::conn::Conn;
 use crate::net::prefixed::PrefixedIo;
 
@@ -112,15 +112,12 @@ pub async fn confirm_tls_channel(
     let kind = match (by_order, first) {
         (ChannelKind::Main, FirstBytes::Identified(ChannelKind::Main)) => ChannelKind::Main,
         (ChannelKind::Main, _) => {
-            return Err(ProxyError::Aborted(format!(
-                "the first tls connection is the main channel by order, but it sent {:02x?} instead of QEVM",
-                io.prefix()
-            )))
+            return Err(ProxyError::Aborted(Abort::FirstTlsNotMain {
+                sent: io.prefix().to_vec(),
+            }))
         }
         (_, FirstBytes::Identified(ChannelKind::Main)) => {
-            return Err(ProxyError::Aborted(
-                "a second main channel in one migration".into(),
-            ))
+            return Err(ProxyError::Aborted(Abort::SecondMainChannel))
         }
         (_, FirstBytes::Identified(ChannelKind::Multifd)) => ChannelKind::Multifd,
         _ => ChannelKind::Preempt,

@@ -33,7 +33,7 @@ use migproxy_codec::{Frame, Limits, MigCommand, RecordKind, StreamDecoder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::codec::Decoder;
 
-use crate::error::ProxyError;
+use crate::error::{ProxyError, Refusal};
 use crate::migration::profile_source::RewriteSetup;
 use crate::migration::rewrite::{report_rewrites, rewrite_cpus};
 use crate::migration::state::MigrationState;
@@ -174,11 +174,10 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             match tokio::time::timeout(self.description_timeout, read).await {
                 Ok(result) => result,
                 Err(_) => {
-                    return Err(ProxyError::Refused(format!(
-                        "at byte {}: the source sent no description and went silent for {} ms in the device-state phase (suppress-vmdesc?); device sections cannot be delimited",
-                        self.decoder.offset(),
-                        self.description_timeout.as_millis()
-                    )))
+                    return Err(ProxyError::Refused(Refusal::NoDescription {
+                        offset: self.decoder.offset(),
+                        silent: self.description_timeout,
+                    }))
                 }
             }
         } else {
@@ -235,10 +234,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                     // Device state would travel in a PACKAGED blob without description (DESIGN.md,
                     // "No description means no exact delimiting"); refusing after the switch
                     // would strand the guest, refusing now leaves it running at the source.
-                    return Err(ProxyError::Refused(format!(
-                        "postcopy advised at byte {}: a rewriting proxy cannot delimit the device state of a postcopy package; migrate without postcopy, or run a checking relay (no profile)",
-                        self.decoder.offset()
-                    )));
+                    return Err(ProxyError::Refused(Refusal::Postcopy {
+                        offset: self.decoder.offset(),
+                    }));
                 }
             }
             RecordKind::SectionStart { .. } if !self.flagged_no_return_path => {
@@ -301,8 +299,8 @@ mod tests {
         MigrationState::new(Arc::new(Metrics::default()), Arc::new(Notify::new()))
     }
 
-    /// Header, RAM (pages a guest could fill with anything), one vCPU with these registers.
-    fn stream(registers: &[(u64, u64)]) -> StreamBuilder {
+    /// Header and RAM (pages a guest could fill with anything): what precedes the device phase.
+    fn before_devices() -> StreamBuilder {
         let mut builder = StreamBuilder::new("virt-7.2");
         builder.ram_start(1 << 20);
         builder.ram_section(
@@ -310,6 +308,17 @@ mod tests {
             &[RamRecord::Page(b"QEVM\x07cpu".to_vec()), RamRecord::Zero],
         );
         builder.ram_section(true, &[RamRecord::Page(vec![0x5a; 4096])]);
+        builder
+    }
+
+    /// Where the device phase starts in every stream these tests build.
+    fn device_phase_start() -> usize {
+        before_devices().into_bytes().len()
+    }
+
+    /// The stream with one vCPU holding these registers.
+    fn stream(registers: &[(u64, u64)]) -> StreamBuilder {
+        let mut builder = before_devices();
         builder.cpu(0, registers, 0x11);
         builder
     }
@@ -466,18 +475,17 @@ mod tests {
         source.write_all(&bytes).await?;
         let (result, _) = finish(pump).await?;
         match result {
-            Err(ProxyError::Refused(reason)) => {
-                assert!(reason.contains("CONTEXTIDR_EL1"), "{reason}")
+            Err(ProxyError::Refused(Refusal::Registers(summaries))) => {
+                assert_eq!(summaries.len(), 1);
+                assert!(summaries[0].contains("CONTEXTIDR_EL1"), "{summaries:?}")
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
+        // At most what precedes the device phase went through (what was still queued when the
+        // refusal came is dropped with the connection); nothing of the device phase did.
         let received = received.await?;
-        let device_phase = stream(&[]).into_bytes().len();
-        assert!(
-            received.len() < device_phase,
-            "{} bytes reached the destination, the device phase starts at {device_phase}",
-            received.len()
-        );
+        assert!(received.len() <= device_phase_start(), "{}", received.len());
+        assert_eq!(received, bytes[..received.len()]);
         Ok(())
     }
 
@@ -494,11 +502,13 @@ mod tests {
         source.write_all(&bytes).await?;
         let (result, _) = finish(pump).await?;
         match result {
-            Err(ProxyError::Refused(reason)) => assert!(reason.contains("description"), "{reason}"),
+            Err(ProxyError::Refused(Refusal::NoDescription { offset, .. })) => {
+                assert_eq!(offset, u64::try_from(device_phase_start())?)
+            }
             other => panic!("expected a refusal, got {other:?}"),
         }
-        let device_phase = stream(&[]).into_bytes().len();
-        assert!(received.await?.len() < device_phase);
+        let received = received.await?;
+        assert_eq!(received, bytes[..device_phase_start()]);
         drop(source);
         Ok(())
     }

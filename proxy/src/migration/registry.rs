@@ -138,9 +138,10 @@ pub struct Migration {
 impl Migration {
     /// Record the first failure and close every connection of this migration.
     pub fn fail(&self, error: &ProxyError) {
-        let outcome = match error {
-            ProxyError::Refused(_) => Outcome::Refused,
-            _ => Outcome::Failed,
+        let outcome = if error.is_refusal() {
+            Outcome::Refused
+        } else {
+            Outcome::Failed
         };
         if let Ok(mut failure) = self.failure.lock() {
             if failure.is_none() {

@@ -8,7 +8,7 @@
 use migproxy_codec::DeviceState;
 use migproxy_config::RewriteReport;
 
-use crate::error::ProxyError;
+use crate::error::{ProxyError, Refusal};
 use crate::migration::profile_source::RewriteSetup;
 use crate::migration::state::MigrationState;
 
@@ -40,7 +40,9 @@ pub fn rewrite_cpus(
                 tracing::warn!(vcpu = cpu.instance, "{warning}");
             }
             // The summary already names the vCPU.
-            return Err(ProxyError::Refused(report.refusal_summary()));
+            return Err(ProxyError::Refused(Refusal::Registers(vec![
+                report.refusal_summary()
+            ])));
         }
         if !report.is_unchanged() {
             state

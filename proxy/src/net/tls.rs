@@ -56,8 +56,8 @@ impl std::fmt::Debug for ListenerTls {
     }
 }
 
-fn invalid(path: &Path, what: impl std::fmt::Display) -> ProxyError {
-    ProxyError::InvalidConfig(format!("tls {}: {what}", path.display()))
+fn invalid(path: &Path, what: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ProxyError {
+    ProxyError::tls_credentials(path, what)
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ProxyError> {
@@ -148,7 +148,6 @@ impl ListenerTls {
     /// The name checked in the destination's certificate.
     pub fn server_name(&self, upstream_host: &str) -> Result<ServerName<'static>, ProxyError> {
         let name = self.hostname.as_deref().unwrap_or(upstream_host).to_owned();
-        ServerName::try_from(name.clone())
-            .map_err(|_| ProxyError::Runtime(format!("invalid tls server name {name:?}")))
+        ServerName::try_from(name.clone()).map_err(|_| ProxyError::TlsServerName(name))
     }
 }
