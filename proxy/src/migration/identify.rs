@@ -1,6 +1,6 @@
 //! What kind of migration channel a new connection is, from its first bytes.
 //!
-//! design-decisions §3: a plain connection identifies itself by its first 4 bytes - `QEVM`
+//! DESIGN.md, "Connections": a plain connection identifies itself by its first 4 bytes - `QEVM`
 //! (QEMU_VM_FILE_MAGIC) is a main channel, `11 22 33 44` (MULTIFD_MAGIC) a multifd channel, and
 //! anything else can only be the postcopy preempt channel (bare RAM records, no magic) or a
 //! postcopy-recovery main channel. Nothing is dialed before this is known: the destination QEMU has

@@ -1,7 +1,7 @@
 //! One migration: grouping its connections, dialing the destination in the right order, and
 //! tearing every connection down together.
 //!
-//! design-decisions §3:
+//! DESIGN.md, "Connections":
 //! - a connection is grouped with a migration only once it has identified itself; a main channel
 //!   (`QEVM`) starts a migration, multifd and preempt channels accepted on the same listener from
 //!   the same source host (and, with interception, towards the same destination) join it while it
@@ -13,8 +13,8 @@
 //!   without a known magic is taken as a preempt channel only by a migration that advised postcopy
 //!   (the preempt channel needs the postcopy-ram capability, whose ADVISE is among the first
 //!   records of the main channel);
-//! - design-decisions §5: any failure on any connection closes both sides of every connection of
-//!   the migration, after logging what, where and why.
+//! - any failure on any connection closes both sides of every connection of the migration, after
+//!   logging what, where and why (DESIGN.md, "Failing closed").
 
 use std::collections::HashMap;
 use std::net::IpAddr;

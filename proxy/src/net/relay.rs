@@ -1,10 +1,11 @@
 //! Raw byte relays: multifd and preempt channels both ways, and every return path.
 //!
-//! design-decisions §2: these carry nothing migproxy rewrites, so they are copied as they come,
-//! through one 1 MiB buffer per direction (memory stays bounded: a slow reader blocks our write,
-//! which stops our read, which fills the kernel buffers, which stops the sender). EOF is
-//! propagated per direction with a half-close, because the source still waits for the
-//! destination's SHUT on the return path after writing its last byte.
+//! These carry nothing migproxy rewrites (DESIGN.md, "Everything else streams"), so they are
+//! copied as they come, through one 1 MiB buffer per direction (memory stays bounded: a slow
+//! reader blocks our write, which stops our read, which fills the kernel buffers, which stops the
+//! sender). EOF is propagated per direction with a half-close, because the source still waits for
+//! the destination's SHUT on the return path after writing its last byte. Nothing here knows what
+//! a migration is: the caller names the direction for errors and passes the counters to add to.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -31,7 +32,7 @@ where
     loop {
         let n = match reader.read(&mut buf).await {
             Ok(n) => n,
-            // A TLS peer that closes without close_notify (QEMU's multifd channels do, issue 8);
+            // A TLS peer that closes without close_notify (QEMU's multifd channels do);
             // plain sockets never report this on read.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
             Err(e) => return Err(ProxyError::io(format!("{what}: read"), e)),

@@ -1,4 +1,4 @@
-//! TLS on both legs (issue 8): migproxy terminates the source's TLS as a server and opens its own
+//! TLS on both legs: migproxy terminates the source's TLS as a server and opens its own
 //! TLS to the destination as a client, so it can read the main channel.
 //!
 //! Credentials come from a directory laid out as QEMU's `tls-creds-x509` expects (`ca-cert.pem`,
@@ -8,7 +8,7 @@
 //! sees (QEMU destinations verify peers by default), and `ca-cert.pem` verifies the destination
 //! (and, with `verify_peer`, the source, as QEMU's `verify-peer` does).
 //!
-//! Order (design-decisions §3, measured 6/6 against 1/6): a TLS connection has identified itself
+//! Order (DESIGN.md, "Connections"; measured 6/6 against 1/6): a TLS connection has identified itself
 //! once its ClientHello has arrived; the upstream connect and handshake are completed before the
 //! downstream handshake, in accept order, because destinations take the first completed handshake
 //! as the main channel. With `verify_peer` the downstream handshake comes first instead: the

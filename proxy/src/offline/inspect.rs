@@ -4,7 +4,8 @@
 //! cleanly is one the proxy would accept. The summary lists the machine, page size, every section
 //! (iterable ones with their record counts, device sections from the held device-state phase),
 //! RAM statistics and each vCPU's cpreg list. `--json` prints the same as one JSON object
-//! (interfaces.md): ids and values as lower-case `0x` hex strings, registers in stream order.
+//! (a stable interface, DESIGN.md "Stable interfaces"): ids and values as lower-case `0x` hex
+//! strings, registers in stream order.
 
 use std::io::Write;
 
