@@ -1,5 +1,6 @@
-//! One migration: grouping its connections, dialing the destination in the right order, and
-//! tearing every connection down together.
+//! The migrations of a listener: grouping connections into them, tearing every connection of
+//! one down together, and the one summary line each logs when its last connection has ended.
+//! (Dialing in order is `dial.rs`; what channels report while they run is `state.rs`.)
 //!
 //! DESIGN.md, "Connections":
 //! - a connection is grouped with a migration only once it has identified itself; a main channel
@@ -50,6 +51,7 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// A new migration for `key` (a main channel arrived); it replaces the finished one there.
     pub fn start(
         &self,
         key: GroupKey,
@@ -81,6 +83,7 @@ impl Registry {
         migration
     }
 
+    /// The open migration for `key` that satisfies `want`, if there is one now.
     pub fn find(
         &self,
         key: &GroupKey,
@@ -119,6 +122,7 @@ fn source_name(key: &GroupKey) -> String {
         .unwrap_or_else(|| "unix".to_owned())
 }
 
+/// One migration: shared by the tasks of its connections, summarised when the last one drops it.
 pub struct Migration {
     pub key: GroupKey,
     pub span: tracing::Span,
