@@ -1,5 +1,5 @@
 //! The held device-state phase: FULL sections, EOF and the description, walked with the
-//! description (design-decisions §1).
+//! description (DESIGN.md, "Device state is delimited from the stream's own description").
 //!
 //! ```text
 //! held bytes:  FULL s0 .. 7E s0 | FULL s1 .. 7E s1 | ... | 00 (EOF) | 06 | be32 len | JSON (len bytes)
@@ -7,8 +7,8 @@
 //! ```
 //!
 //! Non-iterable sections carry no length: their payload size is the sum of the sizes the
-//! description lists (`stream-format.md` §6.2): Σ fields (size × array_len) + Σ subsections
-//! (6 + len(name) + their payload). The walk checks every section header against its description
+//! description lists: Σ fields (size × array_len) + Σ subsections (`05`, counted name, be32
+//! version, then their own payload). The walk checks every section header against its description
 //! entry, every subsection header, every footer, and that the sections end exactly at EOF.
 //!
 //! The ARM `cpu` section's cpreg arrays are located from the description's field list
@@ -233,26 +233,6 @@ impl DeviceState {
         dst.put_u32(u32::try_from(description.len()).unwrap_or(u32::MAX));
         dst.extend_from_slice(&description);
     }
-}
-
-/// The held bytes end with a complete description: where it starts, if so.
-///
-/// `held` must end with `00 06 <be32 len> {json}` where len reaches exactly to the end. Only then
-/// is the walk attempted; see `decoder` for why the end of the received bytes is the only place
-/// the description can be looked for.
-pub(crate) fn description_at_end(held: &[u8], max_description: usize) -> Option<usize> {
-    let json_start = json::object_start_from_end(held, max_description)?;
-    let desc_len_pos = json_start.checked_sub(4)?;
-    let eof_pos = json_start.checked_sub(6)?;
-    let mut r = Reader::at(held, eof_pos);
-    let eof = r.u8()?;
-    let tag = r.u8()?;
-    let len = r.be32()?;
-    let json_len = held.len() - json_start;
-    (eof == QEMU_VM_EOF
-        && tag == QEMU_VM_VMDESCRIPTION
-        && usize::try_from(len).ok() == Some(json_len))
-    .then_some(desc_len_pos)
 }
 
 /// The layout the walk found.

@@ -1,5 +1,5 @@
 //! Memory bounds: every length read from the wire is checked against these before anything is
-//! reserved (design-decisions §1 "Limits").
+//! reserved (DESIGN.md, "Everything else streams").
 
 /// Upper bounds on what the decoder will buffer.
 #[derive(Debug, Clone)]
