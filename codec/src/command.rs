@@ -103,8 +103,9 @@ pub(crate) struct CommandRecord {
 }
 
 /// Parse one command record; `buf` starts at its `08` byte. Positions in errors are relative to
-/// `buf`. O(1) however much of a PACKAGED blob has arrived.
-pub(crate) fn parse(buf: &[u8], max_packaged: usize) -> Parsed<CommandRecord> {
+/// `buf`. O(1) however much of a PACKAGED blob has arrived. `advised`: a POSTCOPY_ADVISE came
+/// earlier in the stream (QEMU sends a package only in postcopy, after advising it).
+pub(crate) fn parse(buf: &[u8], max_packaged: usize, advised: bool) -> Parsed<CommandRecord> {
     let mut r = Reader::at(buf, 1);
     let (Some(number), Some(len)) = (r.be16(), r.be16()) else {
         return Ok(None);
@@ -155,6 +156,16 @@ pub(crate) fn parse(buf: &[u8], max_packaged: usize) -> Parsed<CommandRecord> {
                     len: u64::from(blob_len),
                     limit: max_packaged,
                 });
+            }
+            // The package holds device state that no description delimits: a connection that
+            // rewrites refuses postcopy at its ADVISE, so a package without one would slip past
+            // that refusal. Refused before any of the blob is buffered.
+            if !advised {
+                return Err(RecordError::invalid(
+                    1,
+                    "MIG_CMD_POSTCOPY_ADVISE before a postcopy package",
+                    "MIG_CMD_PACKAGED without a preceding POSTCOPY_ADVISE".into(),
+                ));
             }
             if r.bytes(blob).is_none() {
                 return Ok(None);

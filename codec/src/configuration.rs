@@ -93,7 +93,6 @@ impl ConfigurationParser {
                     let (Some(name), Some(_version)) = (r.counted(), r.be32()) else {
                         return Ok(None);
                     };
-                    self.elements += 1;
                     match name {
                         n if n == CONFIGURATION_TARGET_PAGE_BITS.as_bytes() => {
                             let Some(bits) = r.be32() else {
@@ -128,6 +127,7 @@ impl ConfigurationParser {
                         }
                     }
                     self.pos = r.pos();
+                    self.elements += 1;
                 }
                 Stage::Capabilities { mut left } => {
                     let mut r = Reader::at(buf, self.pos);

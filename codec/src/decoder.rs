@@ -44,7 +44,7 @@
 
 use std::collections::HashMap;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio_util::codec::Decoder;
 
 use crate::bitmap;
@@ -58,6 +58,7 @@ use crate::frame::{Frame, RecordKind, StreamInfo};
 use crate::limits::Limits;
 use crate::ram::{self, RamContext, RamRecord};
 use crate::record::RecordError;
+use crate::reference::ReferenceDescription;
 use crate::section;
 use crate::wire::*;
 
@@ -121,6 +122,12 @@ enum State {
     DevicePhase {
         start: u64,
     },
+    /// Checking relay: a description verified at the end of the received bytes and the phase was
+    /// released, but without a reference nothing proves that it was the real one. If more bytes
+    /// arrive, it was not: the phase goes on (see `set_checking_relay`).
+    Ended {
+        start: u64,
+    },
     Done,
 }
 
@@ -171,6 +178,16 @@ pub struct StreamDecoder {
     /// Why the last apparent description at the end of the held bytes did not verify.
     description_error: Option<DecodeError>,
     work: DecodeWork,
+    /// Endings of the device phase must have this layout (see `reference`).
+    reference: Option<ReferenceDescription>,
+    /// Checking relay: an unconfirmed ending does not end the stream (see `set_checking_relay`).
+    checking_relay: bool,
+    /// The device phase as released so far when a released ending turned out to be false: the
+    /// decoder then holds the phase in its own buffer (`phase`), `released` bytes of which the
+    /// connection has already forwarded.
+    released_phase: Option<Bytes>,
+    phase: Option<BytesMut>,
+    released: usize,
 }
 
 impl StreamDecoder {
@@ -192,7 +209,33 @@ impl StreamDecoder {
             candidates: CandidateScanner::default(),
             description_error: None,
             work: DecodeWork::default(),
+            reference: None,
+            checking_relay: false,
+            released_phase: None,
+            phase: None,
+            released: 0,
         }
+    }
+
+    /// Accept an ending of the device phase only if its description has this layout (see
+    /// `ReferenceDescription`): the ending is then exact, whatever the guest wrote into its state.
+    pub fn set_reference_description(&mut self, reference: ReferenceDescription) {
+        self.reference = Some(reference);
+    }
+
+    /// For a connection that forwards the device state unchanged (no rewrite): an ending that
+    /// verified but is not confirmed by a reference description is released (as a
+    /// `Frame::DeviceState`) without ending the stream. If more bytes follow, the ending was
+    /// device data that looked like one (a guest can write such bytes into its registers), and the
+    /// phase simply goes on: the decoder keeps the released bytes (no copy until then), holds what
+    /// follows, and releases it (as `RecordKind::DevicePhaseContinued` frames) only once a later
+    /// description verifies the WHOLE phase from its first section. Forwarding a false ending is
+    /// harmless: the destination reads those bytes as the field they really are.
+    ///
+    /// A connection that rewrites must not use this without a reference (a rewrite based on a
+    /// forged description cannot be taken back); `DeviceState::is_confirmed` says which it got.
+    pub fn set_checking_relay(&mut self, relay: bool) {
+        self.checking_relay = relay;
     }
 
     /// While holding the device phase: why the bytes that last looked like a complete
@@ -233,9 +276,11 @@ impl StreamDecoder {
         matches!(self.state, State::DevicePhase { .. })
     }
 
-    /// Nothing more may follow (after the description / final EOF).
+    /// The stream may end here (after the description / final EOF). In a checking relay after an
+    /// unconfirmed ending more may still follow (see `set_checking_relay`); otherwise any
+    /// further byte is `TrailingData`.
     pub fn is_done(&self) -> bool {
-        matches!(self.state, State::Done)
+        matches!(self.state, State::Done | State::Ended { .. })
     }
 
     fn section_ref(&self, id: u32) -> SectionRef {
@@ -336,6 +381,7 @@ impl StreamDecoder {
             State::Block { section } => self.block_record(src, section),
             State::Footer { section } => self.footer(src, section),
             State::DevicePhase { start } => self.device_phase(src, start),
+            State::Ended { start } => Ok(self.after_unconfirmed_ending(src, start)),
             State::Done => {
                 if src.is_empty() {
                     Ok(Step::NeedMore)
@@ -482,6 +528,19 @@ impl StreamDecoder {
                 });
             }
         };
+        if !self.iterables.contains_key(&header.id)
+            && self.iterables.len() >= self.limits.max_sections
+        {
+            return Err(DecodeError::LimitExceeded {
+                offset: self.offset,
+                what: format!(
+                    "iterable section {} \"{}\" (sections opened)",
+                    header.id, header.idstr
+                ),
+                len: self.iterables.len() as u64 + 1,
+                limit: self.limits.max_sections,
+            });
+        }
         self.iterables.insert(
             header.id,
             Iterable {
@@ -504,7 +563,8 @@ impl StreamDecoder {
 
     /// `QEMU_VM_COMMAND` (see `command`).
     fn command(&mut self, src: &mut BytesMut) -> Result<Step, DecodeError> {
-        let record = match command::parse(src, self.limits.max_packaged) {
+        let record = match command::parse(src, self.limits.max_packaged, self.info.postcopy_advised)
+        {
             Ok(Some(record)) => record,
             Ok(None) => return Ok(Step::NeedMore),
             Err(err) => return Err(self.located(err, None)),
@@ -717,16 +777,24 @@ impl StreamDecoder {
     }
 
     fn device_phase(&mut self, src: &mut BytesMut, start: u64) -> Result<Step, DecodeError> {
-        if src.len() > self.held_limit() {
+        if let Some(phase) = self.phase.as_mut() {
+            // After a false ending the decoder holds the phase itself (one copy per byte).
+            phase.extend_from_slice(&src.split());
+        }
+        let held: &[u8] = match &self.phase {
+            Some(phase) => phase,
+            None => src,
+        };
+        if held.len() > self.held_limit() {
             return Err(DecodeError::LimitExceeded {
                 offset: start,
                 what: "held device-state phase (full sections, eof and description)".into(),
-                len: src.len() as u64,
+                len: held.len() as u64,
                 limit: self.held_limit(),
             });
         }
         let scanned_before = self.candidates.examined();
-        let ending = self.candidates.advance(src, self.limits.max_description);
+        let ending = self.candidates.advance(held, self.limits.max_description);
         if self.candidates.examined() != scanned_before {
             // Bytes arrived after the last candidate: its error no longer describes the end.
             self.description_error = None;
@@ -737,25 +805,68 @@ impl StreamDecoder {
         self.work.descriptions_tried += 1;
         // Device payloads are guest data and may end with bytes that look like a description:
         // only a walk that verifies every header and footer and lands exactly on EOF counts.
-        match device_phase::walk(src, start, desc_len_pos) {
-            Ok(layout) => {
-                let len = src.len();
-                let held = src.split_to(len).freeze();
-                self.offset += len as u64;
-                self.description_error = None;
-                self.state = State::Done;
-                Ok(Step::Frame(Frame::DeviceState(DeviceState::new(
-                    held,
-                    start,
-                    desc_len_pos,
-                    layout,
-                ))))
-            }
+        let layout = match device_phase::walk(
+            held,
+            start,
+            desc_len_pos,
+            self.reference.as_ref(),
+            &self.limits,
+        ) {
+            Ok(layout) => layout,
             Err(err) => {
                 self.description_error = Some(err);
-                Ok(Step::NeedMore)
+                return Ok(Step::NeedMore);
             }
+        };
+        self.description_error = None;
+        let confirmed = self.reference.is_some();
+        self.state = if confirmed || !self.checking_relay {
+            State::Done
+        } else {
+            State::Ended { start }
+        };
+        if let Some(phase) = &self.phase {
+            // The whole phase verified; the connection has the first `released` bytes already.
+            let tail = Bytes::copy_from_slice(phase.get(self.released..).unwrap_or_default());
+            self.offset += tail.len() as u64;
+            self.released = phase.len();
+            return Ok(Step::Frame(Frame::Verbatim {
+                kind: RecordKind::DevicePhaseContinued,
+                section_id: None,
+                bytes: tail,
+            }));
         }
+        let len = src.len();
+        let held = src.split_to(len).freeze();
+        self.offset += len as u64;
+        self.released = len;
+        if matches!(self.state, State::Ended { .. }) {
+            // Kept (a reference count, no copy) in case the ending proves false.
+            self.released_phase = Some(held.clone());
+        }
+        Ok(Step::Frame(Frame::DeviceState(DeviceState::new(
+            held,
+            start,
+            desc_len_pos,
+            layout,
+            confirmed,
+            &self.limits,
+        ))))
+    }
+
+    /// Bytes after an unconfirmed ending: it was device data; hold the phase again.
+    fn after_unconfirmed_ending(&mut self, src: &mut BytesMut, start: u64) -> Step {
+        if src.is_empty() {
+            return Step::NeedMore;
+        }
+        if self.phase.is_none() {
+            let released = self.released_phase.take().unwrap_or_default();
+            let mut phase = BytesMut::with_capacity(released.len() + src.len());
+            phase.extend_from_slice(&released);
+            self.phase = Some(phase);
+        }
+        self.state = State::DevicePhase { start };
+        Step::Again
     }
 
     /// Why the input may not end here.
@@ -770,6 +881,11 @@ impl StreamDecoder {
             State::DirtyBitmap { .. } => "a dirty-bitmap chunk",
             State::Block { .. } => "a block migration record",
             State::Footer { .. } => "a section footer",
+            State::Ended { .. } => {
+                return DecodeError::TrailingData {
+                    offset: self.offset,
+                }
+            }
             State::DevicePhase { start } => {
                 // The description error describes the end of the input only if nothing
                 // arrived after it (it is cleared when bytes do); it keeps its own offset.
@@ -820,6 +936,7 @@ impl Decoder for StreamDecoder {
         if src.is_empty() && self.is_done() {
             return Ok(None);
         }
+
         Err(self.eof_error(src))
     }
 }

@@ -87,6 +87,9 @@ pub enum RecordKind {
     IterableChunk,
     SectionFooter,
     Eof,
+    /// Checking relay only: the rest of a device phase whose earlier ending proved false, released
+    /// once a later description verified the whole phase (`StreamDecoder::set_checking_relay`).
+    DevicePhaseContinued,
     /// Only outside the held phase; nothing emits it today.
     SectionFull {
         idstr: String,

@@ -52,6 +52,7 @@ pub mod offline;
 mod ram;
 mod reader;
 mod record;
+mod reference;
 mod section;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -64,3 +65,4 @@ pub use encoder::StreamEncoder;
 pub use error::{DecodeError, SectionRef};
 pub use frame::{Frame, MigCommand, RecordKind, StreamInfo};
 pub use limits::Limits;
+pub use reference::{LayoutMismatch, ReferenceDescription};
