@@ -203,6 +203,7 @@ impl RunConfig {
                 defaults.max_packaged,
                 "max_packaged",
             )?,
+            ..defaults
         };
         Ok(RunConfig {
             limits,
