@@ -273,9 +273,6 @@ impl RegId {
         if let Some(name) = regnames::reg_name(self.0) {
             return Some(name.to_owned());
         }
-        if let Some(sel) = self.ccsidr_selector() {
-            return Some(ccsidr_name(sel));
-        }
         if let Some((op0, op1, crn, crm, op2)) = self.sysreg_fields() {
             return Some(format!("S{op0}_{op1}_C{crn}_C{crm}_{op2}"));
         }
@@ -320,9 +317,6 @@ impl FromStr for RegId {
         if let Some(id) = regnames::reg_by_name(t) {
             return Ok(RegId(id));
         }
-        if let Some(id) = parse_ccsidr_name(t) {
-            return Ok(id);
-        }
         if let Some(id) = parse_generic_sysreg(t) {
             return Ok(id);
         }
@@ -331,33 +325,6 @@ impl FromStr for RegId {
         }
         Err(unknown())
     }
-}
-
-/// `CCSIDR[L2 data]`: the cache a CCSIDR demux entry describes. CSSELR_EL1.InD = 0 selects the
-/// data or unified cache of a level, 1 its instruction cache.
-fn ccsidr_name(selector: u8) -> String {
-    let level = (selector >> 1) + 1;
-    let kind = if selector & 1 == 0 {
-        "data"
-    } else {
-        "instruction"
-    };
-    format!("CCSIDR[L{level} {kind}]")
-}
-
-/// The inverse of [`ccsidr_name`] (case-insensitive).
-fn parse_ccsidr_name(text: &str) -> Option<RegId> {
-    let upper = text.to_ascii_uppercase();
-    let inner = upper.strip_prefix("CCSIDR[L")?.strip_suffix(']')?;
-    let (level, kind) = inner.split_once(' ')?;
-    let level: u8 = level.parse().ok()?;
-    let ind = match kind {
-        "DATA" => 0,
-        "INSTRUCTION" => 1,
-        _ => return None,
-    };
-    let selector = level.checked_sub(1)?.checked_mul(2)? + ind;
-    (selector < CSSELR_MAX).then_some(RegId::ccsidr(selector))
 }
 
 /// `S3_0_C2_C0_3` (case-insensitive), as `mrs` accepts it.

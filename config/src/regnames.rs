@@ -23,8 +23,37 @@ mod table;
 
 use table::REGISTER_NAMES;
 
+use crate::regid::KVM_REG_ARM_CCSIDR_DEMUX_BASE;
+
+/// KVM's CCSIDR demux pseudo-registers (`KVM_REG_ARM_DEMUX_ID_CCSIDR`), by the cache their
+/// `CSSELR_EL1` selector names: (level - 1) << 1 | InD, InD = 0 the data or unified cache.
+const CCSIDR_NAMES: [&str; 14] = [
+    "CCSIDR[L1 data]",
+    "CCSIDR[L1 instruction]",
+    "CCSIDR[L2 data]",
+    "CCSIDR[L2 instruction]",
+    "CCSIDR[L3 data]",
+    "CCSIDR[L3 instruction]",
+    "CCSIDR[L4 data]",
+    "CCSIDR[L4 instruction]",
+    "CCSIDR[L5 data]",
+    "CCSIDR[L5 instruction]",
+    "CCSIDR[L6 data]",
+    "CCSIDR[L6 instruction]",
+    "CCSIDR[L7 data]",
+    "CCSIDR[L7 instruction]",
+];
+
 /// The architectural name of a register index, if the table has one.
 pub fn reg_name(id: u64) -> Option<&'static str> {
+    if let Some(selector) = id.checked_sub(KVM_REG_ARM_CCSIDR_DEMUX_BASE) {
+        if let Some(name) = usize::try_from(selector)
+            .ok()
+            .and_then(|i| CCSIDR_NAMES.get(i))
+        {
+            return Some(name);
+        }
+    }
     REGISTER_NAMES
         .binary_search_by_key(&id, |&(k, _)| k)
         .ok()
@@ -34,6 +63,14 @@ pub fn reg_name(id: u64) -> Option<&'static str> {
 
 /// The index of a register name (case-insensitive).
 pub(crate) fn reg_by_name(name: &str) -> Option<u64> {
+    if let Some(i) = CCSIDR_NAMES
+        .iter()
+        .position(|n| n.eq_ignore_ascii_case(name))
+    {
+        return u64::try_from(i)
+            .ok()
+            .map(|i| KVM_REG_ARM_CCSIDR_DEMUX_BASE | i);
+    }
     REGISTER_NAMES
         .iter()
         .find(|(_, n)| n.eq_ignore_ascii_case(name))

@@ -170,7 +170,8 @@ fn plan_json(
                     .collect::<Vec<_>>(),
                 "refused_registers": r.refused.iter().map(|x| json!({
                     "id": hex(x.id.0), "name": x.id.to_string(), "value": hex(x.value),
-                    "reason": format!("{:?}", x.reason)})).collect::<Vec<_>>(),
+                    "reason": format!("{:?}", x.reason), "why": x.describe()}))
+                    .collect::<Vec<_>>(),
                 "id_mismatches": r.id_mismatches.iter().map(|m| json!({
                     "id": hex(m.id.0), "name": m.id.to_string(), "source": hex(m.source),
                     "destination": hex(m.dest), "action": format!("{:?}", m.action)}))

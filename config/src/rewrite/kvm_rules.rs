@@ -146,6 +146,8 @@ pub enum KvmRefusal {
     InvariantOnDestination { dest: u64 },
     /// MIDR_EL1, REVIDR_EL1, AIDR_EL1: no kernel QEMU 10.0 drives takes another value.
     ImplementationIdInvariant { dest: u64 },
+    /// A CLIDR_EL1 Linux 6.3+ rejects (RES0 bits, or no cleaning level on a host without IDC).
+    ClidrRejected,
     /// A CCSIDR line size below the destination host's minimum (CTR_EL0).
     CacheLineBelowDestination { dest_min_log2: u8 },
 }
@@ -295,6 +297,9 @@ pub(super) fn identification_value(
             dest: dest_value,
         }));
     }
+    if id.0 == CLIDR_EL1 && listed_ccsidr(dest) == usize::from(CSSELR_MAX) {
+        return Some(clidr_value(source, dest));
+    }
     let selector = id.ccsidr_selector()?;
     // Linux 6.3+ (`set_ccsidr`): any geometry whose line size is at least the host's minimum.
     let Some(ctr) = dest.value_for(0, RegId(CTR_EL0)) else {
@@ -314,6 +319,30 @@ pub(super) fn identification_value(
     }
 }
 
+/// Linux 6.3+ `set_clidr`: any CLIDR_EL1 without RES0 bits (63:47), except one that implies
+/// CTR_EL0.IDC (no level to clean to: LoC = 0, or LoUU = LoUIS = 0) when the host lacks IDC.
+fn clidr_value(source: u64, dest: &Profile) -> Result<(), KvmRefusal> {
+    let res0 = !((1u64 << 47) - 1);
+    let loc = (source >> 24) & 0x7;
+    let louis = (source >> 21) & 0x7;
+    let louu = (source >> 27) & 0x7;
+    let implies_idc = loc == 0 || (louis == 0 && louu == 0);
+    let host_idc = dest
+        .value_for(0, RegId(CTR_EL0))
+        .is_some_and(|ctr| ctr & (1 << 28) != 0);
+    if source & res0 != 0 || (implies_idc && !host_idc) {
+        Err(KvmRefusal::ClidrRejected)
+    } else {
+        Ok(())
+    }
+}
+
+fn listed_ccsidr(dest: &Profile) -> usize {
+    dest.present()
+        .filter(|r| r.id.ccsidr_selector().is_some())
+        .count()
+}
+
 /// A KVM destination whose kernel predates Linux 6.3, told by its register list: it lists a CCSIDR
 /// entry only for each cache its host really has (6.3 and later list all [`CSSELR_MAX`], with a
 /// fabricated geometry). Such a kernel treats CLIDR_EL1, the CCSIDR entries and (apart from a
@@ -323,10 +352,7 @@ pub(super) fn caches_invariant(dest: &Profile) -> bool {
     if dest.accel != Accel::Kvm || dest.has_writable_masks() {
         return false;
     }
-    let listed = dest
-        .present()
-        .filter(|r| r.id.ccsidr_selector().is_some())
-        .count();
+    let listed = listed_ccsidr(dest);
     listed > 0 && listed < usize::from(CSSELR_MAX)
 }
 
@@ -400,6 +426,9 @@ pub(super) fn describe_refusal(id: RegId, value: u64, reason: KvmRefusal) -> Str
         ),
         KvmRefusal::ImplementationIdInvariant { dest } => format!(
             "{id}: source {v}, destination {dest:#x}; KVM takes no other value for MIDR_EL1, REVIDR_EL1 or AIDR_EL1 unless the VMM enables KVM_CAP_ARM_WRITABLE_IMP_ID_REGS (QEMU 10.0 does not)"
+        ),
+        KvmRefusal::ClidrRejected => format!(
+            "{id} = {v}: the destination kernel rejects it: RES0 bits set, or it describes no level to clean to while the destination host's CTR_EL0 lacks IDC (sys_regs.c set_clidr)"
         ),
         KvmRefusal::CacheLineBelowDestination { dest_min_log2 } => format!(
             "{id} = {v}: its line size, {} bytes, is below the destination host's minimum {} bytes (CTR_EL0); the kernel rejects it (sys_regs.c set_ccsidr)",

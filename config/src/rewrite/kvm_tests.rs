@@ -40,7 +40,8 @@ fn common() -> Vec<(u64, u64)> {
     vec![
         (MIDR, 0x414f_d0c1),
         (ID_AA64MMFR3, 0),
-        (CTR, 0x8444_8004),
+        // IDC set, DIC clear: what the fabricated CLIDR 0x2000021 of 6.12/7.3 implies.
+        (CTR, 0x9444_8004),
         (KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_1, 1),
         (KVM_REG_ARM_STD_BMAP, 0x1),
         (KVM_REG_ARM_VENDOR_HYP_BMAP, 0x3),
@@ -138,7 +139,7 @@ fn from_6_1_everything_passes_byte_for_byte() {
             .filter(|m| m.action == IdAction::KernelAccepts && m.id.0 != PSCI)
             .map(|m| m.id.0)
             .collect();
-        assert_eq!(accepted, vec![ccsidr(0), ccsidr(1), ccsidr(2)]);
+        assert_eq!(accepted, vec![ccsidr(0), ccsidr(1), ccsidr(2), CLIDR]);
     }
     // 1.1 -> 1.3 is a version 7.3 takes.
     let out = run(&linux_6_1(), &kvm_profile(&linux_7_3()), &Policy::default());
@@ -383,13 +384,56 @@ fn a_cache_the_source_describes_is_not_dropped() {
 }
 
 #[test]
+fn clidr_values_linux_6_3_rejects_are_refused() {
+    // LoC = LoUU = LoUIS = 0 implies IDC; a destination host without CTR_EL0.IDC rejects it.
+    let no_idc: Vec<(u64, u64)> = linux_6_12()
+        .into_iter()
+        .map(|(id, v)| {
+            if id == CTR {
+                (id, v & !(1 << 28))
+            } else {
+                (id, v)
+            }
+        })
+        .collect();
+    let src: Vec<(u64, u64)> = linux_6_1()
+        .into_iter()
+        .map(|(id, v)| if id == CLIDR { (id, 0x23) } else { (id, v) })
+        .collect();
+    let out = run(&src, &kvm_profile(&no_idc), &Policy::default());
+    assert_eq!(refused_ids(&out.report), vec![CLIDR]);
+    assert!(out
+        .report
+        .refusal_summary()
+        .contains("CLIDR_EL1 = 0x23: the destination kernel rejects it"));
+    // The same value toward a host with IDC is taken; RES0 bits never are.
+    assert!(!run(&src, &kvm_profile(&linux_6_12()), &Policy::default())
+        .report
+        .is_refused());
+    let res0: Vec<(u64, u64)> = linux_6_1()
+        .into_iter()
+        .map(|(id, v)| {
+            if id == CLIDR {
+                (id, v | 1 << 50)
+            } else {
+                (id, v)
+            }
+        })
+        .collect();
+    assert_eq!(
+        refused_ids(&run(&res0, &kvm_profile(&linux_6_12()), &Policy::default()).report),
+        vec![CLIDR]
+    );
+}
+
+#[test]
 fn a_cache_line_below_the_destinations_minimum_is_refused() {
     // Destination CTR_EL0 with 128-byte minimum lines (DminLine = IminLine = 5).
     let dest_regs: Vec<(u64, u64)> = linux_6_12()
         .into_iter()
         .map(|(id, v)| {
             if id == CTR {
-                (id, 0x8445_8005)
+                (id, 0x9445_8005)
             } else {
                 (id, v)
             }
