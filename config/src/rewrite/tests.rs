@@ -1,4 +1,4 @@
-//! Unit and property tests of the rewrite rules (design-decisions §4).
+//! Unit and property tests of the rewrite rules (docs/profiles.md, "The rules").
 
 use proptest::prelude::*;
 
