@@ -38,6 +38,9 @@ const CNTPCT_EL0: u64 = 0x6030_0000_0013_df01;
 const CNTP_CTL_EL0: u64 = 0x6030_0000_0013_df11;
 const CNTP_CVAL_EL0: u64 = 0x6030_0000_0013_df12;
 
+/// `KVM_ARM_PSCI_0_1` = PSCI_VERSION(0, 1).
+const PSCI_0_1: u64 = 1;
+
 /// CNTP_CTL_EL0.ENABLE | IMASK: the bits the guest writes. ISTATUS (bit 2) is computed by the
 /// timer from CVAL and the count, so `0x4` is the idle timer of a guest that never used it.
 const CNTP_CTL_GUEST_BITS: u64 = 0b11;
@@ -140,6 +143,8 @@ pub enum KvmRefusal {
     CacheInClidr,
     /// A firmware version or workaround level above the destination's.
     FirmwareAboveDestination { dest: u64 },
+    /// PSCI 0.1 on one side, 0.2 or later on the other.
+    PsciInterfaceDiffers { dest: u64 },
     /// Hypercall-service bits the destination kernel does not implement.
     FirmwareServicesUnsupported { dest: u64 },
     /// Linux before 6.3 accepts only its own host's value (cache geometry, ID registers).
@@ -246,6 +251,11 @@ pub(super) fn firmware_value(id: RegId, source: u64, dest: u64) -> Result<(), Kv
         // The kernel takes any version it implements (0.2 .. its latest); a fresh destination
         // reports its latest. PSCI_VERSION(major, minor) = major << 16 | minor orders correctly.
         KVM_REG_ARM_PSCI_VERSION if source > dest => above,
+        // 0.1 (the pre-SMCCC interface) and 0.2+ are different vCPU features: neither loads
+        // into the other (`wants_02`).
+        KVM_REG_ARM_PSCI_VERSION if (source <= PSCI_0_1) != (dest <= PSCI_0_1) => {
+            Err(KvmRefusal::PsciInterfaceDiffers { dest })
+        }
         KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_1 | KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_3
             if source & 0xf > dest & 0xf || source & !0xf != 0 =>
         {
@@ -415,6 +425,10 @@ pub(super) fn describe_refusal(id: RegId, value: u64, reason: KvmRefusal) -> Str
         ),
         KvmRefusal::FirmwareAboveDestination { dest } => format!(
             "{id} {v}: the destination kernel offers at most {} and rejects anything higher (hypercalls.c kvm_arm_set_fw_reg); lowering it would change the firmware interface under the running guest",
+            show_value(id, dest)
+        ),
+        KvmRefusal::PsciInterfaceDiffers { dest } => format!(
+            "{id} {v}: the destination's vCPUs use PSCI {}; 0.1 and 0.2+ are different vCPU features and the kernel rejects the other one (hypercalls.c kvm_arm_set_fw_reg)",
             show_value(id, dest)
         ),
         KvmRefusal::FirmwareServicesUnsupported { dest } => format!(

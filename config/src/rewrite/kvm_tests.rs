@@ -486,6 +486,21 @@ fn firmware_levels_and_service_bitmaps_must_fit_the_destination() {
     assert!(out.report.refusal_summary().contains(
         "KVM_REG_ARM_VENDOR_HYP_BMAP = 0x7: bits 0x4 name hypercall services the destination kernel does not offer (0x3)"
     ));
+    // PSCI 0.1 is another vCPU feature than 0.2+, in both directions.
+    let psci = |v: u64| kvm_profile(&[(PSCI, v)]);
+    assert!(matches!(
+        run(&[(PSCI, 1)], &psci(0x10001), &Policy::default())
+            .report
+            .refused[0]
+            .reason,
+        RefusalReason::Kvm(KvmRefusal::PsciInterfaceDiffers { dest: 0x10001 })
+    ));
+    assert!(run(&[(PSCI, 2)], &psci(1), &Policy::default())
+        .report
+        .is_refused());
+    assert!(!run(&[(PSCI, 2)], &psci(0x10001), &Policy::default())
+        .report
+        .is_refused());
 }
 
 #[test]
