@@ -34,7 +34,7 @@ use crate::regid::RegId;
 mod kvm_rules;
 
 use kvm_rules::SourceRegs;
-pub use kvm_rules::{KvmDrop, KvmRefusal};
+pub use kvm_rules::{destination_kernel_note, KvmDrop, KvmRefusal};
 
 /// Why a register the destination lacks was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use migproxy_config::{rewrite, Profile, RefusalReason, RewriteReport};
+use migproxy_config::{destination_kernel_note, rewrite, Profile, RefusalReason, RewriteReport};
 use serde_json::json;
 
 use crate::cli::PlanArgs;
@@ -32,6 +32,7 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
             ));
         }
     }
+    notes.extend(destination_kernel_note(&dest));
     if source.vcpus.len() > usize::try_from(dest.vcpus).unwrap_or(usize::MAX) {
         notes.push(format!(
             "the source has {} vcpus, the destination profile was captured with {}",

@@ -366,6 +366,25 @@ pub(super) fn caches_invariant(dest: &Profile) -> bool {
     listed > 0 && listed < usize::from(CSSELR_MAX)
 }
 
+/// What the KVM rules conclude about the destination kernel from its profile, for `plan`.
+pub fn destination_kernel_note(dest: &Profile) -> Option<String> {
+    if dest.accel != Accel::Kvm {
+        return None;
+    }
+    let listed = listed_ccsidr(dest);
+    if caches_invariant(dest) {
+        return Some(format!(
+            "the destination profile lists {listed} of {CSSELR_MAX} CCSIDR entries: a kernel before Linux 6.3, which takes only its host's own cache geometry, CLIDR_EL1 and ID register values"
+        ));
+    }
+    if listed == usize::from(CSSELR_MAX) && !dest.has_writable_masks() {
+        return Some(
+            "the destination profile has no writable masks (captured from a stream): ID register differences are reported, not checked; `profile capture --from-kvm` on the destination host records them".to_owned(),
+        );
+    }
+    None
+}
+
 /// A value as the rules talk about it: PSCI versions as `major.minor`, the rest in hex.
 pub(super) fn show_value(id: RegId, value: u64) -> String {
     if id.0 == KVM_REG_ARM_PSCI_VERSION {
