@@ -222,12 +222,20 @@ impl fmt::Display for DropReason {
 impl fmt::Display for RewriteReport {
     /// One readable block: a summary line, then one line per register concerned.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_unchanged() && self.refused.is_empty() && self.id_mismatches.is_empty() {
+        if self.is_unchanged() && self.refused.is_empty() {
+            // Forwarded byte for byte; values that differ from the destination's are listed below.
             write!(
                 f,
                 "vcpu {}: unchanged ({} registers)",
                 self.vcpu, self.source_len
             )?;
+            if !self.id_mismatches.is_empty() {
+                write!(
+                    f,
+                    ", {} values differ from the destination profile's",
+                    self.id_mismatches.len()
+                )?;
+            }
         } else {
             write!(
                 f,
