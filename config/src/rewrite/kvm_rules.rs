@@ -408,7 +408,7 @@ impl fmt::Display for KvmDrop {
                 "0, its reset value: the guest never programmed a physical-timer deadline",
             ),
             KvmDrop::PhysicalCounterUnused => f.write_str(
-                "the physical timer is disabled; a kernel without this register keeps no physical counter offset, the guest's physical count follows the destination host's (the virtual counter is carried)",
+                "the physical timer is disabled; a kernel that does not list it has no physical counter offset (arch_timer.c), the guest's physical count follows the destination host's (the virtual counter is carried)",
             ),
             KvmDrop::ReadAsZeroOnDestination => f.write_str(
                 "0, what a kernel that does not list it shows the guest (read-as-zero)",
@@ -428,7 +428,7 @@ pub(super) fn describe_refusal(id: RegId, value: u64, reason: KvmRefusal) -> Str
     let v = show_value(id, value);
     match reason {
         KvmRefusal::PhysicalTimerInUse { ctl } => format!(
-            "{id} = {v}: the guest's physical timer is in use (CNTP_CTL_EL0 = {ctl:#x}, ENABLE or IMASK set) and the destination kernel keeps no physical-timer state to restore it into (before Linux 6.4, arch_timer.c kvm_arm_timer_set_reg): the timer would be lost"
+            "{id} = {v}: the guest's physical timer is in use (CNTP_CTL_EL0 = {ctl:#x}, ENABLE or IMASK set) and the destination kernel does not list the physical timer (before Linux 6.4 guest.c copy_timer_indices lists only the virtual one), so the destination QEMU cannot restore it: the timer would be lost"
         ),
         KvmRefusal::PhysicalTimerProgrammed => format!(
             "{id} = {v}: the guest programmed a physical-timer deadline the destination kernel cannot restore (it does not list the physical timer)"
