@@ -251,7 +251,7 @@ impl RegId {
         RegId(KVM_REG_ARM_CCSIDR_DEMUX_BASE | selector as u64)
     }
 
-    /// Identification registers (docs/profiles.md, "The rules"): values a destination treats as properties of
+    /// Identification registers (DESIGN.md, "Rewriting"): values a destination treats as properties of
     /// its CPU rather than as guest state, so a difference must be reported, never silently carried.
     ///
     /// AArch64: op0=3 with (op1=0, CRn=0) MIDR/MPIDR/REVIDR/ID_*, (op1=1, CRn=0) CCSIDR/CLIDR/AIDR,
