@@ -32,6 +32,7 @@ REQUIRED_TOOLS=(
     "python3                    container-smoke.sh"
     "flock                      container-smoke.sh"
     "getconf                    integration-tests (page size)"
+    "xz                         proxy/tests/kvm_plan.rs, kvm_daemon.rs"
     "aarch64-linux-gnu-as       the end-to-end test guest"
     "aarch64-linux-gnu-objcopy  the end-to-end test guest"
     "podman                     container scenarios"
@@ -126,7 +127,8 @@ fetch_crates() {
     local manifest
     for manifest in "${CARGO_MANIFESTS[@]}"; do
         # Without --target: every platform's crates (windows-sys ...), which `cargo vendor` needs.
-        cargo fetch --locked --manifest-path "$manifest" >&2 || die "cargo fetch --locked ($manifest) failed"
+        cargo fetch --locked --manifest-path "$manifest" >&2 \
+            || die "cargo fetch --locked ($manifest) failed; if its lock file is out of date, update it (cargo metadata) and commit it"
     done
 }
 
