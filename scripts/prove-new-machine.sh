@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prove that the test command passes on a brand-new machine: run scripts/test-all.sh from a fresh clone of
-# HEAD, starting from nothing the project made. Not part of .ci/run (it purges packages and takes about
-# half an hour of both cores); run it before every submission (README, Tests).
+# HEAD, starting from nothing the project made. Not part of .ci/run (it purges packages, and building
+# everything from nothing takes the better part of an hour on 2 cores); run it before every submission
+# (README, Tests).
 #
 #   scripts/prove-new-machine.sh --base-packages FILE [--keep PACKAGE]... [--keep-work] [--dry-run]
 #
