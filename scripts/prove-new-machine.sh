@@ -63,7 +63,9 @@ done
 [ "$(id -u)" = 0 ] || die "must run as root (it purges packages and runs the test command as CI does)"
 command -v rustup >/dev/null || die "rustup not found: the machine's Rust toolchain is part of a new machine"
 
-work="$(mktemp -d "${TMPDIR:-/var/tmp}/migproxy-prove.XXXXXX")"
+# Short: TMPDIR lives inside, and the scenarios put Unix sockets in directories under TMPDIR (at most
+# 107 bytes per path); a long prefix fails them with "path must be shorter than SUN_LEN".
+work="$(mktemp -d /tmp/mpv.XXXXXX)"
 run_log="$work.log"
 cleanup() {
     if [ -d "$work/containers" ]; then
@@ -186,14 +188,14 @@ fresh_path() {
 }
 
 fresh_caches() {
-    mkdir -p "$work/cache" "$work/tmp" "$work/containers"
+    mkdir -p "$work/cache" "$work/t" "$work/containers"
     cat >"$work/storage.conf" <<CONF
 [storage]
 driver = "overlay"
 graphroot = "$work/containers/storage"
 runroot = "$work/containers/run"
 CONF
-    export MIGPROXY_CACHE="$work/cache" TMPDIR="$work/tmp" CONTAINERS_STORAGE_CONF="$work/storage.conf"
+    export MIGPROXY_CACHE="$work/cache" TMPDIR="$work/t" CONTAINERS_STORAGE_CONF="$work/storage.conf"
 }
 
 # --- the run ------------------------------------------------------------------------------------------
