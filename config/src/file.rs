@@ -9,6 +9,8 @@
 //! log_json = false
 //! max_device_state_bytes = 268435456 # decoder limits: max_record_bytes, max_device_state_bytes,
 //!                                     # max_description_bytes, max_packaged_bytes
+//! unrecoverable_postcopy = "refuse"   # or "allow": postcopy from a source that cannot take its
+//!                                     # guest back after a refused switch
 //!
 //! [profiles]                          # served on the admin address as /profiles/NAME
 //! a64fx-7.2 = "/etc/migproxy/a64fx-7.2.json"
@@ -54,6 +56,8 @@ pub struct RunFile {
     pub max_device_state_bytes: Option<usize>,
     pub max_description_bytes: Option<usize>,
     pub max_packaged_bytes: Option<usize>,
+    /// `refuse` or `allow`, as `--unrecoverable-postcopy` spells it.
+    pub unrecoverable_postcopy: Option<String>,
     /// Profiles advertised on the admin address: name -> file.
     #[serde(default)]
     pub profiles: BTreeMap<String, String>,

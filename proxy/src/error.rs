@@ -118,9 +118,14 @@ pub enum Refusal {
     /// The rewrite refused registers: one summary per refused vCPU, each naming it and them.
     #[error("{}", .0.join(" | "))]
     Registers(Vec<String>),
-    /// Postcopy moves device state without a description (see DESIGN.md).
-    #[error("postcopy advised at byte {offset}: a rewriting proxy cannot delimit the device state of a postcopy package; migrate without postcopy, or run a checking relay (no profile)")]
-    Postcopy { offset: u64 },
+    /// Postcopy advised by a source that could not take its guest back after a refused switch
+    /// (DESIGN.md, "Postcopy").
+    #[error("postcopy advised at byte {offset}: {outlook}; refused now, while the source still runs its guest (migrate without postcopy-ram, or start migproxy with --unrecoverable-postcopy allow if switches are rare and you accept that risk)")]
+    PostcopyUnrecoverable { offset: u64, outlook: String },
+    /// The source switched to postcopy: the package's device state has no description, and
+    /// rewriting it is not supported.
+    #[error("postcopy package at byte {offset}: its device state has no description and rewriting a package is not supported; {outcome}")]
+    PostcopyPackage { offset: u64, outcome: String },
     /// The source went silent in the device-state phase without sending the description.
     #[error("at byte {offset}: the source sent no description and went silent for {} ms in the device-state phase (suppress-vmdesc?); device sections cannot be delimited", .silent.as_millis())]
     NoDescription { offset: u64, silent: Duration },

@@ -114,6 +114,17 @@ pub struct PolicyArgs {
     pub on_id_mismatch: OnIdMismatchArg,
 }
 
+/// What a rewriting proxy does with a migration whose source could not take its guest back
+/// after a failed switch (`--unrecoverable-postcopy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum UnrecoverablePostcopy {
+    /// Refuse at ADVISE: the source keeps running its guest.
+    #[default]
+    Refuse,
+    /// Let it go on; a switch would then be refused at the package and lose the guest.
+    Allow,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnExtraArg {
     DropUnused,
@@ -228,6 +239,17 @@ pub struct RunArgs {
     /// Largest description JSON, in bytes (default 16 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_DESCRIPTION")]
     pub max_description: Option<usize>,
+    /// With a rewrite, what to do when postcopy is advised by a source that could not take its
+    /// guest back after a refused switch (older than QEMU 10.2, no return path, or no source
+    /// profile): `refuse` at ADVISE (default; the source keeps running its guest) or `allow`
+    /// (finishes in precopy rewritten; a switch is refused and loses the guest). See DESIGN.md.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "refuse|allow",
+        env = "MIGPROXY_UNRECOVERABLE_POSTCOPY"
+    )]
+    pub unrecoverable_postcopy: Option<UnrecoverablePostcopy>,
     /// Largest postcopy PACKAGED blob (checking relay), in bytes (default 256 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_PACKAGED")]
     pub max_packaged: Option<usize>,

@@ -86,6 +86,7 @@ pub async fn start(
             channel: ChannelSettings {
                 limits: config.limits.clone(),
                 description_timeout: config.description_timeout,
+                unrecoverable_postcopy: config.unrecoverable_postcopy,
             },
             identify_timeout: config.identify_timeout,
             metrics: Arc::clone(metrics),

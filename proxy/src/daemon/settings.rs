@@ -20,6 +20,7 @@ use migproxy_config::Policy;
 use crate::cli::policy::{policy_from_args, policy_from_file};
 use crate::cli::RunArgs;
 use crate::error::ProxyError;
+use crate::migration::postcopy::UnrecoverablePostcopy;
 use crate::migration::profile_source::{ProfileSource, RewriteConfig};
 use crate::net::addr::{Address, ListenSpec, Upstream};
 use crate::net::tls::{ListenerTls, TlsSettings};
@@ -43,6 +44,7 @@ pub struct RunConfig {
     pub identify_timeout: Duration,
     pub log_json: bool,
     pub limits: Limits,
+    pub unrecoverable_postcopy: UnrecoverablePostcopy,
 }
 
 #[derive(Debug)]
@@ -205,8 +207,23 @@ impl RunConfig {
             )?,
             ..defaults
         };
+        let unrecoverable_postcopy = match (
+            args.unrecoverable_postcopy,
+            file.as_ref()
+                .and_then(|f| f.unrecoverable_postcopy.as_deref()),
+        ) {
+            (Some(flag), _) => flag,
+            (None, Some(word)) => <UnrecoverablePostcopy as clap::ValueEnum>::from_str(word, false)
+                .map_err(|_| {
+                    ProxyError::InvalidConfig(format!(
+                        "unrecoverable_postcopy = {word:?}: expected refuse or allow"
+                    ))
+                })?,
+            (None, None) => UnrecoverablePostcopy::default(),
+        };
         Ok(RunConfig {
             limits,
+            unrecoverable_postcopy,
             listeners,
             admin,
             served_profiles,

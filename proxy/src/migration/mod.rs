@@ -6,6 +6,7 @@ pub mod connection;
 pub mod dial;
 pub mod identify;
 pub mod metrics;
+pub mod postcopy;
 pub mod profile_source;
 pub mod pump;
 pub mod registry;

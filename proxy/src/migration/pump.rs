@@ -34,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::codec::Decoder;
 
 use crate::error::{ProxyError, Refusal};
+use crate::migration::postcopy::{self, SwitchRecovery, UnrecoverablePostcopy};
 use crate::migration::profile_source::RewriteSetup;
 use crate::migration::rewrite::{report_rewrites, rewrite_cpus};
 use crate::migration::state::MigrationState;
@@ -51,6 +52,8 @@ pub struct ChannelSettings {
     pub limits: Limits,
     /// How long the source may stay silent while the decoder holds the device phase.
     pub description_timeout: Duration,
+    /// Rewriting proxies only: postcopy from a source that could not take its guest back.
+    pub unrecoverable_postcopy: UnrecoverablePostcopy,
 }
 
 /// Pump one main channel until both directions have ended: `source` and `destination` are the
@@ -115,6 +118,7 @@ struct Forward<'a, R, W> {
     rewrite: Option<&'a RewriteSetup>,
     state: &'a MigrationState,
     description_timeout: Duration,
+    unrecoverable_postcopy: UnrecoverablePostcopy,
     flagged_no_return_path: bool,
 }
 
@@ -134,6 +138,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             rewrite,
             state,
             description_timeout: settings.description_timeout,
+            unrecoverable_postcopy: settings.unrecoverable_postcopy,
             flagged_no_return_path: false,
         }
     }
@@ -202,7 +207,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
     async fn forward(&mut self, frame: Frame) -> Result<(), ProxyError> {
         match frame {
             Frame::Verbatim { kind, bytes, .. } => {
-                self.note(&kind)?;
+                self.note(&kind, &bytes)?;
                 self.out.push(bytes);
             }
             Frame::Payload { bytes, .. } => self.out.push(bytes),
@@ -224,20 +229,13 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         Ok(())
     }
 
-    /// What a record announces about the migration.
-    fn note(&mut self, kind: &RecordKind) -> Result<(), ProxyError> {
+    /// What a record announces about the migration (`bytes`: the whole record).
+    fn note(&mut self, kind: &RecordKind, bytes: &[u8]) -> Result<(), ProxyError> {
         match kind {
             RecordKind::Command(MigCommand::OpenReturnPath) => self.state.note_return_path(),
-            RecordKind::Command(MigCommand::PostcopyAdvise { .. }) => {
-                self.state.note_postcopy_advised();
-                if self.rewrite.is_some() {
-                    // Device state would travel in a PACKAGED blob without description (DESIGN.md,
-                    // "No description means no exact delimiting"); refusing after the switch
-                    // would strand the guest, refusing now leaves it running at the source.
-                    return Err(ProxyError::Refused(Refusal::Postcopy {
-                        offset: self.decoder.offset(),
-                    }));
-                }
+            RecordKind::Command(MigCommand::PostcopyAdvise { .. }) => self.postcopy_advised()?,
+            RecordKind::Command(MigCommand::Packaged { .. }) if self.rewrite.is_some() => {
+                return Err(self.package_refused(bytes));
             }
             RecordKind::SectionStart { .. } if !self.flagged_no_return_path => {
                 self.flagged_no_return_path = true;
@@ -250,6 +248,63 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             _ => {}
         }
         Ok(())
+    }
+}
+
+impl<R, W> Forward<'_, R, W> {
+    /// `POSTCOPY_ADVISE`: decide now, while the source still owns the guest, whether a refusal
+    /// after a switch could be undone (DESIGN.md, "Postcopy"). A checking relay forwards the
+    /// package as it is, so only a rewriting proxy has anything to decide.
+    fn postcopy_advised(&mut self) -> Result<(), ProxyError> {
+        self.state.note_postcopy_advised();
+        let Some(setup) = self.rewrite else {
+            self.state.note_postcopy_outlook("relayed");
+            return Ok(());
+        };
+        let outlook =
+            SwitchRecovery::at_advise(setup.source.as_deref(), self.state.has_return_path());
+        self.state.note_postcopy_outlook(outlook.summary_word());
+        match (&outlook, self.unrecoverable_postcopy) {
+            (SwitchRecovery::SourceResumes, _) => {
+                tracing::info!(%outlook, "postcopy advised");
+                Ok(())
+            }
+            (SwitchRecovery::GuestLost(_), UnrecoverablePostcopy::Allow) => {
+                tracing::warn!(
+                    %outlook,
+                    "postcopy advised and allowed (--unrecoverable-postcopy allow): the migration is rewritten if it finishes in precopy; a switch to postcopy will be refused and loses the guest"
+                );
+                Ok(())
+            }
+            (SwitchRecovery::GuestLost(_), UnrecoverablePostcopy::Refuse) => {
+                Err(ProxyError::Refused(Refusal::PostcopyUnrecoverable {
+                    offset: self.decoder.offset(),
+                    outlook: outlook.to_string(),
+                }))
+            }
+        }
+    }
+
+    /// The source switched to postcopy through a rewriting proxy. Closing at once is what lets
+    /// a source that waits for the destination's confirmation resume its guest; keeping the
+    /// connections open would keep the guest stopped.
+    fn package_refused(&self, record: &[u8]) -> ProxyError {
+        let outcome = if self.state.postcopy_outlook() == "recoverable"
+            && postcopy::package_waits_for_destination(record)
+        {
+            "the source waits for the destination's confirmation (PING 0x42) and resumes its guest"
+        } else {
+            "the source cannot take its guest back after this switch (decided and logged at ADVISE)"
+        };
+        // The record's offset: the decoder has already counted it.
+        let offset = self
+            .decoder
+            .offset()
+            .saturating_sub(u64::try_from(record.len()).unwrap_or(u64::MAX));
+        ProxyError::Refused(Refusal::PostcopyPackage {
+            offset,
+            outcome: outcome.to_owned(),
+        })
     }
 }
 
@@ -272,6 +327,7 @@ mod tests {
     use std::sync::Arc;
 
     use migproxy_codec::testing::{RamRecord, StreamBuilder};
+    use migproxy_codec::wire::{MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_POSTCOPY_ADVISE};
     use migproxy_config::{Accel, Policy, Profile};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio::sync::Notify;
@@ -292,6 +348,7 @@ mod tests {
         ChannelSettings {
             limits: Limits::default(),
             description_timeout,
+            unrecoverable_postcopy: UnrecoverablePostcopy::Refuse,
         }
     }
 
@@ -510,6 +567,146 @@ mod tests {
         let received = received.await?;
         assert_eq!(received, bytes[..device_phase_start()]);
         drop(source);
+        Ok(())
+    }
+
+    /// `POSTCOPY_ADVISE` as QEMU sends it: the page-size summary, then the target page size.
+    fn advise_payload() -> Vec<u8> {
+        let mut payload = 4096u64.to_be_bytes().to_vec();
+        payload.extend_from_slice(&4096u64.to_be_bytes());
+        payload
+    }
+
+    /// A postcopy-capable stream (return path, ADVISE) that finishes in precopy with one vCPU.
+    fn postcopy_capable_stream(registers: &[(u64, u64)]) -> StreamBuilder {
+        let mut builder = StreamBuilder::new("virt-7.2");
+        builder.command(MIG_CMD_OPEN_RETURN_PATH, &[]);
+        builder.command(MIG_CMD_POSTCOPY_ADVISE, &advise_payload());
+        builder.ram_start(1 << 20);
+        builder.ram_section(true, &[RamRecord::Page(vec![0x5a; 4096])]);
+        builder.cpu(0, registers, 0x11);
+        builder
+    }
+
+    /// The source's registers and the destination's: CONTEXTIDR_EL1 (0) is dropped.
+    const SOURCE_REGISTERS: [(u64, u64); 2] = [(SCTLR_EL1, 0x30d0_0980), (CONTEXTIDR_EL1, 0)];
+    const DEST_REGISTERS: [(u64, u64); 1] = [(SCTLR_EL1, 0x30d0_0980)];
+
+    fn setup_with_source_version(
+        version: &str,
+    ) -> Result<RewriteSetup, Box<dyn std::error::Error>> {
+        let mut source = profile(&SOURCE_REGISTERS)?;
+        source.qemu_version = Some(version.to_owned());
+        Ok(RewriteSetup {
+            dest: Arc::new(profile(&DEST_REGISTERS)?),
+            source: Some(Arc::new(source)),
+            policy: Policy::default(),
+        })
+    }
+
+    /// Feed `bytes`, keep the source open, and return the pump's result and what arrived.
+    async fn pump_stream(
+        bytes: Vec<u8>,
+        setup: RewriteSetup,
+        settings: ChannelSettings,
+    ) -> Result<(Result<(), ProxyError>, MigrationState, Vec<u8>), Box<dyn std::error::Error>> {
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(1 << 16, Some(setup), settings);
+        let received = receive_all(destination, 1 << 16);
+        let sending = tokio::spawn(async move {
+            source.write_all(&bytes).await?;
+            source.shutdown().await?;
+            let mut back = Vec::new();
+            source.read_to_end(&mut back).await.map(|_| back)
+        });
+        let (result, state) = finish(pump).await?;
+        let received = received.await?;
+        // The source's side sees its connection end either way.
+        let _ = tokio::time::timeout(DEADLINE, sending).await?;
+        Ok((result, state, received))
+    }
+
+    #[tokio::test]
+    async fn a_postcopy_capable_migration_finishing_in_precopy_goes_through() -> TestResult {
+        let bytes = postcopy_capable_stream(&SOURCE_REGISTERS).finish();
+        let expected = postcopy_capable_stream(&DEST_REGISTERS).finish();
+        let setup = setup_with_source_version("11.1.0")?;
+        let (result, state, received) = pump_stream(bytes, setup, settings(DEADLINE)).await?;
+        result?;
+        assert_eq!(received, expected);
+        assert_eq!(state.rewrite_summary().dropped, ["CONTEXTIDR_EL1"]);
+        assert!(state.postcopy_advised());
+        assert_eq!(state.postcopy_outlook(), "recoverable");
+        assert_eq!(state.rewrite_summary().cpus_rewritten, 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_older_source_is_refused_at_advise_unless_allowed() -> TestResult {
+        let bytes = postcopy_capable_stream(&SOURCE_REGISTERS).finish();
+        let expected = postcopy_capable_stream(&DEST_REGISTERS).finish();
+        let setup = setup_with_source_version("10.0.7")?;
+        let (result, state, received) =
+            pump_stream(bytes.clone(), setup.clone(), settings(DEADLINE)).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::PostcopyUnrecoverable { offset, outlook })) => {
+                assert!(outlook.contains("10.0.7"), "{outlook}");
+                // Refused at the ADVISE record: no RAM went through.
+                assert!(
+                    received.len() <= usize::try_from(offset)?,
+                    "{}",
+                    received.len()
+                );
+            }
+            other => panic!("expected a refusal at ADVISE, got {other:?}"),
+        }
+        assert_eq!(state.postcopy_outlook(), "unrecoverable");
+
+        let mut allowing = settings(DEADLINE);
+        allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
+        let (result, state, received) = pump_stream(bytes, setup, allowing).await?;
+        result?;
+        assert_eq!(received, expected);
+        assert_eq!(state.postcopy_outlook(), "unrecoverable");
+        assert_eq!(state.rewrite_summary().cpus_rewritten, 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_switch_through_a_rewriting_proxy_is_refused_at_the_package() -> TestResult {
+        let mut builder = StreamBuilder::new("virt-7.2");
+        builder.command(MIG_CMD_OPEN_RETURN_PATH, &[]);
+        builder.command(MIG_CMD_POSTCOPY_ADVISE, &advise_payload());
+        builder.ram_start(1 << 20);
+        builder.ram_section(false, &[RamRecord::Page(vec![0x5a; 4096])]);
+        let before_package = builder.into_bytes();
+        // LISTEN, (device sections), PING 3, PING 0x42, RUN: what an 11.1 source packages.
+        let blob: Vec<u8> = [
+            &[0x08, 0x00, 0x04, 0x00, 0x00][..],
+            &[0x08, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x03],
+            &[0x08, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x42],
+            &[0x08, 0x00, 0x05, 0x00, 0x00],
+        ]
+        .concat();
+        let mut bytes = before_package.clone();
+        bytes.extend_from_slice(&[0x08, 0x00, 0x07, 0x00, 0x04]);
+        bytes.extend_from_slice(&u32::try_from(blob.len())?.to_be_bytes());
+        bytes.extend_from_slice(&blob);
+        let setup = setup_with_source_version("11.1.0")?;
+        let (result, _, received) = pump_stream(bytes, setup, settings(DEADLINE)).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::PostcopyPackage { offset, outcome })) => {
+                assert_eq!(offset, u64::try_from(before_package.len())?);
+                assert!(outcome.contains("resumes its guest"), "{outcome}");
+            }
+            other => panic!("expected the package refused, got {other:?}"),
+        }
+        // Nothing of the package reached the destination.
+        assert!(received.len() <= before_package.len(), "{}", received.len());
+        assert_eq!(received, before_package[..received.len()]);
         Ok(())
     }
 }

@@ -218,6 +218,7 @@ impl Drop for Migration {
             bytes_to_source = self.state.bytes_to_source(),
             channels = %channels,
             return_path = self.state.has_return_path(),
+            postcopy = self.state.postcopy_outlook(),
             cpus_rewritten = summary.cpus_rewritten,
             dropped = %summary.dropped.join(","),
             filled = %summary.filled.join(","),

@@ -28,6 +28,8 @@ pub struct MigrationState {
     bytes_to_source: AtomicU64,
     return_path: AtomicBool,
     postcopy_advised: AtomicBool,
+    /// The summary's `postcopy` word, decided at ADVISE ("off" until then).
+    postcopy_outlook: Mutex<&'static str>,
     rewrite_summary: Mutex<RewriteSummary>,
     metrics: Arc<Metrics>,
     /// Woken when postcopy is advised: a preempt channel may be waiting for exactly that.
@@ -41,6 +43,7 @@ impl MigrationState {
             bytes_to_source: AtomicU64::new(0),
             return_path: AtomicBool::new(false),
             postcopy_advised: AtomicBool::new(false),
+            postcopy_outlook: Mutex::new("off"),
             rewrite_summary: Mutex::new(RewriteSummary::default()),
             metrics,
             postcopy_watchers,
@@ -84,6 +87,21 @@ impl MigrationState {
 
     pub fn postcopy_advised(&self) -> bool {
         self.postcopy_advised.load(Ordering::Acquire)
+    }
+
+    /// What a switch to postcopy would mean for this migration (`recoverable`,
+    /// `unrecoverable`, or `relayed` without a rewrite), for the summary.
+    pub fn note_postcopy_outlook(&self, word: &'static str) {
+        if let Ok(mut outlook) = self.postcopy_outlook.lock() {
+            *outlook = word;
+        }
+    }
+
+    pub fn postcopy_outlook(&self) -> &'static str {
+        self.postcopy_outlook
+            .lock()
+            .map(|outlook| *outlook)
+            .unwrap_or("unknown")
     }
 
     /// Count one vCPU whose registers were rewritten, and remember the names for the summary.
