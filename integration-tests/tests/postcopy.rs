@@ -1,0 +1,144 @@
+//! Postcopy-capable migrations through a rewriting migproxy: QEMU 10.0 <-> 7.2, `-M virt-7.2
+//! -cpu a64fx`, 2 vCPUs, running guest, `postcopy-ram` on both sides (as Nova's
+//! `live_migration_permit_post_copy` and `virsh migrate --postcopy` set it), never switched.
+//!
+//! Neither 10.0 nor 7.2 can take its guest back after a refused switch (DESIGN.md, "Postcopy"),
+//! so the proxy decides at POSTCOPY_ADVISE:
+//! - with `--unrecoverable-postcopy allow` the migration goes on, the proxy says at ADVISE (log
+//!   and summary `postcopy=unrecoverable`) that a switch could not be undone, and the migration
+//!   finishes in precopy with every vCPU rewritten; also with the preempt channel on;
+//! - by default it is refused at ADVISE while the source still runs the guest, also when only a
+//!   destination profile is given (the source's version is then unknown and counts as older).
+
+use anyhow::{bail, Result};
+use migproxy_integration_tests::flows::{
+    assert_destination_untouched, check_channels, expect_summary, start_proxy, Pair, Setup,
+};
+use migproxy_integration_tests::migproxy::{event_field, Daemon};
+use migproxy_integration_tests::qemu::Version::{self, V10, V72};
+use migproxy_integration_tests::scenario::{self, a64fx, Scenario};
+use serde_json::Value;
+
+/// How long a refused destination may take to give up on its broken stream.
+const DEST_EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// What the proxy logs at ADVISE when it lets an unrecoverable postcopy migration go on.
+const ALLOWED_AT_ADVISE: &str = "postcopy advised and allowed";
+
+fn postcopy_setup(from: Version, to: Version) -> Setup {
+    Setup::new(a64fx(from), a64fx(to)).postcopy()
+}
+
+/// Completes through the proxy with `--unrecoverable-postcopy allow`, every vCPU rewritten; the
+/// summary and the log say at ADVISE that a switch could not have been undone.
+fn completes_without_switch(s: &mut Scenario, setup: &Setup) -> Result<Value> {
+    let mut args = s.profile_args(&setup.source, &setup.dest)?;
+    args.extend(["--unrecoverable-postcopy".to_owned(), "allow".to_owned()]);
+    let mut pair = Pair::start(s, setup, "")?;
+    let daemon = start_proxy(s, pair.dest_port, &args)?;
+    scenario::migrate(&mut pair.source, daemon.listen_port)?;
+    scenario::assert_migrated(&mut pair.source, &mut pair.dest)?;
+    let summary = expect_summary(&daemon, "completed")?;
+    let rewritten = event_field(&summary, "cpus_rewritten");
+    if rewritten != setup.source.smp.to_string() {
+        bail!(
+            "migproxy rewrote {rewritten} vCPU(s), expected all {}",
+            setup.source.smp
+        );
+    }
+    check_channels(&summary, setup)?;
+    check_postcopy_field(&summary, "unrecoverable")?;
+    check_warned_at_advise(&daemon)?;
+    Ok(summary)
+}
+
+fn check_postcopy_field(summary: &Value, wanted: &str) -> Result<()> {
+    let found = event_field(summary, "postcopy");
+    if found != wanted {
+        bail!("summary postcopy={found}, expected {wanted}: {summary}");
+    }
+    eprintln!("  migproxy: postcopy={found}");
+    Ok(())
+}
+
+/// The ADVISE-time warning is in the daemon's log.
+fn check_warned_at_advise(daemon: &Daemon) -> Result<()> {
+    if !daemon.log().contains(ALLOWED_AT_ADVISE) {
+        bail!(
+            "no {ALLOWED_AT_ADVISE:?} warning in the migproxy log:\n{}",
+            daemon.log()
+        );
+    }
+    Ok(())
+}
+
+/// Refused at ADVISE by default: the source keeps running its guest, almost nothing reached the
+/// destination, and the reason says why a switch could not have been undone.
+fn refused_at_advise(s: &mut Scenario, setup: &Setup, proxy_args: &[String]) -> Result<()> {
+    let mut pair = Pair::start(s, setup, "")?;
+    let daemon = start_proxy(s, pair.dest_port, proxy_args)?;
+    scenario::migrate(&mut pair.source, daemon.listen_port)?;
+    scenario::assert_source_kept_running(&mut pair.source)?;
+    let summary = expect_summary(&daemon, "refused")?;
+    check_postcopy_field(&summary, "unrecoverable")?;
+    let reason = event_field(&summary, "reason");
+    if !reason.contains("postcopy advised") || !reason.contains("--unrecoverable-postcopy") {
+        bail!("the refusal does not explain the ADVISE decision: {reason}");
+    }
+    // ADVISE precedes the first RAM section: only the header, the configuration and the
+    // commands before it may have reached the destination.
+    let forwarded: u64 = event_field(&summary, "bytes_to_destination")
+        .parse()
+        .unwrap_or(u64::MAX);
+    if forwarded > 4096 {
+        bail!("{forwarded} bytes reached the destination before the refusal at ADVISE");
+    }
+    let _ = pair.dest.wait_exit(DEST_EXIT_TIMEOUT);
+    assert_destination_untouched(&mut pair.dest)
+}
+
+#[test]
+fn postcopy_capable_a64fx_10_to_72_no_switch() {
+    scenario::run("postcopy_capable_a64fx_10_to_72_no_switch", |s| {
+        completes_without_switch(s, &postcopy_setup(V10, V72)).map(drop)
+    });
+}
+
+#[test]
+fn postcopy_capable_a64fx_72_to_10_no_switch() {
+    scenario::run("postcopy_capable_a64fx_72_to_10_no_switch", |s| {
+        completes_without_switch(s, &postcopy_setup(V72, V10)).map(drop)
+    });
+}
+
+#[test]
+fn postcopy_preempt_capable_a64fx_10_to_72_no_switch() {
+    scenario::run("postcopy_preempt_capable_a64fx_10_to_72_no_switch", |s| {
+        let mut setup = postcopy_setup(V10, V72);
+        setup.caps_both.push(("postcopy-preempt", true));
+        let summary = completes_without_switch(s, &setup)?;
+        eprintln!("  channels: {}", event_field(&summary, "channels"));
+        Ok(())
+    });
+}
+
+#[test]
+fn postcopy_older_source_refused_at_advise_by_default() {
+    scenario::run("postcopy_older_source_refused_at_advise_by_default", |s| {
+        let setup = postcopy_setup(V10, V72);
+        let args = s.profile_args(&setup.source, &setup.dest)?;
+        refused_at_advise(s, &setup, &args)
+    });
+}
+
+#[test]
+fn postcopy_without_source_profile_refused_at_advise() {
+    scenario::run("postcopy_without_source_profile_refused_at_advise", |s| {
+        let setup = postcopy_setup(V72, V10);
+        let dest_profile = s.profile(&setup.dest)?;
+        let args = vec![
+            "--dest-profile".to_owned(),
+            dest_profile.display().to_string(),
+        ];
+        refused_at_advise(s, &setup, &args)
+    });
+}
