@@ -8,7 +8,8 @@
 //! keyUsage digitalSignature + keyEncipherment: QEMU 10.0 refuses certificates without the
 //! encryption-key usage. Keys are rcgen's ECDSA P-256 in PKCS#8 PEM, which gnutls loads.
 //!
-//! - 10.0 -> 7.2 and 7.2 -> 10.0, plain and with 2 multifd channels: the migration completes, the
+//! - 10.0 -> 7.2 and 7.2 -> 10.0, plain and with 2 multifd channels (and 10.0 -> 7.2 with
+//!   `postcopy-ram` on, never switched): the migration completes, the
 //!   proxy rewrote both vCPUs (dropped or filled registers in its summary), and the destination
 //!   continues the guest's counter. Each direction and each channel layout runs once with and once
 //!   without `--tls-verify-peer` (the two modes order the handshakes differently).
@@ -171,22 +172,42 @@ fn proxy_args(
     Ok(args)
 }
 
+/// The channel layout of a TLS migration.
+#[derive(Clone, Copy)]
+enum Channels {
+    Main,
+    Multifd(u32),
+    /// `postcopy-ram` on (never switched), which migproxy is told to let through for these
+    /// older sources (`--unrecoverable-postcopy allow`).
+    PostcopyCapable,
+}
+
 /// One TLS migration through the proxy: completes, rewritten, guest continues on the destination.
 fn tls_migration_succeeds(
     s: &mut Scenario,
     from: Version,
     to: Version,
-    multifd: Option<u32>,
+    channels: Channels,
     verify_peer: bool,
 ) -> Result<()> {
     let creds = s.dir.join("creds");
     make_creds(&creds)?;
     let mut setup = tls_setup(from, to, &creds, &creds);
-    if let Some(channels) = multifd {
-        setup = setup.multifd(channels);
+    let mut args = proxy_args(s, from, to, &creds, verify_peer)?;
+    match channels {
+        Channels::Main => {}
+        Channels::Multifd(count) => setup = setup.multifd(count),
+        Channels::PostcopyCapable => {
+            setup = setup.postcopy();
+            args.extend(["--unrecoverable-postcopy".to_owned(), "allow".to_owned()]);
+        }
     }
-    let args = proxy_args(s, from, to, &creds, verify_peer)?;
     let summary = migration_through_proxy_rewrites(s, &setup, &args)?;
+    if matches!(channels, Channels::PostcopyCapable)
+        && event_field(&summary, "postcopy") != "unrecoverable"
+    {
+        bail!("the summary does not report the postcopy decision taken at ADVISE: {summary}");
+    }
     if event_field(&summary, "dropped").is_empty() && event_field(&summary, "filled").is_empty() {
         bail!("the summary shows neither dropped nor filled registers: the cpreg rewrite did nothing: {summary}");
     }
@@ -196,28 +217,35 @@ fn tls_migration_succeeds(
 #[test]
 fn tls_a64fx_10_to_72() {
     scenario::run("tls_a64fx_10_to_72", |s| {
-        tls_migration_succeeds(s, V10, V72, None, false)
+        tls_migration_succeeds(s, V10, V72, Channels::Main, false)
+    });
+}
+
+#[test]
+fn tls_a64fx_10_to_72_postcopy_capable() {
+    scenario::run("tls_a64fx_10_to_72_postcopy_capable", |s| {
+        tls_migration_succeeds(s, V10, V72, Channels::PostcopyCapable, false)
     });
 }
 
 #[test]
 fn tls_a64fx_72_to_10_verify_peer() {
     scenario::run("tls_a64fx_72_to_10_verify_peer", |s| {
-        tls_migration_succeeds(s, V72, V10, None, true)
+        tls_migration_succeeds(s, V72, V10, Channels::Main, true)
     });
 }
 
 #[test]
 fn tls_a64fx_10_to_72_multifd_verify_peer() {
     scenario::run("tls_a64fx_10_to_72_multifd_verify_peer", |s| {
-        tls_migration_succeeds(s, V10, V72, Some(MULTIFD_CHANNELS), true)
+        tls_migration_succeeds(s, V10, V72, Channels::Multifd(MULTIFD_CHANNELS), true)
     });
 }
 
 #[test]
 fn tls_a64fx_72_to_10_multifd() {
     scenario::run("tls_a64fx_72_to_10_multifd", |s| {
-        tls_migration_succeeds(s, V72, V10, Some(MULTIFD_CHANNELS), false)
+        tls_migration_succeeds(s, V72, V10, Channels::Multifd(MULTIFD_CHANNELS), false)
     });
 }
 
