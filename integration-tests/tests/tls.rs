@@ -11,7 +11,7 @@
 //! - 10.0 -> 7.2 and 7.2 -> 10.0, plain and with 2 multifd channels: the migration completes, the
 //!   proxy rewrote both vCPUs (dropped or filled registers in its summary), and the destination
 //!   continues the guest's counter. Each direction and each channel layout runs once with and once
-//!   without `--tls-verify-peer` (the two modes order the handshakes differently).
+//!   with `--tls-no-verify-peer` (the source then needs no certificate the proxy trusts).
 //! - A source whose certificate comes from a CA the proxy does not trust is refused by
 //!   `--tls-verify-peer` before the destination is contacted: no connection to the destination's
 //!   port ever exists, the destination stays `inmigrate`, the source guest keeps running. Twice:
@@ -165,9 +165,15 @@ fn proxy_args(
         "--tls-hostname".to_owned(),
         TLS_HOSTNAME.to_owned(),
     ]);
-    if verify_peer {
-        args.push("--tls-verify-peer".to_owned());
-    }
+    // Verifying the source is the default; the other variant opts out explicitly.
+    args.push(
+        if verify_peer {
+            "--tls-verify-peer"
+        } else {
+            "--tls-no-verify-peer"
+        }
+        .to_owned(),
+    );
     Ok(args)
 }
 
