@@ -227,6 +227,7 @@ impl RunConfig {
                 defaults.max_packaged,
                 "max_packaged",
             )?,
+            ..defaults
         };
         let count =
             |flag: Option<usize>, from_file: Option<usize>, default: usize, name: &str| match flag
