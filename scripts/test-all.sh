@@ -31,12 +31,13 @@ step() {
     printf '\n==> %s\n' "$*"
 }
 
-step "provision QEMU 10.0 and 7.2"
+step "provision QEMU 10.0, 7.2 and 11.1"
 provision_out=$(bash scripts/provision-qemu.sh)
-eval "$(printf '%s\n' "$provision_out" | grep -E '^QEMU(10|72)=')"
-export MIGPROXY_QEMU10="$QEMU10" MIGPROXY_QEMU72="$QEMU72"
+eval "$(printf '%s\n' "$provision_out" | grep -E '^QEMU(10|72|111)=')"
+export MIGPROXY_QEMU10="$QEMU10" MIGPROXY_QEMU72="$QEMU72" MIGPROXY_QEMU111="$QEMU111"
 echo "QEMU 10.0: $MIGPROXY_QEMU10"
 echo "QEMU 7.2:  $MIGPROXY_QEMU72"
+echo "QEMU 11.1: $MIGPROXY_QEMU111"
 
 step "rust toolchain components"
 installed=$(rustup component list --installed 2>/dev/null || true)

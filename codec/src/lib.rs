@@ -41,7 +41,7 @@ pub mod testing;
 pub mod wire;
 
 pub use decoder::StreamDecoder;
-pub use device_phase::{CpuRegisters, DeviceSection, DeviceState};
+pub use device_phase::{CpuRegisters, CpuSubsection, DeviceSection, DeviceState};
 pub use encoder::StreamEncoder;
 pub use error::{DecodeError, SectionRef};
 pub use frame::{Frame, MigCommand, RecordKind, StreamInfo};

@@ -25,6 +25,7 @@ mod relay;
 mod rewrite_cmd;
 mod run;
 mod shutdown;
+mod subsection_rules;
 mod tls;
 
 use std::process::ExitCode;

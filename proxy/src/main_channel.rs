@@ -29,7 +29,7 @@ use futures::{FutureExt, StreamExt};
 use migproxy_codec::{
     DecodeError, DeviceState, Frame, Limits, MigCommand, RecordKind, StreamDecoder,
 };
-use migproxy_config::RewriteReport;
+use migproxy_config::{RewriteReport, SubsectionReport};
 use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio_util::codec::{Decoder, FramedRead};
@@ -39,6 +39,7 @@ use crate::error::ProxyError;
 use crate::migration::Migration;
 use crate::profile_source::RewriteSetup;
 use crate::relay;
+use crate::subsection_rules;
 
 /// Read buffer of the main channel.
 pub const READ_BUFFER_BYTES: usize = 1 << 20;
@@ -195,15 +196,19 @@ async fn forward(
             }
             Frame::Payload { bytes, .. } => out.push(bytes),
             Frame::DeviceState(mut state) => {
-                let rewritten = match rewrite {
-                    Some(setup) => rewrite_cpus(&mut state, setup)?,
-                    None => Vec::new(),
+                let (rewritten, removed) = match rewrite {
+                    Some(setup) => (
+                        rewrite_cpus(&mut state, setup)?,
+                        subsection_rules::apply(&mut state, &setup.dest)?,
+                    ),
+                    None => (Vec::new(), Vec::new()),
                 };
                 out.push(state.to_bytes());
                 // Both QEMUs are stopped until the destination has the device state: release
                 // it before anything else (logging, metrics) runs.
                 out.flush().await?;
                 report_rewrites(&rewritten, migration);
+                report_removed_subsections(&removed, migration);
             }
         }
         if out.queued >= FLUSH_BYTES {
@@ -315,6 +320,25 @@ fn report_rewrites(rewritten: &[RewrittenCpu], migration: &Migration) {
                 let name = filled.id.to_string();
                 if !summary.filled.contains(&name) {
                     summary.filled.push(name);
+                }
+            }
+        }
+    }
+}
+
+/// Log the subsections [`subsection_rules::apply`] removed, after the device state was released.
+fn report_removed_subsections(reports: &[SubsectionReport], migration: &Migration) {
+    for report in reports {
+        for removed in &report.removed {
+            tracing::info!(
+                vcpu = report.vcpu,
+                subsection = %removed.name,
+                reason = %removed.reason,
+                "cpu subsection removed"
+            );
+            if let Ok(mut summary) = migration.rewrite_summary.lock() {
+                if !summary.subsections_removed.contains(&removed.name) {
+                    summary.subsections_removed.push(removed.name.clone());
                 }
             }
         }

@@ -149,6 +149,8 @@ pub struct RewriteSummary {
     pub cpus_rewritten: u32,
     pub dropped: Vec<String>,
     pub filled: Vec<String>,
+    /// `cpu` subsections removed because the destination cannot load them (names).
+    pub subsections_removed: Vec<String>,
 }
 
 pub struct Migration {
@@ -311,6 +313,7 @@ impl Drop for Migration {
             cpus_rewritten = summary.cpus_rewritten,
             dropped = %summary.dropped.join(","),
             filled = %summary.filled.join(","),
+            subsections_removed = %summary.subsections_removed.join(","),
             "migration summary"
         );
     }

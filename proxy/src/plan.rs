@@ -9,13 +9,15 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use migproxy_config::{rewrite, Profile, RefusalReason, RewriteReport};
+use migproxy_codec::CpuSubsection;
+use migproxy_config::{rewrite, Profile, RefusalReason, RewriteReport, SubsectionReport};
 use serde_json::json;
 
 use crate::cli::PlanArgs;
 use crate::error::ProxyError;
 use crate::policy_args::policy_from_args;
 use crate::profile_cmd;
+use crate::subsection_rules;
 
 pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
     let policy = policy_from_args(&args.policy)?;
@@ -45,10 +47,20 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
         .map(|(vcpu, regs)| rewrite(*vcpu, regs, &dest, source_profile.as_ref(), &policy).report)
         .collect();
     let refused: Vec<&RewriteReport> = reports.iter().filter(|r| r.is_refused()).collect();
+    let subsection_reports = subsection_rules::decide(&source.subsections, &dest);
+    let refused_subsections: Vec<&SubsectionReport> = subsection_reports
+        .iter()
+        .filter(|r| r.is_refused())
+        .collect();
+    let any_refused = !refused.is_empty() || !refused_subsections.is_empty();
 
     let mut text = String::new();
     if args.json {
-        let _ = writeln!(text, "{}", plan_json(&source.kind, &dest, &reports, &notes));
+        let _ = writeln!(
+            text,
+            "{}",
+            plan_json(&source.kind, &dest, &reports, &subsection_reports, &notes)
+        );
     } else {
         let _ = writeln!(
             text,
@@ -62,10 +74,14 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
         for note in &notes {
             let _ = writeln!(text, "note: {note}");
         }
+        // Each vCPU's subsections right under its registers.
         for report in &reports {
             let _ = writeln!(text, "{report}");
+            for subsections in subsection_reports.iter().filter(|s| s.vcpu == report.vcpu) {
+                let _ = writeln!(text, "{subsections}");
+            }
         }
-        let verdict = if refused.is_empty() {
+        let verdict = if !any_refused {
             "the migration can go through migproxy"
         } else {
             "REFUSED"
@@ -94,13 +110,14 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
         }
         _ => {}
     }
-    if refused.is_empty() {
+    if !any_refused {
         Ok(())
     } else {
         Err(ProxyError::Refused(
             refused
                 .iter()
                 .map(|r| r.refusal_summary())
+                .chain(refused_subsections.iter().map(|r| r.refusal_summary()))
                 .collect::<Vec<_>>()
                 .join(" | "),
         ))
@@ -111,6 +128,9 @@ struct Source {
     kind: String,
     machine: Option<String>,
     vcpus: Vec<(u32, Vec<(u64, u64)>)>,
+    /// The `cpu` subsections of a stream (a profile has none: a fresh VM sends only what it
+    /// needs, which says nothing about a running guest).
+    subsections: Vec<CpuSubsection>,
 }
 
 /// A stream starts with QEMU's file magic `QEVM`; anything else is read as a profile.
@@ -131,6 +151,7 @@ fn load_source(path: &Path) -> Result<Source, ProxyError> {
                 .into_iter()
                 .map(|c| (c.instance, c.registers))
                 .collect(),
+            subsections: stream.subsections,
         });
     }
     let profile = Profile::load(path)?;
@@ -140,6 +161,7 @@ fn load_source(path: &Path) -> Result<Source, ProxyError> {
         vcpus: (0..profile.vcpus)
             .map(|v| (v, profile.registers_for_vcpu(v)))
             .collect(),
+        subsections: Vec::new(),
     })
 }
 
@@ -151,14 +173,20 @@ fn plan_json(
     kind: &str,
     dest: &Profile,
     reports: &[RewriteReport],
+    subsection_reports: &[SubsectionReport],
     notes: &[String],
 ) -> serde_json::Value {
     let vcpus: Vec<serde_json::Value> = reports
         .iter()
         .map(|r| {
+            let subsections = subsection_reports.iter().find(|s| s.vcpu == r.vcpu);
             json!({
                 "vcpu": r.vcpu,
-                "refused": r.is_refused(),
+                "removed_subsections": subsections.map(|s| s.removed.iter().map(|x| json!({
+                    "name": x.name, "reason": x.reason})).collect::<Vec<_>>()).unwrap_or_default(),
+                "refused_subsections": subsections.map(|s| s.refused.iter().map(|x| json!({
+                    "name": x.name, "reason": x.reason})).collect::<Vec<_>>()).unwrap_or_default(),
+                "refused": r.is_refused() || subsections.is_some_and(SubsectionReport::is_refused),
                 "unchanged": r.is_unchanged(),
                 "source_registers": r.source_len,
                 "output_registers": r.output_len,
@@ -184,7 +212,8 @@ fn plan_json(
     json!({
         "source_kind": kind,
         "destination": { "accel": dest.accel.as_str(), "machine": dest.machine, "vcpus": dest.vcpus },
-        "refused": reports.iter().any(RewriteReport::is_refused),
+        "refused": reports.iter().any(RewriteReport::is_refused)
+            || subsection_reports.iter().any(SubsectionReport::is_refused),
         "notes": notes,
         "vcpus": vcpus,
     })

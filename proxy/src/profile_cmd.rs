@@ -14,7 +14,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use migproxy_codec::{offline, CpuRegisters, Frame, Limits, StreamDecoder, StreamInfo};
+use migproxy_codec::{
+    offline, CpuRegisters, CpuSubsection, Frame, Limits, StreamDecoder, StreamInfo,
+};
 use migproxy_config::{Accel, Profile};
 
 use crate::cli::{AccelArg, CaptureArgs};
@@ -65,6 +67,8 @@ pub fn capture(args: &CaptureArgs) -> Result<(), ProxyError> {
 pub(crate) struct StreamCpus {
     pub info: StreamInfo,
     pub cpus: Vec<CpuRegisters>,
+    /// Top-level subsections of the `cpu` sections.
+    pub subsections: Vec<CpuSubsection>,
 }
 
 /// Open `path`, or standard input for `-`.
@@ -85,9 +89,11 @@ pub(crate) fn read_stream(path: &Path) -> Result<StreamCpus, ProxyError> {
 fn decode_cpus(reader: impl Read, origin: &str) -> Result<StreamCpus, ProxyError> {
     let mut decoder = StreamDecoder::new(Limits::default());
     let mut cpus: Option<Vec<CpuRegisters>> = None;
+    let mut subsections = Vec::new();
     offline::decode_reader(reader, &mut decoder, |_, frame| -> Result<(), ProxyError> {
         if let Frame::DeviceState(state) = frame {
             cpus = Some(state.cpus());
+            subsections = state.cpu_subsections();
         }
         Ok(())
     })?;
@@ -100,6 +106,7 @@ fn decode_cpus(reader: impl Read, origin: &str) -> Result<StreamCpus, ProxyError
     Ok(StreamCpus {
         info: decoder.info().clone(),
         cpus,
+        subsections,
     })
 }
 
@@ -382,6 +389,7 @@ mod tests {
                 section_version: 22,
                 registers,
             }],
+            subsections: Vec::new(),
         }
     }
 

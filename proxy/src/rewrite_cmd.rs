@@ -11,12 +11,13 @@ use std::path::Path;
 
 use bytes::BytesMut;
 use migproxy_codec::{offline, Frame, Limits, StreamDecoder};
-use migproxy_config::{rewrite, Rewrite, RewriteReport};
+use migproxy_config::{rewrite, Rewrite, RewriteReport, SubsectionReport};
 
 use crate::cli::RewriteArgs;
 use crate::error::ProxyError;
 use crate::policy_args::policy_from_args;
 use crate::profile_cmd::{self, no_device_state, open_input};
+use crate::subsection_rules;
 
 pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
     let policy = policy_from_args(&args.policy)?;
@@ -39,6 +40,7 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
     let mut progress = Progress::new(total);
     let mut decoder = StreamDecoder::new(Limits::default());
     let mut reports: Vec<RewriteReport> = Vec::new();
+    let mut subsection_reports: Vec<SubsectionReport> = Vec::new();
     let mut saw_device_state = false;
 
     let result = offline::decode_reader(
@@ -93,6 +95,7 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
                             state.set_cpregs(*instance, &new.registers)?;
                         }
                     }
+                    subsection_reports = subsection_rules::apply(&mut state, &dest)?;
                     let mut buf = BytesMut::with_capacity(state.wire_len());
                     state.encode(&mut buf);
                     write(&mut out, &buf)
@@ -102,6 +105,9 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
     );
     progress.finish();
     for report in &reports {
+        eprintln!("{report}");
+    }
+    for report in &subsection_reports {
         eprintln!("{report}");
     }
     let result = result.and_then(|()| {
