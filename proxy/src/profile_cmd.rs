@@ -27,7 +27,7 @@ pub fn capture(args: &CaptureArgs) -> Result<(), ProxyError> {
         AccelArg::Tcg => Accel::Tcg,
         AccelArg::Kvm => Accel::Kvm,
     });
-    let profile = if let Some(path) = &args.from_stream {
+    let mut profile = if let Some(path) = &args.from_stream {
         let stream = read_stream(path)?;
         profile_from_stream(&stream, accel_override, "stream")?
     } else if let Some(socket) = &args.from_qmp {
@@ -43,6 +43,15 @@ pub fn capture(args: &CaptureArgs) -> Result<(), ProxyError> {
             "give one of --from-stream, --from-qmp, --from-kvm".into(),
         ));
     };
+    if let Some(version) = &args.qemu_version {
+        if migproxy_config::subsections::cpu_vmstate_for(version).is_none() {
+            eprintln!(
+                "migproxy: warning: migproxy has no cpu subsection list for QEMU {version}: only \
+                 subsections every known build loads will pass (docs/profiles.md, Subsections)"
+            );
+        }
+        profile.qemu_version = Some(version.clone());
+    }
     write_output(args.output.as_deref(), profile.to_json().as_bytes())?;
     let masks = profile
         .present()
