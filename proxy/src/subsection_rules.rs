@@ -50,3 +50,112 @@ pub fn apply(state: &mut DeviceState, dest: &Profile) -> Result<Vec<SubsectionRe
     }
     Ok(reports)
 }
+
+#[cfg(test)]
+mod tests {
+    //! On a real QEMU 11.1 capture towards a 10.0 a64fx profile (captured from a real 10.0
+    //! stream): the idle `cpu/wfxt-timer` is removed; the same capture with one vCPU's timer
+    //! armed (its expiry rewritten, as no a64fx guest can arm it) is refused naming it.
+    use std::path::{Path, PathBuf};
+
+    use migproxy_codec::{offline, Frame, Limits, StreamDecoder};
+
+    use super::*;
+    use crate::profile_cmd::{profile_from_stream, read_stream};
+
+    fn vector_path(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../codec/tests/vectors/{name}"))
+    }
+
+    fn profile_10_0() -> Profile {
+        let stream = match read_stream(&vector_path("q10m72-a64fx.bin")) {
+            Ok(stream) => stream,
+            Err(e) => panic!("reading the 10.0 vector: {e}"),
+        };
+        let mut profile = match profile_from_stream(&stream, None, "stream") {
+            Ok(profile) => profile,
+            Err(e) => panic!("profile from the 10.0 vector: {e}"),
+        };
+        profile.qemu_version = Some("10.0.2".into());
+        profile
+    }
+
+    /// Decode `input` and run [`apply`] on its device state.
+    fn apply_to(
+        input: &[u8],
+        dest: &Profile,
+    ) -> Result<(Vec<SubsectionReport>, Vec<CpuSubsection>), ProxyError> {
+        let mut decoder = StreamDecoder::new(Limits::default());
+        let mut outcome = None;
+        offline::decode_reader(input, &mut decoder, |_, frame| -> Result<(), ProxyError> {
+            if let Frame::DeviceState(mut state) = frame {
+                let reports = apply(&mut state, dest)?;
+                outcome = Some((reports, state.cpu_subsections()));
+            }
+            Ok(())
+        })?;
+        outcome.ok_or_else(|| ProxyError::Runtime("no device state".into()))
+    }
+
+    const WFXT_HEADER: &[u8] = b"\x05\x0ecpu/wfxt-timer\x00\x00\x00\x01";
+
+    fn real_11_1() -> Vec<u8> {
+        match std::fs::read(vector_path("q111m72-a64fx.bin")) {
+            Ok(bytes) => bytes,
+            Err(e) => panic!("reading the 11.1 vector: {e}"),
+        }
+    }
+
+    #[test]
+    fn idle_wfxt_timer_of_a_real_11_1_stream_is_removed_for_10_0() {
+        let (reports, left) = match apply_to(&real_11_1(), &profile_10_0()) {
+            Ok(outcome) => outcome,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(reports.len(), 2);
+        for report in &reports {
+            assert!(!report.is_refused(), "{report}");
+            assert_eq!(report.removed.len(), 1, "{report}");
+            assert!(report.removed[0].reason.contains("not armed"), "{report}");
+        }
+        assert!(left.iter().all(|s| s.name != "cpu/wfxt-timer"));
+        assert_eq!(left.len(), 6, "vfp, sve, irq-line-state of two vCPUs");
+    }
+
+    #[test]
+    fn armed_wfxt_timer_of_a_real_11_1_stream_is_refused_by_name() {
+        let mut input = real_11_1();
+        let headers: Vec<usize> = input
+            .windows(WFXT_HEADER.len())
+            .enumerate()
+            .filter(|(_, w)| *w == WFXT_HEADER)
+            .map(|(at, _)| at)
+            .collect();
+        assert_eq!(headers.len(), 2, "one wfxt-timer subsection per vCPU");
+        // vCPU 1's timer armed to expire at 5 s of virtual time.
+        let payload = headers[1] + WFXT_HEADER.len();
+        input[payload..payload + 8].copy_from_slice(&5_000_000_000u64.to_be_bytes());
+        match apply_to(&input, &profile_10_0()) {
+            Err(ProxyError::Refused(reason)) => {
+                assert!(reason.contains("vcpu 1"), "{reason}");
+                assert!(reason.contains("cpu/wfxt-timer"), "{reason}");
+                assert!(
+                    reason.contains("armed (expires at 5000000000 ns)"),
+                    "{reason}"
+                );
+                assert!(!reason.contains("vcpu 0"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // 11.1 itself loads it: nothing to remove or refuse.
+        let mut dest_11_1 = profile_10_0();
+        dest_11_1.qemu_version = Some("11.1.3".into());
+        match apply_to(&input, &dest_11_1) {
+            Ok((reports, left)) => {
+                assert!(reports.is_empty(), "{reports:?}");
+                assert_eq!(left.len(), 8);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
