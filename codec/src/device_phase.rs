@@ -1,5 +1,5 @@
 //! The held device-state phase: FULL sections, EOF and the description, walked with the
-//! description (design-decisions §1).
+//! description (DESIGN.md, "Device state is delimited from the stream's own description").
 //!
 //! ```text
 //! held bytes:  FULL s0 .. 7E s0 | FULL s1 .. 7E s1 | ... | 00 (EOF) | 06 | be32 len | JSON (len bytes)
@@ -7,14 +7,17 @@
 //! ```
 //!
 //! Non-iterable sections carry no length: their payload size is the sum of the sizes the
-//! description lists (`stream-format.md` §6.2): Σ fields (size × array_len) + Σ subsections
+//! description lists: Σ fields (size × array_len) + Σ subsections
 //! (6 + len(name) + their payload). The walk checks every section header against its description
 //! entry, every subsection header, every footer, and that the sections end exactly at EOF.
 //!
 //! The ARM `cpu` section's cpreg arrays are located from the description's field list
 //! (`cpreg_vmstate_array_len`, `cpreg_vmstate_indexes`, `cpreg_vmstate_values`), not from a fixed
 //! offset. Replacing them re-encodes that section and patches the two `array_len` numbers in the
-//! description text (and its be32 length); every other byte is re-emitted as received.
+//! description text (and its be32 length). The walk also records each `cpu` section's top-level
+//! subsections, so that one the destination cannot load can be removed: its bytes leave the
+//! section and its object leaves the description's `subsections` array (whether that loses guest
+//! state is decided outside the codec). Every other byte is re-emitted as received.
 
 use std::ops::Range;
 

@@ -1,7 +1,8 @@
 //! A small JSON parser that keeps byte spans.
 //!
-//! The description must be re-emitted byte for byte except for the cpreg `array_len` numbers, so
-//! we need to know where each number sits in the text; a general-purpose JSON library would
+//! The description must be re-emitted byte for byte except for the cpreg `array_len` numbers and
+//! the objects of removed subsections, so we need to know where each number and object sits in
+//! the text; a general-purpose JSON library would
 //! re-format everything. Only what QEMU's `json_writer` produces matters, but the parser accepts
 //! any RFC 8259 text and bounds its nesting depth (the input comes from the network).
 //!

@@ -7,7 +7,7 @@
 //! - one state machine ([`StreamDecoder`], see `decoder` for its diagram) implementing
 //!   `tokio_util::codec::Decoder`, which owns the `BytesMut` discipline: payloads of RAM pages are
 //!   cut from the read buffer as they arrive, everything else is emitted as whole records, and the
-//!   device-state phase is held until the description arrives (design-decisions §1).
+//!   device-state phase is held until the description arrives (DESIGN.md, Decisions).
 //!
 //! The codec knows nothing about sockets or runtimes, so it can be fuzzed and used offline.
 //!

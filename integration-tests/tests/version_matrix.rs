@@ -90,6 +90,14 @@ fn proxied(s: &mut Scenario, setup: &Setup) -> Result<String> {
     scenario::assert_migrated(&mut pair.source, &mut pair.dest)?;
     let summary = expect_summary(&daemon, "completed")?;
     check_channels(&summary, setup)?;
+    // Every cross-version pair here differs in its register lists: every vCPU is rewritten.
+    let rewritten = event_field(&summary, "cpus_rewritten");
+    if rewritten != setup.source.smp.to_string() {
+        bail!(
+            "migproxy rewrote {rewritten} vCPU(s), expected all {}",
+            setup.source.smp
+        );
+    }
     let log = pair.dest.log();
     if log.contains("Assertion") {
         bail!("the destination hit an assertion on the forwarded stream: {log}");
@@ -313,4 +321,49 @@ fn version_matrix_cortex_a57() {
 #[test]
 fn version_matrix_max_refusals() {
     refusals("max", &pairs());
+}
+
+/// The 11.1 pairs with other vCPU counts and channel mixes (profiles captured with the same count).
+#[test]
+fn version_matrix_other_vcpu_counts_and_channels() {
+    let with_smp = |from: Version, to: Version, smp: u32| {
+        let mut source = a64fx(from);
+        source.smp = smp;
+        let mut dest = a64fx(to);
+        dest.smp = smp;
+        Setup::new(source, dest)
+    };
+    let cases = [
+        (
+            "q111_to_q10_4vcpus_multifd_return_path",
+            with_smp(V111, V10, 4)
+                .multifd(MULTIFD_CHANNELS)
+                .return_path(),
+        ),
+        ("q111_to_q72_1vcpu", with_smp(V111, V72, 1)),
+        (
+            "q111_to_q72_3vcpus_multifd_return_path",
+            with_smp(V111, V72, 3).multifd(3).return_path(),
+        ),
+        (
+            "q10_to_q111_4vcpus_multifd",
+            with_smp(V10, V111, 4).multifd(1),
+        ),
+        (
+            "q72_to_q111_1vcpu_return_path",
+            with_smp(V72, V111, 1).return_path(),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (label, setup) in cases {
+        let scenario_name = format!("matrix_proxy_{label}");
+        if let Err(err) = scenario::try_run(&scenario_name, |s| {
+            let account = proxied(s, &setup)?;
+            eprintln!("  {account}");
+            Ok(())
+        }) {
+            failures.push(format!("{scenario_name}: {err}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("; "));
 }

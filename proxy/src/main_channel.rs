@@ -11,8 +11,8 @@
 //! into an encoder buffer); only the held device-state phase is re-encoded. A write waits for the
 //! destination, and nothing is read meanwhile: a slow destination slows the source down instead of
 //! growing memory (backpressure). There is no idle timeout: with multifd the main channel may sit
-//! silent for the whole RAM phase. The only clock is the description deadline (design-decisions
-//! §1): once the decoder has read the EOF of a held device phase it waits for the description,
+//! silent for the whole RAM phase. The only clock is the description deadline (DESIGN.md,
+//! "No description means no exact delimiting"): once the decoder has read the EOF of a held device phase it waits for the description,
 //! and a source with `suppress-vmdesc=on` and a return path would wait for the destination
 //! forever, so the wait is bounded and its end fails the migration closed.
 
@@ -89,7 +89,7 @@ pub async fn run(
     // The source blocks on SHUT, PONG and page requests: relay them the moment they arrive.
     let return_path = async {
         match relay::pump(dest_read, source_write, &[], &to_source, "return path").await {
-            // QEMU may reset the main connection once the migration is over (issue 8): after
+            // QEMU may reset the main connection once the migration is over (TLS included): after
             // the whole stream went through, that is a normal end.
             Err(ProxyError::Io { source, .. })
                 if forwarded.load(Ordering::Acquire)
@@ -153,7 +153,7 @@ async fn forward(
             None => break,
             Some(Ok(frame)) => frame,
             // A TLS source that closes without close_notify, or resets, once its stream is
-            // complete (issue 8): nothing more could have followed.
+            // complete: nothing more could have followed.
             Some(Err(DecodeError::Io(err)))
                 if matches!(
                     err.kind(),
@@ -173,7 +173,7 @@ async fn forward(
                     RecordKind::Command(MigCommand::PostcopyAdvise { .. }) => {
                         migration.note_postcopy_advised();
                         if rewrite.is_some() {
-                            // design-decisions §1: device state would travel in a PACKAGED blob
+                            // DESIGN.md: device state would travel in a PACKAGED blob
                             // without description; refusing after the switch would strand the
                             // guest, refusing now leaves it running at the source.
                             return Err(ProxyError::Refused(format!(
@@ -244,7 +244,8 @@ struct RewrittenCpu {
     registers: usize,
 }
 
-/// Replace every vCPU's cpreg arrays with the destination's list (design-decisions §4).
+/// Replace every vCPU's cpreg arrays with the destination's list (DESIGN.md, "Rewriting is a pure function"), then the `cpu` subsections
+/// (`subsection_rules`).
 ///
 /// Runs while both QEMUs are stopped, so it only computes and applies; what was done is logged
 /// by [`report_rewrites`] once the device state has been written.

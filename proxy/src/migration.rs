@@ -1,7 +1,7 @@
 //! One migration: grouping its connections, dialing the destination in the right order, and
 //! tearing every connection down together.
 //!
-//! design-decisions §3:
+//! The rules (DESIGN.md, "Connections"):
 //! - a connection is grouped with a migration only once it has identified itself; a main channel
 //!   (`QEVM`) starts a migration, multifd and preempt channels accepted on the same listener from
 //!   the same source host (and, with interception, towards the same destination) join it while it
@@ -13,7 +13,7 @@
 //!   without a known magic is taken as a preempt channel only by a migration that advised postcopy
 //!   (the preempt channel needs the postcopy-ram capability, whose ADVISE is among the first
 //!   records of the main channel);
-//! - design-decisions §5: any failure on any connection closes both sides of every connection of
+//! - any failure on any connection closes both sides of every connection of
 //!   the migration, after logging what, where and why.
 
 use std::collections::HashMap;
@@ -49,7 +49,7 @@ pub struct ListenerCtx {
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
     pub registry: Registry,
-    /// TLS on both legs (issue 8); None: plain.
+    /// TLS on both legs; None: plain.
     pub tls: Option<Arc<ListenerTls>>,
 }
 
@@ -489,7 +489,7 @@ async fn carry_channel(
     .await
 }
 
-/// A connection on a TLS listener (issue 8): identified by its ClientHello, grouped by order (the
+/// A connection on a TLS listener: identified by its ClientHello, grouped by order (the
 /// first one from a host is the main channel), dialed and handshaken upstream before our own
 /// handshake completes, then confirmed by its first plaintext bytes.
 async fn handle_tls_connection(
@@ -521,7 +521,7 @@ async fn handle_tls_connection(
             return;
         }
     };
-    // design-decisions §3: under TLS, channels are told apart by order.
+    // Under TLS, channels are told apart by order.
     let (migration, by_order) = match ctx.registry.find(&key, Migration::accepts_channels) {
         Some(migration) => (migration, ChannelKind::Multifd),
         None => (
