@@ -42,6 +42,13 @@ if "$wrapper" --version 2>/dev/null | grep -q "version ${series//./\\.}"; then
     exit 0
 fi
 
+# Signed by the trixie archive keys, which bookworm's debian-archive-keyring carries since
+# 2023.3+deb12u1 (scripts/debian-packages.txt).
+if [ ! -e /usr/share/keyrings/debian-archive-trixie-stable.gpg ]; then
+    log "no trixie archive key in /usr/share/keyrings: install debian-archive-keyring >= 2023.3+deb12u1"
+    exit 1
+fi
+
 mkdir -p "$cache"
 work=$(mktemp -d "$cache/.qemu-$series.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -133,9 +140,12 @@ if ! "$tree/qemu-system-aarch64" --version | grep -q "version ${series//./\\.}";
 fi
 printf '%s\n' "$ver" >"$tree/DEBIAN-VERSION"
 
-rm -rf "$root.old"
-[ -e "$root" ] && mv "$root" "$root.old"
-mv "$tree" "$root"
-rm -rf "$root.old"
+# A concurrent run may have finished first: keep its tree (QEMUs may be running from it).
+if ! "$wrapper" --version 2>/dev/null | grep -q "version ${series//./\\.}"; then
+    rm -rf "$root.old"
+    if [ -e "$root" ]; then mv "$root" "$root.old"; fi
+    mv "$tree" "$root"
+    rm -rf "$root.old"
+fi
 "$wrapper" --version | head -n1 >&2
 echo "QEMU111=$wrapper"
