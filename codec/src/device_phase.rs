@@ -244,19 +244,16 @@ impl DeviceState {
                 edits.push((span.clone(), regs.len().to_string().into_bytes()));
             }
         }
-        let mut arrays_done: Vec<usize> = Vec::new();
-        for slot in self.subsections.iter().filter(|slot| slot.removed) {
-            edits.push((slot.wire.clone(), Vec::new()));
-            if arrays_done.contains(&slot.json_items.start) {
-                continue;
+        // Slots are in stream order, so each cpu section's subsections are one contiguous run.
+        for items in self
+            .subsections
+            .chunk_by(|a, b| a.json_items == b.json_items)
+            .filter(|items| items.iter().any(|item| item.removed))
+        {
+            for item in items.iter().filter(|item| item.removed) {
+                edits.push((item.wire.clone(), Vec::new()));
             }
-            arrays_done.push(slot.json_items.start);
-            let items: Vec<&SubsectionSlot> = self
-                .subsections
-                .iter()
-                .filter(|other| other.json_items == slot.json_items)
-                .collect();
-            let separator = match items.as_slice() {
+            let separator = match items {
                 [first, second, ..] => &self.held[first.json_item.end..second.json_item.start],
                 _ => b", ".as_slice(),
             };
@@ -265,7 +262,7 @@ impl DeviceState {
                 .filter(|item| !item.removed)
                 .map(|item| &self.held[item.json_item.clone()])
                 .collect();
-            edits.push((slot.json_items.clone(), kept.join(separator)));
+            edits.push((items[0].json_items.clone(), kept.join(separator)));
         }
         edits.sort_by_key(|(span, _)| span.start);
         edits
