@@ -5,7 +5,7 @@
 use migproxy_codec::{CpuSubsection, DeviceState};
 use migproxy_config::{check_subsections, Profile, SourceSubsection, SubsectionReport};
 
-use crate::error::ProxyError;
+use crate::error::{ProxyError, Refusal};
 
 /// One report per vCPU that has a subsection to remove or refuse, in instance order.
 pub fn decide(subsections: &[CpuSubsection], dest: &Profile) -> Vec<SubsectionReport> {
@@ -39,7 +39,7 @@ pub fn apply(state: &mut DeviceState, dest: &Profile) -> Result<Vec<SubsectionRe
         .map(SubsectionReport::refusal_summary)
         .collect();
     if !refused.is_empty() {
-        return Err(ProxyError::Refused(refused.join(" | ")));
+        return Err(ProxyError::Refused(Refusal::Subsections(refused)));
     }
     for report in &reports {
         for removed in &report.removed {
@@ -58,17 +58,19 @@ mod tests {
     //! armed (its expiry rewritten, as no a64fx guest can arm it) is refused naming it.
     use std::path::{Path, PathBuf};
 
-    use migproxy_codec::{offline, Frame, Limits, StreamDecoder};
+    use migproxy_codec::{Frame, Limits, StreamDecoder};
 
     use super::*;
-    use crate::profile_cmd::{profile_from_stream, read_stream};
+    use crate::offline::capture::profile_from_stream;
+    use crate::offline::input::Input;
 
     fn vector_path(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../codec/tests/vectors/{name}"))
     }
 
     fn profile_10_0() -> Profile {
-        let stream = match read_stream(&vector_path("q10m72-a64fx.bin")) {
+        let stream = match Input::open(&vector_path("q10m72-a64fx.bin")).and_then(Input::read_cpus)
+        {
             Ok(stream) => stream,
             Err(e) => panic!("reading the 10.0 vector: {e}"),
         };
@@ -87,14 +89,19 @@ mod tests {
     ) -> Result<(Vec<SubsectionReport>, Vec<CpuSubsection>), ProxyError> {
         let mut decoder = StreamDecoder::new(Limits::default());
         let mut outcome = None;
-        offline::decode_reader(input, &mut decoder, |_, frame| -> Result<(), ProxyError> {
-            if let Frame::DeviceState(mut state) = frame {
-                let reports = apply(&mut state, dest)?;
-                outcome = Some((reports, state.cpu_subsections()));
-            }
-            Ok(())
-        })?;
-        outcome.ok_or_else(|| ProxyError::Runtime("no device state".into()))
+        let reader = std::io::Cursor::new(input.to_vec());
+        Input::from_reader(reader, "test stream".into()).decode(
+            &mut decoder,
+            "test",
+            |_, frame| {
+                if let Frame::DeviceState(mut state) = frame {
+                    let reports = apply(&mut state, dest)?;
+                    outcome = Some((reports, state.cpu_subsections()));
+                }
+                Ok(())
+            },
+        )?;
+        Ok(outcome.unwrap_or_default())
     }
 
     const WFXT_HEADER: &[u8] = b"\x05\x0ecpu/wfxt-timer\x00\x00\x00\x01";
@@ -136,7 +143,8 @@ mod tests {
         let payload = headers[1] + WFXT_HEADER.len();
         input[payload..payload + 8].copy_from_slice(&5_000_000_000u64.to_be_bytes());
         match apply_to(&input, &profile_10_0()) {
-            Err(ProxyError::Refused(reason)) => {
+            Err(ProxyError::Refused(Refusal::Subsections(summaries))) => {
+                let reason = summaries.join(" | ");
                 assert!(reason.contains("vcpu 1"), "{reason}");
                 assert!(reason.contains("cpu/wfxt-timer"), "{reason}");
                 assert!(

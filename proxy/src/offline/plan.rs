@@ -13,16 +13,15 @@ use migproxy_codec::CpuSubsection;
 use migproxy_config::{rewrite, Profile, RefusalReason, RewriteReport, SubsectionReport};
 use serde_json::json;
 
+use crate::cli::policy::policy_from_args;
 use crate::cli::PlanArgs;
-use crate::error::ProxyError;
-use crate::policy_args::policy_from_args;
-use crate::profile_cmd;
+use crate::error::{ProxyError, Refusal};
+use crate::offline::input::{load_profiles, Input};
 use crate::subsection_rules;
 
 pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
     let policy = policy_from_args(&args.policy)?;
-    let (dest, source_profile) =
-        profile_cmd::load_profiles(&args.dest_profile, args.source_profile.as_deref())?;
+    let (dest, source_profile) = load_profiles(&args.dest_profile, args.source_profile.as_deref())?;
     let source = load_source(&args.source)?;
 
     let mut notes = Vec::new();
@@ -52,7 +51,6 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
         .iter()
         .filter(|r| r.is_refused())
         .collect();
-    let any_refused = !refused.is_empty() || !refused_subsections.is_empty();
 
     let mut text = String::new();
     if args.json {
@@ -81,7 +79,7 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
                 let _ = writeln!(text, "{subsections}");
             }
         }
-        let verdict = if !any_refused {
+        let verdict = if refused.is_empty() && refused_subsections.is_empty() {
             "the migration can go through migproxy"
         } else {
             "REFUSED"
@@ -110,17 +108,19 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
         }
         _ => {}
     }
-    if !any_refused {
-        Ok(())
-    } else {
-        Err(ProxyError::Refused(
-            refused
+    if !refused.is_empty() {
+        Err(ProxyError::Refused(Refusal::Registers(
+            refused.iter().map(|r| r.refusal_summary()).collect(),
+        )))
+    } else if !refused_subsections.is_empty() {
+        Err(ProxyError::Refused(Refusal::Subsections(
+            refused_subsections
                 .iter()
                 .map(|r| r.refusal_summary())
-                .chain(refused_subsections.iter().map(|r| r.refusal_summary()))
-                .collect::<Vec<_>>()
-                .join(" | "),
-        ))
+                .collect(),
+        )))
+    } else {
+        Ok(())
     }
 }
 
@@ -142,7 +142,7 @@ fn load_source(path: &Path) -> Result<Source, ProxyError> {
             .map(|()| &head == b"QEVM")
             .unwrap_or(false);
     if is_stream || path == Path::new("-") {
-        let stream = profile_cmd::read_stream(path)?;
+        let stream = Input::open(path)?.read_cpus()?;
         return Ok(Source {
             kind: "stream".into(),
             machine: stream.info.machine.clone(),
@@ -182,11 +182,11 @@ fn plan_json(
             let subsections = subsection_reports.iter().find(|s| s.vcpu == r.vcpu);
             json!({
                 "vcpu": r.vcpu,
+                "refused": r.is_refused() || subsections.is_some_and(SubsectionReport::is_refused),
                 "removed_subsections": subsections.map(|s| s.removed.iter().map(|x| json!({
                     "name": x.name, "reason": x.reason})).collect::<Vec<_>>()).unwrap_or_default(),
                 "refused_subsections": subsections.map(|s| s.refused.iter().map(|x| json!({
                     "name": x.name, "reason": x.reason})).collect::<Vec<_>>()).unwrap_or_default(),
-                "refused": r.is_refused() || subsections.is_some_and(SubsectionReport::is_refused),
                 "unchanged": r.is_unchanged(),
                 "source_registers": r.source_len,
                 "output_registers": r.output_len,
