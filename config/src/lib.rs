@@ -28,7 +28,7 @@ pub use profile::{
 pub use regid::RegId;
 pub use regnames::reg_name;
 pub use rewrite::{
-    rewrite, DropReason, Dropped, Filled, IdAction, IdMismatch, Refusal, RefusalReason, Rewrite,
-    RewriteReport,
+    destination_kernel_note, rewrite, DropReason, Dropped, Filled, IdAction, IdMismatch, KvmDrop,
+    KvmRefusal, Refusal, RefusalReason, Rewrite, RewriteReport,
 };
 pub use subsections::{check_subsections, SourceSubsection, SubsectionReport};
