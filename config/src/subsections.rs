@@ -312,7 +312,9 @@ fn wfxt_timer(
             WfxtTimer::WithFeatWfxt => has_feat_wfxt(dest, vcpu),
             WfxtTimer::Unknown => false,
         },
-        Destination::Unknown => false,
+        // A build whose CPU model advertises FEAT_WFxT implements its timer (every known one
+        // does), so a destination profile saying so loads it whatever its version.
+        Destination::Unknown => has_feat_wfxt(dest, vcpu),
     };
     if loadable {
         return;
@@ -404,7 +406,7 @@ mod tests {
             profile(Some("7.2.22"), None),
             profile(Some("10.0.2"), Some(0x0)),
             profile(None, None),
-            profile(Some("10.1.0"), Some(0x2)),
+            profile(Some("10.1.0"), Some(0x0)),
         ] {
             let report = check_subsections(1, &[wfxt(&IDLE)], &dest);
             assert!(!report.is_refused(), "{report}");
@@ -422,6 +424,8 @@ mod tests {
         for dest in [
             profile(Some("11.1.3"), None),
             profile(Some("10.0.2"), Some(0x12)),
+            profile(None, Some(0x2)),
+            profile(Some("10.1.0"), Some(0x2)),
         ] {
             let report = check_subsections(0, &[wfxt(&ARMED)], &dest);
             assert_eq!(report, SubsectionReport::default(), "{report}");
