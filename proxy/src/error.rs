@@ -118,6 +118,10 @@ pub enum Refusal {
     /// The rewrite refused registers: one summary per refused vCPU, each naming it and them.
     #[error("{}", .0.join(" | "))]
     Registers(Vec<String>),
+    /// `cpu` subsections the destination cannot load and migproxy cannot remove: one summary per
+    /// vCPU, each naming it and them (docs/profiles.md, "Subsections").
+    #[error("{}", .0.join(" | "))]
+    Subsections(Vec<String>),
     /// Postcopy moves device state without a description (see DESIGN.md).
     #[error("postcopy advised at byte {offset}: a rewriting proxy cannot delimit the device state of a postcopy package; migrate without postcopy, or run a checking relay (no profile)")]
     Postcopy { offset: u64 },

@@ -69,6 +69,10 @@ pub struct CaptureArgs {
     /// Override the accelerator the profile describes.
     #[arg(long, value_enum)]
     pub accel: Option<AccelArg>,
+    /// Record the destination's QEMU version (`11.1.3`): decides which `cpu` subsections it can
+    /// load. `--from-qmp` reads it from QEMU; a stream does not carry it.
+    #[arg(long, value_name = "VERSION")]
+    pub qemu_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

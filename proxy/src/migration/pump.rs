@@ -36,7 +36,9 @@ use tokio_util::codec::Decoder;
 
 use crate::error::{ProxyError, Refusal};
 use crate::migration::profile_source::RewriteSetup;
-use crate::migration::rewrite::{report_rewrites, rewrite_cpus};
+use crate::migration::rewrite::{
+    fix_subsections, report_removed_subsections, report_rewrites, rewrite_cpus,
+};
 use crate::migration::state::MigrationState;
 use crate::migration::write_queue::WriteQueue;
 use crate::net::relay;
@@ -216,15 +218,19 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             }
             Frame::Payload { bytes, .. } => self.out.push(bytes),
             Frame::DeviceState(mut device) => {
-                let rewritten = match self.rewrite {
-                    Some(setup) => rewrite_cpus(&mut device, setup)?,
-                    None => Vec::new(),
+                let (rewritten, removed) = match self.rewrite {
+                    Some(setup) => (
+                        rewrite_cpus(&mut device, setup)?,
+                        fix_subsections(&mut device, setup)?,
+                    ),
+                    None => (Vec::new(), Vec::new()),
                 };
                 self.out.push(device.to_bytes());
                 // Both QEMUs are stopped until the destination has the device state: release
                 // it before anything else (logging, metrics) runs.
                 self.out.flush().await?;
                 report_rewrites(&rewritten, self.state);
+                report_removed_subsections(&removed, self.state);
             }
         }
         if self.out.queued() >= FLUSH_BYTES {

@@ -249,6 +249,7 @@ impl Drop for Migration {
             cpus_rewritten = summary.cpus_rewritten,
             dropped = %summary.dropped.join(","),
             filled = %summary.filled.join(","),
+            subsections_removed = %summary.subsections_removed.join(","),
             "migration summary"
         );
     }
