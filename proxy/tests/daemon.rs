@@ -437,10 +437,60 @@ fn postcopy_is_refused_at_advise_when_rewriting() {
     assert!(destination.wait_received(0, SECS).len() < 4096);
     let summary = daemon.wait_log("migration summary", SECS);
     assert_eq!(summary["fields"]["outcome"], "refused", "{summary}");
-    assert!(summary["fields"]["reason"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("postcopy"));
+    assert_eq!(summary["fields"]["postcopy"], "unrecoverable", "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("postcopy advised"), "{reason}");
+    assert!(reason.contains("no source profile"), "{reason}");
+}
+
+/// `--unrecoverable-postcopy allow`: the ADVISE goes through, and the captured 7.2 stream's switch
+/// is refused at its package (named by its offset), before any of the package reaches the
+/// destination.
+#[test]
+fn an_allowed_switch_is_refused_at_the_package_when_rewriting() {
+    let dir = TempDir::new("postcopy-allow");
+    let dest_profile = dir.file("dest72.json");
+    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
+    migproxy(&[
+        "profile",
+        "capture",
+        "--from-stream",
+        &format!("{vectors}q72-a64fx.bin"),
+        "-o",
+        &dest_profile,
+    ]);
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--dest-profile",
+        &dest_profile,
+        "--unrecoverable-postcopy",
+        "allow",
+    ]);
+    let stream = vector("q72-postcopy-main.bin");
+    // Where the package starts: `08 0007 0004` after the RAM the source sent before switching.
+    let package = stream
+        .windows(5)
+        .position(|w| w == [0x08, 0x00, 0x07, 0x00, 0x04])
+        .unwrap_or(stream.len());
+
+    let mut source = connect(daemon.listen);
+    let _ = source.write_all(&stream);
+    read_until_closed(&mut source);
+    // What was still queued when the refusal came is dropped with the connection.
+    let received = destination.wait_received(0, SECS);
+    assert!(received.len() <= package, "{} > {package}", received.len());
+    assert!(received == stream[..received.len()]);
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "refused", "{summary}");
+    assert_eq!(summary["fields"]["postcopy"], "unrecoverable", "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("postcopy package at byte {package}:")),
+        "{reason}"
+    );
+    assert!(reason.contains("cannot take its guest back"), "{reason}");
 }
 
 #[test]
