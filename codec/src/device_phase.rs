@@ -321,6 +321,24 @@ impl DeviceState {
         out.freeze()
     }
 
+    /// The sections alone (up to EOF), with the replaced cpreg arrays and removed subsections:
+    /// what a postcopy package carries (`package.rs`).
+    pub(crate) fn sections_bytes(&self) -> Bytes {
+        let eof_pos = self.desc_len_pos - 2;
+        if !self.is_modified() {
+            return self.held.slice(..eof_pos);
+        }
+        let mut out = BytesMut::with_capacity(self.wire_len());
+        let mut cursor = 0;
+        for (span, replacement) in self.edits().iter().filter(|(span, _)| span.end <= eof_pos) {
+            out.extend_from_slice(&self.held[cursor..span.start]);
+            out.extend_from_slice(replacement);
+            cursor = span.end;
+        }
+        out.extend_from_slice(&self.held[cursor..eof_pos]);
+        out.freeze()
+    }
+
     /// Sections + EOF + (patched) description.
     pub fn encode(&self, dst: &mut BytesMut) {
         if !self.is_modified() {
