@@ -27,6 +27,7 @@
 //! upstream = "tcp:dest.example:4444"  # or tcp:HOST:FIRST-LAST, original-dst, tproxy
 //! dest_profile = "https://dest.example:9444/profiles/a64fx-7.2"  # a file, https:// or http:// URL
 //! source_profile = "/etc/migproxy/a64fx-10.0.json"              # optional
+//! source_reference = "/etc/migproxy/a64fx-10.0-fresh.bin"        # optional: rewrite postcopy packages
 //! tls_creds = "/etc/pki/qemu"         # optional: TLS on both legs, QEMU's credential layout
 //! tls_verify_peer = true              # default: require the source's client certificate
 //! tls_hostname = "dest.example"       # optional: name in the destination's certificate
@@ -91,6 +92,8 @@ pub struct ListenerFile {
     pub dest_profile: Option<String>,
     /// A profile file or an `http://` URL.
     pub source_profile: Option<String>,
+    /// A saved stream of a fresh VM of the source's configuration (postcopy packages).
+    pub source_reference: Option<String>,
     /// TLS on both legs: a QEMU-style credential directory.
     pub tls_creds: Option<String>,
     /// Require the source's client certificate (QEMU's verify-peer); absent: true.

@@ -122,10 +122,14 @@ pub enum Refusal {
     /// (DESIGN.md, "Postcopy").
     #[error("postcopy advised at byte {offset}: {outlook}; refused now, while the source still runs its guest (migrate without postcopy-ram, or start migproxy with --unrecoverable-postcopy allow if switches are rare and you accept that risk)")]
     PostcopyUnrecoverable { offset: u64, outlook: String },
-    /// The source switched to postcopy: the package's device state has no description, and
-    /// rewriting it is not supported.
-    #[error("postcopy package at byte {offset}: its device state has no description and rewriting a package is not supported; {outcome}")]
-    PostcopyPackage { offset: u64, outcome: String },
+    /// The source switched to postcopy and its package cannot go through: why, and what the
+    /// source does now.
+    #[error("postcopy package at byte {offset}: {why}; {outcome}")]
+    PostcopyPackage {
+        offset: u64,
+        why: String,
+        outcome: String,
+    },
     /// `cpu` subsections the destination cannot load and migproxy cannot remove: one summary per
     /// vCPU, each naming it and them (docs/profiles.md, "Subsections").
     #[error("{}", .0.join(" | "))]

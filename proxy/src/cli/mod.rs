@@ -210,6 +210,11 @@ pub struct RunArgs {
     /// A profile of a fresh VM with the source's configuration: a file or an `https://`/`http://` URL.
     #[arg(long, value_name = "PROFILE|URL", env = "MIGPROXY_SOURCE_PROFILE")]
     pub source_profile: Option<String>,
+    /// A saved stream of a fresh VM with the source's configuration (the one a source profile is
+    /// captured from): its description is the layout of a postcopy package's device state, so a
+    /// switch to postcopy can be rewritten (docs/postcopy.md).
+    #[arg(long, value_name = "STREAM", env = "MIGPROXY_SOURCE_REFERENCE")]
+    pub source_reference: Option<PathBuf>,
     /// Admin address serving /metrics, /healthz, /readyz and /profiles/NAME (`none` disables it).
     /// Default: tcp:127.0.0.1:9444.
     #[arg(long, value_name = "ADDR", env = "MIGPROXY_ADMIN")]

@@ -21,7 +21,7 @@ use crate::cli::policy::{policy_from_args, policy_from_file};
 use crate::cli::RunArgs;
 use crate::error::ProxyError;
 use crate::migration::admission::Budgets;
-use crate::migration::postcopy::UnrecoverablePostcopy;
+use crate::migration::postcopy::{load_source_reference, UnrecoverablePostcopy};
 use crate::migration::profile_source::{ProfileSource, RewriteConfig};
 use crate::net::addr::{Address, ListenSpec, Upstream};
 use crate::net::tls::{admin_server, pinned_client, ListenerTls, TlsSettings};
@@ -124,7 +124,7 @@ impl RunConfig {
                 verify_peer: !args.tls_no_verify_peer,
                 hostname: args.tls_hostname.clone(),
             });
-            listeners.push(ListenerConfig::new(
+            let mut listener = ListenerConfig::new(
                 listen,
                 upstream,
                 args.dest_profile.as_deref(),
@@ -132,7 +132,13 @@ impl RunConfig {
                 policy_from_args(&args.policy)?,
                 tls.as_ref(),
                 trust.as_ref(),
-            )?);
+            )?;
+            listener.rewrite.source_reference = args
+                .source_reference
+                .as_deref()
+                .map(load_source_reference)
+                .transpose()?;
+            listeners.push(listener);
         }
         let file_admin = file.as_ref().and_then(|f| f.admin.clone());
         let admin_text = args
@@ -373,6 +379,7 @@ impl ListenerConfig {
             rewrite: RewriteConfig {
                 dest,
                 source,
+                source_reference: None,
                 policy,
                 fetch_timeout: PROFILE_FETCH_TIMEOUT,
             },
@@ -383,7 +390,7 @@ impl ListenerConfig {
         file: &ListenerFile,
         trust: Option<&TlsConnector>,
     ) -> Result<ListenerConfig, ProxyError> {
-        ListenerConfig::new(
+        let mut listener = ListenerConfig::new(
             &file.listen,
             &file.upstream,
             file.dest_profile.as_deref(),
@@ -398,6 +405,12 @@ impl ListenerConfig {
                 })
                 .as_ref(),
             trust,
-        )
+        )?;
+        listener.rewrite.source_reference = file
+            .source_reference
+            .as_deref()
+            .map(|path| load_source_reference(std::path::Path::new(path)))
+            .transpose()?;
+        Ok(listener)
     }
 }

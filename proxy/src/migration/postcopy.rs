@@ -16,7 +16,17 @@
 
 use std::fmt;
 
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use migproxy_codec::offline::decode_reader;
+use migproxy_codec::{DecodeError, Frame, Limits, ReferenceDescription, StreamDecoder};
 use migproxy_config::Profile;
+
+use crate::error::ProxyError;
+use crate::migration::profile_source::RewriteSetup;
 
 pub use crate::cli::UnrecoverablePostcopy;
 
@@ -92,6 +102,73 @@ impl fmt::Display for SwitchRecovery {
             ),
         }
     }
+}
+
+/// The description of a saved stream of a fresh VM of the source's configuration: the layout
+/// of the device state in that source's postcopy packages. Read once at startup.
+pub fn load_source_reference(path: &Path) -> Result<Arc<Bytes>, ProxyError> {
+    let name = path.display().to_string();
+    let file = File::open(path).map_err(|e| ProxyError::io(format!("open {name}"), e))?;
+    let mut decoder = StreamDecoder::new(Limits::default());
+    let mut description = None;
+    decode_reader::<_, ReadError>(file, &mut decoder, |_, frame| {
+        if let Frame::DeviceState(state) = frame {
+            description = Some(Bytes::copy_from_slice(state.description_json()));
+        }
+        Ok(())
+    })
+    .map_err(|err| match err {
+        ReadError::Decode(err) => ProxyError::Decode(err),
+        ReadError::Io(err) => ProxyError::io(format!("reading {name}"), err),
+    })?;
+    let description = description.ok_or(ProxyError::NoDeviceState { origin: name })?;
+    // Parsed now so that a reference that is no description fails at startup.
+    ReferenceDescription::parse(&description).map_err(|mismatch| {
+        ProxyError::InvalidConfig(format!("source reference {}: {mismatch}", path.display()))
+    })?;
+    Ok(Arc::new(description))
+}
+
+/// What reading a saved stream can fail with (`decode_reader` needs both conversions).
+enum ReadError {
+    Decode(DecodeError),
+    Io(std::io::Error),
+}
+
+impl From<DecodeError> for ReadError {
+    fn from(err: DecodeError) -> Self {
+        ReadError::Decode(err)
+    }
+}
+
+impl From<std::io::Error> for ReadError {
+    fn from(err: std::io::Error) -> Self {
+        ReadError::Io(err)
+    }
+}
+
+/// Refusals that depend only on the profiles: the source profile's registers (every vCPU it
+/// lists) rewritten against the destination's now, at ADVISE, so that an older source learns of
+/// them while it still owns the guest. What depends on guest values can still refuse later.
+pub fn profile_refusal(setup: &RewriteSetup) -> Option<String> {
+    let source = setup.source.as_deref()?;
+    let vcpus = source
+        .entries()
+        .iter()
+        .filter_map(|entry| entry.per_vcpu.as_ref().map(Vec::len))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    (0..vcpus).find_map(|vcpu| {
+        let vcpu = u32::try_from(vcpu).ok()?;
+        let registers = source.registers_for_vcpu(vcpu);
+        let result =
+            migproxy_config::rewrite(vcpu, &registers, &setup.dest, Some(source), &setup.policy);
+        result
+            .report
+            .is_refused()
+            .then(|| result.report.refusal_summary())
+    })
 }
 
 /// Whether a package (the bytes after its 9-byte command header) ends the way a source that

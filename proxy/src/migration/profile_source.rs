@@ -5,6 +5,8 @@
 //! been checked against our own listeners, so no loop can make it repeat per hop.
 
 use std::sync::Arc;
+
+use bytes::Bytes;
 use std::time::Duration;
 
 use migproxy_config::{Policy, Profile};
@@ -107,6 +109,8 @@ impl ProfileSource {
 pub struct RewriteConfig {
     pub dest: Option<ProfileSource>,
     pub source: Option<ProfileSource>,
+    /// The description of a fresh VM of the source's configuration (postcopy packages).
+    pub source_reference: Option<Arc<Bytes>>,
     pub policy: Policy,
     pub fetch_timeout: Duration,
 }
@@ -116,6 +120,8 @@ pub struct RewriteConfig {
 pub struct RewriteSetup {
     pub dest: Arc<Profile>,
     pub source: Option<Arc<Profile>>,
+    /// The layout of a postcopy package's device state (`RewriteConfig::source_reference`).
+    pub source_reference: Option<Arc<Bytes>>,
     pub policy: Policy,
 }
 
@@ -148,6 +154,7 @@ impl RewriteConfig {
         Ok(Some(RewriteSetup {
             dest,
             source,
+            source_reference: self.source_reference.clone(),
             policy: self.policy.clone(),
         }))
     }

@@ -29,8 +29,8 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use migproxy_codec::{Frame, Limits, MigCommand, RecordKind, StreamDecoder};
+use bytes::{Bytes, BytesMut};
+use migproxy_codec::{Frame, Limits, MigCommand, PackageDeviceState, RecordKind, StreamDecoder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::codec::Decoder;
 
@@ -122,6 +122,8 @@ struct Forward<'a, R, W> {
     state: &'a MigrationState,
     description_timeout: Duration,
     unrecoverable_postcopy: UnrecoverablePostcopy,
+    /// The decoder's limits, for the walk of a postcopy package.
+    limits: Limits,
     /// When the held device phase must have ended: set at the phase's first read.
     description_deadline: Option<tokio::time::Instant>,
     flagged_no_return_path: bool,
@@ -144,6 +146,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             state,
             description_timeout: settings.description_timeout,
             unrecoverable_postcopy: settings.unrecoverable_postcopy,
+            limits: settings.limits.clone(),
             description_deadline: None,
             flagged_no_return_path: false,
         }
@@ -218,8 +221,13 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
     async fn forward(&mut self, frame: Frame) -> Result<(), ProxyError> {
         match frame {
             Frame::Verbatim { kind, bytes, .. } => {
-                self.note(&kind, &bytes)?;
-                self.out.push(bytes);
+                self.note(&kind)?;
+                match (&kind, self.rewrite) {
+                    (RecordKind::Command(MigCommand::Packaged { .. }), Some(setup)) => {
+                        self.forward_package(&bytes, setup).await?;
+                    }
+                    _ => self.out.push(bytes),
+                }
             }
             Frame::Payload { bytes, .. } => self.out.push(bytes),
             Frame::DeviceState(mut device) => {
@@ -244,14 +252,11 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         Ok(())
     }
 
-    /// What a record announces about the migration (`bytes`: the whole record).
-    fn note(&mut self, kind: &RecordKind, bytes: &[u8]) -> Result<(), ProxyError> {
+    /// What a record announces about the migration.
+    fn note(&mut self, kind: &RecordKind) -> Result<(), ProxyError> {
         match kind {
             RecordKind::Command(MigCommand::OpenReturnPath) => self.state.note_return_path(),
             RecordKind::Command(MigCommand::PostcopyAdvise { .. }) => self.postcopy_advised()?,
-            RecordKind::Command(MigCommand::Packaged { .. }) if self.rewrite.is_some() => {
-                return Err(self.package_refused(bytes));
-            }
             RecordKind::SectionStart { .. } if !self.flagged_no_return_path => {
                 self.flagged_no_return_path = true;
                 if !self.state.has_return_path() {
@@ -285,9 +290,23 @@ impl<R, W> Forward<'_, R, W> {
                 Ok(())
             }
             (SwitchRecovery::GuestLost(_), UnrecoverablePostcopy::Allow) => {
+                if setup.source_reference.is_none() {
+                    tracing::warn!(
+                        %outlook,
+                        "postcopy advised and allowed (--unrecoverable-postcopy allow): the migration is rewritten if it finishes in precopy; without --source-reference a switch to postcopy will be refused and loses the guest"
+                    );
+                    return Ok(());
+                }
+                // The package will be rewritten: what the profiles alone refuse is refused now.
+                if let Some(refusal) = postcopy::profile_refusal(setup) {
+                    return Err(ProxyError::Refused(Refusal::PostcopyUnrecoverable {
+                        offset: self.decoder.offset(),
+                        outlook: format!("{outlook}, and the profiles refuse: {refusal}"),
+                    }));
+                }
                 tracing::warn!(
                     %outlook,
-                    "postcopy advised and allowed (--unrecoverable-postcopy allow): the migration is rewritten if it finishes in precopy; a switch to postcopy will be refused and loses the guest"
+                    "postcopy advised and allowed (--unrecoverable-postcopy allow): a switch rewrites the package; the profiles refuse nothing, but a refusal that depends on guest values after the switch could no longer be undone"
                 );
                 Ok(())
             }
@@ -300,10 +319,10 @@ impl<R, W> Forward<'_, R, W> {
         }
     }
 
-    /// The source switched to postcopy through a rewriting proxy. Closing at once is what lets
-    /// a source that waits for the destination's confirmation resume its guest; keeping the
-    /// connections open would keep the guest stopped.
-    fn package_refused(&self, record: &[u8]) -> ProxyError {
+    /// A refusal of the package `record`: `why`, and what the source does now. Closing at once
+    /// is what lets a source that waits for the destination's confirmation resume its guest;
+    /// keeping the connections open would keep the guest stopped.
+    fn package_refused(&self, record: &[u8], why: String) -> ProxyError {
         let outcome = if self.state.postcopy_outlook() == "recoverable"
             && postcopy::package_waits_for_destination(record)
         {
@@ -311,15 +330,68 @@ impl<R, W> Forward<'_, R, W> {
         } else {
             "the source cannot take its guest back after this switch (decided and logged at ADVISE)"
         };
-        // The record's offset: the decoder has already counted it.
-        let offset = self
-            .decoder
-            .offset()
-            .saturating_sub(u64::try_from(record.len()).unwrap_or(u64::MAX));
         ProxyError::Refused(Refusal::PostcopyPackage {
-            offset,
+            offset: self.record_offset(record),
+            why,
             outcome: outcome.to_owned(),
         })
+    }
+
+    /// Where `record`, just decoded, started in the stream.
+    fn record_offset(&self, record: &[u8]) -> u64 {
+        self.decoder
+            .offset()
+            .saturating_sub(u64::try_from(record.len()).unwrap_or(u64::MAX))
+    }
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'_, R, W> {
+    /// The source switched to postcopy through a rewriting proxy: rewrite the package's `cpu`
+    /// sections, walked with the source's reference description, and release it at once (both
+    /// QEMUs wait for it); anything that does not verify refuses it.
+    async fn forward_package(
+        &mut self,
+        record: &Bytes,
+        setup: &RewriteSetup,
+    ) -> Result<(), ProxyError> {
+        let Some(reference) = setup.source_reference.as_deref() else {
+            return Err(self.package_refused(
+                record,
+                "its device state has no description and no --source-reference gives its layout"
+                    .into(),
+            ));
+        };
+        let offset = self.record_offset(record);
+        let mut package = PackageDeviceState::walk(record, offset, reference, &self.limits)
+            .map_err(|err| {
+                self.package_refused(
+                    record,
+                    format!("it does not walk with the source reference description: {err}"),
+                )
+            })?;
+        let rewritten = rewrite_cpus(package.device_state(), setup)
+            .and_then(|rewritten| {
+                fix_subsections(package.device_state(), setup).map(|removed| (rewritten, removed))
+            })
+            .and_then(|done| {
+                package
+                    .to_record()
+                    .map(|bytes| (done, bytes))
+                    .map_err(ProxyError::Decode)
+            });
+        let ((rewritten, removed), bytes) = match rewritten {
+            Ok(done) => done,
+            Err(err) => return Err(self.package_refused(record, err.to_string())),
+        };
+        self.out.push(bytes);
+        self.out.flush().await?;
+        tracing::info!(
+            bytes = record.len(),
+            "postcopy package rewritten with the source reference description"
+        );
+        report_rewrites(&rewritten, self.state);
+        report_removed_subsections(&removed, self.state);
+        Ok(())
     }
 }
 
@@ -503,6 +575,7 @@ mod tests {
         let setup = RewriteSetup {
             dest: Arc::new(profile(&dest_registers)?),
             source: None,
+            source_reference: None,
             policy: Policy::default(),
         };
         // A 64-byte pipe read 16 bytes at a time: every write the pump makes is partial.
@@ -536,6 +609,7 @@ mod tests {
         let setup = RewriteSetup {
             dest: Arc::new(profile(&[(SCTLR_EL1, 0x30d0_0980)])?),
             source: None,
+            source_reference: None,
             policy: Policy::default(),
         };
         let Ends {
@@ -654,6 +728,7 @@ mod tests {
         Ok(RewriteSetup {
             dest: Arc::new(profile(&DEST_REGISTERS)?),
             source: Some(Arc::new(source)),
+            source_reference: None,
             policy: Policy::default(),
         })
     }
@@ -729,6 +804,100 @@ mod tests {
         Ok(())
     }
 
+    /// A switched stream: return path, ADVISE, some RAM, then the package of one vCPU with
+    /// `registers` (LISTEN, sections, PING 3, PING 0x42, RUN), PING 4 and EOF. Also the reference description a
+    /// fresh VM of that configuration sends, and where the package starts.
+    fn switched_stream(registers: &[(u64, u64)]) -> (Vec<u8>, Vec<u8>, usize) {
+        let mut builder = StreamBuilder::new("virt-7.2");
+        builder.command(MIG_CMD_OPEN_RETURN_PATH, &[]);
+        builder.command(MIG_CMD_POSTCOPY_ADVISE, &advise_payload());
+        builder.ram_start(1 << 20);
+        builder.ram_section(false, &[RamRecord::Page(vec![0x5a; 4096])]);
+        let mut bytes = builder.into_bytes();
+        let package_start = bytes.len();
+        let header_len = StreamBuilder::new("virt-7.2").into_bytes().len();
+        let mut devices = StreamBuilder::new("virt-7.2");
+        devices.cpu(0, registers, 0x11);
+        let reference = devices.description().into_bytes();
+        let sections = devices.into_bytes().split_off(header_len);
+        let blob: Vec<u8> = [
+            &[0x08, 0x00, 0x04, 0x00, 0x00][..],
+            &sections,
+            &[0x08, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x03],
+            &[0x08, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x42],
+            &[0x08, 0x00, 0x05, 0x00, 0x00],
+        ]
+        .concat();
+        bytes.extend_from_slice(&[0x08, 0x00, 0x07, 0x00, 0x04]);
+        bytes.extend_from_slice(&u32::try_from(blob.len()).unwrap_or(u32::MAX).to_be_bytes());
+        bytes.extend_from_slice(&blob);
+        // PING 4, then (after the postcopy RAM) EOF without a description.
+        bytes.extend_from_slice(&[0x08, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x04, 0x00]);
+        (bytes, reference, package_start)
+    }
+
+    #[tokio::test]
+    async fn a_package_is_rewritten_with_the_source_reference() -> TestResult {
+        let (bytes, reference, _) = switched_stream(&SOURCE_REGISTERS);
+        let (expected, _, _) = switched_stream(&DEST_REGISTERS);
+        let mut setup = setup_with_source_version("10.0.7")?;
+        setup.source_reference = Some(Arc::new(Bytes::from(reference)));
+        let mut allowing = settings(DEADLINE);
+        allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
+        let (result, state, received) = pump_stream(bytes, setup, allowing).await?;
+        result?;
+        assert_eq!(received, expected);
+        assert_eq!(state.postcopy_outlook(), "unrecoverable");
+        assert_eq!(state.rewrite_summary().dropped, ["CONTEXTIDR_EL1"]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_package_of_another_layout_is_refused() -> TestResult {
+        let (bytes, _, package_start) = switched_stream(&SOURCE_REGISTERS);
+        // The reference of a two-vCPU configuration: the walk cannot end at the PING/RUN.
+        let mut two = StreamBuilder::new("virt-7.2");
+        two.cpu(0, &SOURCE_REGISTERS, 0x11);
+        two.cpu(1, &SOURCE_REGISTERS, 0x11);
+        let mut setup = setup_with_source_version("11.1.0")?;
+        setup.source_reference = Some(Arc::new(Bytes::from(two.description().into_bytes())));
+        let (result, _, received) = pump_stream(bytes.clone(), setup, settings(DEADLINE)).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::PostcopyPackage {
+                offset,
+                why,
+                outcome,
+            })) => {
+                assert_eq!(offset, u64::try_from(package_start)?);
+                assert!(why.contains("reference description"), "{why}");
+                assert!(outcome.contains("resumes its guest"), "{outcome}");
+            }
+            other => panic!("expected the package refused, got {other:?}"),
+        }
+        assert!(received.len() <= package_start, "{}", received.len());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn what_the_profiles_refuse_is_refused_at_advise_when_packages_are_rewritten(
+    ) -> TestResult {
+        let (bytes, reference, _) = switched_stream(&SOURCE_REGISTERS);
+        let mut setup = setup_with_source_version("10.0.7")?;
+        setup.source_reference = Some(Arc::new(Bytes::from(reference)));
+        setup.policy.on_extra = migproxy_config::OnExtra::Refuse;
+        let mut allowing = settings(DEADLINE);
+        allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
+        let (result, _, received) = pump_stream(bytes, setup, allowing).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::PostcopyUnrecoverable { offset, outlook })) => {
+                assert!(outlook.contains("CONTEXTIDR_EL1"), "{outlook}");
+                assert!(received.len() <= usize::try_from(offset)?);
+            }
+            other => panic!("expected a refusal at ADVISE, got {other:?}"),
+        }
+        Ok(())
+    }
+
     #[tokio::test]
     async fn a_switch_through_a_rewriting_proxy_is_refused_at_the_package() -> TestResult {
         let mut builder = StreamBuilder::new("virt-7.2");
@@ -752,7 +921,9 @@ mod tests {
         let setup = setup_with_source_version("11.1.0")?;
         let (result, _, received) = pump_stream(bytes, setup, settings(DEADLINE)).await?;
         match result {
-            Err(ProxyError::Refused(Refusal::PostcopyPackage { offset, outcome })) => {
+            Err(ProxyError::Refused(Refusal::PostcopyPackage {
+                offset, outcome, ..
+            })) => {
                 assert_eq!(offset, u64::try_from(before_package.len())?);
                 assert!(outcome.contains("resumes its guest"), "{outcome}");
             }
