@@ -170,47 +170,156 @@ fn postcopy_capable_a64fx_111_to_10_no_switch_by_default() {
     });
 }
 
+/// 11.1 -> 10.0 switched after precopy rounds with a dirtying guest, through a proxy given
+/// `extra` flags: the package is refused with a reason containing `because`, the source fails
+/// the migration and resumes its guest by itself, the destination never runs it.
+fn switch_111_refused(s: &mut Scenario, extra: &[&str], because: &str) -> Result<()> {
+    // 4 MiB/s with a 1 ms downtime limit: precopy cannot converge while the guest dirties.
+    let setup = postcopy_setup(V111, V10).slow(4 << 20);
+    let mut args = s.profile_args(&setup.source, &setup.dest)?;
+    for flag in extra {
+        args.push(if *flag == "REFERENCE" {
+            let reference = s.dir.join("source-fresh.bin");
+            scenario::save_fresh_stream(&setup.source, &reference)?;
+            reference.display().to_string()
+        } else {
+            (*flag).to_owned()
+        });
+    }
+    let mut pair = Pair::start(s, &setup, "")?;
+    let daemon = start_proxy(s, pair.dest_port, &args)?;
+    scenario::migrate(&mut pair.source, daemon.listen_port)?;
+    // Some precopy rounds first: the guest's window has been sent and dirtied again.
+    let info = pair.source.qmp.wait_migrate_until(
+        "two precopy rounds",
+        MIGRATION_TIMEOUT,
+        |info: &Value| {
+            migration_status(info) == "active"
+                && info
+                    .pointer("/ram/dirty-sync-count")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+                    >= 2
+        },
+    )?;
+    eprintln!(
+        "  switching after {} precopy bytes",
+        info.pointer("/ram/transferred")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    );
+    pair.source
+        .qmp
+        .execute("migrate-start-postcopy", json!({}))?;
+    // The source fails the migration and resumes its guest by itself.
+    scenario::assert_source_kept_running(&mut pair.source)?;
+    let summary = expect_summary(&daemon, "refused")?;
+    check_postcopy_field(&summary, "recoverable")?;
+    let reason = event_field(&summary, "reason");
+    // The refusal is at the package: the source really switched.
+    if !reason.contains("postcopy package")
+        || !reason.contains(because)
+        || !reason.contains("resumes its guest")
+    {
+        bail!("expected the package refused ({because:?}) with the source resuming: {reason}");
+    }
+    let _ = pair.dest.wait_exit(DEST_EXIT_TIMEOUT);
+    assert_destination_untouched(&mut pair.dest)
+}
+
 #[test]
-fn postcopy_switch_111_to_10_package_refused_source_resumes() {
-    scenario::run("postcopy_switch_111_to_10_package_refused", |s| {
-        // 4 MiB/s with a 1 ms downtime limit: precopy cannot converge while the guest dirties.
-        let setup = postcopy_setup(V111, V10).slow(4 << 20);
-        let args = s.profile_args(&setup.source, &setup.dest)?;
-        let mut pair = Pair::start(s, &setup, "")?;
-        let daemon = start_proxy(s, pair.dest_port, &args)?;
-        scenario::migrate(&mut pair.source, daemon.listen_port)?;
-        // Some precopy rounds first: the guest's window has been sent and dirtied again.
-        let info = pair.source.qmp.wait_migrate_until(
-            "two precopy rounds",
-            MIGRATION_TIMEOUT,
-            |info: &Value| {
-                migration_status(info) == "active"
-                    && info
-                        .pointer("/ram/dirty-sync-count")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0)
-                        >= 2
-            },
-        )?;
-        eprintln!(
-            "  switching after {} precopy bytes",
-            info.pointer("/ram/transferred")
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
+fn postcopy_switch_111_to_10_without_reference_refused_source_resumes() {
+    scenario::run("postcopy_switch_111_to_10_without_reference_refused", |s| {
+        switch_111_refused(s, &[], "no --source-reference")
+    });
+}
+
+/// A real refusal inside a package that walks: `--on-extra refuse` towards the older
+/// destination, which lacks registers the 11.1 source has.
+#[test]
+fn postcopy_switch_111_to_10_on_extra_refuse_refused_source_resumes() {
+    scenario::run("postcopy_switch_111_to_10_on_extra_refuse", |s| {
+        switch_111_refused(
+            s,
+            &["--source-reference", "REFERENCE", "--on-extra", "refuse"],
+            "vcpu 0",
+        )
+    });
+}
+
+/// Switched to postcopy after precopy rounds with a dirtying guest, through a proxy that has the
+/// source's reference description: the package is rewritten, the migration completes, the guest
+/// runs on the destination, and the source really sent pages in postcopy.
+fn switch_completes_rewritten(s: &mut Scenario, from: Version, to: Version) -> Result<()> {
+    // 4 MiB/s with a 1 ms downtime limit: precopy cannot converge while the guest dirties.
+    let setup = postcopy_setup(from, to).slow(4 << 20);
+    let reference = s.dir.join("source-fresh.bin");
+    scenario::save_fresh_stream(&setup.source, &reference)?;
+    let mut args = s.profile_args(&setup.source, &setup.dest)?;
+    args.extend([
+        "--source-reference".to_owned(),
+        reference.display().to_string(),
+        "--unrecoverable-postcopy".to_owned(),
+        "allow".to_owned(),
+    ]);
+    let mut pair = Pair::start(s, &setup, "")?;
+    let daemon = start_proxy(s, pair.dest_port, &args)?;
+    scenario::migrate(&mut pair.source, daemon.listen_port)?;
+    pair.source.qmp.wait_migrate_until(
+        "two precopy rounds",
+        MIGRATION_TIMEOUT,
+        |info: &Value| {
+            migration_status(info) == "active"
+                && info
+                    .pointer("/ram/dirty-sync-count")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+                    >= 2
+        },
+    )?;
+    pair.source
+        .qmp
+        .execute("migrate-start-postcopy", json!({}))?;
+    scenario::assert_migrated(&mut pair.source, &mut pair.dest)?;
+    let info = pair.source.qmp.query_migrate()?;
+    let postcopy_bytes = info
+        .pointer("/ram/postcopy-bytes")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    if postcopy_bytes == 0 {
+        bail!(
+            "the source never sent a page in postcopy (it did not reach postcopy-active): {info}"
         );
-        pair.source
-            .qmp
-            .execute("migrate-start-postcopy", json!({}))?;
-        // The source fails the migration and resumes its guest by itself.
-        scenario::assert_source_kept_running(&mut pair.source)?;
-        let summary = expect_summary(&daemon, "refused")?;
-        check_postcopy_field(&summary, "recoverable")?;
-        let reason = event_field(&summary, "reason");
-        // The refusal is at the package: the source really switched.
-        if !reason.contains("postcopy package") || !reason.contains("resumes its guest") {
-            bail!("expected the package refused with the source resuming: {reason}");
-        }
-        let _ = pair.dest.wait_exit(DEST_EXIT_TIMEOUT);
-        assert_destination_untouched(&mut pair.dest)
+    }
+    eprintln!("  {postcopy_bytes} bytes sent in postcopy-active");
+    let summary = expect_summary(&daemon, "completed")?;
+    check_postcopy_field(&summary, "unrecoverable")?;
+    let rewritten = event_field(&summary, "cpus_rewritten");
+    if rewritten != setup.source.smp.to_string() {
+        bail!(
+            "migproxy rewrote {rewritten} vCPU(s) in the package, expected all {}",
+            setup.source.smp
+        );
+    }
+    if daemon
+        .events_named("postcopy package rewritten with the source reference description")
+        .is_empty()
+    {
+        bail!("migproxy did not log the package rewrite");
+    }
+    Ok(())
+}
+
+#[test]
+fn postcopy_switch_a64fx_10_to_72_package_rewritten() {
+    scenario::run("postcopy_switch_a64fx_10_to_72_package_rewritten", |s| {
+        switch_completes_rewritten(s, V10, V72)
+    });
+}
+
+#[test]
+fn postcopy_switch_a64fx_72_to_10_package_rewritten() {
+    scenario::run("postcopy_switch_a64fx_72_to_10_package_rewritten", |s| {
+        switch_completes_rewritten(s, V72, V10)
     });
 }
