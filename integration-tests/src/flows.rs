@@ -265,3 +265,42 @@ pub fn stray_connection(port: u16, payload: &[u8]) -> Result<TcpStream> {
 pub fn status_of(vm: &mut Vm) -> Result<String> {
     Ok(migration_status(&vm.qmp.query_migrate()?).to_owned())
 }
+
+/// Wait until the source has run two precopy rounds (its guest's window sent and dirtied again),
+/// then switch it to postcopy. Returns the bytes sent in precopy.
+pub fn switch_after_precopy_rounds(source: &mut Vm) -> Result<u64> {
+    let info = source.qmp.wait_migrate_until(
+        "two precopy rounds",
+        crate::MIGRATION_TIMEOUT,
+        |info: &Value| {
+            migration_status(info) == "active"
+                && info
+                    .pointer("/ram/dirty-sync-count")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+                    >= 2
+        },
+    )?;
+    source.qmp.execute("migrate-start-postcopy", json!({}))?;
+    Ok(info
+        .pointer("/ram/transferred")
+        .and_then(Value::as_u64)
+        .unwrap_or(0))
+}
+
+/// After a completed migration: the source sent pages while `postcopy-active`. Returns how many
+/// bytes.
+pub fn assert_sent_in_postcopy(source: &mut Vm) -> Result<u64> {
+    let info = source.qmp.query_migrate()?;
+    let bytes = info
+        .pointer("/ram/postcopy-bytes")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    if bytes == 0 {
+        bail!(
+            "the source never sent a page in postcopy (it did not reach postcopy-active): {info}"
+        );
+    }
+    eprintln!("  {bytes} bytes sent in postcopy-active");
+    Ok(bytes)
+}

@@ -19,14 +19,13 @@
 
 use anyhow::{bail, Result};
 use migproxy_integration_tests::flows::{
-    assert_destination_untouched, check_channels, expect_summary, start_proxy, Pair, Setup,
+    assert_destination_untouched, assert_sent_in_postcopy, check_channels, expect_summary,
+    start_proxy, switch_after_precopy_rounds, Pair, Setup,
 };
 use migproxy_integration_tests::migproxy::{event_field, Daemon};
 use migproxy_integration_tests::qemu::Version::{self, V10, V111, V72};
-use migproxy_integration_tests::qmp::migration_status;
 use migproxy_integration_tests::scenario::{self, a64fx, Scenario};
-use migproxy_integration_tests::MIGRATION_TIMEOUT;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// How long a refused destination may take to give up on its broken stream.
 const DEST_EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -189,28 +188,8 @@ fn switch_111_refused(s: &mut Scenario, extra: &[&str], because: &str) -> Result
     let mut pair = Pair::start(s, &setup, "")?;
     let daemon = start_proxy(s, pair.dest_port, &args)?;
     scenario::migrate(&mut pair.source, daemon.listen_port)?;
-    // Some precopy rounds first: the guest's window has been sent and dirtied again.
-    let info = pair.source.qmp.wait_migrate_until(
-        "two precopy rounds",
-        MIGRATION_TIMEOUT,
-        |info: &Value| {
-            migration_status(info) == "active"
-                && info
-                    .pointer("/ram/dirty-sync-count")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0)
-                    >= 2
-        },
-    )?;
-    eprintln!(
-        "  switching after {} precopy bytes",
-        info.pointer("/ram/transferred")
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    );
-    pair.source
-        .qmp
-        .execute("migrate-start-postcopy", json!({}))?;
+    let precopy = switch_after_precopy_rounds(&mut pair.source)?;
+    eprintln!("  switched after {precopy} precopy bytes");
     // The source fails the migration and resumes its guest by itself.
     scenario::assert_source_kept_running(&mut pair.source)?;
     let summary = expect_summary(&daemon, "refused")?;
@@ -252,7 +231,11 @@ fn postcopy_switch_111_to_10_on_extra_refuse_refused_source_resumes() {
 /// runs on the destination, and the source really sent pages in postcopy.
 fn switch_completes_rewritten(s: &mut Scenario, from: Version, to: Version) -> Result<()> {
     // 4 MiB/s with a 1 ms downtime limit: precopy cannot converge while the guest dirties.
-    let setup = postcopy_setup(from, to).slow(4 << 20);
+    switch_completes_rewritten_with(s, postcopy_setup(from, to).slow(4 << 20)).map(drop)
+}
+
+/// [`switch_completes_rewritten`] for any setup; returns the summary.
+fn switch_completes_rewritten_with(s: &mut Scenario, setup: Setup) -> Result<Value> {
     let reference = s.dir.join("source-fresh.bin");
     scenario::save_fresh_stream(&setup.source, &reference)?;
     let mut args = s.profile_args(&setup.source, &setup.dest)?;
@@ -265,33 +248,9 @@ fn switch_completes_rewritten(s: &mut Scenario, from: Version, to: Version) -> R
     let mut pair = Pair::start(s, &setup, "")?;
     let daemon = start_proxy(s, pair.dest_port, &args)?;
     scenario::migrate(&mut pair.source, daemon.listen_port)?;
-    pair.source.qmp.wait_migrate_until(
-        "two precopy rounds",
-        MIGRATION_TIMEOUT,
-        |info: &Value| {
-            migration_status(info) == "active"
-                && info
-                    .pointer("/ram/dirty-sync-count")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0)
-                    >= 2
-        },
-    )?;
-    pair.source
-        .qmp
-        .execute("migrate-start-postcopy", json!({}))?;
+    switch_after_precopy_rounds(&mut pair.source)?;
     scenario::assert_migrated(&mut pair.source, &mut pair.dest)?;
-    let info = pair.source.qmp.query_migrate()?;
-    let postcopy_bytes = info
-        .pointer("/ram/postcopy-bytes")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    if postcopy_bytes == 0 {
-        bail!(
-            "the source never sent a page in postcopy (it did not reach postcopy-active): {info}"
-        );
-    }
-    eprintln!("  {postcopy_bytes} bytes sent in postcopy-active");
+    assert_sent_in_postcopy(&mut pair.source)?;
     let summary = expect_summary(&daemon, "completed")?;
     check_postcopy_field(&summary, "unrecoverable")?;
     let rewritten = event_field(&summary, "cpus_rewritten");
@@ -307,7 +266,7 @@ fn switch_completes_rewritten(s: &mut Scenario, from: Version, to: Version) -> R
     {
         bail!("migproxy did not log the package rewrite");
     }
-    Ok(())
+    Ok(summary)
 }
 
 #[test]
@@ -322,4 +281,21 @@ fn postcopy_switch_a64fx_72_to_10_package_rewritten() {
     scenario::run("postcopy_switch_a64fx_72_to_10_package_rewritten", |s| {
         switch_completes_rewritten(s, V72, V10)
     });
+}
+
+#[test]
+fn postcopy_preempt_switch_a64fx_10_to_72_package_rewritten() {
+    scenario::run(
+        "postcopy_preempt_switch_a64fx_10_to_72_package_rewritten",
+        |s| {
+            let mut setup = postcopy_setup(V10, V72).slow(4 << 20);
+            setup.caps_both.push(("postcopy-preempt", true));
+            let summary = switch_completes_rewritten_with(s, setup)?;
+            let channels = event_field(&summary, "channels");
+            if channels != "main+preempt" {
+                bail!("expected the preempt channel relayed, channels {channels}");
+            }
+            Ok(())
+        },
+    );
 }

@@ -8,8 +8,7 @@
 //! keyUsage digitalSignature + keyEncipherment: QEMU 10.0 refuses certificates without the
 //! encryption-key usage. Keys are rcgen's ECDSA P-256 in PKCS#8 PEM, which gnutls loads.
 //!
-//! - 10.0 -> 7.2 and 7.2 -> 10.0, plain and with 2 multifd channels (and 10.0 -> 7.2 with
-//!   `postcopy-ram` on, never switched): the migration completes, the
+//! - 10.0 -> 7.2 and 7.2 -> 10.0, plain and with 2 multifd channels: the migration completes, the
 //!   proxy rewrote both vCPUs (dropped or filled registers in its summary), and the destination
 //!   continues the guest's counter. Each direction and each channel layout runs once with and once
 //!   with `--tls-no-verify-peer` (the source then needs no certificate the proxy trusts).
@@ -19,6 +18,8 @@
 //!   an impostor CA bearing the trusted CA's name (the source presents its certificate and the
 //!   proxy rejects the signature), and a foreign CA (gnutls withholds a certificate the proxy's
 //!   request does not ask for, and the proxy refuses a source without one).
+//! - 10.0 -> 7.2 with `postcopy-ram`: never switched (completes rewritten), and switched after
+//!   precopy rounds (the package is rewritten inside TLS, the migration completes).
 
 use std::fs;
 use std::path::Path;
@@ -26,7 +27,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use migproxy_integration_tests::flows::{
-    migration_through_proxy_rewrites, start_proxy, Pair, Setup,
+    assert_sent_in_postcopy, expect_summary, migration_through_proxy_rewrites, start_proxy,
+    switch_after_precopy_rounds, Pair, Setup,
 };
 use migproxy_integration_tests::migproxy::event_field;
 use migproxy_integration_tests::qemu::Version::{self, V10, V72};
@@ -236,6 +238,42 @@ fn tls_a64fx_10_to_72_postcopy_capable() {
     scenario::run("tls_a64fx_10_to_72_postcopy_capable", |s| {
         tls_migration_succeeds(s, V10, V72, Channels::PostcopyCapable, false)
     });
+}
+
+/// TLS 10.0 -> 7.2 switched to postcopy after precopy rounds with a dirtying guest: the proxy,
+/// given the source's reference description, rewrites the package inside TLS; the migration
+/// completes, the guest runs on the destination, and the source sent pages in postcopy.
+#[test]
+fn tls_a64fx_10_to_72_postcopy_switch_package_rewritten() {
+    scenario::run(
+        "tls_a64fx_10_to_72_postcopy_switch_package_rewritten",
+        |s| {
+            let creds = s.dir.join("creds");
+            make_creds(&creds)?;
+            // 4 MiB/s with a 1 ms downtime limit: precopy cannot converge while the guest dirties.
+            let setup = tls_setup(V10, V72, &creds, &creds).postcopy().slow(4 << 20);
+            let reference = s.dir.join("source-fresh.bin");
+            scenario::save_fresh_stream(&a64fx(V10), &reference)?;
+            let mut args = proxy_args(s, V10, V72, &creds, false)?;
+            args.extend([
+                "--source-reference".to_owned(),
+                reference.display().to_string(),
+                "--unrecoverable-postcopy".to_owned(),
+                "allow".to_owned(),
+            ]);
+            let mut pair = Pair::start(s, &setup, "")?;
+            let daemon = start_proxy(s, pair.dest_port, &args)?;
+            scenario::migrate(&mut pair.source, daemon.listen_port)?;
+            switch_after_precopy_rounds(&mut pair.source)?;
+            scenario::assert_migrated(&mut pair.source, &mut pair.dest)?;
+            assert_sent_in_postcopy(&mut pair.source)?;
+            let summary = expect_summary(&daemon, "completed")?;
+            if event_field(&summary, "cpus_rewritten") != "2" {
+                bail!("the package's vCPUs were not rewritten: {summary}");
+            }
+            Ok(())
+        },
+    );
 }
 
 #[test]
