@@ -493,6 +493,63 @@ fn an_allowed_switch_is_refused_at_the_package_when_rewriting() {
     assert!(reason.contains("cannot take its guest back"), "{reason}");
 }
 
+/// The captured 7.2 stream that switched to postcopy, towards a 10.0 destination profile, with
+/// the reference description of a fresh 7.2 VM of the same configuration: its package is
+/// walked and rewritten, everything before it is forwarded byte for byte.
+#[test]
+fn a_real_package_is_rewritten_with_the_source_reference() {
+    let dir = TempDir::new("postcopy-reference");
+    let dest_profile = dir.file("dest10.json");
+    let source_profile = dir.file("source72.json");
+    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
+    let fresh72 = format!("{vectors}q72-a64fx.bin");
+    migproxy(&[
+        "profile",
+        "capture",
+        "--from-stream",
+        &format!("{vectors}q10m72-a64fx.bin"),
+        "-o",
+        &dest_profile,
+    ]);
+    migproxy(&[
+        "profile",
+        "capture",
+        "--from-stream",
+        &fresh72,
+        "--qemu-version",
+        "7.2.22",
+        "-o",
+        &source_profile,
+    ]);
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--dest-profile",
+        &dest_profile,
+        "--source-profile",
+        &source_profile,
+        "--source-reference",
+        &fresh72,
+        "--unrecoverable-postcopy",
+        "allow",
+    ]);
+    let stream = vector("q72-postcopy-main.bin");
+    let package = stream
+        .windows(5)
+        .position(|w| w == [0x08, 0x00, 0x07, 0x00, 0x04])
+        .unwrap_or(stream.len());
+    migrate(&daemon, &stream);
+    let received = destination.wait_received(0, SECS);
+    assert!(received.len() > package);
+    assert!(received[..package] == stream[..package]);
+    assert!(received != stream, "the package went through unchanged");
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
+    assert_eq!(summary["fields"]["postcopy"], "unrecoverable", "{summary}");
+    assert_eq!(summary["fields"]["cpus_rewritten"], 2, "{summary}");
+}
+
 #[test]
 fn postcopy_passes_a_checking_relay() {
     let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);

@@ -138,7 +138,7 @@ impl RunConfig {
                 .as_deref()
                 .map(load_source_reference)
                 .transpose()?;
-            listeners.push(listener);
+            listeners.push(listener.checked()?);
         }
         let file_admin = file.as_ref().and_then(|f| f.admin.clone());
         let admin_text = args
@@ -411,6 +411,16 @@ impl ListenerConfig {
             .as_deref()
             .map(|path| load_source_reference(std::path::Path::new(path)))
             .transpose()?;
-        Ok(listener)
+        listener.checked()
+    }
+
+    /// A source reference only serves a rewrite.
+    fn checked(self) -> Result<ListenerConfig, ProxyError> {
+        if self.rewrite.dest.is_none() && self.rewrite.source_reference.is_some() {
+            return Err(ProxyError::InvalidConfig(
+                "a source reference without a destination profile does nothing".into(),
+            ));
+        }
+        Ok(self)
     }
 }

@@ -1,4 +1,5 @@
-//! What a rewriting proxy does with a postcopy-capable migration (DESIGN.md, "Postcopy").
+//! What a rewriting proxy does with a postcopy-capable migration (DESIGN.md, "Postcopy";
+//! docs/postcopy.md).
 //!
 //! `POSTCOPY_ADVISE` comes at the start of every migration with the `postcopy-ram` capability,
 //! whether or not the operator ever switches, so it does not end a migration by itself. What it
@@ -6,13 +7,15 @@
 //!
 //! - a source QEMU >= 10.2 with a return path waits in `postcopy-device` for the destination to
 //!   confirm the package (`PING 0x42`) and resumes its guest when the connection closes first, so
-//!   a package it cannot rewrite is refused at the package;
+//!   a package that cannot go through is refused at the package;
 //! - an older source (7.2, 10.0, or a version the source profile does not state) ends in
-//!   `postcopy-paused` with its guest stopped and no way back once the switch has begun. The
-//!   proxy cannot rewrite a package yet, so a switch of such a source would lose the guest:
-//!   by default the migration is refused at ADVISE, while the source still runs the guest, and
-//!   `--unrecoverable-postcopy allow` lets it go on for fleets that rarely switch, saying so in the
-//!   log and the summary.
+//!   `postcopy-paused` with its guest stopped and no way back once the switch has begun: by
+//!   default the migration is refused at ADVISE, while the source still runs the guest, and
+//!   `--unrecoverable-postcopy allow` lets it go on, saying so in the log and the summary, after
+//!   refusing there what the profiles alone would refuse in the package.
+//!
+//! The package is rewritten with the source's reference description (`load_source_reference`),
+//! walked by the codec (`PackageDeviceState`).
 
 use std::fmt;
 
