@@ -38,6 +38,10 @@ export MIGPROXY_QEMU10="$QEMU10" MIGPROXY_QEMU72="$QEMU72"
 echo "QEMU 10.0: $MIGPROXY_QEMU10"
 echo "QEMU 7.2:  $MIGPROXY_QEMU72"
 
+step "provision the KVM lab (kernels 6.1/6.12/7.3, arm64 initramfs, aarch64 migproxy)"
+kvmlab_out=$(bash scripts/provision-kvm-lab.sh)
+export MIGPROXY_KVMLAB="${kvmlab_out##*KVMLAB=}"
+
 step "rust toolchain components"
 installed=$(rustup component list --installed 2>/dev/null || true)
 for component in rustfmt clippy; do
