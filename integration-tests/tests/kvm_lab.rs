@@ -11,6 +11,7 @@
 //!
 //! Every step prints `scenario NAME: PASS/FAIL`, with the kernel versions and the direct error.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,7 @@ use migproxy_integration_tests::kvm_lab::{
 };
 use migproxy_integration_tests::migproxy::{self as mp, event_field, Daemon};
 use migproxy_integration_tests::qmp::migration_status;
+use migproxy_integration_tests::relay::RecordingRelay;
 use migproxy_integration_tests::workdir::WorkDir;
 
 /// What a direct migration does.
@@ -389,7 +391,14 @@ fn proxied(
     expected: Proxied,
 ) -> Result<()> {
     let (mut s, mut d) = start_pair(source, dest)?;
-    let outcome = proxied_body(dir, source, dest, &mut s, &mut d, dest_profile, expected);
+    let outcome =
+        proxied_body(dir, source, dest, &mut s, &mut d, dest_profile, expected).map_err(|err| {
+            let log = dest.inner_log(&d);
+            err.context(format!(
+                "destination QEMU said: {}",
+                kvm_lab::tail(log.trim(), 6).replace('\n', " | ")
+            ))
+        });
     stop_pair(source, dest, s, d);
     outcome
 }
@@ -404,20 +413,26 @@ fn proxied_body(
     expected: Proxied,
 ) -> Result<()> {
     let listen = migproxy_integration_tests::ports::free_port()?;
-    let name = format!(
-        "migproxy-{}-to-{}",
-        source.kernel.series, dest.kernel.series
-    );
+    let pair = format!("{}-to-{}", source.kernel.series, dest.kernel.series);
+    // Recording relays on both sides of migproxy: what the source sent and what the destination
+    // received, compared byte for byte where migproxy must change nothing.
+    let recordings = dir.join(&format!("recorded-{pair}"));
+    let (rec_in, rec_out) = (recordings.join("into-migproxy"), recordings.join("to-dest"));
+    std::fs::create_dir_all(&rec_in)?;
+    std::fs::create_dir_all(&rec_out)?;
+    let localhost = |port: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let to_dest = RecordingRelay::start(localhost(dest.incoming_port), &rec_out)?;
     let daemon = Daemon::spawn(
         dir,
-        &name,
+        &format!("migproxy-{pair}"),
         listen,
-        &format!("tcp:127.0.0.1:{}", dest.incoming_port),
+        &format!("tcp:127.0.0.1:{}", to_dest.port()),
         &["--dest-profile".into(), dest_profile.display().to_string()],
     )?;
+    let into_migproxy = RecordingRelay::start(localhost(listen), &rec_in)?;
     s.qmp.execute(
         "migrate",
-        json!({ "uri": format!("tcp:10.0.2.2:{listen}") }),
+        json!({ "uri": format!("tcp:10.0.2.2:{}", into_migproxy.port()) }),
     )?;
     let source_info = s.qmp.wait_migration(&[], LAB_MIGRATION_TIMEOUT)?;
     let summary = daemon.wait_summary(Duration::from_secs(60))?;
@@ -452,10 +467,30 @@ fn proxied_body(
                     want.join(",")
                 );
             }
-            if matches!(expected, Proxied::Unchanged) && rewritten != "0" {
-                bail!(
-                    "migproxy rewrote {rewritten} vCPU(s) where the stream should pass unchanged"
-                );
+            if matches!(expected, Proxied::Unchanged) {
+                if rewritten != "0" {
+                    bail!("migproxy rewrote {rewritten} vCPU(s) where the stream should pass unchanged");
+                }
+                let sent_path = into_migproxy.recording(0, "s2d");
+                let received_path = to_dest.recording(0, "s2d");
+                into_migproxy.finish(LAB_MIGRATION_TIMEOUT)?;
+                to_dest.finish(LAB_MIGRATION_TIMEOUT)?;
+                let sent = std::fs::read(&sent_path)?;
+                let received = std::fs::read(&received_path)?;
+                if sent != received {
+                    let at = sent
+                        .iter()
+                        .zip(&received)
+                        .take_while(|(a, b)| a == b)
+                        .count();
+                    bail!(
+                        "the destination received {} bytes that differ from the {} the source sent \
+                         (first difference at byte {at})",
+                        received.len(),
+                        sent.len()
+                    );
+                }
+                eprintln!("  stream forwarded byte for byte: {} bytes", sent.len());
             }
         }
         Proxied::Refused(names) => {
