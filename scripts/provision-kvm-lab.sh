@@ -193,7 +193,9 @@ provision_base() {
     qemu_ver=$(apt-cache madison qemu-system-arm | awk -F'|' '$2 ~ / 1:10\.0\./ && $3 ~ /trixie\// {gsub(/ /,"",$2); print $2}' | sort -V | tail -n1)
     [ -n "$qemu_ver" ] || die "no qemu-system-arm 10.0 for arm64 in trixie"
     bb_ver=$(candidate busybox-static)
-    key=$(printf '%s\n' "$qemu_ver" "$bb_ver" | cat - integration-tests/kvm-lab/init "$0" | sha256sum | cut -c1-16)
+    # Keyed by the package versions, /init and this function's own text.
+    key=$({ printf '%s\n' "$qemu_ver" "$bb_ver"; cat integration-tests/kvm-lab/init; declare -f provision_base; } |
+        sha256sum | cut -c1-16)
     bdir="$cache/base-$key"
     if [ -e "$bdir/done" ]; then
         echo "$bdir"
@@ -295,5 +297,10 @@ done
 migproxy_bin=$(provision_migproxy)
 echo "migproxy $migproxy_bin" >>"$manifest_tmp"
 mv "$manifest_tmp" "$cache/manifest.txt"
+# Keep the cache bounded: products the manifest no longer names (older builds) go.
+for old in "$cache"/base-* "$cache"/kernel-*; do
+    [ -d "$old" ] || continue
+    grep -qF "$old/" "$cache/manifest.txt" || rm -rf "$old"
+done
 cat "$cache/manifest.txt" >&2
 echo "KVMLAB=$cache"
