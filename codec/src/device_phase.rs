@@ -1,5 +1,5 @@
 //! The held device-state phase: FULL sections, EOF and the description, walked with the
-//! description (design-decisions §1).
+//! description (DESIGN.md, "Device state is delimited from the stream's own description").
 //!
 //! ```text
 //! held bytes:  FULL s0 .. 7E s0 | FULL s1 .. 7E s1 | ... | 00 (EOF) | 06 | be32 len | JSON (len bytes)
@@ -7,8 +7,8 @@
 //! ```
 //!
 //! Non-iterable sections carry no length: their payload size is the sum of the sizes the
-//! description lists (`stream-format.md` §6.2): Σ fields (size × array_len) + Σ subsections
-//! (6 + len(name) + their payload). The walk checks every section header against its description
+//! description lists: Σ fields (size × array_len) + Σ subsections (`05`, counted name, be32
+//! version, then their own payload). The walk checks every section header against its description
 //! entry, every subsection header, every footer, and that the sections end exactly at EOF.
 //!
 //! The ARM `cpu` section's cpreg arrays are located from the description's field list
@@ -16,13 +16,16 @@
 //! offset. Replacing them re-encodes that section and patches the two `array_len` numbers in the
 //! description text (and its be32 length); every other byte is re-emitted as received.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::{DecodeError, SectionRef};
 use crate::json::{self, Json};
+use crate::limits::Limits;
 use crate::reader::{self, Reader};
+use crate::reference::ReferenceDescription;
 use crate::wire::*;
 
 /// One non-iterable device section inside the held phase.
@@ -73,6 +76,12 @@ pub struct DeviceState {
     cpus: Vec<CpuSlot>,
     /// Position of the be32 description length (after EOF and QEMU_VM_VMDESCRIPTION).
     desc_len_pos: usize,
+    /// `cpus` index by instance (the first section of an instance).
+    cpu_index: HashMap<u32, usize>,
+    /// The ending was confirmed by a reference description.
+    confirmed: bool,
+    max_cpregs: usize,
+    max_output: usize,
 }
 
 impl std::fmt::Debug for DeviceState {
@@ -134,17 +143,38 @@ impl DeviceState {
                 regs.len()
             )));
         }
-        let slot = self
-            .cpus
-            .iter_mut()
-            .find(|slot| slot.instance == instance)
+        if regs.len() > self.max_cpregs {
+            return Err(err(format!(
+                "{} registers exceed the limit of {} registers per vCPU",
+                regs.len(),
+                self.max_cpregs
+            )));
+        }
+        let index = *self
+            .cpu_index
+            .get(&instance)
             .ok_or_else(|| err("no cpu section with cpreg arrays for this instance".into()))?;
+        let Some(slot) = self.cpus.get_mut(index) else {
+            return Err(err(
+                "no cpu section with cpreg arrays for this instance".into()
+            ));
+        };
         if slot.json_spans.len() != 2 {
             return Err(err(
                 "the description does not give the cpreg arrays' array_len; cannot patch it".into(),
             ));
         }
-        slot.replacement = Some(regs.to_vec());
+        let previous = slot.replacement.replace(regs.to_vec());
+        let output = self.wire_len();
+        if output > self.max_output {
+            if let Some(slot) = self.cpus.get_mut(index) {
+                slot.replacement = previous;
+            }
+            return Err(err(format!(
+                "the rewritten device state would be {output} bytes, over the limit of {} bytes",
+                self.max_output
+            )));
+        }
         Ok(())
     }
 
@@ -235,26 +265,6 @@ impl DeviceState {
     }
 }
 
-/// The held bytes end with a complete description: where it starts, if so.
-///
-/// `held` must end with `00 06 <be32 len> {json}` where len reaches exactly to the end. Only then
-/// is the walk attempted; see `decoder` for why the end of the received bytes is the only place
-/// the description can be looked for.
-pub(crate) fn description_at_end(held: &[u8], max_description: usize) -> Option<usize> {
-    let json_start = json::object_start_from_end(held, max_description)?;
-    let desc_len_pos = json_start.checked_sub(4)?;
-    let eof_pos = json_start.checked_sub(6)?;
-    let mut r = Reader::at(held, eof_pos);
-    let eof = r.u8()?;
-    let tag = r.u8()?;
-    let len = r.be32()?;
-    let json_len = held.len() - json_start;
-    (eof == QEMU_VM_EOF
-        && tag == QEMU_VM_VMDESCRIPTION
-        && usize::try_from(len).ok() == Some(json_len))
-    .then_some(desc_len_pos)
-}
-
 /// The layout the walk found.
 pub(crate) struct Layout {
     sections: Vec<DeviceSection>,
@@ -262,14 +272,42 @@ pub(crate) struct Layout {
 }
 
 impl DeviceState {
-    pub(crate) fn new(held: Bytes, base_offset: u64, desc_len_pos: usize, layout: Layout) -> Self {
+    pub(crate) fn new(
+        held: Bytes,
+        base_offset: u64,
+        desc_len_pos: usize,
+        layout: Layout,
+        confirmed: bool,
+        limits: &Limits,
+    ) -> Self {
+        let mut cpu_index = HashMap::with_capacity(layout.cpus.len());
+        for (index, slot) in layout.cpus.iter().enumerate() {
+            cpu_index.entry(slot.instance).or_insert(index);
+        }
         DeviceState {
             held,
             base_offset,
             sections: layout.sections,
             cpus: layout.cpus,
             desc_len_pos,
+            cpu_index,
+            confirmed,
+            max_cpregs: limits.max_cpregs,
+            max_output: limits.max_rewrite_output,
         }
+    }
+
+    /// The description JSON as received (before any `array_len` patch): what a reference
+    /// description is captured from (a saved stream of a fresh VM of the source's configuration).
+    pub fn description_json(&self) -> &[u8] {
+        self.held.get(self.desc_len_pos + 4..).unwrap_or_default()
+    }
+
+    /// The ending of the phase was confirmed by a reference description
+    /// (`StreamDecoder::set_reference_description`); otherwise it rests on the stream's own
+    /// description alone (DESIGN.md, "How the end of the phase is recognised").
+    pub fn is_confirmed(&self) -> bool {
+        self.confirmed
     }
 }
 
@@ -278,6 +316,8 @@ pub(crate) fn walk(
     held: &[u8],
     base_offset: u64,
     desc_len_pos: usize,
+    reference: Option<&ReferenceDescription>,
+    limits: &Limits,
 ) -> Result<Layout, DecodeError> {
     let json_start = desc_len_pos + 4;
     let eof_pos = desc_len_pos - 2;
@@ -291,6 +331,13 @@ pub(crate) fn walk(
         offset: at(json_start),
         message,
     };
+    if let Some(reference) = reference {
+        reference.check(&desc).map_err(|mismatch| {
+            desc_err(format!(
+                "does not have the layout of the reference description: {mismatch}"
+            ))
+        })?;
+    }
     let devices = desc
         .get("devices")
         .and_then(Json::as_array)
@@ -397,6 +444,26 @@ pub(crate) fn walk(
                     version,
                 },
             )? {
+                if cpus.len() >= limits.max_cpus {
+                    return Err(DecodeError::DeviceState {
+                        offset: at(pos),
+                        section,
+                        message: format!(
+                            "more than {} vCPUs with cpreg arrays (limit max_cpus)",
+                            limits.max_cpus
+                        ),
+                    });
+                }
+                if slot.count > limits.max_cpregs {
+                    return Err(DecodeError::DeviceState {
+                        offset: at(slot.array_len_pos),
+                        section,
+                        message: format!(
+                            "{} cpregs exceed the limit of {} registers per vCPU (limit max_cpregs)",
+                            slot.count, limits.max_cpregs
+                        ),
+                    });
+                }
                 cpus.push(slot);
             }
         }

@@ -325,56 +325,6 @@ impl<'a> Parser<'a> {
     }
 }
 
-/// If `buf` ends with a complete JSON object, the index of its opening `{`.
-///
-/// Walks backwards over JSON structure only (strings, braces), starting at the last byte, and
-/// looks at no more than `max_len` bytes. Inner objects close quickly, so when the buffer ends
-/// inside a description this costs the size of the innermost object just completed.
-pub(crate) fn object_start_from_end(buf: &[u8], max_len: usize) -> Option<usize> {
-    if buf.last() != Some(&b'}') {
-        return None;
-    }
-    let floor = buf.len().saturating_sub(max_len);
-    let mut depth: usize = 0;
-    let mut i = buf.len();
-    while i > floor {
-        i -= 1;
-        let byte = *buf.get(i)?;
-        match byte {
-            b'}' | b']' => depth += 1,
-            b'{' | b'[' => {
-                depth = depth.checked_sub(1)?;
-                if depth == 0 {
-                    return (byte == b'{').then_some(i);
-                }
-            }
-            b'"' => {
-                // Skip back to the opening quote: the nearest quote not escaped by an odd
-                // number of backslashes.
-                loop {
-                    if i <= floor {
-                        return None;
-                    }
-                    i -= 1;
-                    if buf.get(i) == Some(&b'"') {
-                        let mut backslashes = 0usize;
-                        let mut j = i;
-                        while j > floor && buf.get(j - 1) == Some(&b'\\') {
-                            backslashes += 1;
-                            j -= 1;
-                        }
-                        if backslashes.is_multiple_of(2) {
-                            break;
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,13 +344,5 @@ mod tests {
         assert!(parse(deep.as_bytes()).is_err());
         assert!(parse(b"{\"a\":1} x").is_err());
         assert!(parse(b"{\"a\":\x00}").is_err());
-    }
-
-    #[test]
-    fn finds_object_start_from_end() {
-        let buf = b"\x00\x06\x00\x00\x00\x0e{\"a\": \"}{\\\"\"}";
-        assert_eq!(object_start_from_end(buf, 100), Some(6));
-        assert_eq!(object_start_from_end(b"xx}", 100), None);
-        assert_eq!(object_start_from_end(b"{}", 1), None);
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! - [`RegId`]: a KVM-format ARM register index with names (`regid`, `regnames`);
 //! - [`Profile`]: what one destination's vCPUs hold after reset (`profile`);
-//! - [`Policy`] and [`rewrite`]: the rules of design-decisions §4 as one pure function
+//! - [`Policy`] and [`rewrite`]: the rewrite rules (DESIGN.md, "Rewriting") as one pure function
 //!   (`policy`, `rewrite`);
 //! - [`kvm`]: the filter QEMU applies to `KVM_GET_REG_LIST`, and the aarch64-only capture.
 
@@ -26,6 +26,6 @@ pub use profile::{
 pub use regid::RegId;
 pub use regnames::reg_name;
 pub use rewrite::{
-    rewrite, DropReason, Dropped, Filled, IdAction, IdMismatch, Refusal, RefusalReason, Rewrite,
-    RewriteReport,
+    destination_kernel_note, rewrite, DropReason, Dropped, Filled, IdAction, IdMismatch, KvmDrop,
+    KvmRefusal, Refusal, RefusalReason, Rewrite, RewriteReport,
 };

@@ -1,0 +1,266 @@
+//! The command line, as fixed by the interface contract (flag names, env vars).
+//!
+//! Every long flag of `run` can also be given as `MIGPROXY_<FLAG>`.
+
+pub mod policy;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "migproxy",
+    version,
+    about = "Live-migration proxy that repairs ARM64 cpreg lists between QEMU builds"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Decode a saved migration stream and summarise it.
+    Inspect(InspectArgs),
+    /// Capture and manage destination register profiles.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
+    /// Show what a rewrite would drop, fill and refuse, before any migration.
+    Plan(PlanArgs),
+    /// Rewrite a saved stream offline.
+    Rewrite(RewriteArgs),
+    /// Run the proxy.
+    Run(Box<RunArgs>),
+    /// Ask a running proxy whether it is healthy (for container health checks).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The stream file, or `-` for standard input.
+    pub file: PathBuf,
+    /// Print JSON instead of a readable summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProfileCommand {
+    /// Capture a destination profile.
+    Capture(CaptureArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("capture_source").required(true).args(["from_stream", "from_qmp", "from_kvm"])))]
+pub struct CaptureArgs {
+    /// A migration stream produced on the destination (`-` for standard input).
+    #[arg(long, value_name = "FILE")]
+    pub from_stream: Option<PathBuf>,
+    /// The QMP socket of a throwaway QEMU started with `-S` on the destination host.
+    #[arg(long, value_name = "SOCKET")]
+    pub from_qmp: Option<PathBuf>,
+    /// Read the register list from KVM directly (aarch64 hosts only).
+    #[arg(long)]
+    pub from_kvm: bool,
+    /// Where to write the profile (`-` or absent: standard output).
+    #[arg(short, long, value_name = "PROFILE")]
+    pub output: Option<PathBuf>,
+    /// Override the accelerator the profile describes.
+    #[arg(long, value_enum)]
+    pub accel: Option<AccelArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelArg {
+    Tcg,
+    Kvm,
+}
+
+/// The policy knobs, shared by `plan`, `rewrite` and `run`.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyArgs {
+    /// What to do with registers the destination lacks.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "drop-unused",
+        env = "MIGPROXY_ON_EXTRA"
+    )]
+    pub on_extra: OnExtraArg,
+    /// Allow dropping this register whatever its value (a name or a hex id; repeatable).
+    #[arg(
+        long = "allow-drop",
+        value_name = "REG",
+        env = "MIGPROXY_ALLOW_DROP",
+        value_delimiter = ','
+    )]
+    pub allow_drop: Vec<String>,
+    /// Whether to fill registers the source lacks with destination defaults.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        env = "MIGPROXY_FILL_MISSING"
+    )]
+    pub fill_missing: FillMissingArg,
+    /// What to do when an identification register differs.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        env = "MIGPROXY_ON_ID_MISMATCH"
+    )]
+    pub on_id_mismatch: OnIdMismatchArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnExtraArg {
+    DropUnused,
+    Drop,
+    Refuse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FillMissingArg {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnIdMismatchArg {
+    Auto,
+    Refuse,
+    Warn,
+    UseDestination,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The source: a saved stream or a profile.
+    #[arg(long, value_name = "STREAM|PROFILE")]
+    pub source: PathBuf,
+    /// The destination's register profile.
+    #[arg(long, value_name = "PROFILE")]
+    pub dest_profile: PathBuf,
+    /// A profile of a fresh VM with the source's configuration.
+    #[arg(long, value_name = "PROFILE")]
+    pub source_profile: Option<PathBuf>,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RewriteArgs {
+    /// The saved stream, or `-` for standard input.
+    pub input: PathBuf,
+    /// Where to write the rewritten stream, or `-` for standard output.
+    pub output: PathBuf,
+    /// The destination's register profile.
+    #[arg(long, value_name = "PROFILE")]
+    pub dest_profile: PathBuf,
+    /// A profile of a fresh VM with the source's configuration.
+    #[arg(long, value_name = "PROFILE")]
+    pub source_profile: Option<PathBuf>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A TOML configuration file describing one or more listeners.
+    #[arg(long, value_name = "FILE", env = "MIGPROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to accept migrations on (`tcp:HOST:PORT`, `tcp:[IPV6]:PORT`, `tcp:HOST:FIRST-LAST`,
+    /// `unix:PATH`); repeatable. Default without --config: tcp:127.0.0.1:4444.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "MIGPROXY_LISTEN",
+        value_delimiter = ','
+    )]
+    pub listen: Vec<String>,
+    /// Where to forward: an address, `tcp:HOST:FIRST-LAST` (same port as accepted), `original-dst`
+    /// (nftables redirect) or `tproxy`. Default without --listen: tcp:127.0.0.1:4445.
+    #[arg(long, value_name = "ADDR", env = "MIGPROXY_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// The destination's register profile: a file or an `http://` URL.
+    #[arg(long, value_name = "PROFILE|URL", env = "MIGPROXY_DEST_PROFILE")]
+    pub dest_profile: Option<String>,
+    /// A profile of a fresh VM with the source's configuration: a file or an `http://` URL.
+    #[arg(long, value_name = "PROFILE|URL", env = "MIGPROXY_SOURCE_PROFILE")]
+    pub source_profile: Option<String>,
+    /// Admin address serving /metrics, /healthz, /readyz and /profiles/NAME (`none` disables it).
+    /// Default: tcp:127.0.0.1:9444.
+    #[arg(long, value_name = "ADDR", env = "MIGPROXY_ADMIN")]
+    pub admin: Option<String>,
+    /// A profile to advertise on the admin address as /profiles/NAME (`NAME=FILE`; repeatable).
+    #[arg(
+        long,
+        value_name = "NAME=FILE",
+        env = "MIGPROXY_SERVE_PROFILE",
+        value_delimiter = ','
+    )]
+    pub serve_profile: Vec<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "MIGPROXY_LOG_JSON")]
+    pub log_json: bool,
+    /// How long live migrations may keep running after SIGTERM, in seconds (default 30).
+    #[arg(long, value_name = "SECONDS", env = "MIGPROXY_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<u64>,
+    /// How long the source may stay silent in the device-state phase before the description has
+    /// arrived, in milliseconds (default 2000).
+    #[arg(long, value_name = "MS", env = "MIGPROXY_DESCRIPTION_TIMEOUT")]
+    pub description_timeout: Option<u64>,
+    /// How long a new connection may take to identify itself, in milliseconds (default 1000).
+    #[arg(long, value_name = "MS", env = "MIGPROXY_IDENTIFY_TIMEOUT")]
+    pub identify_timeout: Option<u64>,
+    /// Largest single non-page record accepted, in bytes (default 16 MiB).
+    #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_RECORD")]
+    pub max_record: Option<usize>,
+    /// Largest held device-state phase, in bytes (default 256 MiB).
+    #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_DEVICE_STATE")]
+    pub max_device_state: Option<usize>,
+    /// Largest description JSON, in bytes (default 16 MiB).
+    #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_DESCRIPTION")]
+    pub max_description: Option<usize>,
+    /// Largest postcopy PACKAGED blob (checking relay), in bytes (default 256 MiB).
+    #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_PACKAGED")]
+    pub max_packaged: Option<usize>,
+    /// TLS on both legs for --listen listeners: a QEMU-style credential directory (ca-cert.pem,
+    /// server-cert.pem/server-key.pem shown to the source, client-cert.pem/client-key.pem shown to
+    /// the destination).
+    #[arg(long, value_name = "DIR", env = "MIGPROXY_TLS_CREDS")]
+    pub tls_creds: Option<PathBuf>,
+    /// Require a client certificate from the source, signed by ca-cert.pem (QEMU's verify-peer).
+    #[arg(long, env = "MIGPROXY_TLS_VERIFY_PEER", requires = "tls_creds")]
+    pub tls_verify_peer: bool,
+    /// Name expected in the destination's certificate (default: the upstream host).
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "MIGPROXY_TLS_HOSTNAME",
+        requires = "tls_creds"
+    )]
+    pub tls_hostname: Option<String>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// The health URL to query.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:9444/healthz",
+        env = "MIGPROXY_HEALTHCHECK_URL"
+    )]
+    pub url: String,
+    /// Give up after this many milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 3000)]
+    pub timeout_ms: u64,
+}

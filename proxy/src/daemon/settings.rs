@@ -1,0 +1,297 @@
+//! The settings of `migproxy run`: the whole configuration (flags, environment, `--config` file)
+//! validated into one `RunConfig` before anything is bound.
+//!
+//! Precedence: a `--config` file defines its `[[listener]]`s; `--listen` adds listeners made of the
+//! listener flags (`--upstream`, `--dest-profile`, `--source-profile`, policy flags). With neither,
+//! the embedded default listens on `tcp:127.0.0.1:4444` and forwards to `tcp:127.0.0.1:4445`
+//! (the listener flags still apply to it). Daemon-wide settings: flag, else file, else default.
+//! Everything is checked before the first socket is bound; the first problem is reported as one
+//! line and the exit code is 2.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use migproxy_codec::Limits;
+use migproxy_config::file::{ListenerFile, RunFile};
+use migproxy_config::Policy;
+
+use crate::cli::policy::{policy_from_args, policy_from_file};
+use crate::cli::RunArgs;
+use crate::error::ProxyError;
+use crate::migration::profile_source::{ProfileSource, RewriteConfig};
+use crate::net::addr::{Address, ListenSpec, Upstream};
+use crate::net::tls::{ListenerTls, TlsSettings};
+
+pub const DEFAULT_LISTEN: &str = "tcp:127.0.0.1:4444";
+pub const DEFAULT_UPSTREAM: &str = "tcp:127.0.0.1:4445";
+pub const DEFAULT_ADMIN: &str = "tcp:127.0.0.1:9444";
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
+pub const DEFAULT_DESCRIPTION_TIMEOUT_MS: u64 = 2000;
+pub const DEFAULT_IDENTIFY_TIMEOUT_MS: u64 = 1000;
+const PROFILE_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The validated configuration of the daemon.
+#[derive(Debug)]
+pub struct RunConfig {
+    pub listeners: Vec<ListenerConfig>,
+    pub admin: Option<Address>,
+    pub served_profiles: BTreeMap<String, PathBuf>,
+    pub drain_timeout: Duration,
+    pub description_timeout: Duration,
+    pub identify_timeout: Duration,
+    pub log_json: bool,
+    pub limits: Limits,
+}
+
+#[derive(Debug)]
+pub struct ListenerConfig {
+    pub listen: ListenSpec,
+    pub upstream: Upstream,
+    pub rewrite: RewriteConfig,
+    pub tls: Option<Arc<ListenerTls>>,
+}
+
+impl RunConfig {
+    pub fn from_args(args: &RunArgs) -> Result<RunConfig, ProxyError> {
+        let file = match &args.config {
+            Some(path) => Some(RunFile::load(path)?),
+            None => None,
+        };
+        let listener_flags =
+            args.upstream.is_some() || args.dest_profile.is_some() || args.source_profile.is_some();
+        let mut listeners = Vec::new();
+        if let Some(file) = &file {
+            if args.listen.is_empty() && listener_flags {
+                return Err(ProxyError::InvalidConfig(
+                    "--upstream/--dest-profile/--source-profile need --listen when --config is given (or put them in a [[listener]])".into(),
+                ));
+            }
+            for (index, listener) in file.listeners.iter().enumerate() {
+                listeners.push(ListenerConfig::from_file(listener).map_err(|source| {
+                    ProxyError::Listener {
+                        index: index.saturating_add(1),
+                        source: Box::new(source),
+                    }
+                })?);
+            }
+        }
+        let cli_listens: Vec<String> = if !args.listen.is_empty() {
+            args.listen.clone()
+        } else if file.is_none() {
+            vec![DEFAULT_LISTEN.to_owned()]
+        } else {
+            Vec::new()
+        };
+        for listen in &cli_listens {
+            let upstream = match (&args.upstream, args.listen.is_empty()) {
+                (Some(upstream), _) => upstream.as_str(),
+                (None, true) => DEFAULT_UPSTREAM,
+                (None, false) => {
+                    return Err(ProxyError::Usage(format!(
+                        "--listen {listen} needs --upstream"
+                    )))
+                }
+            };
+            let tls = args.tls_creds.as_ref().map(|dir| TlsSettings {
+                dir: dir.clone(),
+                verify_peer: args.tls_verify_peer,
+                hostname: args.tls_hostname.clone(),
+            });
+            listeners.push(ListenerConfig::new(
+                listen,
+                upstream,
+                args.dest_profile.as_deref(),
+                args.source_profile.as_deref(),
+                policy_from_args(&args.policy)?,
+                tls.as_ref(),
+            )?);
+        }
+        let file_admin = file.as_ref().and_then(|f| f.admin.clone());
+        let admin_text = args
+            .admin
+            .clone()
+            .or(file_admin)
+            .unwrap_or_else(|| DEFAULT_ADMIN.to_owned());
+        let admin = if admin_text == "none" {
+            None
+        } else {
+            Some(admin_text.parse::<Address>()?)
+        };
+        let mut served_profiles = BTreeMap::new();
+        if let Some(file) = &file {
+            for (name, path) in &file.profiles {
+                served_profiles.insert(name.clone(), PathBuf::from(path));
+            }
+        }
+        for spec in &args.serve_profile {
+            let Some((name, path)) = spec.split_once('=') else {
+                return Err(ProxyError::InvalidConfig(format!(
+                    "--serve-profile {spec:?}: expected NAME=FILE"
+                )));
+            };
+            served_profiles.insert(name.to_owned(), PathBuf::from(path));
+        }
+        for (name, path) in &served_profiles {
+            if name.is_empty() || name.contains('/') {
+                return Err(ProxyError::InvalidConfig(format!(
+                    "served profile name {name:?} must be non-empty and without '/'"
+                )));
+            }
+            migproxy_config::Profile::load(path).map_err(|source| ProxyError::ServedProfile {
+                name: name.clone(),
+                path: path.clone(),
+                source,
+            })?;
+        }
+        if admin.is_none() && !served_profiles.is_empty() {
+            return Err(ProxyError::InvalidConfig(
+                "profiles are served on the admin address, which is disabled (--admin none)".into(),
+            ));
+        }
+        let pick = |flag: Option<u64>, from_file: Option<u64>, default: u64| {
+            flag.or(from_file).unwrap_or(default)
+        };
+        let description_ms = pick(
+            args.description_timeout,
+            file.as_ref().and_then(|f| f.description_timeout_ms),
+            DEFAULT_DESCRIPTION_TIMEOUT_MS,
+        );
+        let identify_ms = pick(
+            args.identify_timeout,
+            file.as_ref().and_then(|f| f.identify_timeout_ms),
+            DEFAULT_IDENTIFY_TIMEOUT_MS,
+        );
+        if description_ms == 0 || identify_ms == 0 {
+            return Err(ProxyError::InvalidConfig(
+                "description and identify timeouts must be at least 1 ms".into(),
+            ));
+        }
+        let defaults = Limits::default();
+        let limit =
+            |flag: Option<usize>, from_file: Option<usize>, default: usize, name: &str| match flag
+                .or(from_file)
+            {
+                Some(0) => Err(ProxyError::InvalidConfig(format!(
+                    "{name} must be at least 1 byte"
+                ))),
+                other => Ok(other.unwrap_or(default)),
+            };
+        let limits = Limits {
+            max_record: limit(
+                args.max_record,
+                file.as_ref().and_then(|f| f.max_record_bytes),
+                defaults.max_record,
+                "max_record",
+            )?,
+            max_device_state: limit(
+                args.max_device_state,
+                file.as_ref().and_then(|f| f.max_device_state_bytes),
+                defaults.max_device_state,
+                "max_device_state",
+            )?,
+            max_description: limit(
+                args.max_description,
+                file.as_ref().and_then(|f| f.max_description_bytes),
+                defaults.max_description,
+                "max_description",
+            )?,
+            max_packaged: limit(
+                args.max_packaged,
+                file.as_ref().and_then(|f| f.max_packaged_bytes),
+                defaults.max_packaged,
+                "max_packaged",
+            )?,
+            ..defaults
+        };
+        Ok(RunConfig {
+            limits,
+            listeners,
+            admin,
+            served_profiles,
+            drain_timeout: Duration::from_secs(pick(
+                args.drain_timeout,
+                file.as_ref().and_then(|f| f.drain_timeout_secs),
+                DEFAULT_DRAIN_TIMEOUT_SECS,
+            )),
+            description_timeout: Duration::from_millis(description_ms),
+            identify_timeout: Duration::from_millis(identify_ms),
+            log_json: args.log_json || file.as_ref().and_then(|f| f.log_json).unwrap_or(false),
+        })
+    }
+}
+
+impl ListenerConfig {
+    fn new(
+        listen: &str,
+        upstream: &str,
+        dest_profile: Option<&str>,
+        source_profile: Option<&str>,
+        policy: Policy,
+        tls: Option<&TlsSettings>,
+    ) -> Result<ListenerConfig, ProxyError> {
+        let listen: ListenSpec = listen.parse()?;
+        let upstream: Upstream = upstream.parse()?;
+        match (&listen, &upstream) {
+            (
+                ListenSpec::Unix(_),
+                Upstream::PortRange { .. } | Upstream::OriginalDst | Upstream::Tproxy,
+            ) => {
+                return Err(ProxyError::InvalidConfig(format!(
+                    "upstream {upstream} needs a tcp listener, not {listen}"
+                )));
+            }
+            (
+                ListenSpec::Tcp { first, last, .. },
+                Upstream::PortRange {
+                    first: up_first,
+                    last: up_last,
+                    ..
+                },
+            ) if first < up_first || last > up_last => {
+                return Err(ProxyError::InvalidConfig(format!(
+                    "listen ports {first}-{last} are not all inside the upstream range {up_first}-{up_last}"
+                )));
+            }
+            _ => {}
+        }
+        if dest_profile.is_none() && source_profile.is_some() {
+            return Err(ProxyError::InvalidConfig(
+                "a source profile without a destination profile does nothing".into(),
+            ));
+        }
+        let dest = dest_profile.map(ProfileSource::open).transpose()?;
+        let source = source_profile.map(ProfileSource::open).transpose()?;
+        let tls = tls.map(ListenerTls::load).transpose()?.map(Arc::new);
+        Ok(ListenerConfig {
+            listen,
+            upstream,
+            tls,
+            rewrite: RewriteConfig {
+                dest,
+                source,
+                policy,
+                fetch_timeout: PROFILE_FETCH_TIMEOUT,
+            },
+        })
+    }
+
+    fn from_file(file: &ListenerFile) -> Result<ListenerConfig, ProxyError> {
+        ListenerConfig::new(
+            &file.listen,
+            &file.upstream,
+            file.dest_profile.as_deref(),
+            file.source_profile.as_deref(),
+            policy_from_file(&file.policy)?,
+            file.tls_creds
+                .as_ref()
+                .map(|dir| TlsSettings {
+                    dir: PathBuf::from(dir),
+                    verify_peer: file.tls_verify_peer.unwrap_or(false),
+                    hostname: file.tls_hostname.clone(),
+                })
+                .as_ref(),
+        )
+    }
+}

@@ -1,0 +1,137 @@
+//! Raw byte relays: multifd and preempt channels both ways, and every return path.
+//!
+//! These carry nothing migproxy rewrites (DESIGN.md, "Everything else streams"), so they are
+//! copied as they come, through one 1 MiB buffer per direction (memory stays bounded: a slow
+//! reader blocks our write, which stops our read, which fills the kernel buffers, which stops the
+//! sender). EOF is propagated per direction with a half-close, because the source still waits for
+//! the destination's SHUT on the return path after writing its last byte. Nothing here knows what
+//! a migration is: the caller names the direction for errors and passes the counters to add to.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::error::ProxyError;
+
+/// Relay buffer per direction.
+pub const RELAY_BUFFER_BYTES: usize = 1 << 20;
+
+/// Copy `reader` to `writer` until EOF, then half-close `writer`. Returns the bytes written.
+pub async fn pump<R, W>(
+    mut reader: R,
+    mut writer: W,
+    counters: &[&AtomicU64],
+    what: &str,
+) -> Result<u64, ProxyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut total = 0u64;
+    let mut buf = vec![0u8; RELAY_BUFFER_BYTES];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(n) => n,
+            // A TLS peer that closes without close_notify (QEMU's multifd channels do);
+            // plain sockets never report this on read.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(ProxyError::io(format!("{what}: read"), e)),
+        };
+        if n == 0 {
+            break;
+        }
+        let chunk = buf.get(..n).unwrap_or_default();
+        writer
+            .write_all(chunk)
+            .await
+            .map_err(|e| ProxyError::io(format!("{what}: write"), e))?;
+        total = add_bytes(total, n, counters);
+    }
+    // The peer may already be gone after a complete exchange; the data went out.
+    let _ = writer.shutdown().await;
+    Ok(total)
+}
+
+fn add_bytes(total: u64, n: usize, counters: &[&AtomicU64]) -> u64 {
+    let n = u64::try_from(n).unwrap_or(u64::MAX);
+    for counter in counters {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    total.saturating_add(n)
+}
+
+/// Relay a whole non-main channel both ways until both directions reached EOF.
+pub async fn relay_channel<SR, SW, DR, DW>(
+    source: (SR, SW),
+    destination: (DR, DW),
+    to_destination: &[&AtomicU64],
+    to_source: &[&AtomicU64],
+    kind: &str,
+) -> Result<(), ProxyError>
+where
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+    DR: AsyncRead + Unpin,
+    DW: AsyncWrite + Unpin,
+{
+    let (src_read, src_write) = source;
+    let (dst_read, dst_write) = destination;
+    let forward_what = format!("{kind} source->destination");
+    let backward_what = format!("{kind} destination->source");
+    let forward = pump(src_read, dst_write, to_destination, &forward_what);
+    let backward = pump(dst_read, src_write, to_source, &backward_what);
+    let (f, b) = tokio::try_join!(forward, backward)?;
+    tracing::debug!(to_destination = f, to_source = b, "channel finished");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::conn::Conn;
+    use crate::net::prefixed::PrefixedIo;
+    use std::sync::Arc;
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair() -> std::io::Result<(TcpStream, Conn)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let client = TcpStream::connect(listener.local_addr()?).await?;
+        let (server, _) = listener.accept().await?;
+        Ok((client, Conn::Tcp(server)))
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close() -> std::io::Result<()> {
+        let (mut source, source_side) = pair().await?;
+        let (mut destination, destination_side) = pair().await?;
+        let counters = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let task_counters = Arc::clone(&counters);
+        let task = tokio::spawn(async move {
+            relay_channel(
+                PrefixedIo::new(&b"PRE"[..], source_side).into_split(),
+                destination_side.into_split(),
+                &[&task_counters.0],
+                &[&task_counters.1],
+                "multifd",
+            )
+            .await
+        });
+        source.write_all(b"fix").await?;
+        source.shutdown().await?;
+        let mut got = Vec::new();
+        destination.read_to_end(&mut got).await?;
+        assert_eq!(got, b"PREfix");
+        // The reverse direction still works after the forward one ended.
+        destination.write_all(b"SHUT").await?;
+        destination.shutdown().await?;
+        let mut back = Vec::new();
+        source.read_to_end(&mut back).await?;
+        assert_eq!(back, b"SHUT");
+        task.await
+            .map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other)?;
+        assert_eq!(counters.0.load(Ordering::Relaxed), 6);
+        assert_eq!(counters.1.load(Ordering::Relaxed), 4);
+        Ok(())
+    }
+}

@@ -1,0 +1,188 @@
+//! `migproxy plan`: before any migration, what the rewrite would drop, fill and refuse per vCPU,
+//! by register name and value. Exit 3 when the migration would be refused.
+//!
+//! The source is a saved stream (decoded whole, its `cpu` sections taken) or a profile (each of
+//! its vCPUs as a fresh VM would send it). The decision is the same pure function the proxy runs
+//! (`migproxy_config::rewrite`), so the plan is what the proxy will do.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::path::Path;
+
+use migproxy_config::{destination_kernel_note, rewrite, Profile, RefusalReason, RewriteReport};
+use serde_json::json;
+
+use crate::cli::policy::policy_from_args;
+use crate::cli::PlanArgs;
+use crate::error::{ProxyError, Refusal};
+use crate::offline::input::{load_profiles, Input};
+
+pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
+    let policy = policy_from_args(&args.policy)?;
+    let (dest, source_profile) = load_profiles(&args.dest_profile, args.source_profile.as_deref())?;
+    let source = load_source(&args.source)?;
+
+    let mut notes = Vec::new();
+    if let (Some(src), Some(dst)) = (&source.machine, &dest.machine) {
+        if src != dst {
+            notes.push(format!(
+                "the source machine type is {src}, the destination profile's {dst}: a migration \
+                 needs the same machine type on both sides"
+            ));
+        }
+    }
+    notes.extend(destination_kernel_note(&dest));
+    if source.vcpus.len() > usize::try_from(dest.vcpus).unwrap_or(usize::MAX) {
+        notes.push(format!(
+            "the source has {} vcpus, the destination profile was captured with {}",
+            source.vcpus.len(),
+            dest.vcpus
+        ));
+    }
+    let reports: Vec<RewriteReport> = source
+        .vcpus
+        .iter()
+        .map(|(vcpu, regs)| rewrite(*vcpu, regs, &dest, source_profile.as_ref(), &policy).report)
+        .collect();
+    let refused: Vec<&RewriteReport> = reports.iter().filter(|r| r.is_refused()).collect();
+
+    let mut text = String::new();
+    if args.json {
+        let _ = writeln!(text, "{}", plan_json(&source.kind, &dest, &reports, &notes));
+    } else {
+        let _ = writeln!(
+            text,
+            "plan: {} ({}) -> destination profile {} ({}, {})",
+            args.source.display(),
+            source.kind,
+            args.dest_profile.display(),
+            dest.accel,
+            dest.machine.as_deref().unwrap_or("machine unknown")
+        );
+        for note in &notes {
+            let _ = writeln!(text, "note: {note}");
+        }
+        for report in &reports {
+            let _ = writeln!(text, "{report}");
+        }
+        let verdict = if refused.is_empty() {
+            "the migration can go through migproxy"
+        } else {
+            "REFUSED"
+        };
+        let _ = writeln!(text, "verdict: {verdict}");
+        let unproven = refused.iter().flat_map(|r| &r.refused).any(|x| {
+            matches!(
+                x.reason,
+                RefusalReason::InUse {
+                    source_default: None
+                }
+            )
+        });
+        if unproven && source_profile.is_none() {
+            let _ = writeln!(
+                text,
+                "hint: --source-profile (a fresh VM of the source's configuration) shows which \
+                 nonzero values are reset defaults; --allow-drop REG drops a register regardless"
+            );
+        }
+    }
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        // A reader that stopped early (`| head`) is not our failure.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(ProxyError::io("write standard output", e))
+        }
+        _ => {}
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(ProxyError::Refused(Refusal::Registers(
+            refused.iter().map(|r| r.refusal_summary()).collect(),
+        )))
+    }
+}
+
+struct Source {
+    kind: String,
+    machine: Option<String>,
+    vcpus: Vec<(u32, Vec<(u64, u64)>)>,
+}
+
+/// A stream starts with QEMU's file magic `QEVM`; anything else is read as a profile.
+fn load_source(path: &Path) -> Result<Source, ProxyError> {
+    let mut head = [0u8; 4];
+    let is_stream = path != Path::new("-")
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .map(|()| &head == b"QEVM")
+            .unwrap_or(false);
+    if is_stream || path == Path::new("-") {
+        let stream = Input::open(path)?.read_cpus()?;
+        return Ok(Source {
+            kind: "stream".into(),
+            machine: stream.info.machine.clone(),
+            vcpus: stream
+                .cpus
+                .into_iter()
+                .map(|c| (c.instance, c.registers))
+                .collect(),
+        });
+    }
+    let profile = Profile::load(path)?;
+    Ok(Source {
+        kind: "profile".into(),
+        machine: profile.machine.clone(),
+        vcpus: (0..profile.vcpus)
+            .map(|v| (v, profile.registers_for_vcpu(v)))
+            .collect(),
+    })
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+fn plan_json(
+    kind: &str,
+    dest: &Profile,
+    reports: &[RewriteReport],
+    notes: &[String],
+) -> serde_json::Value {
+    let vcpus: Vec<serde_json::Value> = reports
+        .iter()
+        .map(|r| {
+            json!({
+                "vcpu": r.vcpu,
+                "refused": r.is_refused(),
+                "unchanged": r.is_unchanged(),
+                "source_registers": r.source_len,
+                "output_registers": r.output_len,
+                "dropped": r.dropped.iter().map(|d| json!({
+                    "id": hex(d.id.0), "name": d.id.to_string(), "value": hex(d.value),
+                    "reason": d.reason.to_string()})).collect::<Vec<_>>(),
+                "filled": r.filled.iter().map(|f| json!({
+                    "id": hex(f.id.0), "name": f.id.to_string(), "value": hex(f.value)}))
+                    .collect::<Vec<_>>(),
+                "refused_registers": r.refused.iter().map(|x| json!({
+                    "id": hex(x.id.0), "name": x.id.to_string(), "value": hex(x.value),
+                    "reason": format!("{:?}", x.reason), "why": x.describe()}))
+                    .collect::<Vec<_>>(),
+                "id_mismatches": r.id_mismatches.iter().map(|m| json!({
+                    "id": hex(m.id.0), "name": m.id.to_string(), "source": hex(m.source),
+                    "destination": hex(m.dest), "action": format!("{:?}", m.action)}))
+                    .collect::<Vec<_>>(),
+                "left_missing": r.left_missing.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
+                "warnings": r.warnings,
+                "summary": if r.is_refused() { Some(r.refusal_summary()) } else { None },
+            })
+        })
+        .collect();
+    json!({
+        "source_kind": kind,
+        "destination": { "accel": dest.accel.as_str(), "machine": dest.machine, "vcpus": dest.vcpus },
+        "refused": reports.iter().any(RewriteReport::is_refused),
+        "notes": notes,
+        "vcpus": vcpus,
+    })
+}
