@@ -224,8 +224,8 @@ fn boot_pair(dir: &WorkDir, a: &str, b: &str) -> Result<(Host, Host)> {
     )?;
     let (ka, kb) = (lab.kernel(a)?, lab.kernel(b)?);
     let (ia, ib) = (
-        lab.initrd(dir, ka, &guest_image)?,
-        lab.initrd(dir, kb, &guest_image)?,
+        lab.initrd(dir, ka, &guest_image.path)?,
+        lab.initrd(dir, kb, &guest_image.path)?,
     );
     // Both boots at once: each host is single-threaded TCG.
     let (ra, rb) = std::thread::scope(|scope| {

@@ -28,7 +28,7 @@ fn main() -> Result<()> {
          inner QEMU 10.0 from Debian trixie `-accel kvm -cpu host -M virt,gic-version=3 -smp 1 -m 64 -nodefaults -S`).\n\n",
     );
     for kernel in &lab.kernels {
-        let initrd = lab.initrd(&dir, kernel, &guest)?;
+        let initrd = lab.initrd(&dir, kernel, &guest.path)?;
         let host = Host::boot(&dir, &format!("host-{}", kernel.series), kernel, &initrd, 1)?;
         let stream = out.join(format!("kvm-{}.stream", kernel.series));
         let length = host.save_fresh_stream(&stream, 1)?;
