@@ -3,6 +3,7 @@
 # on Debian 12 as root (or with MIGPROXY_QEMU10/MIGPROXY_QEMU72 pointing at existing QEMU builds).
 #
 #   1. provision QEMU 10.0 and 7.2 and the aarch64 assembler (scripts/provision-qemu.sh)
+#   1b. provision the KVM lab (scripts/provision-kvm-lab.sh: arm64 kernels, initramfs, aarch64 migproxy)
 #   2. rustfmt/clippy components, cargo fmt --check, cargo clippy -D warnings
 #   3. unit, property and vector tests of every crate but the end-to-end suite
 #   4. fuzz build (cargo +nightly fuzz build) when fuzz/ exists; aarch64 check of --from-kvm
