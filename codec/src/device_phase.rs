@@ -444,6 +444,15 @@ pub(crate) fn walk(
                     version,
                 },
             )? {
+                if cpus.iter().any(|c: &CpuSlot| c.instance == slot.instance) {
+                    // QEMU loads a section by (idstr, instance): a second one would leave one
+                    // of the two unrewritten.
+                    return Err(DecodeError::DeviceState {
+                        offset: at(pos),
+                        section,
+                        message: format!("a second cpu section for instance {instance}"),
+                    });
+                }
                 if cpus.len() >= limits.max_cpus {
                     return Err(DecodeError::DeviceState {
                         offset: at(pos),

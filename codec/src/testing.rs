@@ -332,6 +332,16 @@ impl StreamBuilder {
         self.out.to_vec()
     }
 
+    /// Bytes written so far.
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Nothing written yet (never: the header is written by `new`).
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
     /// The bytes so far, without EOF.
     pub fn into_bytes(self) -> Vec<u8> {
         self.out.to_vec()

@@ -442,3 +442,18 @@ fn a_reference_from_a_paused_vm_confirms_running_vms_of_its_configuration() {
     let err = decode_with_boundary(decoder, &input, 1, |_| {}).unwrap_err();
     assert!(err.to_string().contains("reference description"), "{err}");
 }
+
+#[test]
+fn a_second_cpu_section_for_one_instance_is_refused() {
+    // set_cpregs addresses a vCPU by instance: a duplicate would leave one section unrewritten.
+    let mut b = StreamBuilder::new("virt-10.0");
+    b.ram_start(1 << 20).ram_section(true, &[RamRecord::Zero]);
+    b.cpu(0, &regs(2), 0);
+    b.cpu(0, &regs(2), 1);
+    let err = decode_chunked(&b.finish(), Limits::default(), || usize::MAX, |_| {}).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("a second cpu section for instance 0"),
+        "{err}"
+    );
+}

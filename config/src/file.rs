@@ -96,7 +96,9 @@ impl RunFile {
     pub fn from_toml(text: &str, origin: &str) -> Result<RunFile, ConfigError> {
         let file: RunFile = toml::from_str(text).map_err(|err| {
             // toml's message spans several lines (it quotes the source); one line is the contract.
-            let message = err.message().trim().to_owned();
+            // The message itself may span lines too ("invalid string\nexpected ..."), found by
+            // fuzz/fuzz_targets/config_toml.rs.
+            let message = err.message().trim().lines().collect::<Vec<_>>().join("; ");
             let location = err
                 .span()
                 .map(|span| {
@@ -167,5 +169,16 @@ upstream = "original-dst"
         assert!(err.contains("upstraem"), "{err}");
         assert!(!err.contains('\n'), "{err}");
         assert!(RunFile::from_toml("admin = \"tcp:a:1\"\n", "x").is_err());
+    }
+
+    #[test]
+    fn a_broken_string_fails_with_one_line() {
+        // toml reports "invalid string\nexpected ..." (found by the config_toml fuzz target).
+        let err = RunFile::from_toml("admin = \"tcp:a:1\nx = 1\n", "bad.toml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("bad.toml at line 1"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
     }
 }
