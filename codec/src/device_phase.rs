@@ -1,5 +1,5 @@
 //! The held device-state phase: FULL sections, EOF and the description, walked with the
-//! description (DESIGN.md, "Device state is delimited from the stream's own description").
+//! description (DESIGN.md, "Device state is delimited exactly, never by scanning").
 //!
 //! ```text
 //! held bytes:  FULL s0 .. 7E s0 | FULL s1 .. 7E s1 | ... | 00 (EOF) | 06 | be32 len | JSON (len bytes)
