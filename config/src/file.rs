@@ -9,6 +9,8 @@
 //! log_json = false
 //! max_device_state_bytes = 268435456 # decoder limits: max_record_bytes, max_device_state_bytes,
 //!                                     # max_description_bytes, max_packaged_bytes
+//! max_cpus = 512                      # budgets: max_cpus, max_cpregs (per vCPU),
+//!                                     # max_rewrite_output_bytes, max_sections
 //!
 //! [profiles]                          # served on the admin address as /profiles/NAME
 //! a64fx-7.2 = "/etc/migproxy/a64fx-7.2.json"
@@ -54,6 +56,12 @@ pub struct RunFile {
     pub max_device_state_bytes: Option<usize>,
     pub max_description_bytes: Option<usize>,
     pub max_packaged_bytes: Option<usize>,
+    /// Budgets (counts and bytes; DESIGN.md, "Everything else streams"); absent: the codec's
+    /// defaults.
+    pub max_cpus: Option<usize>,
+    pub max_cpregs: Option<usize>,
+    pub max_rewrite_output_bytes: Option<usize>,
+    pub max_sections: Option<usize>,
     /// Profiles advertised on the admin address: name -> file.
     #[serde(default)]
     pub profiles: BTreeMap<String, String>,
@@ -180,5 +188,15 @@ upstream = "original-dst"
             .unwrap_or_default();
         assert!(err.contains("bad.toml at line 1"), "{err}");
         assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn budgets_are_read() {
+        let text = "max_cpus = 8\nmax_cpregs = 600\nmax_rewrite_output_bytes = 1048576\nmax_sections = 16\n";
+        let file = RunFile::from_toml(text, "budgets.toml").unwrap_or_default();
+        assert_eq!(file.max_cpus, Some(8));
+        assert_eq!(file.max_cpregs, Some(600));
+        assert_eq!(file.max_rewrite_output_bytes, Some(1 << 20));
+        assert_eq!(file.max_sections, Some(16));
     }
 }
