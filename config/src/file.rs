@@ -192,7 +192,7 @@ upstream = "original-dst"
 
     #[test]
     fn budgets_are_read() {
-        let text = "max_cpus = 8\nmax_cpregs = 600\nmax_rewrite_output_bytes = 1048576\nmax_sections = 16\n";
+        let text = "max_cpus = 8\nmax_cpregs = 600\nmax_rewrite_output_bytes = 1048576\nmax_sections = 16\n[[listener]]\nlisten = \"tcp:a:1\"\nupstream = \"tcp:b:2\"\n";
         let file = RunFile::from_toml(text, "budgets.toml").unwrap_or_default();
         assert_eq!(file.max_cpus, Some(8));
         assert_eq!(file.max_cpregs, Some(600));
