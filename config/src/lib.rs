@@ -26,6 +26,6 @@ pub use profile::{
 pub use regid::RegId;
 pub use regnames::reg_name;
 pub use rewrite::{
-    rewrite, DropReason, Dropped, Filled, IdAction, IdMismatch, Refusal, RefusalReason, Rewrite,
-    RewriteReport,
+    destination_kernel_note, rewrite, DropReason, Dropped, Filled, IdAction, IdMismatch, KvmDrop,
+    KvmRefusal, Refusal, RefusalReason, Rewrite, RewriteReport,
 };

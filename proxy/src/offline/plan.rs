@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use migproxy_config::{rewrite, Profile, RefusalReason, RewriteReport};
+use migproxy_config::{destination_kernel_note, rewrite, Profile, RefusalReason, RewriteReport};
 use serde_json::json;
 
 use crate::cli::policy::policy_from_args;
@@ -31,6 +31,7 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
             ));
         }
     }
+    notes.extend(destination_kernel_note(&dest));
     if source.vcpus.len() > usize::try_from(dest.vcpus).unwrap_or(usize::MAX) {
         notes.push(format!(
             "the source has {} vcpus, the destination profile was captured with {}",
@@ -165,7 +166,8 @@ fn plan_json(
                     .collect::<Vec<_>>(),
                 "refused_registers": r.refused.iter().map(|x| json!({
                     "id": hex(x.id.0), "name": x.id.to_string(), "value": hex(x.value),
-                    "reason": format!("{:?}", x.reason)})).collect::<Vec<_>>(),
+                    "reason": format!("{:?}", x.reason), "why": x.describe()}))
+                    .collect::<Vec<_>>(),
                 "id_mismatches": r.id_mismatches.iter().map(|m| json!({
                     "id": hex(m.id.0), "name": m.id.to_string(), "source": hex(m.source),
                     "destination": hex(m.dest), "action": format!("{:?}", m.action)}))
