@@ -70,7 +70,7 @@ pub mod wire;
 
 pub use command::command_name;
 pub use decoder::{DecodeWork, StreamDecoder};
-pub use device_phase::{CpuRegisters, DeviceSection, DeviceState};
+pub use device_phase::{CpuRegisters, CpuSubsection, DeviceSection, DeviceState};
 pub use encoder::StreamEncoder;
 pub use error::{DecodeError, SectionRef};
 pub use frame::{Frame, MigCommand, RecordKind, StreamInfo};
