@@ -1,0 +1,528 @@
+//! `virsh migrate` through migproxy: a two-host libvirt lab (`migproxy_integration_tests::libvirt`,
+//! host a QEMU 7.2 at 10.88.0.1, host b QEMU 10.0 at 10.88.0.2), a persistent `type='qemu'` domain
+//! (`virt-7.2`, a64fx, 2 vCPUs, the counting guest) migrated live with `--p2p --persistent
+//! --undefinesource`, as an operator or OpenStack Nova would, in every placement deploy/README.md
+//! describes for libvirt and Nova:
+//!
+//! - direct (no proxy): fails both ways, the source keeps the guest (why the proxy is needed);
+//! - proxy on the destination with an explicit `--migrateuri tcp://DEST:PORT --listen-address
+//!   127.0.0.1`, both directions; with `--parallel` (three multifd connections); with `--tls`;
+//!   refusing (`--on-extra refuse`) with the source guest still running;
+//! - a proxy host and libvirt choosing the port (`--migrateuri tcp://PROXY`, Nova's
+//!   `live_migration_inbound_addr`);
+//! - no migration options at all: deploy/nftables/redirect.nft on the source, or
+//!   deploy/nftables/redirect-prerouting.nft on the destination, with `--upstream original-dst`;
+//! - without `--p2p` (virsh drives both libvirts).
+//!
+//! One lab serves every scenario (building it costs libvirt's QEMU probing); each scenario prints
+//! its own `scenario NAME: PASS`, a failing one does not stop the others, and the test fails
+//! naming every failed scenario.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::process::Output;
+
+use anyhow::{bail, Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use serde_json::Value;
+
+use migproxy_integration_tests::flows::expect_summary;
+use migproxy_integration_tests::libvirt::{Host, Lab, MIGRATION_PORTS};
+use migproxy_integration_tests::migproxy::{event_field, Daemon};
+use migproxy_integration_tests::scenario::{self, a64fx, Scenario};
+
+/// The explicit migration port of the `--migrateuri` scenarios: outside libvirt's range, so the
+/// destination's port picker never meets the proxy listening on it.
+const EXPLICIT_PORT: u16 = 49400;
+/// The transparent proxies' port (deploy/nftables defines).
+const REDIRECT_PORT: u16 = 4444;
+/// The uid redirect.nft exempts: the proxy runs as it, so its own connection is not redirected.
+const MIGPROXY_UID: &str = "65532";
+/// `--parallel-connections`: multifd channels besides the main one.
+const PARALLEL_CONNECTIONS: u32 = 3;
+
+/// The guide's virsh options for a live, persistent move.
+const MIGRATE_P2P: &[&str] = &["--live", "--p2p", "--persistent", "--undefinesource"];
+const MIGRATE_CLIENT_DRIVEN: &[&str] = &["--live", "--persistent", "--undefinesource"];
+
+#[test]
+fn libvirt_virsh_migrate_through_migproxy() {
+    let mut lab = match Lab::start() {
+        Ok(lab) => lab,
+        Err(err) => panic!("scenario libvirt_lab: cannot build the libvirt lab: {err:#}"),
+    };
+    let scenarios: &[(&str, Body)] = &[
+        (
+            "libvirt_direct_a64fx_fails_both_ways",
+            direct_fails_both_ways,
+        ),
+        ("libvirt_a64fx_72_to_10_dest_proxy_migrateuri", |s, lab| {
+            dest_proxy_migrateuri(s, &lab.a, &lab.b)
+        }),
+        ("libvirt_a64fx_10_to_72_dest_proxy_migrateuri", |s, lab| {
+            dest_proxy_migrateuri(s, &lab.b, &lab.a)
+        }),
+        (
+            "libvirt_a64fx_72_to_10_proxy_host_libvirt_port",
+            |s, lab| proxy_host_libvirt_port(s, &lab.a, &lab.b),
+        ),
+        ("libvirt_a64fx_10_to_72_source_redirect", |s, lab| {
+            source_redirect(s, &lab.b, &lab.a)
+        }),
+        (
+            "libvirt_a64fx_72_to_10_dest_prerouting_redirect",
+            |s, lab| dest_prerouting_redirect(s, &lab.a, &lab.b),
+        ),
+        ("libvirt_a64fx_10_to_72_parallel", |s, lab| {
+            parallel(s, &lab.b, &lab.a)
+        }),
+        ("libvirt_a64fx_72_to_10_tls", |s, lab| {
+            tls(s, &lab.a, &lab.b)
+        }),
+        ("libvirt_a64fx_10_to_72_without_p2p", |s, lab| {
+            without_p2p(s, &lab.b, &lab.a)
+        }),
+        (
+            "libvirt_a64fx_72_to_10_refused_source_keeps_running",
+            |s, lab| refused(s, &lab.a, &lab.b),
+        ),
+    ];
+    let mut failed = Vec::new();
+    for (name, body) in scenarios {
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            scenario::run(name, |s| {
+                let result = body(s, &lab);
+                if result.is_err() {
+                    lab.copy_logs(s.dir.path());
+                }
+                result
+            })
+        }));
+        if outcome.is_err() {
+            failed.push(*name);
+        }
+    }
+    if !failed.is_empty() {
+        lab.keep();
+        panic!(
+            "libvirt scenarios failed: {}; lab kept in {}",
+            failed.join(", "),
+            lab.dir().display()
+        );
+    }
+}
+
+type Body = fn(&mut Scenario, &Lab) -> Result<()>;
+
+/// No proxy, libvirt picking the port: QEMU 7.2 and 10.0 disagree about a64fx's registers, so
+/// the destination rejects the CPU state and the source keeps the guest, both ways.
+fn direct_fails_both_ways(s: &mut Scenario, lab: &Lab) -> Result<()> {
+    for (from, to) in [(&lab.a, &lab.b), (&lab.b, &lab.a)] {
+        let domain = format!("direct-{}", from.label);
+        with_domain(s, from, to, &domain, |domain| {
+            let out = migrate(from, to, domain, MIGRATE_P2P, &[])?;
+            expect_failed(from, to, domain, &out)
+        })?;
+    }
+    Ok(())
+}
+
+/// deploy/README.md 4a: the destination's QEMU listens on loopback, migproxy on the host's
+/// address, the source told where to go with `--migrateuri`.
+fn dest_proxy_migrateuri(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+    let proxy = dest_proxy(s, from, to, &[])?;
+    proxied(s, from, to, &proxy, MIGRATE_P2P, &explicit_uri(to), 0)
+}
+
+/// `--migrateuri tcp://DEST:PORT --listen-address 127.0.0.1`.
+fn explicit_uri(to: &Host) -> Vec<String> {
+    vec![
+        "--migrateuri".to_owned(),
+        format!("tcp://{}:{EXPLICIT_PORT}", to.ip),
+        "--listen-address".to_owned(),
+        "127.0.0.1".to_owned(),
+    ]
+}
+
+/// migproxy on the destination host: `--listen tcp:DEST_IP:PORT --upstream tcp:127.0.0.1:PORT`.
+fn dest_proxy(s: &mut Scenario, from: &Host, to: &Host, extra: &[&str]) -> Result<Daemon> {
+    let mut args = vec![
+        "--listen".to_owned(),
+        format!("tcp:{}:{EXPLICIT_PORT}", to.ip),
+        "--upstream".to_owned(),
+        format!("tcp:127.0.0.1:{EXPLICIT_PORT}"),
+    ];
+    args.extend(profile_args(s, from, to)?);
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    Daemon::spawn_wrapped(
+        &s.dir,
+        &format!("migproxy-{}", to.label),
+        &to.netns_prefix(),
+        &args,
+        &[EXPLICIT_PORT],
+    )
+}
+
+/// A proxy host (here the source host's address) and libvirt choosing the port: `--migrateuri
+/// tcp://PROXY` without a port; the destination's libvirt picks one of its range and the source
+/// QEMU connects to PROXY on it. migproxy covers the range and forwards to the same port.
+fn proxy_host_libvirt_port(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+    let (first, last) = MIGRATION_PORTS;
+    let mut args = vec![
+        "--listen".to_owned(),
+        format!("tcp:{}:{first}-{last}", from.ip),
+        "--upstream".to_owned(),
+        format!("tcp:{}:{first}-{last}", to.ip),
+    ];
+    args.extend(profile_args(s, from, to)?);
+    let proxy = Daemon::spawn_wrapped(
+        &s.dir,
+        "migproxy-proxyhost",
+        &from.netns_prefix(),
+        &args,
+        &[first, last],
+    )?;
+    let uri = vec!["--migrateuri".to_owned(), format!("tcp://{}", from.ip)];
+    proxied(s, from, to, &proxy, MIGRATE_P2P, &uri, 0)
+}
+
+/// deploy/README.md 4c: no migration options; redirect.nft on the source sends QEMU's connection
+/// to the destination's migration port to the local migproxy (running as the exempted uid),
+/// which dials the original destination.
+fn source_redirect(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+    from.load_ruleset(
+        "redirect.nft",
+        &[
+            ("MIGPROXY_UID", MIGPROXY_UID.to_owned()),
+            ("MIGPROXY_PORT", REDIRECT_PORT.to_string()),
+            ("MIGRATION_PORTS", ports_define()),
+            ("UPGRADED_HOSTS", format!("{{ {} }}", to.ip)),
+        ],
+    )?;
+    let result = (|| {
+        let mut wrapper = from.netns_prefix();
+        wrapper.extend(
+            [
+                "setpriv",
+                &format!("--reuid={MIGPROXY_UID}"),
+                &format!("--regid={MIGPROXY_UID}"),
+                "--clear-groups",
+            ]
+            .map(str::to_owned),
+        );
+        let proxy = transparent_proxy(s, from, to, from, &wrapper)?;
+        proxied(s, from, to, &proxy, MIGRATE_P2P, &[], 0)
+    })();
+    let _ = from
+        .command_in("nft")
+        .args(["delete", "table", "inet", "migproxy"])
+        .status();
+    result
+}
+
+/// deploy/README.md 4b: no migration options, nothing changed in libvirt or Nova;
+/// redirect-prerouting.nft on the destination sends incoming connections to its migration
+/// ports to the local migproxy, which dials the local QEMU on the original port.
+fn dest_prerouting_redirect(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+    to.load_ruleset(
+        "redirect-prerouting.nft",
+        &[
+            ("MIGPROXY_PORT", REDIRECT_PORT.to_string()),
+            ("MIGRATION_PORTS", ports_define()),
+        ],
+    )?;
+    let result = (|| {
+        let proxy = transparent_proxy(s, from, to, to, &to.netns_prefix())?;
+        proxied(s, from, to, &proxy, MIGRATE_P2P, &[], 0)
+    })();
+    let _ = to
+        .command_in("nft")
+        .args(["delete", "table", "inet", "migproxy_incoming"])
+        .status();
+    result
+}
+
+fn ports_define() -> String {
+    format!("{}-{}", MIGRATION_PORTS.0, MIGRATION_PORTS.1)
+}
+
+/// `migproxy run --listen tcp:0.0.0.0:4444 --upstream original-dst` on `on`, through `wrapper`.
+fn transparent_proxy(
+    s: &mut Scenario,
+    from: &Host,
+    to: &Host,
+    on: &Host,
+    wrapper: &[String],
+) -> Result<Daemon> {
+    let mut args = vec![
+        "--listen".to_owned(),
+        format!("tcp:0.0.0.0:{REDIRECT_PORT}"),
+        "--upstream".to_owned(),
+        "original-dst".to_owned(),
+    ];
+    args.extend(profile_args(s, from, to)?);
+    Daemon::spawn_wrapped(
+        &s.dir,
+        &format!("migproxy-{}", on.label),
+        wrapper,
+        &args,
+        &[REDIRECT_PORT],
+    )
+}
+
+/// `--parallel --parallel-connections 3` through the destination proxy: one main and three
+/// multifd connections, every one opened by the source QEMU.
+fn parallel(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+    let proxy = dest_proxy(s, from, to, &[])?;
+    let mut options = explicit_uri(to);
+    options.extend([
+        "--parallel".to_owned(),
+        "--parallel-connections".to_owned(),
+        PARALLEL_CONNECTIONS.to_string(),
+    ]);
+    proxied(
+        s,
+        from,
+        to,
+        &proxy,
+        MIGRATE_P2P,
+        &options,
+        u64::from(PARALLEL_CONNECTIONS),
+    )
+}
+
+/// `--tls`: libvirt gives both QEMUs `tls-creds-x509` from qemu.conf's
+/// `migrate_tls_x509_cert_dir` (the source verifies the server's name against the migrate URI's
+/// host, the destination requires a client certificate); migproxy terminates TLS on both legs.
+fn tls(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+    let proxy_creds = s.dir.join("proxy-tls");
+    make_tls_creds(&[from.tls_dir(), to.tls_dir(), proxy_creds.clone()])?;
+    let creds = proxy_creds.display().to_string();
+    let proxy = dest_proxy(s, from, to, &["--tls-creds", &creds, "--tls-verify-peer"])?;
+    let mut options = explicit_uri(to);
+    options.push("--tls".to_owned());
+    proxied(s, from, to, &proxy, MIGRATE_P2P, &options, 0)?;
+    if !proxy.log().contains("tls") {
+        bail!("migproxy's log never mentions TLS although the migration was --tls");
+    }
+    Ok(())
+}
+
+/// Without `--p2p`: virsh talks to both libvirts itself; the data path is the same.
+fn without_p2p(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+    let proxy = dest_proxy(s, from, to, &[])?;
+    proxied(
+        s,
+        from,
+        to,
+        &proxy,
+        MIGRATE_CLIENT_DRIVEN,
+        &explicit_uri(to),
+        0,
+    )
+}
+
+/// `--on-extra refuse`: a register the destination lacks refuses the migration; virsh fails and
+/// the guest keeps running on the source, defined there still.
+fn refused(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+    let proxy = dest_proxy(s, from, to, &["--on-extra", "refuse"])?;
+    let domain = s.name.clone();
+    with_domain(s, from, to, &domain, |domain| {
+        let out = migrate(from, to, domain, MIGRATE_P2P, &explicit_uri(to))?;
+        expect_failed(from, to, domain, &out)?;
+        let summary = expect_summary(&proxy, "refused")?;
+        eprintln!("  refused: {}", event_field(&summary, "reason"));
+        Ok(())
+    })
+}
+
+/// Both fresh profiles (captured from plain QEMU with the domain's machine, CPU and vCPUs).
+fn profile_args(s: &mut Scenario, from: &Host, to: &Host) -> Result<Vec<String>> {
+    s.profile_args(&a64fx(from.version), &a64fx(to.version))
+}
+
+/// Start the domain on `from`, run `body`, and remove the domain from both hosts whatever happened.
+fn with_domain(
+    s: &mut Scenario,
+    from: &Host,
+    to: &Host,
+    domain: &str,
+    body: impl FnOnce(&str) -> Result<()>,
+) -> Result<()> {
+    let _ = s;
+    from.start_domain(domain)?;
+    let result = body(domain);
+    from.remove_domain(domain);
+    to.remove_domain(domain);
+    result
+}
+
+/// `virsh -c FROM migrate OPTIONS DOMAIN TO_URI EXTRA...`.
+fn migrate(
+    from: &Host,
+    to: &Host,
+    domain: &str,
+    options: &[&str],
+    extra: &[String],
+) -> Result<Output> {
+    let to_uri = to.uri();
+    let mut args: Vec<&str> = vec!["migrate"];
+    args.extend_from_slice(options);
+    args.push(domain);
+    args.push(&to_uri);
+    args.extend(extra.iter().map(String::as_str));
+    eprintln!("  virsh -c (host {}) {} ", from.label, args.join(" "));
+    from.virsh(&args)
+}
+
+/// A migration through `proxy` completes: the domain left the source (`--undefinesource`), runs
+/// on the destination from where it stopped, every vCPU was rewritten, the source QEMU opened
+/// the main channel plus `multifd` connections, with the return path on.
+fn proxied(
+    s: &mut Scenario,
+    from: &Host,
+    to: &Host,
+    proxy: &Daemon,
+    options: &[&str],
+    extra: &[String],
+    multifd: u64,
+) -> Result<()> {
+    let domain = s.name.clone();
+    with_domain(s, from, to, &domain, |domain| {
+        let before = from.counter(domain)?;
+        let started = std::time::Instant::now();
+        let out = migrate(from, to, domain, options, extra)?;
+        if !out.status.success() {
+            bail!(
+                "virsh migrate failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        eprintln!(
+            "  virsh migrate completed in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        if from.has_domain(domain)? {
+            bail!(
+                "host {}: domain still defined after --undefinesource",
+                from.label
+            );
+        }
+        let first = to.counter(domain)?;
+        if first < before {
+            bail!(
+                "destination counter {first} is below the source's {before}: memory did not arrive"
+            );
+        }
+        let later = to.assert_running(domain)?;
+        eprintln!(
+            "  guest counter {before} on host {} -> {first} -> {later} on host {}",
+            from.label, to.label
+        );
+        let summary = expect_summary(proxy, "completed")?;
+        check_summary(&summary, multifd)
+    })
+}
+
+fn check_summary(summary: &Value, multifd: u64) -> Result<()> {
+    let rewritten = event_field(summary, "cpus_rewritten");
+    if rewritten != "2" {
+        bail!("migproxy rewrote {rewritten} vCPU(s), expected both");
+    }
+    let channels = event_field(summary, "channels");
+    let multifd_seen = channels.split('+').filter(|c| *c == "multifd").count();
+    if u64::try_from(multifd_seen).ok() != Some(multifd)
+        || !channels.split('+').any(|c| c == "main")
+    {
+        bail!("migproxy relayed channels {channels:?}, expected main + {multifd} multifd");
+    }
+    // libvirt turns the return path on by itself: the source learns the destination's outcome.
+    if event_field(summary, "return_path") != "true" {
+        bail!("libvirt migrated without the return path: {summary}");
+    }
+    Ok(())
+}
+
+/// The migration failed: virsh says so, the guest still runs on the source, the destination has
+/// no such domain.
+fn expect_failed(from: &Host, to: &Host, domain: &str, out: &Output) -> Result<()> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        bail!("virsh migrate succeeded, expected a failure");
+    }
+    eprintln!("  virsh migrate failed as expected: {}", stderr.trim());
+    let value = from.assert_running(domain)?;
+    eprintln!(
+        "  guest still running on host {}, counter {value}",
+        from.label
+    );
+    let state = to.domain_state(domain)?;
+    if state != "absent" {
+        bail!(
+            "host {}: domain {domain} is {state} after the failed migration",
+            to.label
+        );
+    }
+    Ok(())
+}
+
+fn distinguished_name(common_name: &str) -> DistinguishedName {
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, "migproxy libvirt lab");
+    name.push(DnType::CommonName, common_name);
+    name
+}
+
+/// One CA and a server and a client certificate valid for both lab hosts and loopback, written
+/// with QEMU's file names into every directory of `dirs`.
+fn make_tls_creds(dirs: &[std::path::PathBuf]) -> Result<()> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name = distinguished_name("migproxy libvirt lab ca");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = ca_params.self_signed(&ca_key)?;
+    let names: Vec<String> = [
+        "localhost",
+        "127.0.0.1",
+        &migproxy_integration_tests::libvirt::HOST_A_IP.to_string(),
+        &migproxy_integration_tests::libvirt::HOST_B_IP.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut files = vec![("ca-cert.pem".to_owned(), ca.pem())];
+    for (role, purpose) in [
+        ("server", ExtendedKeyUsagePurpose::ServerAuth),
+        ("client", ExtendedKeyUsagePurpose::ClientAuth),
+    ] {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.clone())?;
+        params.distinguished_name = distinguished_name(&format!("lab {role}"));
+        // QEMU 10.0 rejects certificates without the key-encipherment usage.
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![purpose];
+        let cert = params.signed_by(&key, &ca, &ca_key)?;
+        files.push((format!("{role}-cert.pem"), cert.pem()));
+        files.push((format!("{role}-key.pem"), key.serialize_pem()));
+    }
+    for dir in dirs {
+        write_files(dir, &files)?;
+    }
+    Ok(())
+}
+
+fn write_files(dir: &Path, files: &[(String, String)]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
