@@ -12,7 +12,9 @@
 //!   `live_migration_inbound_addr`);
 //! - no migration options at all: deploy/nftables/redirect.nft on the source, or
 //!   deploy/nftables/redirect-prerouting.nft on the destination, with `--upstream original-dst`;
-//! - without `--p2p` (virsh drives both libvirts).
+//! - without `--p2p` (virsh drives both libvirts);
+//! - and what does not work: migproxy listening on the destination's own address across libvirt's
+//!   migration range makes libvirt's port picker fail every migration where it chooses the port.
 //!
 //! One lab serves every scenario (building it costs libvirt's QEMU probing); each scenario prints
 //! its own `scenario NAME: PASS`, a failing one does not stop the others, and the test fails
@@ -88,6 +90,10 @@ fn libvirt_virsh_migrate_through_migproxy() {
         (
             "libvirt_a64fx_72_to_10_refused_source_keeps_running",
             |s, lab| refused(s, &lab.a, &lab.b),
+        ),
+        (
+            "libvirt_dest_proxy_in_port_range_breaks_port_picker",
+            |s, lab| proxy_in_port_range_breaks_port_picker(s, &lab.a, &lab.b),
         ),
     ];
     let mut failed = Vec::new();
@@ -339,6 +345,47 @@ fn refused(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
     })
 }
 
+/// What the old Nova recipe did, and why it was removed from the guide: migproxy listening on the
+/// destination's own address across libvirt's migration range. libvirt's port picker tries to bind
+/// each port on every address, finds all of them taken, and fails every migration where it
+/// chooses the port; the source keeps the guest.
+fn proxy_in_port_range_breaks_port_picker(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+    let (first, last) = MIGRATION_PORTS;
+    let mut args = vec![
+        "--listen".to_owned(),
+        format!("tcp:{}:{first}-{last}", to.ip),
+        "--upstream".to_owned(),
+        format!("tcp:127.0.0.1:{first}-{last}"),
+    ];
+    args.extend(profile_args(s, from, to)?);
+    let proxy = Daemon::spawn_wrapped(
+        &s.dir,
+        &format!("migproxy-{}", to.label),
+        &to.netns_prefix(),
+        &args,
+        &[first, last],
+    )?;
+    let domain = s.name.clone();
+    with_domain(s, from, to, &domain, |domain| {
+        let out = migrate(from, to, domain, MIGRATE_P2P, &[])?;
+        expect_failed(from, to, domain, &out)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !stderr.contains("Unable to find an unused port") {
+            bail!(
+                "virsh failed, but not in libvirt's port picker: {}",
+                stderr.trim()
+            );
+        }
+        if !proxy
+            .events_named(migproxy_integration_tests::migproxy::SUMMARY)
+            .is_empty()
+        {
+            bail!("a migration reached the proxy although libvirt found no port");
+        }
+        Ok(())
+    })
+}
+
 /// Both fresh profiles (captured from plain QEMU with the domain's machine, CPU and vCPUs).
 fn profile_args(s: &mut Scenario, from: &Host, to: &Host) -> Result<Vec<String>> {
     s.profile_args(&a64fx(from.version), &a64fx(to.version))
@@ -424,7 +471,8 @@ fn proxied(
             from.label, to.label
         );
         let summary = expect_summary(proxy, "completed")?;
-        check_summary(&summary, multifd)
+        check_summary(&summary, multifd)?;
+        check_connections(proxy, from, multifd)
     })
 }
 
@@ -443,6 +491,50 @@ fn check_summary(summary: &Value, multifd: u64) -> Result<()> {
     // libvirt turns the return path on by itself: the source learns the destination's outcome.
     if event_field(summary, "return_path") != "true" {
         bail!("libvirt migrated without the return path: {summary}");
+    }
+    Ok(())
+}
+
+/// Who opened the migration connections: every one (main and multifd) comes from the source host,
+/// i.e. from the source QEMU (libvirt itself only talks to the other libvirt); none comes from the
+/// destination, which only listens.
+fn check_connections(proxy: &Daemon, from: &Host, multifd: u64) -> Result<()> {
+    let mut connections: Vec<(String, String)> = Vec::new();
+    for event in proxy.events() {
+        let Some(span) = event.get("span") else {
+            continue;
+        };
+        if span.get("name").and_then(Value::as_str) != Some("conn") {
+            continue;
+        }
+        let peer = span.get("peer").and_then(Value::as_str).unwrap_or("");
+        let kind = span.get("kind").and_then(Value::as_str).unwrap_or("");
+        let entry = (kind.to_owned(), peer.to_owned());
+        if !connections.contains(&entry) {
+            connections.push(entry);
+        }
+    }
+    let listed: Vec<String> = connections
+        .iter()
+        .map(|(kind, peer)| format!("{kind} from {peer}"))
+        .collect();
+    eprintln!("  connections: {}", listed.join(", "));
+    let source_prefix = format!("{}:", from.ip);
+    if let Some((kind, peer)) = connections
+        .iter()
+        .find(|(_, peer)| !peer.starts_with(&source_prefix))
+    {
+        bail!(
+            "a {kind} connection came from {peer}, not from the source host {}",
+            from.ip
+        );
+    }
+    let expected = multifd + 1;
+    if u64::try_from(connections.len()).ok() != Some(expected) {
+        bail!(
+            "{} migration connections, expected {expected}: {listed:?}",
+            connections.len()
+        );
     }
     Ok(())
 }
