@@ -34,6 +34,7 @@ use serde_json::Value;
 use migproxy_integration_tests::flows::expect_summary;
 use migproxy_integration_tests::libvirt::{Host, Lab, MIGRATION_PORTS};
 use migproxy_integration_tests::migproxy::{event_field, Daemon};
+use migproxy_integration_tests::qemu::repo_root;
 use migproxy_integration_tests::scenario::{self, a64fx, Scenario};
 
 /// The explicit migration port of the `--migrateuri` scenarios: outside libvirt's range, so the
@@ -229,9 +230,10 @@ fn source_redirect(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
     result
 }
 
-/// deploy/README.md 4b: no migration options, nothing changed in libvirt or Nova;
+/// deploy/README.md 4b.1: no migration options, nothing changed in libvirt or Nova;
 /// redirect-prerouting.nft on the destination sends incoming connections to its migration
-/// ports to the local migproxy, which dials the local QEMU on the original port.
+/// ports to the local migproxy, which dials the local QEMU on the original port. migproxy runs
+/// from deploy/systemd/config.toml as shipped, only the profile paths replaced.
 fn dest_prerouting_redirect(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
     to.load_ruleset(
         "redirect-prerouting.nft",
@@ -241,7 +243,14 @@ fn dest_prerouting_redirect(s: &mut Scenario, from: &Host, to: &Host) -> Result<
         ],
     )?;
     let result = (|| {
-        let proxy = transparent_proxy(s, from, to, to, &to.netns_prefix())?;
+        let config = shipped_config(s, from, to)?;
+        let proxy = Daemon::spawn_wrapped(
+            &s.dir,
+            &format!("migproxy-{}", to.label),
+            &to.netns_prefix(),
+            &["--config".to_owned(), config.display().to_string()],
+            &[REDIRECT_PORT],
+        )?;
         proxied(s, from, to, &proxy, MIGRATE_P2P, &[], 0)
     })();
     let _ = to
@@ -249,6 +258,36 @@ fn dest_prerouting_redirect(s: &mut Scenario, from: &Host, to: &Host) -> Result<
         .args(["delete", "table", "inet", "migproxy_incoming"])
         .status();
     result
+}
+
+/// deploy/systemd/config.toml with the example profile paths replaced by the fresh profiles.
+fn shipped_config(s: &mut Scenario, from: &Host, to: &Host) -> Result<std::path::PathBuf> {
+    let path = repo_root().join("deploy/systemd/config.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let dest = s.profile(&a64fx(to.version))?;
+    let source = s.profile(&a64fx(from.version))?;
+    let mut config = text.clone();
+    for (example, actual) in [
+        ("/etc/migproxy/profiles/a64fx-virt-7.2-source.json", &source),
+        ("/etc/migproxy/profiles/a64fx-virt-7.2.json", &dest),
+    ] {
+        let quoted = format!("\"{example}\"");
+        if !config.contains(&quoted) {
+            bail!("{} no longer names {example}", path.display());
+        }
+        config = config.replace(&quoted, &format!("\"{}\"", actual.display()));
+    }
+    let listen = format!("listen = \"tcp:0.0.0.0:{REDIRECT_PORT}\"");
+    if !config.contains(&listen) || !config.contains("upstream = \"original-dst\"") {
+        bail!(
+            "{} is no longer the redirect-prerouting layout",
+            path.display()
+        );
+    }
+    let written = s.dir.join("config.toml");
+    std::fs::write(&written, config).with_context(|| format!("writing {}", written.display()))?;
+    Ok(written)
 }
 
 fn ports_define() -> String {
