@@ -83,7 +83,7 @@ fn libvirt_virsh_migrate_through_migproxy() {
             parallel(s, &lab.b, &lab.a)
         }),
         ("libvirt_a64fx_72_to_10_tls", |s, lab| {
-            tls(s, &lab.a, &lab.b)
+            tls(s, &lab.a, &lab.b, 0)
         }),
         ("libvirt_a64fx_10_to_72_without_p2p", |s, lab| {
             without_p2p(s, &lab.b, &lab.a)
@@ -91,6 +91,20 @@ fn libvirt_virsh_migrate_through_migproxy() {
         (
             "libvirt_a64fx_72_to_10_refused_source_keeps_running",
             |s, lab| refused(s, &lab.a, &lab.b),
+        ),
+        (
+            "libvirt_a64fx_72_to_10_compressed_auto_converge",
+            |s, lab| compressed_auto_converge(s, &lab.a, &lab.b),
+        ),
+        ("libvirt_a64fx_10_to_72_parallel_tls", |s, lab| {
+            tls(s, &lab.b, &lab.a, PARALLEL_CONNECTIONS)
+        }),
+        ("libvirt_a64fx_72_to_10_postcopy_refused", |s, lab| {
+            postcopy_refused(s, &lab.a, &lab.b)
+        }),
+        (
+            "libvirt_a64fx_10_to_72_tunnelled_bypasses_proxy",
+            |s, lab| tunnelled_bypasses_proxy(s, &lab.b, &lab.a),
         ),
         (
             "libvirt_dest_proxy_in_port_range_breaks_port_picker",
@@ -342,14 +356,30 @@ fn parallel(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
 /// `--tls`: libvirt gives both QEMUs `tls-creds-x509` from qemu.conf's
 /// `migrate_tls_x509_cert_dir` (the source verifies the server's name against the migrate URI's
 /// host, the destination requires a client certificate); migproxy terminates TLS on both legs.
-fn tls(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+/// With `parallel` connections, `--parallel` too: every multifd channel is a TLS session of its own.
+fn tls(s: &mut Scenario, from: &Host, to: &Host, parallel: u32) -> Result<()> {
     let proxy_creds = s.dir.join("proxy-tls");
     make_tls_creds(&[from.tls_dir(), to.tls_dir(), proxy_creds.clone()])?;
     let creds = proxy_creds.display().to_string();
     let proxy = dest_proxy(s, from, to, &["--tls-creds", &creds, "--tls-verify-peer"])?;
     let mut options = explicit_uri(to);
     options.push("--tls".to_owned());
-    proxied(s, from, to, &proxy, MIGRATE_P2P, &options, 0)?;
+    if parallel > 0 {
+        options.extend([
+            "--parallel".to_owned(),
+            "--parallel-connections".to_owned(),
+            parallel.to_string(),
+        ]);
+    }
+    proxied(
+        s,
+        from,
+        to,
+        &proxy,
+        MIGRATE_P2P,
+        &options,
+        u64::from(parallel),
+    )?;
     if !proxy.log().contains("tls") {
         bail!("migproxy's log never mentions TLS although the migration was --tls");
     }
@@ -380,6 +410,50 @@ fn refused(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
         expect_failed(from, to, domain, &out)?;
         let summary = expect_summary(&proxy, "refused")?;
         eprintln!("  refused: {}", event_field(&summary, "reason"));
+        Ok(())
+    })
+}
+
+/// `--compressed` (XBZRLE pages on later passes), `--auto-converge` and a bandwidth limit: RAM
+/// records migproxy decodes and forwards as they are.
+fn compressed_auto_converge(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+    let proxy = dest_proxy(s, from, to, &[])?;
+    let mut options = explicit_uri(to);
+    options.extend(["--compressed", "--auto-converge", "--bandwidth", "100"].map(str::to_owned));
+    proxied(s, from, to, &proxy, MIGRATE_P2P, &options, 0)
+}
+
+/// `--postcopy` (postcopy enabled, not yet switched to): with a rewrite profile migproxy refuses at
+/// the postcopy advice, before any RAM moves (after the switch the source could no longer take the
+/// guest back); virsh fails and the guest keeps running on the source.
+fn postcopy_refused(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+    let proxy = dest_proxy(s, from, to, &[])?;
+    let domain = s.name.clone();
+    with_domain(s, from, to, &domain, |domain| {
+        let mut options = explicit_uri(to);
+        options.push("--postcopy".to_owned());
+        let out = migrate(from, to, domain, MIGRATE_P2P, &options)?;
+        expect_failed(from, to, domain, &out)?;
+        let summary = expect_summary(&proxy, "refused")?;
+        let reason = event_field(&summary, "reason");
+        if !reason.to_lowercase().contains("postcopy") {
+            bail!("migproxy refused, but not because of postcopy: {reason}");
+        }
+        Ok(())
+    })
+}
+
+/// `--tunnelled`: the stream travels inside libvirt's own connection, so a proxy on the migration
+/// address never sees it; the migration is a direct one and fails like one.
+fn tunnelled_bypasses_proxy(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+    let proxy = dest_proxy(s, from, to, &[])?;
+    let domain = s.name.clone();
+    with_domain(s, from, to, &domain, |domain| {
+        let out = migrate(from, to, domain, MIGRATE_P2P, &["--tunnelled".to_owned()])?;
+        expect_failed(from, to, domain, &out)?;
+        if proxy.log().contains("\"name\":\"conn\"") {
+            bail!("a connection reached migproxy although the migration was tunnelled");
+        }
         Ok(())
     })
 }
