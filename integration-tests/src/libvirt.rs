@@ -84,7 +84,12 @@ impl Lab {
         // Recorded before anything exists, so a crash at any later point is cleaned up.
         std::fs::write(
             &state_file,
-            format!("netns {}\nnetns {}\n", a.netns, b.netns),
+            format!(
+                "netns {}\nnetns {}\ndir {}\n",
+                a.netns,
+                b.netns,
+                dir.path().display()
+            ),
         )
         .with_context(|| format!("writing {}", state_file.display()))?;
         let mut lab = Lab {
@@ -580,6 +585,7 @@ fn clean_stale_labs() {
                     delete_netns(netns);
                 }
                 Some(("pid", pid)) => kill_if_lab_process(pid),
+                Some(("dir", path)) => remove_lab_dir(Path::new(path)),
                 _ => {}
             }
         }
@@ -625,6 +631,18 @@ fn kill_if_lab_process(pid: &str) {
     let cmdline = String::from_utf8_lossy(&cmdline);
     if cmdline.contains("libvirtd") || cmdline.contains("host.sh") {
         let _ = Command::new("kill").args(["-KILL", pid]).status();
+    }
+}
+
+/// A crashed lab's scratch directory (overlay upper dirs, logs), only if it is one.
+fn remove_lab_dir(path: &Path) {
+    let is_lab_dir = path.parent() == Some(std::env::temp_dir().as_path())
+        && path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("mpit-libvirt-lab-"));
+    if is_lab_dir {
+        let _ = std::fs::remove_dir_all(path);
     }
 }
 
