@@ -37,6 +37,8 @@ eval "$(printf '%s\n' "$provision_out" | grep -E '^QEMU(10|72)=')"
 export MIGPROXY_QEMU10="$QEMU10" MIGPROXY_QEMU72="$QEMU72"
 echo "QEMU 10.0: $MIGPROXY_QEMU10"
 echo "QEMU 7.2:  $MIGPROXY_QEMU72"
+# libvirt 11.3 for the libvirt lab, unpacked privately (9.0 is in scripts/debian-packages.txt).
+eval "$(bash scripts/provision-libvirt.sh | grep -E '^LIBVIRT113=')" && export MIGPROXY_LIBVIRT113="$LIBVIRT113"
 
 step "rust toolchain components"
 installed=$(rustup component list --installed 2>/dev/null || true)

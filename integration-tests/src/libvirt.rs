@@ -37,6 +37,8 @@ pub const EMULATOR: &str = "/run/migproxy-lab/qemu-system-aarch64";
 /// libvirt's default migration port range (qemu.conf `migration_port_min`/`_max`), which the lab
 /// keeps, as OpenStack Nova does.
 pub const MIGRATION_PORTS: (u16, u16) = (49152, 49215);
+/// Labs started by this process so far.
+static NEXT_LAB: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 /// How long libvirtd may take to answer its first call (it probes the QEMU binary then).
 const LIBVIRTD_STARTUP: Duration = Duration::from_secs(90);
 /// How long one `virsh` call may take, `virsh migrate` of the small test guest included.
@@ -54,10 +56,72 @@ pub struct Host {
     pub version: Version,
     pub ip: Ipv4Addr,
     pub netns: String,
+    /// The veth end in this host's namespace (interface names are limited to 15 bytes).
+    veth: String,
     dir: PathBuf,
     /// The counting guest, given to every domain with `<qemu:commandline>` (shared by both hosts).
     guest: PathBuf,
+    pub libvirt: Libvirt,
     libvirtd: Option<Child>,
+}
+
+/// Which libvirt a host runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Libvirt {
+    /// The system's (Debian 12: 9.0).
+    System,
+    /// A privately unpacked tree (scripts/provision-libvirt.sh), run inside the host's namespace.
+    Unpacked(PathBuf),
+}
+
+impl Libvirt {
+    /// libvirt 11.3 from bookworm-backports: `$MIGPROXY_LIBVIRT113`, else what
+    /// scripts/provision-libvirt.sh unpacks (it prints `LIBVIRT113=PATH` last).
+    pub fn v11_3() -> Result<Libvirt> {
+        let script = repo_root().join("scripts/provision-libvirt.sh");
+        let mut command = Command::new("bash");
+        command.arg(&script);
+        let scratch = std::env::temp_dir();
+        let out = run_with_deadline(&mut command, &scratch, Duration::from_secs(600))?;
+        if !out.status.success() {
+            bail!(
+                "{} failed ({}): {}",
+                script.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let root = stdout
+            .lines()
+            .rev()
+            .find_map(|line| line.strip_prefix("LIBVIRT113="))
+            .ok_or_else(|| anyhow!("{} printed no LIBVIRT113= line", script.display()))?;
+        Ok(Libvirt::Unpacked(PathBuf::from(root.trim())))
+    }
+
+    /// `libvirtd --version` of this build.
+    pub fn version(&self) -> String {
+        let mut command = match self {
+            Libvirt::System => Command::new("libvirtd"),
+            Libvirt::Unpacked(root) => {
+                let mut command = Command::new(root.join("usr/sbin/libvirtd"));
+                command.env("LD_LIBRARY_PATH", root.join("usr/lib/x86_64-linux-gnu"));
+                command
+            }
+        };
+        command
+            .arg("--version")
+            .output()
+            .map(|out| {
+                let text = String::from_utf8_lossy(&out.stdout);
+                text.split_whitespace()
+                    .last()
+                    .unwrap_or("unknown")
+                    .to_owned()
+            })
+            .unwrap_or_else(|err| format!("unknown ({err})"))
+    }
 }
 
 /// Both hosts, their namespaces and their files.
@@ -72,15 +136,34 @@ pub struct Lab {
 impl Lab {
     /// Build the lab: clean up after crashed runs, create both namespaces, start both libvirtds
     /// and wait until each answers.
-    pub fn start() -> Result<Lab> {
+    pub fn start(b_libvirt: Libvirt) -> Result<Lab> {
         check_prerequisites()?;
         clean_stale_labs();
         let dir = WorkDir::new("libvirt-lab")?;
         let pid = std::process::id();
+        // Labs of one test process (one per test) get names of their own.
+        let seq = NEXT_LAB.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+        let tag = format!("{}{seq}", pid % 1_000_000);
         let guest = guest::build(dir.path(), WINDOW_PAGES)?;
-        let a = Host::new("a", Version::V72, HOST_A_IP, dir.path(), &guest);
-        let b = Host::new("b", Version::V10, HOST_B_IP, dir.path(), &guest);
-        let state_file = state_dir()?.join(format!("lab-{pid}"));
+        let a = Host::new(
+            "a",
+            &tag,
+            Version::V72,
+            HOST_A_IP,
+            dir.path(),
+            &guest,
+            Libvirt::System,
+        );
+        let b = Host::new(
+            "b",
+            &tag,
+            Version::V10,
+            HOST_B_IP,
+            dir.path(),
+            &guest,
+            b_libvirt,
+        );
+        let state_file = state_dir()?.join(format!("lab-{pid}-{seq}"));
         // Recorded before anything exists, so a crash at any later point is cleaned up.
         std::fs::write(
             &state_file,
@@ -111,12 +194,13 @@ impl Lab {
             }
         }
         eprintln!(
-            "  libvirt lab: host a {} ({}), host b {} ({}), {}",
+            "  libvirt lab: host a {} ({}, libvirt {}), host b {} ({}, libvirt {})",
             lab.a.ip,
             lab.a.version,
+            lab.a.libvirt.version(),
             lab.b.ip,
             lab.b.version,
-            libvirt_version()
+            lab.b.libvirt.version(),
         );
         Ok(lab)
     }
@@ -153,7 +237,7 @@ impl Lab {
     }
 
     fn create_network(&self) -> Result<()> {
-        let (veth_a, veth_b) = (self.a.veth(), self.b.veth());
+        let (veth_a, veth_b) = (self.a.veth.as_str(), self.b.veth.as_str());
         for host in [&self.a, &self.b] {
             run_checked(Command::new("ip").args(["netns", "add", &host.netns]))?;
         }
@@ -162,12 +246,12 @@ impl Lab {
             &self.a.netns,
             "link",
             "add",
-            &veth_a,
+            veth_a,
             "type",
             "veth",
             "peer",
             "name",
-            &veth_b,
+            veth_b,
             "netns",
             &self.b.netns,
         ]))?;
@@ -204,21 +288,26 @@ impl Drop for Lab {
 }
 
 impl Host {
-    fn new(label: &'static str, version: Version, ip: Ipv4Addr, lab: &Path, guest: &Path) -> Host {
+    fn new(
+        label: &'static str,
+        tag: &str,
+        version: Version,
+        ip: Ipv4Addr,
+        lab: &Path,
+        guest: &Path,
+        libvirt: Libvirt,
+    ) -> Host {
         Host {
+            libvirt,
             label,
             version,
             ip,
-            netns: format!("mpvl-{}-{label}", std::process::id()),
+            netns: format!("mpvl-{tag}-{label}"),
+            veth: format!("mpvl{tag}{label}"),
             dir: lab.join(label),
             guest: guest.to_path_buf(),
             libvirtd: None,
         }
-    }
-
-    /// The veth end in this host's namespace (interface names are limited to 15 bytes).
-    fn veth(&self) -> String {
-        format!("mpvl{}{}", std::process::id() % 1_000_000, self.label)
     }
 
     /// `qemu+unix:///system?socket=...`: how virsh and the other host's libvirtd reach this one.
@@ -314,6 +403,10 @@ impl Host {
             .arg(&script)
             .arg(&self.dir)
             .arg(&qemu)
+            .args(match &self.libvirt {
+                Libvirt::System => None,
+                Libvirt::Unpacked(root) => Some(root),
+            })
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -512,15 +605,6 @@ pub fn domain_xml(name: &str, guest: &Path) -> String {
     )
 }
 
-/// `libvirtd --version`, for the log line and the guide's "tested with".
-pub fn libvirt_version() -> String {
-    Command::new("libvirtd")
-        .arg("--version")
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .unwrap_or_else(|err| format!("libvirtd --version failed: {err}"))
-}
-
 fn check_prerequisites() -> Result<()> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
@@ -570,7 +654,11 @@ fn clean_stale_labs() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(owner) = name.strip_prefix("lab-") else {
+        // lab-PID-SEQ
+        let Some(owner) = name
+            .strip_prefix("lab-")
+            .and_then(|rest| rest.split('-').next())
+        else {
             continue;
         };
         if owner.parse::<u32>().is_err() || Path::new("/proc").join(owner).exists() {

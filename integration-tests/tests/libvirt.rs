@@ -32,7 +32,7 @@ use rcgen::{
 use serde_json::Value;
 
 use migproxy_integration_tests::flows::expect_summary;
-use migproxy_integration_tests::libvirt::{Host, Lab, MIGRATION_PORTS};
+use migproxy_integration_tests::libvirt::{Host, Lab, Libvirt, MIGRATION_PORTS};
 use migproxy_integration_tests::migproxy::{event_field, Daemon};
 use migproxy_integration_tests::qemu::repo_root;
 use migproxy_integration_tests::scenario::{self, a64fx, Scenario};
@@ -51,70 +51,103 @@ const PARALLEL_CONNECTIONS: u32 = 3;
 const MIGRATE_P2P: &[&str] = &["--live", "--p2p", "--persistent", "--undefinesource"];
 const MIGRATE_CLIENT_DRIVEN: &[&str] = &["--live", "--persistent", "--undefinesource"];
 
+/// Both hosts on Debian 12's libvirt 9.0: every scenario.
 #[test]
-fn libvirt_virsh_migrate_through_migproxy() {
-    let mut lab = match Lab::start() {
-        Ok(lab) => lab,
-        Err(err) => panic!("scenario libvirt_lab: cannot build the libvirt lab: {err:#}"),
+fn libvirt_9_0_both_hosts() {
+    run_lab("libvirt", Libvirt::System, None);
+}
+
+/// The upgrade as it happens: host a (QEMU 7.2) keeps libvirt 9.0, host b (QEMU 10.0) runs
+/// libvirt 11.3 from bookworm-backports. The placements and the refusal, both directions where the
+/// plain lab runs both.
+#[test]
+fn libvirt_9_0_and_11_3() {
+    let libvirt_11_3 = match Libvirt::v11_3() {
+        Ok(libvirt) => libvirt,
+        Err(err) => panic!("scenario libvirt113_lab: cannot provision libvirt 11.3: {err:#}"),
     };
-    let scenarios: &[(&str, Body)] = &[
-        (
-            "libvirt_direct_a64fx_fails_both_ways",
-            direct_fails_both_ways,
-        ),
-        ("libvirt_a64fx_72_to_10_dest_proxy_migrateuri", |s, lab| {
-            dest_proxy_migrateuri(s, &lab.a, &lab.b)
-        }),
-        ("libvirt_a64fx_10_to_72_dest_proxy_migrateuri", |s, lab| {
-            dest_proxy_migrateuri(s, &lab.b, &lab.a)
-        }),
-        (
-            "libvirt_a64fx_72_to_10_proxy_host_libvirt_port",
-            |s, lab| proxy_host_libvirt_port(s, &lab.a, &lab.b),
-        ),
-        ("libvirt_a64fx_10_to_72_source_redirect", |s, lab| {
-            source_redirect(s, &lab.b, &lab.a)
-        }),
-        (
-            "libvirt_a64fx_72_to_10_dest_prerouting_redirect",
-            |s, lab| dest_prerouting_redirect(s, &lab.a, &lab.b),
-        ),
-        ("libvirt_a64fx_10_to_72_parallel", |s, lab| {
-            parallel(s, &lab.b, &lab.a)
-        }),
-        ("libvirt_a64fx_72_to_10_tls", |s, lab| {
-            tls(s, &lab.a, &lab.b, 0)
-        }),
-        ("libvirt_a64fx_10_to_72_without_p2p", |s, lab| {
-            without_p2p(s, &lab.b, &lab.a)
-        }),
-        (
-            "libvirt_a64fx_72_to_10_refused_source_keeps_running",
-            |s, lab| refused(s, &lab.a, &lab.b),
-        ),
-        (
-            "libvirt_a64fx_72_to_10_compressed_auto_converge",
-            |s, lab| compressed_auto_converge(s, &lab.a, &lab.b),
-        ),
-        ("libvirt_a64fx_10_to_72_parallel_tls", |s, lab| {
-            tls(s, &lab.b, &lab.a, PARALLEL_CONNECTIONS)
-        }),
-        ("libvirt_a64fx_72_to_10_postcopy_refused", |s, lab| {
-            postcopy_refused(s, &lab.a, &lab.b)
-        }),
-        (
-            "libvirt_a64fx_10_to_72_tunnelled_bypasses_proxy",
-            |s, lab| tunnelled_bypasses_proxy(s, &lab.b, &lab.a),
-        ),
-        (
-            "libvirt_dest_proxy_in_port_range_breaks_port_picker",
-            |s, lab| proxy_in_port_range_breaks_port_picker(s, &lab.a, &lab.b),
-        ),
-    ];
+    run_lab("libvirt113", libvirt_11_3, Some(MIXED));
+}
+
+/// Scenario name suffixes (the lab's prefix goes in front) and bodies.
+const ALL: &[(&str, Body)] = &[
+    ("direct_a64fx_fails_both_ways", direct_fails_both_ways),
+    ("a64fx_72_to_10_dest_proxy_migrateuri", |s, lab| {
+        dest_proxy_migrateuri(s, &lab.a, &lab.b)
+    }),
+    ("a64fx_10_to_72_dest_proxy_migrateuri", |s, lab| {
+        dest_proxy_migrateuri(s, &lab.b, &lab.a)
+    }),
+    ("a64fx_72_to_10_proxy_host_libvirt_port", |s, lab| {
+        proxy_host_libvirt_port(s, &lab.a, &lab.b)
+    }),
+    ("a64fx_10_to_72_source_redirect", |s, lab| {
+        source_redirect(s, &lab.b, &lab.a)
+    }),
+    ("a64fx_72_to_10_dest_prerouting_redirect", |s, lab| {
+        dest_prerouting_redirect(s, &lab.a, &lab.b)
+    }),
+    ("a64fx_10_to_72_parallel", |s, lab| {
+        parallel(s, &lab.b, &lab.a)
+    }),
+    ("a64fx_72_to_10_tls", |s, lab| tls(s, &lab.a, &lab.b, 0)),
+    ("a64fx_10_to_72_without_p2p", |s, lab| {
+        without_p2p(s, &lab.b, &lab.a)
+    }),
+    ("a64fx_72_to_10_refused_source_keeps_running", |s, lab| {
+        refused(s, &lab.a, &lab.b)
+    }),
+    ("a64fx_72_to_10_compressed_auto_converge", |s, lab| {
+        compressed_auto_converge(s, &lab.a, &lab.b)
+    }),
+    ("a64fx_10_to_72_parallel_tls", |s, lab| {
+        tls(s, &lab.b, &lab.a, PARALLEL_CONNECTIONS)
+    }),
+    ("a64fx_72_to_10_postcopy_refused", |s, lab| {
+        postcopy_refused(s, &lab.a, &lab.b)
+    }),
+    ("a64fx_10_to_72_tunnelled_bypasses_proxy", |s, lab| {
+        tunnelled_bypasses_proxy(s, &lab.b, &lab.a)
+    }),
+    ("dest_proxy_in_port_range_breaks_port_picker", |s, lab| {
+        proxy_in_port_range_breaks_port_picker(s, &lab.a, &lab.b)
+    }),
+];
+
+/// The subset the mixed-version lab runs: every placement, the refusal and the pitfall.
+const MIXED: &[&str] = &[
+    "direct_a64fx_fails_both_ways",
+    "a64fx_72_to_10_dest_proxy_migrateuri",
+    "a64fx_10_to_72_dest_proxy_migrateuri",
+    "a64fx_72_to_10_proxy_host_libvirt_port",
+    "a64fx_10_to_72_source_redirect",
+    "a64fx_72_to_10_dest_prerouting_redirect",
+    "a64fx_10_to_72_parallel",
+    "a64fx_72_to_10_tls",
+    "a64fx_72_to_10_refused_source_keeps_running",
+    "dest_proxy_in_port_range_breaks_port_picker",
+];
+
+/// Build a lab (host b on `b_libvirt`), run the scenarios of [`ALL`] named in `only` (all without
+/// it) each as `PREFIX_NAME`, and fail naming every scenario that failed.
+fn run_lab(prefix: &str, b_libvirt: Libvirt, only: Option<&[&str]>) {
+    if let Some(unknown) = only
+        .unwrap_or_default()
+        .iter()
+        .find(|name| !ALL.iter().any(|(suffix, _)| suffix == *name))
+    {
+        panic!("scenario {prefix}_{unknown}: no such scenario");
+    }
+    let mut lab = match Lab::start(b_libvirt) {
+        Ok(lab) => lab,
+        Err(err) => panic!("scenario {prefix}_lab: cannot build the libvirt lab: {err:#}"),
+    };
     let mut failed = Vec::new();
-    for (name, body) in scenarios {
+    let wanted = |suffix: &str| only.is_none_or(|names| names.contains(&suffix));
+    for (suffix, body) in ALL.iter().filter(|(suffix, _)| wanted(suffix)) {
+        let name = format!("{prefix}_{suffix}");
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            scenario::run(name, |s| {
+            scenario::run(&name, |s| {
                 let result = body(s, &lab);
                 if result.is_err() {
                     lab.copy_logs(s.dir.path());
@@ -123,7 +156,7 @@ fn libvirt_virsh_migrate_through_migproxy() {
             })
         }));
         if outcome.is_err() {
-            failed.push(*name);
+            failed.push(name);
         }
     }
     if !failed.is_empty() {
