@@ -37,8 +37,10 @@ eval "$(printf '%s\n' "$provision_out" | grep -E '^QEMU(10|72)=')"
 export MIGPROXY_QEMU10="$QEMU10" MIGPROXY_QEMU72="$QEMU72"
 echo "QEMU 10.0: $MIGPROXY_QEMU10"
 echo "QEMU 7.2:  $MIGPROXY_QEMU72"
-# libvirt 11.3 for the libvirt lab, unpacked privately (9.0 is in scripts/debian-packages.txt).
-eval "$(bash scripts/provision-libvirt.sh | grep -E '^LIBVIRT113=')" && export MIGPROXY_LIBVIRT113="$LIBVIRT113"
+# libvirt 11.3 for the libvirt lab, unpacked privately (9.0 is in scripts/debian-packages.txt);
+# without them the libvirt scenarios fail by name, the rest still runs.
+libvirt_out=$(bash scripts/provision-libvirt.sh) || echo "WARNING: libvirt lab not provisioned"
+eval "$(printf '%s\n' "$libvirt_out" | grep -E '^LIBVIRT113=' || true)" && export MIGPROXY_LIBVIRT113="${LIBVIRT113:-}"
 
 step "rust toolchain components"
 installed=$(rustup component list --installed 2>/dev/null || true)
