@@ -5,7 +5,9 @@
 //! namespace set up by `integration-tests/libvirt/host.sh`: its own `/run`, an overlay on `/var`,
 //! its own `/etc/libvirt` (socket directory, a `host_uuid` per host so libvirt does not refuse a
 //! migration "to the same host", root QEMUs without cgroups or namespaces) and a `libvirt-qemu`
-//! user that exists only there. Host A runs QEMU 7.2, host B QEMU 10.0, both at the same
+//! user that exists only there. Host A runs QEMU 7.2 and the system's libvirt (Debian 12: 9.0),
+//! host B QEMU 10.0 and either the system's libvirt or a privately unpacked one ([`Libvirt`],
+//! scripts/provision-libvirt.sh: 11.3). Both QEMUs sit at the same
 //! `<emulator>` path ([`EMULATOR`]), so a domain migrates between QEMU builds exactly as it would
 //! between two upgraded and not-yet-upgraded hypervisors.
 //!

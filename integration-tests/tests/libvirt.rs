@@ -16,9 +16,12 @@
 //! - and what does not work: migproxy listening on the destination's own address across libvirt's
 //!   migration range makes libvirt's port picker fail every migration where it chooses the port.
 //!
-//! One lab serves every scenario (building it costs libvirt's QEMU probing); each scenario prints
-//! its own `scenario NAME: PASS`, a failing one does not stop the others, and the test fails
-//! naming every failed scenario.
+//! Two labs: both hosts on Debian 12's libvirt 9.0 (`libvirt_*`, every scenario), and host b on
+//! libvirt 11.3 from bookworm-backports while host a keeps 9.0 (`libvirt113_*`, the placements, TLS,
+//! `--parallel`, the refusal and the port pitfall), as during a real upgrade. One lab serves all
+//! its scenarios (building one costs libvirt's QEMU probing); each scenario prints its own
+//! `scenario NAME: PASS`, a failing one does not stop the others, and the test fails naming every
+//! failed scenario.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
