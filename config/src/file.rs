@@ -4,7 +4,7 @@
 //! ```toml
 //! admin = "tcp:127.0.0.1:9444"        # /metrics, /healthz, /readyz, /profiles/NAME
 //! drain_timeout_secs = 60             # after SIGTERM, how long live migrations may go on
-//! description_timeout_ms = 2000       # wait for the description after EOF (design-decisions §1)
+//! description_timeout_ms = 2000       # silence allowed while the device state waits for its description
 //! identify_timeout_ms = 1000          # a new connection must identify itself within this
 //! log_json = false
 //! max_device_state_bytes = 268435456 # decoder limits: max_record_bytes, max_device_state_bytes,
@@ -49,7 +49,7 @@ pub struct RunFile {
     pub description_timeout_ms: Option<u64>,
     pub identify_timeout_ms: Option<u64>,
     pub log_json: Option<bool>,
-    /// Decoder limits in bytes (design-decisions §1); absent: the codec's defaults.
+    /// Decoder limits in bytes (DESIGN.md, "Everything else streams"); absent: the codec's defaults.
     pub max_record_bytes: Option<usize>,
     pub max_device_state_bytes: Option<usize>,
     pub max_description_bytes: Option<usize>,

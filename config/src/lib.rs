@@ -5,7 +5,7 @@
 //!
 //! - [`RegId`]: a KVM-format ARM register index with names (`regid`, `regnames`);
 //! - [`Profile`]: what one destination's vCPUs hold after reset (`profile`);
-//! - [`Policy`] and [`rewrite`]: the rules of design-decisions §4 as one pure function
+//! - [`Policy`] and [`rewrite`]: the rewrite rules (DESIGN.md, "Rewriting") as one pure function
 //!   (`policy`, `rewrite`);
 //! - [`kvm`]: the filter QEMU applies to `KVM_GET_REG_LIST`, and the aarch64-only capture.
 

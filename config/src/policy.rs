@@ -1,6 +1,6 @@
 //! The rewrite policy: the operator's answers to "may this register go?", "fill the gaps?" and
-//! "what if an identification register differs?" (flags of interfaces.md; rules of
-//! design-decisions §4).
+//! "what if an identification register differs?" (the flags of `migproxy plan`, `rewrite` and
+//! `run`; the rules in DESIGN.md, "Rewriting").
 
 use crate::regid::RegId;
 

@@ -221,7 +221,7 @@ impl RegId {
         })
     }
 
-    /// Identification registers (design-decisions §4): values a destination treats as properties of
+    /// Identification registers (DESIGN.md, "Rewriting"): values a destination treats as properties of
     /// its CPU rather than as guest state, so a difference must be reported, never silently carried.
     ///
     /// AArch64: op0=3 with (op1=0, CRn=0) MIDR/MPIDR/REVIDR/ID_*, (op1=1, CRn=0) CCSIDR/CLIDR/AIDR,
@@ -358,7 +358,7 @@ mod tests {
 
     #[test]
     fn aarch32_views_decode_as_qemu_encodes_them() {
-        // The AArch32 view of ID_DFR0 (design-decisions §4) and QEMU's bogus DBGDTRTX.
+        // The AArch32 view of ID_DFR0 (an identification register) and QEMU's bogus DBGDTRTX.
         assert_eq!(RegId::aarch32(15, 0, 0, 1, 2).0, 0x4020_0000_200f_0082);
         assert_eq!(RegId::aarch32(14, 3, 0, 5, 0).0, 0x4020_0000_200e_0298);
         assert_eq!(RegId::aarch32_64(15, 0, 7).0, 0x4030_0000_200f_0380);

@@ -3,7 +3,7 @@
 //!
 //! Pure and total: no I/O, no clock, no error type; everything that stops a migration is a
 //! [`Refusal`] in the report, so `plan` and the proxy make the same decision from the same input.
-//! The rules are design-decisions §4:
+//! The rules (DESIGN.md, "Rewriting"; the operator's view in `docs/profiles.md`):
 //!
 //! ```text
 //! source has, destination lacks  -> drop if allowed, else refuse (naming register and value)

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::qemu::Vm;
+use crate::qemu::{repo_root, GuestImage, Vm};
 
 /// Where `-device loader` puts the code and starts vCPU 0.
 pub const LOAD_ADDR: u64 = 0x4020_0000;
@@ -24,7 +24,7 @@ const PAGE_SIZE: u64 = 4096;
 
 /// The assembly source, in the repository.
 pub fn source_path() -> PathBuf {
-    crate::qemu::repo_root().join("integration-tests/guest/dirty.S")
+    repo_root().join("integration-tests/guest/dirty.S")
 }
 
 /// Guest RAM (MiB) needed to hold a window of `window_pages` pages.
@@ -33,8 +33,9 @@ pub fn min_mem_mib(window_pages: u64) -> u64 {
     end.div_ceil(1 << 20)
 }
 
-/// Assemble the guest into `dir/dirty-N.bin` (`window_pages` a power of two) and return its path.
-pub fn build(dir: &Path, window_pages: u64) -> Result<PathBuf> {
+/// Assemble the guest into `dir/dirty-N.bin` (`window_pages` a power of two), loaded at
+/// [`LOAD_ADDR`].
+pub fn build(dir: &Path, window_pages: u64) -> Result<GuestImage> {
     if !window_pages.is_power_of_two() {
         bail!("guest window must be a power of two pages, got {window_pages}");
     }
@@ -55,7 +56,10 @@ pub fn build(dir: &Path, window_pages: u64) -> Result<PathBuf> {
         .args(["-O", "binary"])
         .arg(&object)
         .arg(&binary))?;
-    Ok(binary)
+    Ok(GuestImage {
+        path: binary,
+        load_addr: LOAD_ADDR,
+    })
 }
 
 fn run(command: &mut Command) -> Result<()> {

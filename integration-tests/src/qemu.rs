@@ -110,6 +110,13 @@ fn find_binaries() -> Result<Binaries> {
     })
 }
 
+/// A flat guest binary and the guest-physical address it is loaded and started at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestImage {
+    pub path: PathBuf,
+    pub load_addr: u64,
+}
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -118,8 +125,8 @@ pub struct VmConfig {
     pub cpu: String,
     pub smp: u32,
     pub mem_mib: u32,
-    /// A flat guest binary for `-device loader` (started on vCPU 0); `None`: no guest code.
-    pub guest: Option<PathBuf>,
+    /// Guest code for `-device loader` (started on vCPU 0); `None`: no guest code.
+    pub guest: Option<GuestImage>,
     /// Start paused (`-S`).
     pub paused: bool,
     /// Wait for an incoming migration (`-incoming defer`).
@@ -203,8 +210,8 @@ impl Vm {
                 "-device".into(),
                 format!(
                     "loader,file={},addr={:#x},cpu-num=0",
-                    guest.display(),
-                    crate::guest::LOAD_ADDR
+                    guest.path.display(),
+                    guest.load_addr
                 ),
             ]);
         }

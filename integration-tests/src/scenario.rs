@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::guest;
 use crate::migproxy;
 use crate::ports;
-use crate::qemu::{Version, Vm, VmConfig};
+use crate::qemu::{GuestImage, Version, Vm, VmConfig};
 use crate::qmp::migration_status;
 use crate::workdir::WorkDir;
 
@@ -70,7 +70,7 @@ fn dump_logs(dir: &Path) {
 pub struct Scenario {
     pub name: String,
     pub dir: WorkDir,
-    guest_images: HashMap<u64, PathBuf>,
+    guest_images: HashMap<u64, GuestImage>,
 }
 
 impl Scenario {
@@ -83,13 +83,13 @@ impl Scenario {
     }
 
     /// The counting guest with a window of `pages`, built once per scenario.
-    pub fn guest_image(&mut self, pages: u64) -> Result<PathBuf> {
-        if let Some(path) = self.guest_images.get(&pages) {
-            return Ok(path.clone());
+    pub fn guest_image(&mut self, pages: u64) -> Result<GuestImage> {
+        if let Some(image) = self.guest_images.get(&pages) {
+            return Ok(image.clone());
         }
-        let path = guest::build(self.dir.path(), pages)?;
-        self.guest_images.insert(pages, path.clone());
-        Ok(path)
+        let image = guest::build(self.dir.path(), pages)?;
+        self.guest_images.insert(pages, image.clone());
+        Ok(image)
     }
 
     /// Start `config` running the counting guest and wait until it counts.

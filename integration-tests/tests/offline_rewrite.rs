@@ -1,4 +1,4 @@
-//! `migproxy profile capture`, `plan` and `rewrite` against real QEMU 7.2 and 10.0 (issue 3).
+//! `migproxy profile capture`, `plan` and `rewrite` against real QEMU 7.2 and 10.0.
 //!
 //! - a stream saved from a *running* a64fx guest on one version, rewritten offline with both
 //!   fresh profiles, loads on the other version (`-incoming "exec:cat FILE"`) and the guest goes on

@@ -1,4 +1,4 @@
-//! TLS migrations through migproxy (issue 8): QEMU 10.0 <-> 7.2, `-M virt-7.2 -cpu a64fx`, 2 vCPUs,
+//! TLS migrations through migproxy: QEMU 10.0 <-> 7.2, `-M virt-7.2 -cpu a64fx`, 2 vCPUs,
 //! with `tls-creds-x509` on both QEMUs and `migproxy run --tls-creds DIR` in between, which
 //! terminates the source's TLS, rewrites the cpreg arrays and opens its own TLS to the destination.
 //!

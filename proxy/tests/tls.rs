@@ -1,4 +1,4 @@
-//! TLS listeners (issue 8) with raw sockets: certificates made at test time in QEMU's credential
+//! TLS listeners with raw sockets: certificates made at test time in QEMU's credential
 //! layout, a rustls source and a rustls destination that requires a client certificate.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]

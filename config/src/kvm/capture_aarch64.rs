@@ -11,7 +11,7 @@
 //!   only; the rewrite then does not compare them for other vCPUs and says so;
 //! - the writable ID-register masks (`KVM_ARM_GET_REG_WRITABLE_MASKS`, see `writable_masks`) are
 //!   recorded when the kernel offers them (Linux 6.7+); without them ID-register mismatches warn
-//!   (design §4), with them they refuse for bits outside the masks.
+//!   (DESIGN.md, "Rewriting"), with them they refuse for bits outside the masks.
 
 use kvm_bindings::RegList;
 use kvm_bindings::{

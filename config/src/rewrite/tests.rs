@@ -1,4 +1,4 @@
-//! Unit and property tests of the rewrite rules (design-decisions §4).
+//! Unit and property tests of the rewrite rules (DESIGN.md, "Rewriting").
 
 use proptest::prelude::*;
 

@@ -12,15 +12,14 @@ use std::path::Path;
 use migproxy_config::{rewrite, Profile, RefusalReason, RewriteReport};
 use serde_json::json;
 
+use crate::cli::policy::policy_from_args;
 use crate::cli::PlanArgs;
-use crate::error::ProxyError;
-use crate::policy_args::policy_from_args;
-use crate::profile_cmd;
+use crate::error::{ProxyError, Refusal};
+use crate::offline::input::{load_profiles, Input};
 
 pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
     let policy = policy_from_args(&args.policy)?;
-    let (dest, source_profile) =
-        profile_cmd::load_profiles(&args.dest_profile, args.source_profile.as_deref())?;
+    let (dest, source_profile) = load_profiles(&args.dest_profile, args.source_profile.as_deref())?;
     let source = load_source(&args.source)?;
 
     let mut notes = Vec::new();
@@ -97,13 +96,9 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
     if refused.is_empty() {
         Ok(())
     } else {
-        Err(ProxyError::Refused(
-            refused
-                .iter()
-                .map(|r| r.refusal_summary())
-                .collect::<Vec<_>>()
-                .join(" | "),
-        ))
+        Err(ProxyError::Refused(Refusal::Registers(
+            refused.iter().map(|r| r.refusal_summary()).collect(),
+        )))
     }
 }
 
@@ -122,7 +117,7 @@ fn load_source(path: &Path) -> Result<Source, ProxyError> {
             .map(|()| &head == b"QEVM")
             .unwrap_or(false);
     if is_stream || path == Path::new("-") {
-        let stream = profile_cmd::read_stream(path)?;
+        let stream = Input::open(path)?.read_cpus()?;
         return Ok(Source {
             kind: "stream".into(),
             machine: stream.info.machine.clone(),

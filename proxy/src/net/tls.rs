@@ -1,4 +1,4 @@
-//! TLS on both legs (issue 8): migproxy terminates the source's TLS as a server and opens its own
+//! TLS on both legs: migproxy terminates the source's TLS as a server and opens its own
 //! TLS to the destination as a client, so it can read the main channel.
 //!
 //! Credentials come from a directory laid out as QEMU's `tls-creds-x509` expects (`ca-cert.pem`,
@@ -8,7 +8,7 @@
 //! sees (QEMU destinations verify peers by default), and `ca-cert.pem` verifies the destination
 //! (and, with `verify_peer`, the source, as QEMU's `verify-peer` does).
 //!
-//! Order (design-decisions §3, measured 6/6 against 1/6): a TLS connection has identified itself
+//! Order (DESIGN.md, "Connections"; measured 6/6 against 1/6): a TLS connection has identified itself
 //! once its ClientHello has arrived; the upstream connect and handshake are completed before the
 //! downstream handshake, in accept order, because destinations take the first completed handshake
 //! as the main channel. With `verify_peer` the downstream handshake comes first instead: the
@@ -25,6 +25,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::TlsConnector;
 
 use crate::error::ProxyError;
+use crate::net::addr::Address;
+use crate::net::conn::Conn;
 
 /// A listener's TLS settings, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,8 +56,8 @@ impl std::fmt::Debug for ListenerTls {
     }
 }
 
-fn invalid(path: &Path, what: impl std::fmt::Display) -> ProxyError {
-    ProxyError::InvalidConfig(format!("tls {}: {what}", path.display()))
+fn invalid(path: &Path, what: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ProxyError {
+    ProxyError::tls_credentials(path, what)
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ProxyError> {
@@ -128,10 +130,24 @@ impl ListenerTls {
         })
     }
 
+    /// Open our TLS session to the destination over `conn`, checking its certificate against
+    /// `--tls-hostname` or, by default, the upstream host.
+    pub async fn connect(&self, conn: Conn, upstream: &Address) -> Result<Conn, ProxyError> {
+        let host = match upstream {
+            Address::Tcp { host, .. } => host.as_str(),
+            Address::Unix(_) => "localhost",
+        };
+        let session = self
+            .connector
+            .connect(self.server_name(host)?, conn)
+            .await
+            .map_err(|e| ProxyError::io(format!("tls handshake with {upstream}"), e))?;
+        Ok(Conn::Tls(Box::new(session)))
+    }
+
     /// The name checked in the destination's certificate.
     pub fn server_name(&self, upstream_host: &str) -> Result<ServerName<'static>, ProxyError> {
         let name = self.hostname.as_deref().unwrap_or(upstream_host).to_owned();
-        ServerName::try_from(name.clone())
-            .map_err(|_| ProxyError::Runtime(format!("invalid tls server name {name:?}")))
+        ServerName::try_from(name.clone()).map_err(|_| ProxyError::TlsServerName(name))
     }
 }

@@ -8,17 +8,17 @@
 //!   purpose and should be shut down;
 //! - `--from-kvm`: ask KVM directly (aarch64 hosts only; see `migproxy_config::kvm`).
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use migproxy_codec::{offline, CpuRegisters, Frame, Limits, StreamDecoder, StreamInfo};
 use migproxy_config::{Accel, Profile};
 
 use crate::cli::{AccelArg, CaptureArgs};
 use crate::error::ProxyError;
+use crate::offline::input::{Input, StreamCpus};
+use crate::offline::qmp::Qmp;
 
 pub fn capture(args: &CaptureArgs) -> Result<(), ProxyError> {
     let accel_override = args.accel.map(|a| match a {
@@ -26,7 +26,7 @@ pub fn capture(args: &CaptureArgs) -> Result<(), ProxyError> {
         AccelArg::Kvm => Accel::Kvm,
     });
     let profile = if let Some(path) = &args.from_stream {
-        let stream = read_stream(path)?;
+        let stream = Input::open(path)?.read_cpus()?;
         profile_from_stream(&stream, accel_override, "stream")?
     } else if let Some(socket) = &args.from_qmp {
         capture_from_qmp(socket, accel_override)?
@@ -61,58 +61,9 @@ pub fn capture(args: &CaptureArgs) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// What a saved stream says about its vCPUs.
-pub(crate) struct StreamCpus {
-    pub info: StreamInfo,
-    pub cpus: Vec<CpuRegisters>,
-}
-
-/// Open `path`, or standard input for `-`.
-pub(crate) fn open_input(path: &Path) -> Result<Box<dyn Read>, ProxyError> {
-    if path == Path::new("-") {
-        return Ok(Box::new(std::io::stdin().lock()));
-    }
-    let file =
-        File::open(path).map_err(|e| ProxyError::io(format!("open {}", path.display()), e))?;
-    Ok(Box::new(file))
-}
-
-/// Decode a whole stream and keep its `cpu` sections' registers.
-pub(crate) fn read_stream(path: &Path) -> Result<StreamCpus, ProxyError> {
-    decode_cpus(open_input(path)?, &path.display().to_string())
-}
-
-fn decode_cpus(reader: impl Read, origin: &str) -> Result<StreamCpus, ProxyError> {
-    let mut decoder = StreamDecoder::new(Limits::default());
-    let mut cpus: Option<Vec<CpuRegisters>> = None;
-    offline::decode_reader(reader, &mut decoder, |_, frame| -> Result<(), ProxyError> {
-        if let Frame::DeviceState(state) = frame {
-            cpus = Some(state.cpus());
-        }
-        Ok(())
-    })?;
-    let cpus = cpus.ok_or_else(|| no_device_state(origin))?;
-    if cpus.is_empty() {
-        return Err(ProxyError::Runtime(format!(
-            "{origin}: the device state has no cpu section"
-        )));
-    }
-    Ok(StreamCpus {
-        info: decoder.info().clone(),
-        cpus,
-    })
-}
-
-pub(crate) fn no_device_state(origin: &str) -> ProxyError {
-    ProxyError::Runtime(format!(
-        "{origin}: no device state with a description in the stream (a postcopy stream, or a \
-         source with suppress-vmdesc, carries none and cannot be used)"
-    ))
-}
-
 /// Build a profile from a decoded stream: machine and section version from the stream, the
 /// accelerator from the register list unless overridden.
-pub(crate) fn profile_from_stream(
+fn profile_from_stream(
     stream: &StreamCpus,
     accel_override: Option<Accel>,
     captured_from: &str,
@@ -161,80 +112,6 @@ fn write_output(path: Option<&Path>, bytes: &[u8]) -> Result<(), ProxyError> {
 /// How long the throwaway QEMU may take to migrate its (mostly zero) RAM to us.
 const QMP_MIGRATE_DEADLINE: Duration = Duration::from_secs(120);
 
-/// A line-oriented QMP client: QEMU writes one JSON object per line; events may come between a
-/// command and its answer and are skipped.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    socket: String,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Result<Qmp, ProxyError> {
-        let socket = path.display().to_string();
-        let stream = UnixStream::connect(path)
-            .map_err(|e| ProxyError::io(format!("connect to qmp socket {socket}"), e))?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| ProxyError::io("qmp socket timeout", e))?;
-        let writer = stream
-            .try_clone()
-            .map_err(|e| ProxyError::io("qmp socket", e))?;
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-            socket,
-        };
-        let greeting = qmp.read_message()?;
-        if greeting.get("QMP").is_none() {
-            return Err(qmp.protocol("expected the QMP greeting"));
-        }
-        qmp.execute("qmp_capabilities", serde_json::json!({}))?;
-        Ok(qmp)
-    }
-
-    fn protocol(&self, message: &str) -> ProxyError {
-        ProxyError::Runtime(format!("qmp {}: {message}", self.socket))
-    }
-
-    fn read_message(&mut self) -> Result<serde_json::Value, ProxyError> {
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .map_err(|e| ProxyError::io(format!("read qmp {}", self.socket), e))?;
-        if n == 0 {
-            return Err(self.protocol("connection closed"));
-        }
-        serde_json::from_str(&line).map_err(|e| self.protocol(&format!("invalid json: {e}")))
-    }
-
-    fn execute(
-        &mut self,
-        command: &str,
-        arguments: serde_json::Value,
-    ) -> Result<serde_json::Value, ProxyError> {
-        let request = serde_json::json!({"execute": command, "arguments": arguments});
-        let mut text = request.to_string();
-        text.push('\n');
-        self.writer
-            .write_all(text.as_bytes())
-            .map_err(|e| ProxyError::io(format!("write qmp {}", self.socket), e))?;
-        loop {
-            let message = self.read_message()?;
-            if message.get("event").is_some() {
-                continue;
-            }
-            if let Some(ret) = message.get("return") {
-                return Ok(ret.clone());
-            }
-            if let Some(error) = message.get("error") {
-                return Err(self.protocol(&format!("{command} failed: {error}")));
-            }
-        }
-    }
-}
-
 fn capture_from_qmp(socket: &Path, accel_override: Option<Accel>) -> Result<Profile, ProxyError> {
     let mut qmp = Qmp::connect(socket)?;
     let version = qmp.execute("query-version", serde_json::json!({}))?;
@@ -276,7 +153,7 @@ fn capture_from_qmp(socket: &Path, accel_override: Option<Accel>) -> Result<Prof
     let conn = accept_migration(&listener, &mut qmp)?;
     drop(cleanup);
     let origin = format!("migration stream from {}", socket.display());
-    let stream = decode_cpus(conn, &origin)?;
+    let stream = Input::from_reader(conn, origin).read_cpus()?;
 
     let deadline = Instant::now() + QMP_MIGRATE_DEADLINE;
     loop {
@@ -358,17 +235,10 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// The destination profile and, when given, the source's: what `plan` and `rewrite` compare.
-pub(crate) fn load_profiles(
-    dest: &Path,
-    source: Option<&Path>,
-) -> Result<(Profile, Option<Profile>), ProxyError> {
-    Ok((Profile::load(dest)?, source.map(Profile::load).transpose()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use migproxy_codec::{CpuRegisters, StreamInfo};
 
     fn stream(ids: &[u64]) -> StreamCpus {
         let registers: Vec<(u64, u64)> = ids.iter().map(|&id| (id, 0)).collect();

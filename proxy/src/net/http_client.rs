@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::error::ProxyError;
+use crate::error::{HttpFailure, ProxyError};
 
 /// Profiles are a few tens of KB; anything much larger is not one.
 pub const MAX_BODY_BYTES: usize = 16 << 20;
@@ -22,20 +22,14 @@ pub struct HttpUrl {
 }
 
 impl HttpUrl {
-    pub fn parse(url: &str) -> Result<HttpUrl, ProxyError> {
-        let bad = |reason: &str| ProxyError::Http {
-            url: url.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| bad("only http:// URLs are supported"))?;
+    pub fn parse(url: &str) -> Result<HttpUrl, HttpFailure> {
+        let rest = url.strip_prefix("http://").ok_or(HttpFailure::NotHttp)?;
         let (authority, path) = match rest.find('/') {
             Some(slash) => rest.split_at(slash),
             None => (rest, "/"),
         };
         if authority.is_empty() {
-            return Err(bad("missing host"));
+            return Err(HttpFailure::MissingHost);
         }
         let authority = if authority
             .rsplit_once(':')
@@ -54,39 +48,39 @@ impl HttpUrl {
 
 /// GET `url`; returns the status code and the body.
 pub async fn get(url: &str, timeout: Duration) -> Result<(u16, Bytes), ProxyError> {
-    let err = |reason: String| ProxyError::Http {
+    let err = |failure: HttpFailure| ProxyError::Http {
         url: url.to_owned(),
-        reason,
+        failure,
     };
-    let parsed = HttpUrl::parse(url)?;
+    let parsed = HttpUrl::parse(url).map_err(err)?;
     let exchange = async {
         let stream = TcpStream::connect(&parsed.authority)
             .await
-            .map_err(|e| err(format!("connect: {e}")))?;
+            .map_err(|e| err(HttpFailure::Connect(e)))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| err(format!("handshake: {e}")))?;
+            .map_err(|e| err(HttpFailure::Handshake(e)))?;
         let driver = tokio::spawn(connection);
         let request = hyper::Request::get(parsed.path.as_str())
             .header(hyper::header::HOST, parsed.authority.as_str())
             .body(Empty::<Bytes>::new())
-            .map_err(|e| err(format!("request: {e}")))?;
+            .map_err(|e| err(HttpFailure::BuildRequest(e)))?;
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| err(format!("request: {e}")))?;
+            .map_err(|e| err(HttpFailure::Request(e)))?;
         let status = response.status().as_u16();
         let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
             .collect()
             .await
-            .map_err(|e| err(format!("body: {e}")))?
+            .map_err(|e| err(HttpFailure::Body(e)))?
             .to_bytes();
         driver.abort();
         Ok((status, body))
     };
     tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| err(format!("no answer within {} ms", timeout.as_millis())))?
+        .map_err(|_| err(HttpFailure::Timeout(timeout)))?
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
+use crate::migration::metrics::Metrics;
 
 /// The two phases of shutdown, as tokens every task can watch.
 #[derive(Debug, Clone, Default)]

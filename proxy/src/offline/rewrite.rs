@@ -6,26 +6,22 @@
 //! goes to standard error, with a progress line when standard error is a terminal.
 
 use std::fs::File;
-use std::io::{BufWriter, IsTerminal, Write};
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use bytes::BytesMut;
-use migproxy_codec::{offline, Frame, Limits, StreamDecoder};
+use migproxy_codec::{Frame, Limits, StreamDecoder};
 use migproxy_config::{rewrite, Rewrite, RewriteReport};
 
+use crate::cli::policy::policy_from_args;
 use crate::cli::RewriteArgs;
-use crate::error::ProxyError;
-use crate::policy_args::policy_from_args;
-use crate::profile_cmd::{self, no_device_state, open_input};
+use crate::error::{ProxyError, Refusal};
+use crate::offline::input::{load_profiles, Input};
 
 pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
     let policy = policy_from_args(&args.policy)?;
-    let (dest, source_profile) =
-        profile_cmd::load_profiles(&args.dest_profile, args.source_profile.as_deref())?;
-    let input = open_input(&args.input)?;
-    let total = (args.input != Path::new("-"))
-        .then(|| std::fs::metadata(&args.input).ok().map(|m| m.len()))
-        .flatten();
+    let (dest, source_profile) = load_profiles(&args.dest_profile, args.source_profile.as_deref())?;
+    let input = Input::open(&args.input)?;
     let to_stdout = args.output == Path::new("-");
     let out: Box<dyn Write> = if to_stdout {
         Box::new(std::io::stdout().lock())
@@ -36,16 +32,14 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
         )
     };
     let mut out = BufWriter::with_capacity(1 << 20, out);
-    let mut progress = Progress::new(total);
     let mut decoder = StreamDecoder::new(Limits::default());
     let mut reports: Vec<RewriteReport> = Vec::new();
     let mut saw_device_state = false;
 
-    let result = offline::decode_reader(
-        input,
+    let result = input.decode(
         &mut decoder,
+        "rewrite",
         |dec, frame| -> Result<(), ProxyError> {
-            progress.update(dec.offset());
             let write = |out: &mut BufWriter<Box<dyn Write>>, bytes: &[u8]| {
                 out.write_all(bytes)
                     .map_err(|e| ProxyError::io("write the rewritten stream", e))
@@ -86,7 +80,7 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
                         .collect();
                     if !refused.is_empty() {
                         // Before a byte of device state is written.
-                        return Err(ProxyError::Refused(refused.join(" | ")));
+                        return Err(ProxyError::Refused(Refusal::Registers(refused)));
                     }
                     for (instance, new) in &rewrites {
                         if !new.report.is_unchanged() {
@@ -100,7 +94,6 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
             }
         },
     );
-    progress.finish();
     for report in &reports {
         eprintln!("{report}");
     }
@@ -108,7 +101,9 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
         if saw_device_state {
             Ok(())
         } else {
-            Err(no_device_state(&args.input.display().to_string()))
+            Err(ProxyError::NoDeviceState {
+                origin: args.input.display().to_string(),
+            })
         }
     });
     let result = result.and_then(|()| {
@@ -121,63 +116,4 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
         let _ = std::fs::remove_file(&args.output);
     }
     result
-}
-
-/// A one-line progress display on standard error, only when it is a terminal.
-struct Progress {
-    enabled: bool,
-    total: Option<u64>,
-    last_shown: u64,
-}
-
-impl Progress {
-    const STEP: u64 = 8 << 20;
-
-    fn new(total: Option<u64>) -> Progress {
-        Progress {
-            enabled: std::io::stderr().is_terminal(),
-            total,
-            last_shown: 0,
-        }
-    }
-
-    fn update(&mut self, offset: u64) {
-        if !self.enabled || offset < self.last_shown.saturating_add(Self::STEP) {
-            return;
-        }
-        self.last_shown = offset;
-        let mib = offset / (1 << 20);
-        match self.total {
-            Some(total) if total > 0 => {
-                let percent = offset.saturating_mul(100) / total;
-                eprint!(
-                    "\rrewrite: {mib} MiB of {} MiB ({percent}%)",
-                    total / (1 << 20)
-                );
-            }
-            _ => eprint!("\rrewrite: {mib} MiB"),
-        }
-    }
-
-    fn finish(&self) {
-        if self.enabled && self.last_shown > 0 {
-            eprintln!();
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_is_silent_off_a_terminal() {
-        let mut p = Progress {
-            enabled: false,
-            total: Some(100),
-            last_shown: 0,
-        };
-        p.update(1 << 30);
-        assert_eq!(p.last_shown, 0);
-    }
 }

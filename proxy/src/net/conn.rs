@@ -1,10 +1,10 @@
 //! A connected socket of either family (TCP or unix), split into independent halves, and dialing.
 //!
-//! Each direction of a migration connection is pumped by its own task (the return path must flow
-//! while the forward direction is blocked, stream-format.md §8.4), so connections are split into
-//! owned halves. Socket options follow the data: TCP_NODELAY because the return path carries small
-//! latency-critical messages (PONG, page requests), and 1 MiB-class buffers because RAM moves in
-//! bulk.
+//! Each direction of a connection is pumped by its own task (the return path must flow while the
+//! forward direction is blocked: DESIGN.md, "Everything else streams"), so connections are split
+//! into owned halves. Socket options follow the data: TCP_NODELAY because the return path carries
+//! small latency-critical messages (PONG, page requests), and 1 MiB-class buffers because RAM
+//! moves in bulk.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,8 +14,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::{tcp, unix, TcpStream, UnixStream};
 
-use crate::addr::Address;
 use crate::error::ProxyError;
+use crate::net::addr::Address;
 
 /// Kernel socket buffer size asked for on every migration socket.
 pub const SOCKET_BUFFER_BYTES: usize = 1 << 20;

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use crate::cli::HealthcheckArgs;
-use crate::error::ProxyError;
-use crate::http_client;
+use crate::error::{HttpFailure, ProxyError};
+use crate::net::http_client;
 
 pub fn main(args: &HealthcheckArgs) -> Result<(), ProxyError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -20,7 +20,7 @@ pub fn main(args: &HealthcheckArgs) -> Result<(), ProxyError> {
     } else {
         Err(ProxyError::Http {
             url: args.url.clone(),
-            reason: format!("status {status}"),
+            failure: HttpFailure::Status(status),
         })
     }
 }

@@ -4,37 +4,29 @@
 //! cleanly is one the proxy would accept. The summary lists the machine, page size, every section
 //! (iterable ones with their record counts, device sections from the held device-state phase),
 //! RAM statistics and each vCPU's cpreg list. `--json` prints the same as one JSON object
-//! (interfaces.md): ids and values as lower-case `0x` hex strings, registers in stream order.
+//! (a stable interface, DESIGN.md "Stable interfaces"): ids and values as lower-case `0x` hex
+//! strings, registers in stream order.
 
-use std::fs::File;
-use std::io::{IsTerminal, Read, Write};
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::io::Write;
 
 use migproxy_codec::wire::{
     RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MEM_SIZE,
     RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO,
 };
 use migproxy_codec::{
-    offline, CpuRegisters, Frame, Limits, MigCommand, RecordKind, StreamDecoder, StreamInfo,
+    CpuRegisters, Frame, Limits, MigCommand, RecordKind, StreamDecoder, StreamInfo,
 };
 use serde_json::{json, Value};
 
 use crate::cli::InspectArgs;
 use crate::error::ProxyError;
+use crate::offline::input::Input;
 
 pub fn main(args: &InspectArgs) -> Result<(), ProxyError> {
-    let summary = if args.file == Path::new("-") {
-        inspect(std::io::stdin().lock(), None)?
-    } else {
-        let file = File::open(&args.file)
-            .map_err(|err| ProxyError::io(format!("{}", args.file.display()), err))?;
-        let total = file.metadata().ok().map(|m| m.len());
-        inspect(file, total)?
-    };
+    let summary = inspect(Input::open(&args.file)?)?;
     let text = if args.json {
-        let mut text = serde_json::to_string_pretty(&summary.to_json())
-            .map_err(|err| ProxyError::Runtime(format!("json output: {err}")))?;
+        let mut text =
+            serde_json::to_string_pretty(&summary.to_json()).map_err(ProxyError::JsonOutput)?;
         text.push('\n');
         text
     } else {
@@ -414,54 +406,13 @@ fn command_name(cmd: &MigCommand) -> String {
     }
 }
 
-/// Counts bytes read and, on a terminal, shows progress on stderr.
-struct Progress<R> {
-    inner: R,
-    read: u64,
-    total: Option<u64>,
-    show: bool,
-    last: Instant,
-}
-
-impl<R: Read> Read for Progress<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.read += n as u64;
-        if self.show && self.last.elapsed() >= Duration::from_millis(200) {
-            self.last = Instant::now();
-            let mib = self.read / (1 << 20);
-            match self.total {
-                Some(total) if total > 0 => eprint!(
-                    "\rinspect: {mib} / {} MiB ({}%)",
-                    total / (1 << 20),
-                    self.read * 100 / total
-                ),
-                _ => eprint!("\rinspect: {mib} MiB"),
-            }
-        }
-        Ok(n)
-    }
-}
-
-fn inspect(reader: impl Read, total: Option<u64>) -> Result<Summary, ProxyError> {
-    let show = std::io::stderr().is_terminal();
-    let mut progress = Progress {
-        inner: reader,
-        read: 0,
-        total,
-        show,
-        last: Instant::now(),
-    };
+fn inspect(input: Input) -> Result<Summary, ProxyError> {
     let mut decoder = StreamDecoder::new(Limits::default());
     let mut summary = Summary::default();
-    let result = offline::decode_reader(&mut progress, &mut decoder, |_, frame| {
+    input.decode(&mut decoder, "inspect", |_, frame| {
         summary.add(frame);
-        Ok::<(), ProxyError>(())
-    });
-    if show && progress.read >= 1 << 20 {
-        eprint!("\r\x1b[K");
-    }
-    result?;
+        Ok(())
+    })?;
     summary.info = decoder.info().clone();
     summary.stream_bytes = decoder.offset();
     Ok(summary)
@@ -474,6 +425,11 @@ mod tests {
 
     use super::*;
 
+    fn inspect_bytes(bytes: &[u8]) -> Result<Summary, ProxyError> {
+        let input = Input::from_reader(std::io::Cursor::new(bytes.to_vec()), "test".into());
+        inspect(input)
+    }
+
     fn vector(name: &str) -> Vec<u8> {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../codec/tests/vectors")
@@ -484,7 +440,7 @@ mod tests {
     #[test]
     fn summarises_a_precopy_stream() {
         let input = vector("q72-a64fx.bin");
-        let summary = inspect(&input[..], None).unwrap();
+        let summary = inspect_bytes(&input[..]).unwrap();
         assert_eq!(summary.info.machine.as_deref(), Some("virt-7.2"));
         assert_eq!(summary.info.page_size, Some(4096));
         assert_eq!(summary.stream_bytes, input.len() as u64);
@@ -501,7 +457,7 @@ mod tests {
 
     #[test]
     fn json_has_the_contract_shape() {
-        let summary = inspect(&vector("q10-a64fx.bin")[..], None).unwrap();
+        let summary = inspect_bytes(&vector("q10-a64fx.bin")[..]).unwrap();
         let json = summary.to_json();
         assert_eq!(json["machine"], "virt-10.0");
         assert_eq!(json["page_size"], 4096);
@@ -539,7 +495,7 @@ mod tests {
 
     #[test]
     fn postcopy_streams_report_the_package() {
-        let summary = inspect(&vector("q10-postcopy-main.bin")[..], None).unwrap();
+        let summary = inspect_bytes(&vector("q10-postcopy-main.bin")[..]).unwrap();
         assert!(summary.cpus.is_empty());
         assert!(summary.packaged_bytes.is_some());
         assert!(summary.info.postcopy_advised);
@@ -549,7 +505,7 @@ mod tests {
     #[test]
     fn a_truncated_stream_is_an_input_error() {
         let input = vector("q72-a64fx.bin");
-        let err = inspect(&input[..input.len() - 100], None).unwrap_err();
+        let err = inspect_bytes(&input[..input.len() - 100]).unwrap_err();
         assert_eq!(err.exit_code(), 1);
         assert!(err.to_string().contains("at byte"), "{err}");
     }

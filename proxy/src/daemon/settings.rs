@@ -1,5 +1,5 @@
-//! `migproxy run`: validate the whole configuration (flags, environment, `--config` file), then
-//! bind, serve until SIGTERM, drain and exit 0.
+//! The settings of `migproxy run`: the whole configuration (flags, environment, `--config` file)
+//! validated into one `RunConfig` before anything is bound.
 //!
 //! Precedence: a `--config` file defines its `[[listener]]`s; `--listen` adds listeners made of the
 //! listener flags (`--upstream`, `--dest-profile`, `--source-profile`, policy flags). With neither,
@@ -17,18 +17,12 @@ use migproxy_codec::Limits;
 use migproxy_config::file::{ListenerFile, RunFile};
 use migproxy_config::Policy;
 
-use crate::addr::{Address, ListenSpec, Upstream};
-use crate::admin::{self, AdminState};
+use crate::cli::policy::{policy_from_args, policy_from_file};
 use crate::cli::RunArgs;
 use crate::error::ProxyError;
-use crate::listener::{self, BoundListener};
-use crate::main_channel::ChannelSettings;
-use crate::metrics::Metrics;
-use crate::migration::{ListenerCtx, Registry};
-use crate::policy_args::{policy_from_args, policy_from_file};
-use crate::profile_source::{ProfileSource, RewriteConfig};
-use crate::shutdown::{self, Shutdown};
-use crate::tls::{ListenerTls, TlsSettings};
+use crate::migration::profile_source::{ProfileSource, RewriteConfig};
+use crate::net::addr::{Address, ListenSpec, Upstream};
+use crate::net::tls::{ListenerTls, TlsSettings};
 
 pub const DEFAULT_LISTEN: &str = "tcp:127.0.0.1:4444";
 pub const DEFAULT_UPSTREAM: &str = "tcp:127.0.0.1:4445";
@@ -59,31 +53,6 @@ pub struct ListenerConfig {
     pub tls: Option<Arc<ListenerTls>>,
 }
 
-pub fn main(args: RunArgs) -> Result<(), ProxyError> {
-    let config = RunConfig::from_args(&args)?;
-    init_logging(config.log_json);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| ProxyError::io("starting the runtime", e))?;
-    runtime.block_on(serve(config))
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    // A second initialisation (tests) is harmless: the first subscriber stays.
-    let _ = if json {
-        builder.json().with_current_span(true).try_init()
-    } else {
-        builder.try_init()
-    };
-}
-
 impl RunConfig {
     pub fn from_args(args: &RunArgs) -> Result<RunConfig, ProxyError> {
         let file = match &args.config {
@@ -100,12 +69,11 @@ impl RunConfig {
                 ));
             }
             for (index, listener) in file.listeners.iter().enumerate() {
-                listeners.push(ListenerConfig::from_file(listener).map_err(|e| {
-                    ProxyError::InvalidConfig(format!(
-                        "[[listener]] #{}: {}",
-                        index.saturating_add(1),
-                        strip(&e)
-                    ))
+                listeners.push(ListenerConfig::from_file(listener).map_err(|source| {
+                    ProxyError::Listener {
+                        index: index.saturating_add(1),
+                        source: Box::new(source),
+                    }
                 })?);
             }
         }
@@ -171,11 +139,10 @@ impl RunConfig {
                     "served profile name {name:?} must be non-empty and without '/'"
                 )));
             }
-            migproxy_config::Profile::load(path).map_err(|e| {
-                ProxyError::InvalidConfig(format!(
-                    "served profile {name} ({}): {e}",
-                    path.display()
-                ))
+            migproxy_config::Profile::load(path).map_err(|source| ProxyError::ServedProfile {
+                name: name.clone(),
+                path: path.clone(),
+                source,
             })?;
         }
         if admin.is_none() && !served_profiles.is_empty() {
@@ -254,14 +221,6 @@ impl RunConfig {
     }
 }
 
-/// The message of an error without its variant's prefix (nested in a located one-liner).
-fn strip(err: &ProxyError) -> String {
-    match err {
-        ProxyError::InvalidConfig(message) => message.clone(),
-        other => other.to_string(),
-    }
-}
-
 impl ListenerConfig {
     fn new(
         listen: &str,
@@ -334,103 +293,4 @@ impl ListenerConfig {
                 .as_ref(),
         )
     }
-}
-
-/// Bind everything, serve until SIGTERM/SIGINT, drain, return.
-pub async fn serve(config: RunConfig) -> Result<(), ProxyError> {
-    // Installed first: a signal arriving during startup must drain, not kill.
-    let mut signals = shutdown::Signals::install()?;
-    let shutdown = Shutdown::default();
-    let metrics = Arc::new(Metrics::default());
-    let started = start(&config, &shutdown, &metrics).await?;
-    let name = signals.recv().await;
-    tracing::info!(signal = name, "shutting down: no new migrations accepted");
-    shutdown.drain(&metrics, config.drain_timeout).await;
-    // Let closed migrations log their summaries before the runtime goes away.
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while metrics.active() > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    drop(started);
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Handles of a started daemon (for tests: the bound addresses).
-#[derive(Debug)]
-pub struct Started {
-    pub listeners: Vec<Address>,
-    pub admin: Option<Address>,
-}
-
-/// Bind every listener and the admin address, then spawn their tasks.
-pub async fn start(
-    config: &RunConfig,
-    shutdown: &Shutdown,
-    metrics: &Arc<Metrics>,
-) -> Result<Started, ProxyError> {
-    let mut bound = Vec::new();
-    for listener in &config.listeners {
-        let ctx = Arc::new(ListenerCtx {
-            listen: listener.listen.to_string(),
-            upstream: listener.upstream.clone(),
-            rewrite: listener.rewrite.clone(),
-            channel: ChannelSettings {
-                limits: config.limits.clone(),
-                description_timeout: config.description_timeout,
-            },
-            identify_timeout: config.identify_timeout,
-            metrics: Arc::clone(metrics),
-            shutdown: shutdown.clone(),
-            registry: Registry::default(),
-            tls: listener.tls.clone(),
-        });
-        let transparent = listener.upstream == Upstream::Tproxy;
-        for addr in listener.listen.addresses() {
-            bound.push((
-                BoundListener::bind_with(&addr, transparent).await?,
-                Arc::clone(&ctx),
-            ));
-        }
-    }
-    let admin = match &config.admin {
-        Some(addr) => Some(BoundListener::bind(addr).await?),
-        None => None,
-    };
-    let mut started = Started {
-        listeners: Vec::new(),
-        admin: None,
-    };
-    for (socket, ctx) in bound {
-        let local = socket.local_address();
-        let mode = match &ctx.rewrite.dest {
-            _ if ctx.tls.is_some() && ctx.rewrite.dest.is_none() => {
-                "checking relay, tls".to_owned()
-            }
-            None => "checking relay".to_owned(),
-            Some(ProfileSource::File { path, .. }) => format!("rewrite to profile {path}"),
-            Some(ProfileSource::Url(url)) => format!("rewrite to profile {url}"),
-        };
-        if let Some(local) = &local {
-            tracing::info!(listen = %local, upstream = %ctx.upstream, %mode, "listening");
-            started.listeners.push(local.clone());
-        }
-        tokio::spawn(listener::run(socket, ctx, shutdown.clone()));
-    }
-    if let Some(socket) = admin {
-        let local = socket.local_address();
-        if let Some(local) = &local {
-            tracing::info!(admin = %local, profiles = config.served_profiles.len(), "admin listening");
-            started.admin = Some(local.clone());
-        }
-        let state = Arc::new(AdminState {
-            metrics: Arc::clone(metrics),
-            shutdown: shutdown.clone(),
-            profiles: config.served_profiles.clone(),
-        });
-        tokio::spawn(admin::run(socket, state));
-    }
-    Ok(started)
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use migproxy_config::{Policy, Profile};
 
-use crate::error::ProxyError;
-use crate::http_client;
+use crate::error::{Abort, HttpFailure, ProfileRole, ProxyError};
+use crate::net::http_client;
 
 #[derive(Debug, Clone)]
 pub enum ProfileSource {
@@ -20,8 +20,10 @@ impl ProfileSource {
     /// A file is loaded now (configuration errors surface before binding); a URL is only checked.
     pub fn open(spec: &str) -> Result<ProfileSource, ProxyError> {
         if spec.starts_with("http://") {
-            http_client::HttpUrl::parse(spec)
-                .map_err(|e| ProxyError::InvalidConfig(e.to_string()))?;
+            http_client::HttpUrl::parse(spec).map_err(|failure| ProxyError::ProfileUrl {
+                url: spec.to_owned(),
+                failure,
+            })?;
             return Ok(ProfileSource::Url(spec.to_owned()));
         }
         if spec.contains("://") {
@@ -29,8 +31,11 @@ impl ProfileSource {
                 "profile {spec:?}: only files and http:// URLs are supported"
             )));
         }
-        let profile = Profile::load(std::path::Path::new(spec))
-            .map_err(|e| ProxyError::InvalidConfig(format!("profile {spec}: {e}")))?;
+        let profile =
+            Profile::load(std::path::Path::new(spec)).map_err(|source| ProxyError::Profile {
+                spec: spec.to_owned(),
+                source,
+            })?;
         Ok(ProfileSource::File {
             path: spec.to_owned(),
             profile: Arc::new(profile),
@@ -41,21 +46,17 @@ impl ProfileSource {
         match self {
             ProfileSource::File { profile, .. } => Ok(Arc::clone(profile)),
             ProfileSource::Url(url) => {
+                let failed = |failure| ProxyError::Http {
+                    url: url.clone(),
+                    failure,
+                };
                 let (status, body) = http_client::get(url, timeout).await?;
                 if status != 200 {
-                    return Err(ProxyError::Http {
-                        url: url.clone(),
-                        reason: format!("status {status}"),
-                    });
+                    return Err(failed(HttpFailure::Status(status)));
                 }
-                let text = std::str::from_utf8(&body).map_err(|_| ProxyError::Http {
-                    url: url.clone(),
-                    reason: "profile is not UTF-8".into(),
-                })?;
-                let profile = Profile::from_json(text).map_err(|e| ProxyError::Http {
-                    url: url.clone(),
-                    reason: format!("invalid profile: {e}"),
-                })?;
+                let text = std::str::from_utf8(&body).map_err(|_| failed(HttpFailure::NotUtf8))?;
+                let profile =
+                    Profile::from_json(text).map_err(|e| failed(HttpFailure::InvalidProfile(e)))?;
                 tracing::info!(%url, "destination profile fetched");
                 Ok(Arc::new(profile))
             }
@@ -85,17 +86,27 @@ impl RewriteConfig {
         let Some(dest) = &self.dest else {
             return Ok(None);
         };
+        let unavailable = |role| {
+            move |source| {
+                ProxyError::Aborted(Abort::ProfileUnavailable {
+                    role,
+                    source: Box::new(source),
+                })
+            }
+        };
         let dest = dest
             .get(self.fetch_timeout)
             .await
-            .map_err(|e| ProxyError::Aborted(format!("destination profile unavailable: {e}")))?;
-        let source =
-            match &self.source {
-                Some(source) => Some(source.get(self.fetch_timeout).await.map_err(|e| {
-                    ProxyError::Aborted(format!("source profile unavailable: {e}"))
-                })?),
-                None => None,
-            };
+            .map_err(unavailable(ProfileRole::Destination))?;
+        let source = match &self.source {
+            Some(source) => Some(
+                source
+                    .get(self.fetch_timeout)
+                    .await
+                    .map_err(unavailable(ProfileRole::Source))?,
+            ),
+            None => None,
+        };
         Ok(Some(RewriteSetup {
             dest,
             source,

@@ -1,18 +1,12 @@
-//! Bound listening sockets and the accept loop.
-//!
-//! `run(listener, ctx, shutdown)` takes an already bound listener (tests bind port 0) and hands
-//! every accepted connection to its own task; it returns when shutdown stops accepting.
+//! Bound listening sockets of either family, optionally transparent (nftables `tproxy`).
 
 use std::io;
-use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::addr::{AcceptedInfo, Address};
-use crate::conn::Conn;
 use crate::error::ProxyError;
-use crate::migration::{self, ListenerCtx};
-use crate::shutdown::Shutdown;
+use crate::net::addr::{AcceptedInfo, Address};
+use crate::net::conn::Conn;
 
 #[derive(Debug)]
 pub enum BoundListener {
@@ -103,29 +97,4 @@ fn bind_transparent(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
-}
-
-/// Accept migration connections until shutdown stops accepting.
-pub async fn run(listener: BoundListener, ctx: Arc<ListenerCtx>, shutdown: Shutdown) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.stop_accepting.cancelled() => break,
-        };
-        match accepted {
-            Ok((conn, mut info)) => {
-                if ctx.upstream.needs_original_dst() {
-                    info.original_dst = conn.original_dst();
-                }
-                let ctx = Arc::clone(&ctx);
-                tokio::spawn(migration::handle_connection(conn, info, ctx));
-            }
-            Err(err) => {
-                // EMFILE and friends: keep serving the connections we have, retry shortly.
-                tracing::warn!(listen = %ctx.listen, %err, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
-    tracing::info!(listen = %ctx.listen, "stopped accepting");
 }

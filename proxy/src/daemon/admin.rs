@@ -17,9 +17,9 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
-use crate::listener::BoundListener;
-use crate::metrics::Metrics;
-use crate::shutdown::Shutdown;
+use crate::daemon::shutdown::Shutdown;
+use crate::migration::metrics::Metrics;
+use crate::net::listener::BoundListener;
 
 /// What the admin endpoint serves.
 #[derive(Debug)]

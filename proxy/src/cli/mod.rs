@@ -2,6 +2,8 @@
 //!
 //! Every long flag of `run` can also be given as `MIGPROXY_<FLAG>`.
 
+pub mod policy;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};

@@ -48,7 +48,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use crate::error::ProxyError;
+use crate::error::{AddressProblem, NoUpstream, ProxyError};
 
 /// One endpoint: a TCP host and port, or a unix socket path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -98,7 +98,7 @@ impl FromStr for Address {
             }
             ListenSpec::Tcp { .. } => Err(ProxyError::address(
                 text,
-                "a port range is not allowed here",
+                AddressProblem::PortRangeNotAllowed,
             )),
             ListenSpec::Unix(path) => Ok(Address::Unix(path)),
         }
@@ -147,45 +147,39 @@ impl FromStr for ListenSpec {
     fn from_str(text: &str) -> Result<Self, ProxyError> {
         if let Some(path) = text.strip_prefix("unix:") {
             if path.is_empty() {
-                return Err(ProxyError::address(text, "empty unix socket path"));
+                return Err(ProxyError::address(text, AddressProblem::EmptyUnixPath));
             }
             return Ok(ListenSpec::Unix(PathBuf::from(path)));
         }
         let Some(rest) = text.strip_prefix("tcp:") else {
-            return Err(ProxyError::address(
-                text,
-                "expected tcp:HOST:PORT, tcp:[IPV6]:PORT or unix:PATH",
-            ));
+            return Err(ProxyError::address(text, AddressProblem::UnknownForm));
         };
         let (host, ports) = if let Some(bracketed) = rest.strip_prefix('[') {
             let Some((host, after)) = bracketed.split_once(']') else {
-                return Err(ProxyError::address(
-                    text,
-                    "missing ']' after the IPv6 address",
-                ));
+                return Err(ProxyError::address(text, AddressProblem::UnclosedBracket));
             };
             let Some(ports) = after.strip_prefix(':') else {
-                return Err(ProxyError::address(text, "missing ':PORT' after ']'"));
+                return Err(ProxyError::address(
+                    text,
+                    AddressProblem::MissingPortAfterBracket,
+                ));
             };
             (host, ports)
         } else {
             let Some((host, ports)) = rest.rsplit_once(':') else {
-                return Err(ProxyError::address(text, "missing ':PORT'"));
+                return Err(ProxyError::address(text, AddressProblem::MissingPort));
             };
             if host.contains(':') {
-                return Err(ProxyError::address(
-                    text,
-                    "an IPv6 address must be written in brackets: tcp:[ADDR]:PORT",
-                ));
+                return Err(ProxyError::address(text, AddressProblem::UnbracketedIpv6));
             }
             (host, ports)
         };
         if host.is_empty() {
-            return Err(ProxyError::address(text, "empty host"));
+            return Err(ProxyError::address(text, AddressProblem::EmptyHost));
         }
         let parse_port = |p: &str| {
             p.parse::<u16>()
-                .map_err(|_| ProxyError::address(text, format!("invalid port {p:?}")))
+                .map_err(|_| ProxyError::address(text, AddressProblem::InvalidPort(p.to_owned())))
         };
         let (first, last) = match ports.split_once('-') {
             Some((first, last)) => (parse_port(first)?, parse_port(last)?),
@@ -197,7 +191,7 @@ impl FromStr for ListenSpec {
         if first > last {
             return Err(ProxyError::address(
                 text,
-                format!("port range {first}-{last} is empty"),
+                AddressProblem::EmptyPortRange { first, last },
             ));
         }
         Ok(ListenSpec::Tcp {
@@ -275,13 +269,16 @@ impl Upstream {
         match self {
             Upstream::Fixed(addr) => Ok(addr.clone()),
             Upstream::PortRange { host, first, last } => {
-                let port = accepted.local.map(|l| l.port()).ok_or_else(|| {
-                    ProxyError::Runtime("a port-range upstream needs a tcp listener".into())
-                })?;
+                let port = accepted
+                    .local
+                    .map(|l| l.port())
+                    .ok_or_else(|| ProxyError::NoUpstream(NoUpstream::PortRangeNeedsTcp))?;
                 if !(*first..=*last).contains(&port) {
-                    return Err(ProxyError::Runtime(format!(
-                        "accepted on port {port}, outside the upstream range {first}-{last}"
-                    )));
+                    return Err(ProxyError::NoUpstream(NoUpstream::OutsidePortRange {
+                        port,
+                        first: *first,
+                        last: *last,
+                    }));
                 }
                 Ok(Address::Tcp {
                     host: host.clone(),
@@ -291,15 +288,11 @@ impl Upstream {
             Upstream::OriginalDst => accepted
                 .original_dst
                 .map(Address::from_socket_addr)
-                .ok_or_else(|| {
-                    ProxyError::Runtime(
-                        "no original destination (SO_ORIGINAL_DST) on this connection: is it redirected by nftables?".into(),
-                    )
-                }),
+                .ok_or_else(|| ProxyError::NoUpstream(NoUpstream::NoOriginalDst)),
             Upstream::Tproxy => accepted
                 .local
                 .map(Address::from_socket_addr)
-                .ok_or_else(|| ProxyError::Runtime("tproxy needs a tcp listener".into())),
+                .ok_or_else(|| ProxyError::NoUpstream(NoUpstream::TproxyNeedsTcp)),
         }
     }
 }

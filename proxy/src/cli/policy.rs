@@ -59,7 +59,10 @@ fn reg_ids(names: &[String]) -> Result<Vec<RegId>, ProxyError> {
         .iter()
         .map(|name| {
             name.parse::<RegId>()
-                .map_err(|e| ProxyError::InvalidConfig(format!("allow-drop {name:?}: {e}")))
+                .map_err(|source| ProxyError::AllowDrop {
+                    name: name.clone(),
+                    source,
+                })
         })
         .collect()
 }

@@ -1,27 +1,25 @@
 //! Raw byte relays: multifd and preempt channels both ways, and every return path.
 //!
-//! design-decisions §2: these carry nothing migproxy rewrites, so they are copied as they come,
-//! through one 1 MiB buffer per direction (memory stays bounded: a slow reader blocks our write,
-//! which stops our read, which fills the kernel buffers, which stops the sender). EOF is
-//! propagated per direction with a half-close, because the source still waits for the
-//! destination's SHUT on the return path after writing its last byte.
+//! These carry nothing migproxy rewrites (DESIGN.md, "Everything else streams"), so they are
+//! copied as they come, through one 1 MiB buffer per direction (memory stays bounded: a slow
+//! reader blocks our write, which stops our read, which fills the kernel buffers, which stops the
+//! sender). EOF is propagated per direction with a half-close, because the source still waits for
+//! the destination's SHUT on the return path after writing its last byte. Nothing here knows what
+//! a migration is: the caller names the direction for errors and passes the counters to add to.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::conn::{ConnRead, ConnWrite};
 use crate::error::ProxyError;
 
 /// Relay buffer per direction.
 pub const RELAY_BUFFER_BYTES: usize = 1 << 20;
 
-/// Copy `reader` to `writer` until EOF, then half-close `writer`. `prefix` (bytes already read
-/// while classifying the connection) goes first. Returns the bytes written.
+/// Copy `reader` to `writer` until EOF, then half-close `writer`. Returns the bytes written.
 pub async fn pump<R, W>(
     mut reader: R,
     mut writer: W,
-    prefix: &[u8],
     counters: &[&AtomicU64],
     what: &str,
 ) -> Result<u64, ProxyError>
@@ -30,18 +28,11 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut total = 0u64;
-    if !prefix.is_empty() {
-        writer
-            .write_all(prefix)
-            .await
-            .map_err(|e| ProxyError::io(format!("{what}: write"), e))?;
-        total = add_bytes(total, prefix.len(), counters);
-    }
     let mut buf = vec![0u8; RELAY_BUFFER_BYTES];
     loop {
         let n = match reader.read(&mut buf).await {
             Ok(n) => n,
-            // A TLS peer that closes without close_notify (QEMU's multifd channels do, issue 8);
+            // A TLS peer that closes without close_notify (QEMU's multifd channels do);
             // plain sockets never report this on read.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
             Err(e) => return Err(ProxyError::io(format!("{what}: read"), e)),
@@ -70,20 +61,25 @@ fn add_bytes(total: u64, n: usize, counters: &[&AtomicU64]) -> u64 {
 }
 
 /// Relay a whole non-main channel both ways until both directions reached EOF.
-pub async fn relay_channel(
-    source: (ConnRead, ConnWrite),
-    destination: (ConnRead, ConnWrite),
-    prefix: &[u8],
+pub async fn relay_channel<SR, SW, DR, DW>(
+    source: (SR, SW),
+    destination: (DR, DW),
     to_destination: &[&AtomicU64],
     to_source: &[&AtomicU64],
     kind: &str,
-) -> Result<(), ProxyError> {
+) -> Result<(), ProxyError>
+where
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+    DR: AsyncRead + Unpin,
+    DW: AsyncWrite + Unpin,
+{
     let (src_read, src_write) = source;
     let (dst_read, dst_write) = destination;
     let forward_what = format!("{kind} source->destination");
     let backward_what = format!("{kind} destination->source");
-    let forward = pump(src_read, dst_write, prefix, to_destination, &forward_what);
-    let backward = pump(dst_read, src_write, &[], to_source, &backward_what);
+    let forward = pump(src_read, dst_write, to_destination, &forward_what);
+    let backward = pump(dst_read, src_write, to_source, &backward_what);
     let (f, b) = tokio::try_join!(forward, backward)?;
     tracing::debug!(to_destination = f, to_source = b, "channel finished");
     Ok(())
@@ -92,7 +88,8 @@ pub async fn relay_channel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::Conn;
+    use crate::net::conn::Conn;
+    use crate::net::prefixed::PrefixedIo;
     use std::sync::Arc;
     use tokio::net::{TcpListener, TcpStream};
 
@@ -111,9 +108,8 @@ mod tests {
         let task_counters = Arc::clone(&counters);
         let task = tokio::spawn(async move {
             relay_channel(
-                source_side.into_split(),
+                PrefixedIo::new(&b"PRE"[..], source_side).into_split(),
                 destination_side.into_split(),
-                b"PRE",
                 &[&task_counters.0],
                 &[&task_counters.1],
                 "multifd",

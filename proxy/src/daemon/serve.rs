@@ -1,0 +1,142 @@
+//! `migproxy run`: bind every listener and the admin address, serve until SIGTERM, drain, exit 0.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cli::RunArgs;
+use crate::daemon::accept;
+use crate::daemon::admin::{self, AdminState};
+use crate::daemon::settings::RunConfig;
+use crate::daemon::shutdown::{self, Shutdown};
+use crate::error::ProxyError;
+use crate::migration::connection::ListenerCtx;
+use crate::migration::metrics::Metrics;
+use crate::migration::profile_source::ProfileSource;
+use crate::migration::pump::ChannelSettings;
+use crate::migration::registry::Registry;
+use crate::net::addr::{Address, Upstream};
+use crate::net::listener::BoundListener;
+
+pub fn main(args: RunArgs) -> Result<(), ProxyError> {
+    let config = RunConfig::from_args(&args)?;
+    init_logging(config.log_json);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ProxyError::io("starting the runtime", e))?;
+    runtime.block_on(serve(config))
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests) is harmless: the first subscriber stays.
+    let _ = if json {
+        builder.json().with_current_span(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Bind everything, serve until SIGTERM/SIGINT, drain, return.
+pub async fn serve(config: RunConfig) -> Result<(), ProxyError> {
+    // Installed first: a signal arriving during startup must drain, not kill.
+    let mut signals = shutdown::Signals::install()?;
+    let shutdown = Shutdown::default();
+    let metrics = Arc::new(Metrics::default());
+    let started = start(&config, &shutdown, &metrics).await?;
+    let name = signals.recv().await;
+    tracing::info!(signal = name, "shutting down: no new migrations accepted");
+    shutdown.drain(&metrics, config.drain_timeout).await;
+    // Let closed migrations log their summaries before the runtime goes away.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while metrics.active() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    drop(started);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Handles of a started daemon (for tests: the bound addresses).
+#[derive(Debug)]
+pub struct Started {
+    pub listeners: Vec<Address>,
+    pub admin: Option<Address>,
+}
+
+/// Bind every listener and the admin address, then spawn their tasks.
+pub async fn start(
+    config: &RunConfig,
+    shutdown: &Shutdown,
+    metrics: &Arc<Metrics>,
+) -> Result<Started, ProxyError> {
+    let mut bound = Vec::new();
+    for listener in &config.listeners {
+        let ctx = Arc::new(ListenerCtx {
+            listen: listener.listen.to_string(),
+            upstream: listener.upstream.clone(),
+            rewrite: listener.rewrite.clone(),
+            channel: ChannelSettings {
+                limits: config.limits.clone(),
+                description_timeout: config.description_timeout,
+            },
+            identify_timeout: config.identify_timeout,
+            metrics: Arc::clone(metrics),
+            close_all: shutdown.close_all.clone(),
+            registry: Registry::default(),
+            tls: listener.tls.clone(),
+        });
+        let transparent = listener.upstream == Upstream::Tproxy;
+        for addr in listener.listen.addresses() {
+            bound.push((
+                BoundListener::bind_with(&addr, transparent).await?,
+                Arc::clone(&ctx),
+            ));
+        }
+    }
+    let admin = match &config.admin {
+        Some(addr) => Some(BoundListener::bind(addr).await?),
+        None => None,
+    };
+    let mut started = Started {
+        listeners: Vec::new(),
+        admin: None,
+    };
+    for (socket, ctx) in bound {
+        let local = socket.local_address();
+        let mode = match &ctx.rewrite.dest {
+            _ if ctx.tls.is_some() && ctx.rewrite.dest.is_none() => {
+                "checking relay, tls".to_owned()
+            }
+            None => "checking relay".to_owned(),
+            Some(ProfileSource::File { path, .. }) => format!("rewrite to profile {path}"),
+            Some(ProfileSource::Url(url)) => format!("rewrite to profile {url}"),
+        };
+        if let Some(local) = &local {
+            tracing::info!(listen = %local, upstream = %ctx.upstream, %mode, "listening");
+            started.listeners.push(local.clone());
+        }
+        tokio::spawn(accept::run(socket, ctx, shutdown.clone()));
+    }
+    if let Some(socket) = admin {
+        let local = socket.local_address();
+        if let Some(local) = &local {
+            tracing::info!(admin = %local, profiles = config.served_profiles.len(), "admin listening");
+            started.admin = Some(local.clone());
+        }
+        let state = Arc::new(AdminState {
+            metrics: Arc::clone(metrics),
+            shutdown: shutdown.clone(),
+            profiles: config.served_profiles.clone(),
+        });
+        tokio::spawn(admin::run(socket, state));
+    }
+    Ok(started)
+}

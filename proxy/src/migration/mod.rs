@@ -1,0 +1,14 @@
+//! One live migration as the proxy sees it: identifying a new connection, grouping connections
+//! into migrations, dialing the destination in order, pumping the main channel through the
+//! decoder and the rewrite, and the profiles that rewrite uses.
+
+pub mod connection;
+pub mod dial;
+pub mod identify;
+pub mod metrics;
+pub mod profile_source;
+pub mod pump;
+pub mod registry;
+pub mod rewrite;
+pub mod state;
+pub mod write_queue;

@@ -1,0 +1,515 @@
+//! The main channel pump: source -> `StreamDecoder` -> (rewrite the `cpu` sections) -> destination,
+//! with the return path relayed raw the other way at the same time.
+//!
+//! ```text
+//! source ──read ≤1 MiB──▶ StreamDecoder ──Verbatim/Payload (Bytes)──▶ WriteQueue ──▶ destination
+//!                               └──DeviceState──▶ rewrite cpus ──encode──▶┘  (vectored writes)
+//! source ◀──────────────────── raw relay (return path, at once) ◀──────────────────── destination
+//! ```
+//!
+//! The pump owns its read loop: decode every frame the buffer holds, write them, then read again
+//! (compare mini-redis `Connection::read_frame`). Page payloads are `Bytes` cut from the read
+//! buffer and written as they are (vectored, no copy into an encoder buffer); only the held
+//! device-state phase is re-encoded. A write waits for the destination, and nothing is read
+//! meanwhile: a slow destination slows the source down instead of growing memory (backpressure).
+//!
+//! There is no idle timeout: with multifd the main channel may sit silent for the whole RAM phase.
+//! The only clock is the description deadline (DESIGN.md, "No description means no exact
+//! delimiting"): while the decoder holds the device phase it waits for the description, and a
+//! source with `suppress-vmdesc=on` and a return path would wait for the destination forever, so
+//! each read in that phase has a deadline and its end refuses the migration. The clock measures
+//! silence, not the length of the phase: several MB of device state over a slow link must not time
+//! out while bytes are still arriving.
+//!
+//! The pump reports to a [`MigrationState`] (counters, flags, rewrite summary), not to the whole
+//! migration, so it runs over any byte streams: sockets in the daemon, in-memory pipes in tests.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use migproxy_codec::{Frame, Limits, MigCommand, RecordKind, StreamDecoder};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio_util::codec::Decoder;
+
+use crate::error::{ProxyError, Refusal};
+use crate::migration::profile_source::RewriteSetup;
+use crate::migration::rewrite::{report_rewrites, rewrite_cpus};
+use crate::migration::state::MigrationState;
+use crate::migration::write_queue::WriteQueue;
+use crate::net::relay;
+
+/// Read buffer of the main channel.
+pub const READ_BUFFER_BYTES: usize = 1 << 20;
+/// Queued output is written once it reaches this size (or before the next read).
+const FLUSH_BYTES: usize = 1 << 20;
+
+/// Main-channel settings shared by every migration of a listener.
+#[derive(Debug, Clone)]
+pub struct ChannelSettings {
+    pub limits: Limits,
+    /// How long the source may stay silent while the decoder holds the device phase.
+    pub description_timeout: Duration,
+}
+
+/// Pump one main channel until both directions have ended: `source` and `destination` are the
+/// read and write halves of each side.
+pub async fn run<SR, SW, DR, DW>(
+    (source_read, source_write): (SR, SW),
+    (dest_read, dest_write): (DR, DW),
+    rewrite: Option<&RewriteSetup>,
+    state: &MigrationState,
+    settings: &ChannelSettings,
+) -> Result<(), ProxyError>
+where
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+    DR: AsyncRead + Unpin,
+    DW: AsyncWrite + Unpin,
+{
+    let forwarded = AtomicBool::new(false);
+    let forward = async {
+        Forward::new(source_read, dest_write, rewrite, state, settings)
+            .run()
+            .await?;
+        forwarded.store(true, Ordering::Release);
+        Ok::<(), ProxyError>(())
+    };
+    // The source blocks on SHUT, PONG and page requests: relay them the moment they arrive.
+    let return_path = async {
+        match relay::pump(dest_read, source_write, &state.to_source(), "return path").await {
+            // QEMU may reset the main connection once the migration is over (seen with TLS):
+            // after the whole stream went through, that is a normal end.
+            Err(ProxyError::Io { source, .. })
+                if forwarded.load(Ordering::Acquire)
+                    && matches!(
+                        source.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                    ) =>
+            {
+                Ok(0)
+            }
+            other => other,
+        }
+    };
+    tokio::try_join!(forward, return_path)?;
+    Ok(())
+}
+
+/// What one read from the source brought.
+enum Read {
+    Bytes,
+    Eof,
+    /// A TLS source that closes without close_notify, or resets, once its stream is complete:
+    /// nothing more could have followed.
+    ClosedAfterEnd,
+}
+
+/// The source -> destination direction.
+struct Forward<'a, R, W> {
+    source: R,
+    buffer: BytesMut,
+    decoder: StreamDecoder,
+    out: WriteQueue<'a, W>,
+    rewrite: Option<&'a RewriteSetup>,
+    state: &'a MigrationState,
+    description_timeout: Duration,
+    flagged_no_return_path: bool,
+}
+
+impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
+    fn new(
+        source: R,
+        destination: W,
+        rewrite: Option<&'a RewriteSetup>,
+        state: &'a MigrationState,
+        settings: &ChannelSettings,
+    ) -> Self {
+        Forward {
+            source,
+            buffer: BytesMut::with_capacity(READ_BUFFER_BYTES),
+            decoder: StreamDecoder::new(settings.limits.clone()),
+            out: WriteQueue::new(destination, state.to_destination()),
+            rewrite,
+            state,
+            description_timeout: settings.description_timeout,
+            flagged_no_return_path: false,
+        }
+    }
+
+    async fn run(mut self) -> Result<(), ProxyError> {
+        loop {
+            while let Some(frame) = self.decoder.decode(&mut self.buffer)? {
+                self.forward(frame).await?;
+            }
+            match self.read().await? {
+                Read::Bytes => {}
+                Read::Eof => {
+                    while let Some(frame) = self.decoder.decode_eof(&mut self.buffer)? {
+                        self.forward(frame).await?;
+                    }
+                    break;
+                }
+                Read::ClosedAfterEnd => break,
+            }
+        }
+        self.out.flush().await?;
+        // Half-close: the destination sees EOF; its SHUT still comes back on the return path.
+        self.out.shutdown().await;
+        tracing::debug!(
+            bytes = self.decoder.offset(),
+            "main channel: source finished"
+        );
+        Ok(())
+    }
+
+    /// Write what is queued, then wait for the source's next bytes (with the description deadline
+    /// while the device phase is held).
+    async fn read(&mut self) -> Result<Read, ProxyError> {
+        self.out.flush().await?;
+        make_room(&mut self.buffer);
+        let read = self.source.read_buf(&mut self.buffer);
+        let result = if self.decoder.awaiting_description() {
+            match tokio::time::timeout(self.description_timeout, read).await {
+                Ok(result) => result,
+                Err(_) => {
+                    return Err(ProxyError::Refused(Refusal::NoDescription {
+                        offset: self.decoder.offset(),
+                        silent: self.description_timeout,
+                    }))
+                }
+            }
+        } else {
+            read.await
+        };
+        match result {
+            Ok(0) => Ok(Read::Eof),
+            Ok(_) => Ok(Read::Bytes),
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                ) && self.decoder.is_done() =>
+            {
+                Ok(Read::ClosedAfterEnd)
+            }
+            Err(err) => Err(ProxyError::io("main channel: read from source", err)),
+        }
+    }
+
+    /// Queue one decoded frame for the destination (rewritten, if it is the device state).
+    async fn forward(&mut self, frame: Frame) -> Result<(), ProxyError> {
+        match frame {
+            Frame::Verbatim { kind, bytes, .. } => {
+                self.note(&kind)?;
+                self.out.push(bytes);
+            }
+            Frame::Payload { bytes, .. } => self.out.push(bytes),
+            Frame::DeviceState(mut device) => {
+                let rewritten = match self.rewrite {
+                    Some(setup) => rewrite_cpus(&mut device, setup)?,
+                    None => Vec::new(),
+                };
+                self.out.push(device.to_bytes());
+                // Both QEMUs are stopped until the destination has the device state: release
+                // it before anything else (logging, metrics) runs.
+                self.out.flush().await?;
+                report_rewrites(&rewritten, self.state);
+            }
+        }
+        if self.out.queued() >= FLUSH_BYTES {
+            self.out.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// What a record announces about the migration.
+    fn note(&mut self, kind: &RecordKind) -> Result<(), ProxyError> {
+        match kind {
+            RecordKind::Command(MigCommand::OpenReturnPath) => self.state.note_return_path(),
+            RecordKind::Command(MigCommand::PostcopyAdvise { .. }) => {
+                self.state.note_postcopy_advised();
+                if self.rewrite.is_some() {
+                    // Device state would travel in a PACKAGED blob without description (DESIGN.md,
+                    // "No description means no exact delimiting"); refusing after the switch
+                    // would strand the guest, refusing now leaves it running at the source.
+                    return Err(ProxyError::Refused(Refusal::Postcopy {
+                        offset: self.decoder.offset(),
+                    }));
+                }
+            }
+            RecordKind::SectionStart { .. } if !self.flagged_no_return_path => {
+                self.flagged_no_return_path = true;
+                if !self.state.has_return_path() {
+                    tracing::warn!(
+                        "migration without a return path: if it is refused later, the source leaves the guest paused instead of resuming it (enable the return-path capability)"
+                    );
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Give the next read up to 1 MiB of room. Once page payloads have been cut from the buffer it
+/// would regrow in small steps; after a flush no frame refers to it any more, so this reclaims
+/// the same allocation instead of growing memory.
+fn make_room(buffer: &mut BytesMut) {
+    let spare = buffer.capacity().saturating_sub(buffer.len());
+    if spare < READ_BUFFER_BYTES / 2 {
+        let wanted = READ_BUFFER_BYTES
+            .saturating_sub(buffer.len())
+            .max(READ_BUFFER_BYTES / 2);
+        buffer.reserve(wanted);
+    }
+}
+
+/// The pump over in-memory pipes: no socket, no registry, no runtime beyond the test's.
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use migproxy_codec::testing::{RamRecord, StreamBuilder};
+    use migproxy_config::{Accel, Policy, Profile};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::migration::metrics::Metrics;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    const SCTLR_EL1: u64 = 0x6030_0000_0013_c080;
+    const TTBR0_EL1: u64 = 0x6030_0000_0013_c100;
+    const TCR_EL1: u64 = 0x6030_0000_0013_c102;
+    const CONTEXTIDR_EL1: u64 = 0x6030_0000_0013_c681;
+    /// Generous: the machine running the tests may be busy; no test measures time.
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    fn settings(description_timeout: Duration) -> ChannelSettings {
+        ChannelSettings {
+            limits: Limits::default(),
+            description_timeout,
+        }
+    }
+
+    fn state() -> MigrationState {
+        MigrationState::new(Arc::new(Metrics::default()), Arc::new(Notify::new()))
+    }
+
+    /// Header and RAM (pages a guest could fill with anything): what precedes the device phase.
+    fn before_devices() -> StreamBuilder {
+        let mut builder = StreamBuilder::new("virt-7.2");
+        builder.ram_start(1 << 20);
+        builder.ram_section(
+            false,
+            &[RamRecord::Page(b"QEVM\x07cpu".to_vec()), RamRecord::Zero],
+        );
+        builder.ram_section(true, &[RamRecord::Page(vec![0x5a; 4096])]);
+        builder
+    }
+
+    /// Where the device phase starts in every stream these tests build.
+    fn device_phase_start() -> usize {
+        before_devices().into_bytes().len()
+    }
+
+    /// The stream with one vCPU holding these registers.
+    fn stream(registers: &[(u64, u64)]) -> StreamBuilder {
+        let mut builder = before_devices();
+        builder.cpu(0, registers, 0x11);
+        builder
+    }
+
+    fn profile(registers: &[(u64, u64)]) -> Result<Profile, Box<dyn std::error::Error>> {
+        Ok(Profile::from_vcpus(Accel::Tcg, &[(0, registers.to_vec())])?)
+    }
+
+    struct Ends {
+        /// The source QEMU's socket.
+        source: DuplexStream,
+        /// The destination QEMU's socket.
+        destination: DuplexStream,
+        pump: tokio::task::JoinHandle<(Result<(), ProxyError>, MigrationState)>,
+    }
+
+    /// Start a pump between two pipes of `capacity` bytes each.
+    fn start(capacity: usize, rewrite: Option<RewriteSetup>, settings: ChannelSettings) -> Ends {
+        let (source, source_side) = tokio::io::duplex(capacity);
+        let (destination, destination_side) = tokio::io::duplex(capacity);
+        let pump = tokio::spawn(async move {
+            let state = state();
+            let result = run(
+                tokio::io::split(source_side),
+                tokio::io::split(destination_side),
+                rewrite.as_ref(),
+                &state,
+                &settings,
+            )
+            .await;
+            (result, state)
+        });
+        Ends {
+            source,
+            destination,
+            pump,
+        }
+    }
+
+    async fn finish(
+        pump: tokio::task::JoinHandle<(Result<(), ProxyError>, MigrationState)>,
+    ) -> Result<(Result<(), ProxyError>, MigrationState), Box<dyn std::error::Error>> {
+        Ok(tokio::time::timeout(DEADLINE, pump).await??)
+    }
+
+    /// Everything the destination receives until the pump closes its side.
+    fn receive_all(
+        mut destination: DuplexStream,
+        chunk: usize,
+    ) -> tokio::task::JoinHandle<Vec<u8>> {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; chunk];
+            while let Ok(n) = destination.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(buf.get(..n).unwrap_or_default());
+                tokio::task::yield_now().await;
+            }
+            got
+        })
+    }
+
+    #[tokio::test]
+    async fn forwards_a_stream_split_at_odd_offsets_byte_for_byte() -> TestResult {
+        let bytes = stream(&[(SCTLR_EL1, 0x30d0_0980), (TTBR0_EL1, 0x4000_0000)]).finish();
+        let Ends {
+            mut source,
+            mut destination,
+            pump,
+        } = start(1 << 16, None, settings(DEADLINE));
+        // The return path: the destination answers, the source hears it while still sending.
+        destination.write_all(b"SHUT").await?;
+        destination.shutdown().await?;
+        let received = receive_all(destination, 1 << 16);
+        for piece in bytes.chunks(7) {
+            source.write_all(piece).await?;
+            tokio::task::yield_now().await;
+        }
+        source.shutdown().await?;
+        let mut back = Vec::new();
+        source.read_to_end(&mut back).await?;
+        assert_eq!(back, b"SHUT");
+        let (result, state) = finish(pump).await?;
+        result?;
+        assert_eq!(received.await?, bytes);
+        assert_eq!(state.bytes_to_destination(), u64::try_from(bytes.len())?);
+        assert_eq!(state.bytes_to_source(), 4);
+        assert_eq!(state.rewrite_summary().cpus_rewritten, 0);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_slow_destination_gets_every_byte_and_the_rewritten_registers() -> TestResult {
+        let source_registers = [
+            (SCTLR_EL1, 0x30d0_0980),
+            (TTBR0_EL1, 0x4000_0000),
+            (CONTEXTIDR_EL1, 0),
+        ];
+        let dest_registers = [(SCTLR_EL1, 0x30d0_0980), (TTBR0_EL1, 0), (TCR_EL1, 0)];
+        let original = stream(&source_registers).finish();
+        // What the destination must receive: the same stream with its register list.
+        let expected_cpu = [
+            (SCTLR_EL1, 0x30d0_0980),
+            (TTBR0_EL1, 0x4000_0000),
+            (TCR_EL1, 0),
+        ];
+        let expected = stream(&expected_cpu).finish();
+        let setup = RewriteSetup {
+            dest: Arc::new(profile(&dest_registers)?),
+            source: None,
+            policy: Policy::default(),
+        };
+        // A 64-byte pipe read 16 bytes at a time: every write the pump makes is partial.
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(64, Some(setup), settings(DEADLINE));
+        let received = receive_all(destination, 16);
+        let sending = tokio::spawn(async move {
+            source.write_all(&original).await?;
+            source.shutdown().await?;
+            // Keep the source's end open until the pump has finished reading.
+            let mut back = Vec::new();
+            source.read_to_end(&mut back).await.map(|_| back)
+        });
+        let (result, state) = finish(pump).await?;
+        result?;
+        assert_eq!(received.await?, expected);
+        assert_eq!(sending.await??, b"");
+        let summary = state.rewrite_summary();
+        assert_eq!(summary.cpus_rewritten, 1);
+        assert_eq!(summary.dropped, ["CONTEXTIDR_EL1"]);
+        assert_eq!(summary.filled, ["TCR_EL1"]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_refusal_names_the_register_and_holds_back_the_device_state() -> TestResult {
+        let bytes = stream(&[(SCTLR_EL1, 0x30d0_0980), (CONTEXTIDR_EL1, 0x42)]).finish();
+        let setup = RewriteSetup {
+            dest: Arc::new(profile(&[(SCTLR_EL1, 0x30d0_0980)])?),
+            source: None,
+            policy: Policy::default(),
+        };
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(1 << 16, Some(setup), settings(DEADLINE));
+        let received = receive_all(destination, 1 << 16);
+        source.write_all(&bytes).await?;
+        let (result, _) = finish(pump).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::Registers(summaries))) => {
+                assert_eq!(summaries.len(), 1);
+                assert!(summaries[0].contains("CONTEXTIDR_EL1"), "{summaries:?}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // At most what precedes the device phase went through (what was still queued when the
+        // refusal came is dropped with the connection); nothing of the device phase did.
+        let received = received.await?;
+        assert!(received.len() <= device_phase_start(), "{}", received.len());
+        assert_eq!(received, bytes[..received.len()]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_missing_description_refuses_once_the_source_goes_silent() -> TestResult {
+        let bytes = stream(&[(SCTLR_EL1, 0x30d0_0980)]).finish_without_description();
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(1 << 16, None, settings(Duration::from_millis(50)));
+        let received = receive_all(destination, 1 << 16);
+        // suppress-vmdesc with a return path: the source sends EOF, then waits, socket open.
+        source.write_all(&bytes).await?;
+        let (result, _) = finish(pump).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::NoDescription { offset, .. })) => {
+                assert_eq!(offset, u64::try_from(device_phase_start())?)
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let received = received.await?;
+        assert_eq!(received, bytes[..device_phase_start()]);
+        drop(source);
+        Ok(())
+    }
+}

@@ -1,0 +1,227 @@
+//! The migrations of a listener: grouping connections into them, tearing every connection of
+//! one down together, and the one summary line each logs when its last connection has ended.
+//! (Dialing in order is `dial.rs`; what channels report while they run is `state.rs`.)
+//!
+//! DESIGN.md, "Connections":
+//! - a connection is grouped with a migration only once it has identified itself; a main channel
+//!   (`QEVM`) starts a migration, multifd and preempt channels accepted on the same listener from
+//!   the same source host (and, with interception, towards the same destination) join it while it
+//!   is being set up or open - the multifd UUID is all zeros without `-uuid`, so it is no key;
+//! - the destination sees the main channel first (QEMU 7.2, and 10.0 with TLS or postcopy, take the
+//!   first connection as the main one), then the other channels in the order they identified
+//!   themselves (multifd order is irrelevant: the channel id in the handshake decides);
+//! - a connection that does not identify itself never reaches the destination. A connection
+//!   without a known magic is taken as a preempt channel only by a migration that advised postcopy
+//!   (the preempt channel needs the postcopy-ram capability, whose ADVISE is among the first
+//!   records of the main channel);
+//! - any failure on any connection closes both sides of every connection of the migration, after
+//!   logging what, where and why (DESIGN.md, "Failing closed").
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ProxyError;
+use crate::migration::dial::DialOrder;
+use crate::migration::identify::ChannelKind;
+use crate::migration::metrics::{Metrics, Outcome};
+use crate::migration::state::MigrationState;
+use crate::net::addr::Address;
+
+/// Which connections may belong together.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GroupKey {
+    /// The source host (None on unix sockets: one host by definition).
+    pub source: Option<IpAddr>,
+    pub upstream: Address,
+}
+
+/// The migrations of one listener, by group key.
+#[derive(Debug, Default)]
+pub struct Registry {
+    current: Mutex<HashMap<GroupKey, Weak<Migration>>>,
+    /// Signalled when a migration starts or advises postcopy.
+    changed: Arc<Notify>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    /// A new migration for `key` (a main channel arrived); it replaces the finished one there.
+    pub fn start(
+        &self,
+        key: GroupKey,
+        metrics: &Arc<Metrics>,
+        parent: &CancellationToken,
+    ) -> Arc<Migration> {
+        let id = self
+            .next_id
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        let migration = Arc::new(Migration {
+            span: tracing::info_span!("migration", id, source = %source_name(&key), upstream = %key.upstream),
+            key: key.clone(),
+            cancel: parent.child_token(),
+            dial: DialOrder::default(),
+            main_completed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            channels: Mutex::new(Vec::new()),
+            started: Instant::now(),
+            metrics: Arc::clone(metrics),
+            state: MigrationState::new(Arc::clone(metrics), Arc::clone(&self.changed)),
+        });
+        metrics.migration_started();
+        if let Ok(mut map) = self.current.lock() {
+            map.retain(|_, weak| weak.strong_count() > 0);
+            map.insert(key, Arc::downgrade(&migration));
+        }
+        self.changed.notify_waiters();
+        migration
+    }
+
+    /// The open migration for `key` that satisfies `want`, if there is one now.
+    pub fn find(
+        &self,
+        key: &GroupKey,
+        want: impl Fn(&Migration) -> bool,
+    ) -> Option<Arc<Migration>> {
+        let map = self.current.lock().ok()?;
+        let migration = map.get(key)?.upgrade()?;
+        (!migration.cancel.is_cancelled() && want(&migration)).then_some(migration)
+    }
+
+    /// The open migration for `key` that satisfies `want`, waiting up to `deadline` for one.
+    pub async fn wait_for(
+        &self,
+        key: &GroupKey,
+        deadline: Duration,
+        want: impl Fn(&Migration) -> bool,
+    ) -> Option<Arc<Migration>> {
+        let until = tokio::time::Instant::now().checked_add(deadline)?;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(found) = self.find(key, &want) {
+                return Some(found);
+            }
+            if tokio::time::timeout_at(until, changed).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+fn source_name(key: &GroupKey) -> String {
+    key.source
+        .map(|ip| ip.to_string())
+        .unwrap_or_else(|| "unix".to_owned())
+}
+
+/// One migration: shared by the tasks of its connections, summarised when the last one drops it.
+pub struct Migration {
+    pub key: GroupKey,
+    pub span: tracing::Span,
+    /// Cancelled on the first failure (or at the end of a drain): every connection closes.
+    pub cancel: CancellationToken,
+    /// Upstream connects, in the order the destination must see them.
+    pub dial: DialOrder,
+    /// What its channels report while they run.
+    pub state: MigrationState,
+    main_completed: AtomicBool,
+    failure: Mutex<Option<(Outcome, String)>>,
+    channels: Mutex<Vec<ChannelKind>>,
+    started: Instant,
+    metrics: Arc<Metrics>,
+}
+
+impl Migration {
+    /// Record the first failure and close every connection of this migration.
+    pub fn fail(&self, error: &ProxyError) {
+        let outcome = if error.is_refusal() {
+            Outcome::Refused
+        } else {
+            Outcome::Failed
+        };
+        if let Ok(mut failure) = self.failure.lock() {
+            if failure.is_none() {
+                tracing::error!(parent: &self.span, reason = %error, "closing every connection of the migration");
+                *failure = Some((outcome, error.to_string()));
+            }
+        }
+        self.cancel.cancel();
+    }
+
+    /// Whether a new channel may still join: not once the main channel has finished (a
+    /// back-to-back migration from the same host must not be mistaken for part of this one).
+    pub fn accepts_channels(&self) -> bool {
+        !self.main_completed.load(Ordering::Acquire)
+    }
+
+    /// The main channel has carried the whole stream: the migration completed, and channels
+    /// accepted from now on belong to the next one.
+    pub fn note_main_completed(&self) {
+        self.main_completed.store(true, Ordering::Release);
+    }
+
+    pub fn add_channel(&self, kind: ChannelKind) {
+        if let Ok(mut channels) = self.channels.lock() {
+            channels.push(kind);
+        }
+        let counter = match kind {
+            ChannelKind::Main => &self.metrics.connections_main,
+            ChannelKind::Multifd => &self.metrics.connections_multifd,
+            ChannelKind::Preempt => &self.metrics.connections_preempt,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Migration {
+    /// The one-line summary: every connection of the migration has ended.
+    fn drop(&mut self) {
+        let (outcome, reason) = match self.failure.get_mut().ok().and_then(|f| f.take()) {
+            Some((outcome, reason)) => (outcome, reason),
+            None if self.main_completed.load(Ordering::Acquire) => {
+                (Outcome::Completed, String::new())
+            }
+            None => (
+                Outcome::Failed,
+                "ended before the main channel completed".to_owned(),
+            ),
+        };
+        self.metrics.migration_ended(outcome);
+        let channels = self
+            .channels
+            .get_mut()
+            .map(|channels| {
+                // Join order is a race between tasks; the summary lists kinds in a fixed order.
+                channels.sort_by_key(|kind| *kind as u8);
+                channels
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join("+")
+            })
+            .unwrap_or_default();
+        let summary = self.state.rewrite_summary();
+        tracing::info!(
+            parent: &self.span,
+            outcome = outcome.as_str(),
+            reason = %reason,
+            duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            bytes_to_destination = self.state.bytes_to_destination(),
+            bytes_to_source = self.state.bytes_to_source(),
+            channels = %channels,
+            return_path = self.state.has_return_path(),
+            cpus_rewritten = summary.cpus_rewritten,
+            dropped = %summary.dropped.join(","),
+            filled = %summary.filled.join(","),
+            "migration summary"
+        );
+    }
+}

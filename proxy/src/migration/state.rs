@@ -1,0 +1,126 @@
+//! What the channels of one migration report back to it while they run: bytes each way, what the
+//! main channel announced (return path, postcopy), and what the rewrite did.
+//!
+//! A small handle rather than the whole `Migration`, so the main-channel pump and the relays can
+//! be built and tested without a registry, a cancellation token or a span. Every count also goes
+//! to the daemon-wide [`Metrics`].
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use migproxy_config::RewriteReport;
+use tokio::sync::Notify;
+
+use crate::migration::metrics::Metrics;
+
+/// What the rewrite did, for the summary line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RewriteSummary {
+    pub cpus_rewritten: u32,
+    pub dropped: Vec<String>,
+    pub filled: Vec<String>,
+}
+
+/// The running state of one migration.
+#[derive(Debug)]
+pub struct MigrationState {
+    bytes_to_destination: AtomicU64,
+    bytes_to_source: AtomicU64,
+    return_path: AtomicBool,
+    postcopy_advised: AtomicBool,
+    rewrite_summary: Mutex<RewriteSummary>,
+    metrics: Arc<Metrics>,
+    /// Woken when postcopy is advised: a preempt channel may be waiting for exactly that.
+    postcopy_watchers: Arc<Notify>,
+}
+
+impl MigrationState {
+    pub fn new(metrics: Arc<Metrics>, postcopy_watchers: Arc<Notify>) -> MigrationState {
+        MigrationState {
+            bytes_to_destination: AtomicU64::new(0),
+            bytes_to_source: AtomicU64::new(0),
+            return_path: AtomicBool::new(false),
+            postcopy_advised: AtomicBool::new(false),
+            rewrite_summary: Mutex::new(RewriteSummary::default()),
+            metrics,
+            postcopy_watchers,
+        }
+    }
+
+    /// The counters a write towards the destination adds to.
+    pub fn to_destination(&self) -> [&AtomicU64; 2] {
+        [
+            &self.bytes_to_destination,
+            &self.metrics.bytes_to_destination,
+        ]
+    }
+
+    /// The counters a write towards the source adds to.
+    pub fn to_source(&self) -> [&AtomicU64; 2] {
+        [&self.bytes_to_source, &self.metrics.bytes_to_source]
+    }
+
+    pub fn bytes_to_destination(&self) -> u64 {
+        self.bytes_to_destination.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes_to_source(&self) -> u64 {
+        self.bytes_to_source.load(Ordering::Relaxed)
+    }
+
+    pub fn note_return_path(&self) {
+        self.return_path.store(true, Ordering::Release);
+    }
+
+    pub fn has_return_path(&self) -> bool {
+        self.return_path.load(Ordering::Acquire)
+    }
+
+    pub fn note_postcopy_advised(&self) {
+        if !self.postcopy_advised.swap(true, Ordering::AcqRel) {
+            self.postcopy_watchers.notify_waiters();
+        }
+    }
+
+    pub fn postcopy_advised(&self) -> bool {
+        self.postcopy_advised.load(Ordering::Acquire)
+    }
+
+    /// Count one vCPU whose registers were rewritten, and remember the names for the summary.
+    pub fn record_rewrite(&self, report: &RewriteReport) {
+        let metrics = &self.metrics;
+        metrics.cpus_rewritten.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .registers_dropped
+            .fetch_add(count(report.dropped.len()), Ordering::Relaxed);
+        metrics
+            .registers_filled
+            .fetch_add(count(report.filled.len()), Ordering::Relaxed);
+        if let Ok(mut summary) = self.rewrite_summary.lock() {
+            summary.cpus_rewritten = summary.cpus_rewritten.saturating_add(1);
+            for dropped in &report.dropped {
+                let name = dropped.id.to_string();
+                if !summary.dropped.contains(&name) {
+                    summary.dropped.push(name);
+                }
+            }
+            for filled in &report.filled {
+                let name = filled.id.to_string();
+                if !summary.filled.contains(&name) {
+                    summary.filled.push(name);
+                }
+            }
+        }
+    }
+
+    pub fn rewrite_summary(&self) -> RewriteSummary {
+        self.rewrite_summary
+            .lock()
+            .map(|summary| summary.clone())
+            .unwrap_or_default()
+    }
+}
+
+fn count(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,10 @@
+//! Sockets and bytes, knowing nothing of migrations: QEMU-style addresses, connections and
+//! dialing, bound listeners, TLS credentials, raw relays and a minimal HTTP client.
+
+pub mod addr;
+pub mod conn;
+pub mod http_client;
+pub mod listener;
+pub mod prefixed;
+pub mod relay;
+pub mod tls;
