@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::guest;
-use crate::qemu::{binaries, repo_root, Version};
+use crate::qemu::{binaries, repo_root, GuestImage, Version};
 use crate::workdir::WorkDir;
 
 /// Host A's address (QEMU 7.2).
@@ -62,7 +62,7 @@ pub struct Host {
     veth: String,
     dir: PathBuf,
     /// The counting guest, given to every domain with `<qemu:commandline>` (shared by both hosts).
-    guest: PathBuf,
+    guest: GuestImage,
     pub libvirt: Libvirt,
     libvirtd: Option<Child>,
 }
@@ -296,7 +296,7 @@ impl Host {
         version: Version,
         ip: Ipv4Addr,
         lab: &Path,
-        guest: &Path,
+        guest: &GuestImage,
         libvirt: Libvirt,
     ) -> Host {
         Host {
@@ -307,7 +307,7 @@ impl Host {
             netns: format!("mpvl-{tag}-{label}"),
             veth: format!("mpvl{tag}{label}"),
             dir: lab.join(label),
-            guest: guest.to_path_buf(),
+            guest: guest.clone(),
             libvirtd: None,
         }
     }
@@ -581,7 +581,7 @@ fn guest_counter_above(host: &Host, domain: &str, above: u64) -> Result<u64> {
 
 /// A `type='qemu'` domain like the plain-QEMU scenarios' VMs: `virt-7.2`, a64fx, 2 vCPUs, 64 MiB,
 /// no devices, the counting guest loaded at its fixed address and started on vCPU 0.
-pub fn domain_xml(name: &str, guest: &Path) -> String {
+pub fn domain_xml(name: &str, guest: &GuestImage) -> String {
     format!(
         "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
@@ -602,8 +602,8 @@ pub fn domain_xml(name: &str, guest: &Path) -> String {
 </domain>
 ",
         mem = crate::scenario::E2E_MEM_MIB,
-        guest = guest.display(),
-        load = guest::LOAD_ADDR,
+        guest = guest.path.display(),
+        load = guest.load_addr,
     )
 }
 
