@@ -21,7 +21,9 @@
 //!  Done: any further byte is an error
 //! ```
 //!
-//! Each call to `decode` yields at most one frame. Records are emitted whole (after being parsed
+//! The records themselves are parsed by pure functions in their own modules (`configuration`,
+//! `command`, `section`, `ram`, `bitmap`, `block`, `device_phase`); this module keeps the state
+//! between them. Each call to `decode` yields at most one frame. Records are emitted whole (after being parsed
 //! completely), except page and block payloads, which are cut from the read buffer in whatever
 //! pieces have arrived (`Frame::Payload`), so a page never waits for its last byte and is never
 //! copied. `Ok(None)` always means "need more bytes"; lengths read from the wire are checked
@@ -30,27 +32,34 @@
 //! # Finding the end of the device-state phase
 //!
 //! FULL sections carry no length, and the description that gives their sizes comes after them
-//! (design-decisions §1). The decoder therefore keeps every byte from the first FULL section in the
-//! read buffer and, each time bytes arrive, asks one question of the *end* of that buffer: does it
-//! end with `00 06 <be32 len> <a JSON object of exactly len bytes>`? The object is found by
-//! walking JSON structure backwards from the last byte (cheap: an inner object closes after a few
-//! bytes). Only when that holds is the description parsed and the held bytes walked with it; the
-//! walk must check every section header, subsection header and footer and land exactly on that
-//! EOF. Nothing in the device payloads is ever searched for a marker. A source that sends no
+//! (DESIGN.md, "Device state is delimited from the stream's own description"). The decoder
+//! therefore keeps every byte from the first FULL section in the read buffer and, each time bytes
+//! arrive, asks one question: does the received data end with `00 06 <be32 len> <a JSON object of
+//! exactly len bytes>`? `candidates` answers it looking at each held byte once. Only when that
+//! holds is the description parsed and the held bytes walked with it; the walk must check every
+//! section header, subsection header and footer and land exactly on that EOF. A source that sends no
 //! description (`suppress-vmdesc=on`) leaves the decoder in this state: `awaiting_description()`
 //! is true and the connection code owns the deadline; at end of input the decoder reports
 //! `MissingDescription`.
 
 use std::collections::HashMap;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio_util::codec::Decoder;
 
+use crate::bitmap;
+use crate::block;
+use crate::candidates::CandidateScanner;
+use crate::command::{self, MigCommand};
+use crate::configuration::ConfigurationParser;
 use crate::device_phase::{self, DeviceState};
 use crate::error::{DecodeError, SectionRef};
-use crate::frame::{Frame, MigCommand, RecordKind, StreamInfo};
+use crate::frame::{Frame, RecordKind, StreamInfo};
 use crate::limits::Limits;
-use crate::reader::{self, Reader};
+use crate::ram::{self, RamContext, RamRecord};
+use crate::record::RecordError;
+use crate::reference::ReferenceDescription;
+use crate::section;
 use crate::wire::*;
 
 /// What kind of iterable section a START introduced.
@@ -113,6 +122,12 @@ enum State {
     DevicePhase {
         start: u64,
     },
+    /// Checking relay: a description verified at the end of the received bytes and the phase was
+    /// released, but without a reference nothing proves that it was the real one. If more bytes
+    /// arrive, it was not: the phase goes on (see `set_checking_relay`).
+    Ended {
+        start: u64,
+    },
     Done,
 }
 
@@ -122,6 +137,17 @@ enum Step {
     /// State changed without output; run again.
     Again,
     NeedMore,
+}
+
+/// Work the decoder has done, for tests that hold it to constant work per received byte.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecodeWork {
+    /// Held device-phase bytes examined while looking for the description (each once).
+    pub device_phase_bytes_scanned: u64,
+    /// Descriptions parsed and walked (candidate endings tried).
+    pub descriptions_tried: u64,
+    /// Configuration elements (machine name, subsection headers, capabilities) parsed.
+    pub configuration_elements: u64,
 }
 
 /// Decoder of the QEMU main migration channel.
@@ -145,9 +171,23 @@ pub struct StreamDecoder {
     ram_blocks: HashMap<Vec<u8>, u64>,
     /// used_length of the block the last page record named (CONTINUE records refer to it).
     current_block_len: Option<u64>,
-    /// Why the last apparent description at the end of the held bytes did not verify, and the
-    /// held length it was checked at (so the same bytes are not walked twice).
-    description_error: Option<(usize, DecodeError)>,
+    /// Progress through a configuration record split over several reads.
+    configuration: ConfigurationParser,
+    /// Progress of the search for the end of the device phase.
+    candidates: CandidateScanner,
+    /// Why the last apparent description at the end of the held bytes did not verify.
+    description_error: Option<DecodeError>,
+    work: DecodeWork,
+    /// Endings of the device phase must have this layout (see `reference`).
+    reference: Option<ReferenceDescription>,
+    /// Checking relay: an unconfirmed ending does not end the stream (see `set_checking_relay`).
+    checking_relay: bool,
+    /// The device phase as released so far when a released ending turned out to be false: the
+    /// decoder then holds the phase in its own buffer (`phase`), `released` bytes of which the
+    /// connection has already forwarded.
+    released_phase: Option<Bytes>,
+    phase: Option<BytesMut>,
+    released: usize,
 }
 
 impl StreamDecoder {
@@ -165,21 +205,59 @@ impl StreamDecoder {
             seen_end: false,
             ram_blocks: HashMap::new(),
             current_block_len: None,
+            configuration: ConfigurationParser::default(),
+            candidates: CandidateScanner::default(),
             description_error: None,
+            work: DecodeWork::default(),
+            reference: None,
+            checking_relay: false,
+            released_phase: None,
+            phase: None,
+            released: 0,
         }
+    }
+
+    /// Accept an ending of the device phase only if its description has this layout (see
+    /// `ReferenceDescription`): the ending is then exact, whatever the guest wrote into its state.
+    pub fn set_reference_description(&mut self, reference: ReferenceDescription) {
+        self.reference = Some(reference);
+    }
+
+    /// For a connection that forwards the device state unchanged (no rewrite): an ending that
+    /// verified but is not confirmed by a reference description is released (as a
+    /// `Frame::DeviceState`) without ending the stream. If more bytes follow, the ending was
+    /// device data that looked like one (a guest can write such bytes into its registers), and the
+    /// phase simply goes on: the decoder keeps the released bytes (no copy until then), holds what
+    /// follows, and releases it (as `RecordKind::DevicePhaseContinued` frames) only once a later
+    /// description verifies the WHOLE phase from its first section. Forwarding a false ending is
+    /// harmless: the destination reads those bytes as the field they really are.
+    ///
+    /// A connection that rewrites must not use this without a reference (a rewrite based on a
+    /// forged description cannot be taken back); `DeviceState::is_confirmed` says which it got.
+    pub fn set_checking_relay(&mut self, relay: bool) {
+        self.checking_relay = relay;
     }
 
     /// While holding the device phase: why the bytes that last looked like a complete
     /// description (EOF, VMDESCRIPTION, be32 length reaching the end of the received bytes, a JSON
     /// object) did not verify. Such bytes may be device data that merely look like a description,
     /// so the decoder keeps holding; at end of input it reports this error instead of
-    /// `MissingDescription`. Connection code can name it when its description deadline expires.
+    /// `MissingDescription` if no byte arrived after them. Connection code can name it when its
+    /// description deadline expires.
     pub fn description_error(&self) -> Option<&DecodeError> {
-        self.description_error.as_ref().map(|(_, err)| err)
+        self.description_error.as_ref()
     }
 
     pub fn info(&self) -> &StreamInfo {
         &self.info
+    }
+
+    /// Work done so far (see [`DecodeWork`]).
+    pub fn work(&self) -> DecodeWork {
+        DecodeWork {
+            device_phase_bytes_scanned: self.candidates.examined(),
+            ..self.work
+        }
     }
 
     /// Stream offset of the next byte to decode.
@@ -198,9 +276,11 @@ impl StreamDecoder {
         matches!(self.state, State::DevicePhase { .. })
     }
 
-    /// Nothing more may follow (after the description / final EOF).
+    /// The stream may end here (after the description / final EOF). In a checking relay after an
+    /// unconfirmed ending more may still follow (see `set_checking_relay`); otherwise any
+    /// further byte is `TrailingData`.
     pub fn is_done(&self) -> bool {
-        matches!(self.state, State::Done)
+        matches!(self.state, State::Done | State::Ended { .. })
     }
 
     fn section_ref(&self, id: u32) -> SectionRef {
@@ -214,12 +294,40 @@ impl StreamDecoder {
         self.offset + pos as u64
     }
 
-    fn in_section(&self, section: u32, pos: usize, expected: &str, found: String) -> DecodeError {
-        DecodeError::InSection {
-            offset: self.at(pos),
-            section: self.section_ref(section),
-            expected: expected.to_string(),
-            found,
+    /// Locate a pure parser's error: stream offset and, inside a section, the section.
+    fn located(&self, err: RecordError, section: Option<u32>) -> DecodeError {
+        match err {
+            RecordError::Invalid {
+                pos,
+                expected,
+                found,
+            } => match section {
+                Some(id) => DecodeError::InSection {
+                    offset: self.at(pos),
+                    section: self.section_ref(id),
+                    expected,
+                    found,
+                },
+                None => DecodeError::Unexpected {
+                    offset: self.at(pos),
+                    expected,
+                    found,
+                },
+            },
+            RecordError::TooLong {
+                pos,
+                what,
+                len,
+                limit,
+            } => DecodeError::LimitExceeded {
+                offset: self.at(pos),
+                what: match section {
+                    Some(id) => format!("{what} in {}", self.section_ref(id)),
+                    None => what,
+                },
+                len,
+                limit,
+            },
         }
     }
 
@@ -273,6 +381,7 @@ impl StreamDecoder {
             State::Block { section } => self.block_record(src, section),
             State::Footer { section } => self.footer(src, section),
             State::DevicePhase { start } => self.device_phase(src, start),
+            State::Ended { start } => Ok(self.after_unconfirmed_ending(src, start)),
             State::Done => {
                 if src.is_empty() {
                     Ok(Step::NeedMore)
@@ -286,10 +395,11 @@ impl StreamDecoder {
     }
 
     fn file_header(&mut self, src: &mut BytesMut) -> Result<Step, DecodeError> {
-        let mut r = Reader::new(src);
-        let (Some(magic), Some(version)) = (r.be32(), r.be32()) else {
+        let (Some(magic), Some(version)) = (src.get(0..4), src.get(4..8)) else {
             return Ok(Step::NeedMore);
         };
+        let magic = u32::from_be_bytes(magic.try_into().unwrap_or_default());
+        let version = u32::from_be_bytes(version.try_into().unwrap_or_default());
         if magic != QEMU_VM_FILE_MAGIC {
             return Err(DecodeError::Unexpected {
                 offset: 0,
@@ -308,7 +418,7 @@ impl StreamDecoder {
         Ok(self.emit(src, 8, RecordKind::FileHeader, None))
     }
 
-    /// `configuration` vmstate: be32 len, machine name, subsections (stream-format §1).
+    /// The configuration record (see `configuration`), resumed where the last read left it.
     fn configuration(&mut self, src: &mut BytesMut) -> Result<Step, DecodeError> {
         match src.first() {
             None => return Ok(Step::NeedMore),
@@ -320,89 +430,22 @@ impl StreamDecoder {
                 return Ok(Step::Again);
             }
         }
-        let mut r = Reader::at(src, 1);
-        let Some(len) = r.be32() else {
-            return Ok(Step::NeedMore);
+        let before = self.configuration.elements();
+        let parsed = self.configuration.resume(src, self.limits.max_record);
+        self.work.configuration_elements += self.configuration.elements().saturating_sub(before);
+        let config = match parsed {
+            Ok(Some(config)) => config,
+            Ok(None) => return self.need_record(src, "configuration record"),
+            Err(err) => return Err(self.located(err, None)),
         };
-        let len = usize::try_from(len).unwrap_or(usize::MAX);
-        if len > self.limits.max_record {
-            return Err(DecodeError::LimitExceeded {
-                offset: self.at(1),
-                what: "machine name".into(),
-                len: len as u64,
-                limit: self.limits.max_record,
-            });
-        }
-        let Some(machine) = r.bytes(len) else {
-            return self.need_record(src, "configuration record");
-        };
-        let machine = reader::name(machine);
-        let mut page_bits = ARM_TARGET_PAGE_BITS_MIN;
-        let mut capabilities = Vec::new();
-        // Subsections follow while the next byte is QEMU_VM_SUBSECTION; one byte of look-ahead
-        // past the record is needed to know it has ended.
-        loop {
-            let sub_start = r.pos();
-            match r.u8() {
-                None => return self.need_record(src, "configuration record"),
-                Some(QEMU_VM_SUBSECTION) => {}
-                Some(_) => {
-                    r = Reader::at(src, sub_start);
-                    break;
-                }
-            }
-            let (Some(name), Some(_version)) = (r.counted(), r.be32()) else {
-                return self.need_record(src, "configuration record");
-            };
-            let name_str = reader::name(name);
-            match name_str.as_str() {
-                CONFIGURATION_TARGET_PAGE_BITS => {
-                    let Some(bits) = r.be32() else {
-                        return self.need_record(src, "configuration record");
-                    };
-                    if !(ARM_TARGET_PAGE_BITS_MIN..=30).contains(&bits) {
-                        return Err(DecodeError::Unexpected {
-                            offset: self.at(r.pos() - 4),
-                            expected: "target page bits between 10 and 30".into(),
-                            found: bits.to_string(),
-                        });
-                    }
-                    page_bits = bits;
-                }
-                CONFIGURATION_CAPABILITIES => {
-                    let Some(count) = r.be32() else {
-                        return self.need_record(src, "configuration record");
-                    };
-                    for _ in 0..count {
-                        let Some(cap) = r.counted() else {
-                            return self.need_record(src, "configuration record");
-                        };
-                        capabilities.push(reader::name(cap));
-                    }
-                }
-                CONFIGURATION_UUID => {
-                    if r.bytes(16).is_none() {
-                        return self.need_record(src, "configuration record");
-                    }
-                }
-                _ => {
-                    return Err(DecodeError::Unexpected {
-                        offset: self.at(sub_start),
-                        expected: "a known configuration subsection".into(),
-                        found: format!("\"{name_str}\""),
-                    })
-                }
-            }
-        }
-        let len = r.pos();
-        self.page_size = 1u64 << page_bits;
-        self.ignore_shared = capabilities.iter().any(|c| c == "x-ignore-shared");
-        self.mapped_ram = capabilities.iter().any(|c| c == "mapped-ram");
-        self.info.machine = Some(machine);
+        self.page_size = 1u64 << config.page_bits;
+        self.ignore_shared = config.capabilities.iter().any(|c| c == "x-ignore-shared");
+        self.mapped_ram = config.capabilities.iter().any(|c| c == "mapped-ram");
+        self.info.machine = Some(config.machine);
         self.info.page_size = Some(self.page_size);
-        self.info.capabilities = capabilities;
+        self.info.capabilities = config.capabilities;
         self.state = State::Record;
-        Ok(self.emit(src, len, RecordKind::Configuration, None))
+        Ok(self.emit(src, config.len, RecordKind::Configuration, None))
     }
 
     fn record(&mut self, src: &mut BytesMut) -> Result<Step, DecodeError> {
@@ -412,8 +455,7 @@ impl StreamDecoder {
         match tag {
             QEMU_VM_SECTION_START => self.section_start(src),
             QEMU_VM_SECTION_PART | QEMU_VM_SECTION_END => {
-                let mut r = Reader::at(src, 1);
-                let Some(id) = r.be32() else {
+                let Some(id) = section::parse_part_or_end(src) else {
                     return Ok(Step::NeedMore);
                 };
                 let Some(iterable) = self.iterables.get(&id) else {
@@ -434,16 +476,16 @@ impl StreamDecoder {
             }
             QEMU_VM_SECTION_FULL => {
                 if !self.seen_end {
-                    let mut r = Reader::at(src, 1);
-                    let (Some(id), Some(idstr)) = (r.be32(), r.counted()) else {
+                    let Ok(Some(header)) = section::parse_start(src) else {
                         return Ok(Step::NeedMore);
                     };
                     return Err(DecodeError::EarlySetupDevice {
                         offset: self.offset,
-                        what: format!("full section {id} \"{}\"", reader::name(idstr)),
+                        what: format!("full section {} \"{}\"", header.id, header.idstr),
                     });
                 }
                 self.state = State::DevicePhase { start: self.offset };
+                self.candidates = CandidateScanner::default();
                 Ok(Step::Again)
             }
             QEMU_VM_COMMAND => self.command(src),
@@ -462,24 +504,23 @@ impl StreamDecoder {
     }
 
     fn section_start(&mut self, src: &mut BytesMut) -> Result<Step, DecodeError> {
-        let mut r = Reader::at(src, 1);
-        let (Some(id), Some(idstr), Some(instance), Some(version)) =
-            (r.be32(), r.counted(), r.be32(), r.be32())
-        else {
-            return Ok(Step::NeedMore);
+        let header = match section::parse_start(src) {
+            Ok(Some(header)) => header,
+            Ok(None) => return Ok(Step::NeedMore),
+            Err(err) => return Err(self.located(err, None)),
         };
-        let idstr = reader::name(idstr);
-        let kind = match idstr.as_str() {
+        let kind = match header.idstr.as_str() {
             IDSTR_RAM => IterKind::Ram,
             IDSTR_DIRTY_BITMAP => IterKind::DirtyBitmap,
             IDSTR_BLOCK => IterKind::Block,
             _ => {
-                // An unknown iterable cannot be delimited (stream-format §5): refuse cleanly.
+                // An unknown iterable has no known record format, so it cannot be delimited:
+                // refuse cleanly.
                 return Err(DecodeError::InSection {
                     offset: self.offset,
                     section: SectionRef {
-                        id,
-                        idstr: Some(idstr),
+                        id: header.id,
+                        idstr: Some(header.idstr),
                     },
                     expected: "an iterable section this codec knows (ram, dirty-bitmap, block)"
                         .into(),
@@ -487,243 +528,93 @@ impl StreamDecoder {
                 });
             }
         };
+        if !self.iterables.contains_key(&header.id)
+            && self.iterables.len() >= self.limits.max_sections
+        {
+            return Err(DecodeError::LimitExceeded {
+                offset: self.offset,
+                what: format!(
+                    "iterable section {} \"{}\" (sections opened)",
+                    header.id, header.idstr
+                ),
+                len: self.iterables.len() as u64 + 1,
+                limit: self.limits.max_sections,
+            });
+        }
         self.iterables.insert(
-            id,
+            header.id,
             Iterable {
                 kind,
-                idstr: idstr.clone(),
+                idstr: header.idstr.clone(),
             },
         );
-        self.state = iter_state(kind, id);
-        let len = r.pos();
+        self.state = iter_state(kind, header.id);
         Ok(self.emit(
             src,
-            len,
+            header.len,
             RecordKind::SectionStart {
-                idstr,
-                instance,
-                version,
+                idstr: header.idstr,
+                instance: header.instance,
+                version: header.version,
             },
-            Some(id),
+            Some(header.id),
         ))
     }
 
-    /// `QEMU_VM_COMMAND`: be16 cmd, be16 len, len bytes; PACKAGED adds an opaque blob.
+    /// `QEMU_VM_COMMAND` (see `command`).
     fn command(&mut self, src: &mut BytesMut) -> Result<Step, DecodeError> {
-        let mut r = Reader::at(src, 1);
-        let (Some(cmd), Some(len)) = (r.be16(), r.be16()) else {
-            return Ok(Step::NeedMore);
-        };
-        let expected_len: Option<u16> = match cmd {
-            MIG_CMD_OPEN_RETURN_PATH
-            | MIG_CMD_POSTCOPY_LISTEN
-            | MIG_CMD_POSTCOPY_RUN
-            | MIG_CMD_ENABLE_COLO
-            | MIG_CMD_POSTCOPY_RESUME
-            | MIG_CMD_SWITCHOVER_START => Some(0),
-            MIG_CMD_PING | MIG_CMD_PACKAGED => Some(4),
-            _ => None,
-        };
-        let bad_len = |expected: &str| DecodeError::Unexpected {
-            offset: self.at(3),
-            expected: format!("length {expected} for command {cmd}"),
-            found: len.to_string(),
-        };
-        if expected_len.is_some_and(|l| l != len)
-            || (cmd == MIG_CMD_POSTCOPY_ADVISE && len != 0 && len != 16)
+        let record = match command::parse(src, self.limits.max_packaged, self.info.postcopy_advised)
         {
-            return Err(bad_len(&match expected_len {
-                Some(l) => l.to_string(),
-                None => "0 or 16".into(),
-            }));
-        }
-        if cmd == MIG_CMD_INVALID {
-            return Err(DecodeError::Unexpected {
-                offset: self.at(1),
-                expected: "a migration command".into(),
-                found: "MIG_CMD_INVALID (0)".into(),
-            });
-        }
-        let Some(payload) = r.bytes(usize::from(len)) else {
-            return Ok(Step::NeedMore);
+            Ok(Some(record)) => record,
+            Ok(None) => return Ok(Step::NeedMore),
+            Err(err) => return Err(self.located(err, None)),
         };
-        let mut p = Reader::new(payload);
-        let kind = match cmd {
-            MIG_CMD_OPEN_RETURN_PATH => {
-                self.info.return_path = true;
-                MigCommand::OpenReturnPath
-            }
-            MIG_CMD_PING => MigCommand::Ping(p.be32().unwrap_or(0)),
-            MIG_CMD_POSTCOPY_ADVISE => {
+        match record.command {
+            MigCommand::OpenReturnPath => self.info.return_path = true,
+            MigCommand::PostcopyAdvise { .. } => {
                 self.info.postcopy_advised = true;
-                if len == 16 {
-                    self.advise_summary = p.be64();
+                if record.advise_summary.is_some() {
+                    self.advise_summary = record.advise_summary;
                 }
-                MigCommand::PostcopyAdvise { len }
             }
-            MIG_CMD_POSTCOPY_LISTEN => MigCommand::PostcopyListen,
-            MIG_CMD_POSTCOPY_RUN => MigCommand::PostcopyRun,
-            MIG_CMD_POSTCOPY_RAM_DISCARD => MigCommand::PostcopyRamDiscard,
-            MIG_CMD_PACKAGED => {
-                let blob_len = p.be32().unwrap_or(0);
-                let blob = usize::try_from(blob_len).unwrap_or(usize::MAX);
-                if blob > self.limits.max_packaged {
-                    return Err(DecodeError::LimitExceeded {
-                        offset: self.at(5),
-                        what: "postcopy package (MIG_CMD_PACKAGED)".into(),
-                        len: u64::from(blob_len),
-                        limit: self.limits.max_packaged,
-                    });
-                }
-                if r.bytes(blob).is_none() {
-                    return Ok(Step::NeedMore);
-                }
-                MigCommand::Packaged { blob_len }
-            }
-            MIG_CMD_ENABLE_COLO => MigCommand::EnableColo,
-            MIG_CMD_POSTCOPY_RESUME => MigCommand::PostcopyResume,
-            MIG_CMD_RECV_BITMAP => MigCommand::RecvBitmap,
-            MIG_CMD_SWITCHOVER_START => MigCommand::SwitchoverStart,
-            other => MigCommand::Other(other),
-        };
-        let total = r.pos();
-        Ok(self.emit(src, total, RecordKind::Command(kind), None))
+            _ => {}
+        }
+        Ok(self.emit(src, record.len, RecordKind::Command(record.command), None))
     }
 
-    /// One RAM record (stream-format §4): be64 offset|flags, then per flag.
+    /// One RAM record header (see `ram`).
     fn ram_record(&mut self, src: &mut BytesMut, section: u32) -> Result<Step, DecodeError> {
-        let mut r = Reader::new(src);
-        let Some(header) = r.be64() else {
-            return Ok(Step::NeedMore);
+        let ctx = RamContext {
+            page_size: self.page_size,
+            blocks: &self.ram_blocks,
+            current_block_len: self.current_block_len,
+            mapped_ram: self.mapped_ram,
         };
-        // QEMU: flags = addr & ~TARGET_PAGE_MASK.
-        let flags = header & (self.page_size - 1);
-        let kind = flags & !RAM_SAVE_FLAG_CONTINUE;
-        let record = RecordKind::RamRecord { flags };
-        match kind {
-            RAM_SAVE_FLAG_ZERO
-            | RAM_SAVE_FLAG_PAGE
-            | RAM_SAVE_FLAG_XBZRLE
-            | RAM_SAVE_FLAG_COMPRESS_PAGE => {
-                let block_len = if flags & RAM_SAVE_FLAG_CONTINUE == 0 {
-                    let Some(name) = r.counted() else {
-                        return Ok(Step::NeedMore);
-                    };
-                    match self.ram_blocks.get(name) {
-                        Some(&len) => len,
-                        None => {
-                            return Err(self.in_section(
-                                section,
-                                8,
-                                "a ram block of the MEM_SIZE list",
-                                format!("{:?}", reader::name(name)),
-                            ))
-                        }
-                    }
-                } else {
-                    match self.current_block_len {
-                        Some(len) => len,
-                        None => {
-                            return Err(self.in_section(
-                                section,
-                                0,
-                                "a ram block name before the first CONTINUE record",
-                                format!("flags 0x{flags:x}"),
-                            ))
-                        }
-                    }
-                };
-                let page_offset = header & !(self.page_size - 1);
-                if page_offset
-                    .checked_add(self.page_size)
-                    .is_none_or(|end| end > block_len)
-                {
-                    return Err(self.in_section(
-                        section,
-                        0,
-                        &format!("a page offset inside its ram block of {block_len} bytes"),
-                        format!("0x{page_offset:x}"),
-                    ));
-                }
-                let (payload, then) = match kind {
-                    RAM_SAVE_FLAG_ZERO => {
-                        let Some(fill) = r.u8() else {
-                            return Ok(Step::NeedMore);
-                        };
-                        // Both senders write 0; QEMU 10.0's loader refuses anything else.
-                        if fill != 0 {
-                            return Err(self.in_section(
-                                section,
-                                r.pos() - 1,
-                                "a zero page fill byte 0x00",
-                                format!("0x{fill:02x}"),
-                            ));
-                        }
-                        (0, AfterPayload::Ram)
-                    }
-                    RAM_SAVE_FLAG_PAGE => (self.page_size_usize(), AfterPayload::Ram),
-                    RAM_SAVE_FLAG_XBZRLE => {
-                        let (Some(encoding), Some(len)) = (r.u8(), r.be16()) else {
-                            return Ok(Step::NeedMore);
-                        };
-                        if encoding != ENCODING_FLAG_XBZRLE {
-                            return Err(self.in_section(
-                                section,
-                                r.pos() - 3,
-                                "xbzrle encoding flag 0x01",
-                                format!("0x{encoding:02x}"),
-                            ));
-                        }
-                        if u64::from(len) > self.page_size {
-                            return Err(self.in_section(
-                                section,
-                                r.pos() - 2,
-                                "an xbzrle length up to the page size",
-                                len.to_string(),
-                            ));
-                        }
-                        (usize::from(len), AfterPayload::Ram)
-                    }
-                    _ => {
-                        let Some(len) = r.be32() else {
-                            return Ok(Step::NeedMore);
-                        };
-                        // QEMU refuses more than compressBound(TARGET_PAGE_SIZE).
-                        let bound = compress_bound(self.page_size);
-                        if u64::from(len) > bound {
-                            return Err(self.in_section(
-                                section,
-                                r.pos() - 4,
-                                &format!("a compressed page of at most {bound} bytes"),
-                                len.to_string(),
-                            ));
-                        }
-                        (usize::try_from(len).unwrap_or(usize::MAX), AfterPayload::Ram)
-                    }
-                };
+        let record = match ram::parse_record(src, &ctx) {
+            Ok(Some(record)) => record,
+            Ok(None) => return Ok(Step::NeedMore),
+            Err(err) => return Err(self.located(err, Some(section))),
+        };
+        match record {
+            RamRecord::Page {
+                flags,
+                head,
+                payload,
+                block_len,
+            } => {
                 self.current_block_len = Some(block_len);
-                let head = r.pos();
                 if payload > 0 {
                     self.state = State::Payload {
                         section,
                         remaining: payload,
-                        then,
+                        then: AfterPayload::Ram,
                     };
                 }
-                Ok(self.emit(src, head, record, Some(section)))
+                Ok(self.emit(src, head, RecordKind::RamRecord { flags }, Some(section)))
             }
-            RAM_SAVE_FLAG_MEM_SIZE => {
-                if self.mapped_ram {
-                    return Err(self.in_section(
-                        section,
-                        0,
-                        "a sequential stream",
-                        "the mapped-ram capability (file: migrations only)".into(),
-                    ));
-                }
-                let total = header & !(self.page_size - 1);
+            RamRecord::MemSize { flags, total } => {
                 if total == 0 {
-                    return Ok(self.emit(src, 8, record, Some(section)));
+                    return Ok(self.emit(src, 8, RecordKind::RamRecord { flags }, Some(section)));
                 }
                 self.state = State::RamBlockList {
                     section,
@@ -733,36 +624,14 @@ impl StreamDecoder {
                 };
                 Ok(Step::Again)
             }
-            // QEMU writes these two as the bare flag: address bits mean a misaligned stream.
-            RAM_SAVE_FLAG_MULTIFD_FLUSH | RAM_SAVE_FLAG_EOS if header != kind => {
-                Err(self.in_section(
-                    section,
-                    0,
-                    &format!("a bare 0x{kind:x} record header"),
-                    format!("0x{header:016x}"),
-                ))
+            RamRecord::MultifdFlush { flags } => {
+                Ok(self.emit(src, 8, RecordKind::RamRecord { flags }, Some(section)))
             }
-            RAM_SAVE_FLAG_MULTIFD_FLUSH => Ok(self.emit(src, 8, record, Some(section))),
-            RAM_SAVE_FLAG_EOS => {
+            RamRecord::Eos { flags } => {
                 self.state = State::Footer { section };
-                Ok(self.emit(src, 8, record, Some(section)))
+                Ok(self.emit(src, 8, RecordKind::RamRecord { flags }, Some(section)))
             }
-            _ => Err(self.in_section(
-                section,
-                0,
-                "a ram record flag (ZERO, MEM_SIZE, PAGE, EOS, XBZRLE, COMPRESS_PAGE, MULTIFD_FLUSH)",
-                if flags & RAM_SAVE_FLAG_HOOK != 0 {
-                    format!("flags 0x{flags:x} (RAM_SAVE_FLAG_HOOK: rdma is not supported)")
-                } else {
-                    format!("flags 0x{flags:x}")
-                },
-            )),
         }
-    }
-
-    fn page_size_usize(&self) -> usize {
-        // page bits are at most 30 (checked in the configuration).
-        usize::try_from(self.page_size).unwrap_or(usize::MAX)
     }
 
     /// The MEM_SIZE block list: entries until their used_length values add up to the total.
@@ -774,42 +643,23 @@ impl StreamDecoder {
         mut remaining: u64,
         mut parsed: usize,
     ) -> Result<Step, DecodeError> {
-        if let Some(summary) = self.advise_summary {
-            // Per-block page sizes are written for hugepage blocks only, and the stream does not
-            // say which (stream-format §4.3 A): refuse rather than guess.
-            if summary.count_ones() > 1 {
-                return Err(self.in_section(
-                    section,
-                    0,
-                    "a single page size in the postcopy advise summary",
-                    format!("ram_pagesize_summary 0x{summary:x} (mixed page sizes)"),
-                ));
-            }
-        }
+        ram::check_advise_summary(self.advise_summary)
+            .map_err(|err| self.located(err, Some(section)))?;
         if parsed == 8 {
             // A new list replaces the old one (QEMU resends it after a block list change).
             self.ram_blocks.clear();
             self.current_block_len = None;
         }
         while remaining > 0 {
-            let mut r = Reader::at(src, parsed);
-            let (Some(name), Some(used_length)) = (r.counted(), r.be64()) else {
-                break;
+            let entry = match ram::parse_block_entry(src, parsed, remaining, self.ignore_shared) {
+                Ok(Some(entry)) => entry,
+                Ok(None) => break,
+                Err(err) => return Err(self.located(err, Some(section))),
             };
-            if self.ignore_shared && r.be64().is_none() {
-                break;
-            }
-            if used_length > remaining {
-                return Err(self.in_section(
-                    section,
-                    r.pos() - 8,
-                    &format!("a block length within the remaining {remaining} bytes of MEM_SIZE"),
-                    used_length.to_string(),
-                ));
-            }
-            remaining -= used_length;
-            parsed = r.pos();
-            self.ram_blocks.insert(name.to_vec(), used_length);
+            remaining -= entry.used_length;
+            parsed = entry.end;
+            self.ram_blocks
+                .insert(entry.name.to_vec(), entry.used_length);
         }
         if parsed > self.limits.max_record {
             return Err(DecodeError::LimitExceeded {
@@ -864,136 +714,59 @@ impl StreamDecoder {
         })
     }
 
-    /// One dirty-bitmap chunk (migration/block-dirty-bitmap.c, stream-format §5).
+    /// One dirty-bitmap chunk (see `bitmap`).
     fn dirty_bitmap_chunk(
         &mut self,
         src: &mut BytesMut,
         section: u32,
     ) -> Result<Step, DecodeError> {
-        let mut r = Reader::new(src);
-        let Some(flags) = r.u8() else {
-            return Ok(Step::NeedMore);
+        let chunk = match bitmap::parse_chunk(src, self.limits.max_record) {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return Ok(Step::NeedMore),
+            Err(err) => return Err(self.located(err, Some(section))),
         };
-        if flags & DIRTY_BITMAP_MIG_EXTRA_FLAGS_8 != 0 {
-            return Err(self.in_section(
-                section,
-                0,
-                "single-byte dirty-bitmap flags",
-                format!("flags 0x{flags:02x} (extra flag bytes are never sent by qemu 7.2/10.0)"),
-            ));
-        }
-        if flags & DIRTY_BITMAP_MIG_FLAG_DEVICE_NAME != 0 && r.counted().is_none() {
-            return self.need_record(src, "dirty-bitmap chunk");
-        }
-        if flags & DIRTY_BITMAP_MIG_FLAG_BITMAP_NAME != 0 && r.counted().is_none() {
-            return self.need_record(src, "dirty-bitmap chunk");
-        }
-        if flags & DIRTY_BITMAP_MIG_FLAG_START != 0 {
-            // be32 granularity (despite the be64 in QEMU's format comment), u8 bitmap flags.
-            if r.be32().is_none() || r.u8().is_none() {
-                return Ok(Step::NeedMore);
-            }
-        } else if flags & DIRTY_BITMAP_MIG_FLAG_COMPLETE != 0 {
-        } else if flags & DIRTY_BITMAP_MIG_FLAG_BITS != 0 {
-            let (Some(_first), Some(_count)) = (r.be64(), r.be32()) else {
-                return Ok(Step::NeedMore);
-            };
-            if flags & DIRTY_BITMAP_MIG_FLAG_ZEROES == 0 {
-                let Some(size) = r.be64() else {
-                    return Ok(Step::NeedMore);
-                };
-                let size_usize = usize::try_from(size).unwrap_or(usize::MAX);
-                if size_usize > self.limits.max_record {
-                    return Err(DecodeError::LimitExceeded {
-                        offset: self.at(r.pos() - 8),
-                        what: format!("dirty-bitmap chunk in {}", self.section_ref(section)),
-                        len: size,
-                        limit: self.limits.max_record,
-                    });
-                }
-                if r.bytes(size_usize).is_none() {
-                    return Ok(Step::NeedMore);
-                }
-            }
-        }
-        if flags & DIRTY_BITMAP_MIG_FLAG_EOS != 0 {
+        if chunk.eos {
             self.state = State::Footer { section };
         }
-        let len = r.pos();
-        Ok(self.emit(src, len, RecordKind::IterableChunk, Some(section)))
+        Ok(self.emit(src, chunk.len, RecordKind::IterableChunk, Some(section)))
     }
 
-    /// One block-migration record (QEMU <= 9.0 migration/block.c).
+    /// One block-migration record (see `block`).
     fn block_record(&mut self, src: &mut BytesMut, section: u32) -> Result<Step, DecodeError> {
-        let mut r = Reader::new(src);
-        let Some(header) = r.be64() else {
-            return Ok(Step::NeedMore);
+        let record = match block::parse_record(src) {
+            Ok(Some(record)) => record,
+            Ok(None) => return Ok(Step::NeedMore),
+            Err(err) => return Err(self.located(err, Some(section))),
         };
-        // flags = addr & (BDRV_SECTOR_SIZE - 1)
-        let flags = header & ((1u64 << BDRV_SECTOR_BITS) - 1);
-        let eos = flags & BLK_MIG_FLAG_EOS != 0;
-        let after = if eos {
+        let after = if record.eos {
             State::Footer { section }
         } else {
             State::Block { section }
         };
-        if flags & BLK_MIG_FLAG_DEVICE_BLOCK != 0 {
-            if r.counted().is_none() {
-                return Ok(Step::NeedMore);
-            }
-            let head = r.pos();
-            self.state = if flags & BLK_MIG_FLAG_ZERO_BLOCK != 0 {
-                after
-            } else {
-                State::Payload {
-                    section,
-                    remaining: BLK_MIG_BLOCK_SIZE,
-                    then: if eos {
-                        AfterPayload::Footer
-                    } else {
-                        AfterPayload::Block
-                    },
-                }
-            };
-            return Ok(self.emit(src, head, RecordKind::IterableChunk, Some(section)));
-        }
-        if flags & BLK_MIG_FLAG_PROGRESS == 0 && !eos {
-            return Err(self.in_section(
+        self.state = if record.payload == 0 {
+            after
+        } else {
+            State::Payload {
                 section,
-                0,
-                "a block migration flag (DEVICE_BLOCK, EOS, PROGRESS)",
-                format!("flags 0x{flags:x}"),
-            ));
-        }
-        self.state = after;
-        Ok(self.emit(src, 8, RecordKind::IterableChunk, Some(section)))
+                remaining: record.payload,
+                then: if record.eos {
+                    AfterPayload::Footer
+                } else {
+                    AfterPayload::Block
+                },
+            }
+        };
+        Ok(self.emit(src, record.head, RecordKind::IterableChunk, Some(section)))
     }
 
     fn footer(&mut self, src: &mut BytesMut, section: u32) -> Result<Step, DecodeError> {
-        let mut r = Reader::new(src);
-        let (Some(tag), Some(id)) = (r.u8(), r.be32()) else {
-            if let Some(&tag) = src.first() {
-                if tag != QEMU_VM_SECTION_FOOTER {
-                    return Err(self.in_section(
-                        section,
-                        0,
-                        "section footer (0x7e)",
-                        record_type_name(tag),
-                    ));
-                }
-            }
-            return Ok(Step::NeedMore);
+        let len = match section::parse_footer(src, section) {
+            Ok(Some(len)) => len,
+            Ok(None) => return Ok(Step::NeedMore),
+            Err(err) => return Err(self.located(err, Some(section))),
         };
-        if tag != QEMU_VM_SECTION_FOOTER || id != section {
-            return Err(self.in_section(
-                section,
-                0,
-                &format!("section footer 7e {section:08x}"),
-                format!("{tag:02x} {id:08x}"),
-            ));
-        }
         self.state = State::Record;
-        Ok(self.emit(src, 5, RecordKind::SectionFooter, Some(section)))
+        Ok(self.emit(src, len, RecordKind::SectionFooter, Some(section)))
     }
 
     fn held_limit(&self) -> usize {
@@ -1004,46 +777,100 @@ impl StreamDecoder {
     }
 
     fn device_phase(&mut self, src: &mut BytesMut, start: u64) -> Result<Step, DecodeError> {
-        if src.len() > self.held_limit() {
+        if let Some(phase) = self.phase.as_mut() {
+            // After a false ending the decoder holds the phase itself (one copy per byte).
+            phase.extend_from_slice(&src.split());
+        }
+        let held: &[u8] = match &self.phase {
+            Some(phase) => phase,
+            None => src,
+        };
+        if held.len() > self.held_limit() {
             return Err(DecodeError::LimitExceeded {
                 offset: start,
                 what: "held device-state phase (full sections, eof and description)".into(),
-                len: src.len() as u64,
+                len: held.len() as u64,
                 limit: self.held_limit(),
             });
         }
-        if matches!(&self.description_error, Some((len, _)) if *len == src.len()) {
-            return Ok(Step::NeedMore);
+        let scanned_before = self.candidates.examined();
+        let ending = self.candidates.advance(held, self.limits.max_description);
+        if self.candidates.examined() != scanned_before {
+            // Bytes arrived after the last candidate: its error no longer describes the end.
+            self.description_error = None;
         }
-        let Some(desc_len_pos) = device_phase::description_at_end(src, self.limits.max_description)
-        else {
+        let Some(desc_len_pos) = ending else {
             return Ok(Step::NeedMore);
         };
+        self.work.descriptions_tried += 1;
         // Device payloads are guest data and may end with bytes that look like a description:
         // only a walk that verifies every header and footer and lands exactly on EOF counts.
-        match device_phase::walk(src, start, desc_len_pos) {
-            Ok(layout) => {
-                let len = src.len();
-                let held = src.split_to(len).freeze();
-                self.offset += len as u64;
-                self.description_error = None;
-                self.state = State::Done;
-                Ok(Step::Frame(Frame::DeviceState(DeviceState::new(
-                    held,
-                    start,
-                    desc_len_pos,
-                    layout,
-                ))))
-            }
+        let layout = match device_phase::walk(
+            held,
+            start,
+            desc_len_pos,
+            self.reference.as_ref(),
+            &self.limits,
+        ) {
+            Ok(layout) => layout,
             Err(err) => {
-                self.description_error = Some((src.len(), err));
-                Ok(Step::NeedMore)
+                self.description_error = Some(err);
+                return Ok(Step::NeedMore);
             }
+        };
+        self.description_error = None;
+        let confirmed = self.reference.is_some();
+        self.state = if confirmed || !self.checking_relay {
+            State::Done
+        } else {
+            State::Ended { start }
+        };
+        if let Some(phase) = &self.phase {
+            // The whole phase verified; the connection has the first `released` bytes already.
+            let tail = Bytes::copy_from_slice(phase.get(self.released..).unwrap_or_default());
+            self.offset += tail.len() as u64;
+            self.released = phase.len();
+            return Ok(Step::Frame(Frame::Verbatim {
+                kind: RecordKind::DevicePhaseContinued,
+                section_id: None,
+                bytes: tail,
+            }));
         }
+        let len = src.len();
+        let held = src.split_to(len).freeze();
+        self.offset += len as u64;
+        self.released = len;
+        if matches!(self.state, State::Ended { .. }) {
+            // Kept (a reference count, no copy) in case the ending proves false.
+            self.released_phase = Some(held.clone());
+        }
+        Ok(Step::Frame(Frame::DeviceState(DeviceState::new(
+            held,
+            start,
+            desc_len_pos,
+            layout,
+            confirmed,
+            &self.limits,
+        ))))
+    }
+
+    /// Bytes after an unconfirmed ending: it was device data; hold the phase again.
+    fn after_unconfirmed_ending(&mut self, src: &mut BytesMut, start: u64) -> Step {
+        if src.is_empty() {
+            return Step::NeedMore;
+        }
+        if self.phase.is_none() {
+            let released = self.released_phase.take().unwrap_or_default();
+            let mut phase = BytesMut::with_capacity(released.len() + src.len());
+            phase.extend_from_slice(&released);
+            self.phase = Some(phase);
+        }
+        self.state = State::DevicePhase { start };
+        Step::Again
     }
 
     /// Why the input may not end here.
-    fn eof_error(&self, src: &BytesMut) -> DecodeError {
+    fn eof_error(&mut self, src: &BytesMut) -> DecodeError {
         let expected = match self.state {
             State::FileHeader => "the file header",
             State::Configuration => "the configuration record",
@@ -1054,11 +881,18 @@ impl StreamDecoder {
             State::DirtyBitmap { .. } => "a dirty-bitmap chunk",
             State::Block { .. } => "a block migration record",
             State::Footer { .. } => "a section footer",
+            State::Ended { .. } => {
+                return DecodeError::TrailingData {
+                    offset: self.offset,
+                }
+            }
             State::DevicePhase { start } => {
-                return match &self.description_error {
-                    Some((len, err)) if *len == src.len() => clone_error(err),
-                    _ => DecodeError::MissingDescription { offset: start },
-                };
+                // The description error describes the end of the input only if nothing
+                // arrived after it (it is cleared when bytes do); it keeps its own offset.
+                return self
+                    .description_error
+                    .take()
+                    .unwrap_or(DecodeError::MissingDescription { offset: start });
             }
             State::Done => {
                 return DecodeError::TrailingData {
@@ -1073,46 +907,12 @@ impl StreamDecoder {
     }
 }
 
-/// `DecodeError` holds an `io::Error`, so it is not `Clone`; the device-phase variants are.
-fn clone_error(err: &DecodeError) -> DecodeError {
-    match err {
-        DecodeError::Description { offset, message } => DecodeError::Description {
-            offset: *offset,
-            message: message.clone(),
-        },
-        DecodeError::DeviceState {
-            offset,
-            section,
-            message,
-        } => DecodeError::DeviceState {
-            offset: *offset,
-            section: section.clone(),
-            message: message.clone(),
-        },
-        DecodeError::UnexpectedInDevicePhase { offset, found } => {
-            DecodeError::UnexpectedInDevicePhase {
-                offset: *offset,
-                found: found.clone(),
-            }
-        }
-        other => DecodeError::Malformed {
-            offset: 0,
-            message: other.to_string(),
-        },
-    }
-}
-
 fn iter_state(kind: IterKind, section: u32) -> State {
     match kind {
         IterKind::Ram => State::Ram { section },
         IterKind::DirtyBitmap => State::DirtyBitmap { section },
         IterKind::Block => State::Block { section },
     }
-}
-
-/// zlib's compressBound(), which QEMU uses to bound a COMPRESS_PAGE record.
-fn compress_bound(len: u64) -> u64 {
-    len + (len >> 12) + (len >> 14) + (len >> 25) + 13
 }
 
 impl Decoder for StreamDecoder {
@@ -1136,6 +936,7 @@ impl Decoder for StreamDecoder {
         if src.is_empty() && self.is_done() {
             return Ok(None);
         }
+
         Err(self.eof_error(src))
     }
 }

@@ -2,6 +2,7 @@
 
 use bytes::Bytes;
 
+pub use crate::command::MigCommand;
 use crate::device_phase::DeviceState;
 
 /// What the decoder learnt about the stream so far.
@@ -86,32 +87,13 @@ pub enum RecordKind {
     IterableChunk,
     SectionFooter,
     Eof,
+    /// Checking relay only: the rest of a device phase whose earlier ending proved false, released
+    /// once a later description verified the whole phase (`StreamDecoder::set_checking_relay`).
+    DevicePhaseContinued,
     /// Only outside the held phase; nothing emits it today.
     SectionFull {
         idstr: String,
         instance: u32,
         version: u32,
     },
-}
-
-/// A `QEMU_VM_COMMAND` (migration/savevm.c `enum qemu_vm_cmd`).
-#[derive(Debug, Clone, PartialEq)]
-pub enum MigCommand {
-    OpenReturnPath,
-    Ping(u32),
-    PostcopyAdvise {
-        len: u16,
-    },
-    PostcopyListen,
-    PostcopyRun,
-    PostcopyRamDiscard,
-    /// The Verbatim bytes include the whole blob (opaque, length-delimited).
-    Packaged {
-        blob_len: u32,
-    },
-    EnableColo,
-    PostcopyResume,
-    RecvBitmap,
-    SwitchoverStart,
-    Other(u16),
 }

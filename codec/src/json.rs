@@ -1,7 +1,8 @@
 //! A small JSON parser that keeps byte spans.
 //!
-//! The description must be re-emitted byte for byte except for the cpreg `array_len` numbers, so
-//! we need to know where each number sits in the text; a general-purpose JSON library would
+//! The description must be re-emitted byte for byte except for the cpreg `array_len` numbers and
+//! the objects of removed subsections, so we need to know where each number and object sits in
+//! the text; a general-purpose JSON library would
 //! re-format everything. Only what QEMU's `json_writer` produces matters, but the parser accepts
 //! any RFC 8259 text and bounds its nesting depth (the input comes from the network).
 //!
@@ -27,13 +28,15 @@ pub(crate) enum Json<'a> {
     },
     String(Cow<'a, str>),
     Array(Vec<Json<'a>>),
-    Object(Vec<(Cow<'a, str>, Json<'a>)>),
+    /// Members and the object's span (`{` to `}` inclusive), so an object can be cut out of the
+    /// text (a subsection removed from the description).
+    Object(Vec<(Cow<'a, str>, Json<'a>)>, Range<usize>),
 }
 
 impl<'a> Json<'a> {
     pub(crate) fn get(&self, key: &str) -> Option<&Json<'a>> {
         match self {
-            Json::Object(members) => members.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            Json::Object(members, _) => members.iter().find(|(k, _)| k == key).map(|(_, v)| v),
             _ => None,
         }
     }
@@ -59,9 +62,10 @@ impl<'a> Json<'a> {
         }
     }
 
+    /// The text span of a number or an object.
     pub(crate) fn span(&self) -> Option<Range<usize>> {
         match self {
-            Json::Number { span, .. } => Some(span.clone()),
+            Json::Number { span, .. } | Json::Object(_, span) => Some(span.clone()),
             _ => None,
         }
     }
@@ -153,12 +157,13 @@ impl<'a> Parser<'a> {
     }
 
     fn object(&mut self, depth: usize) -> Result<Json<'a>, JsonError> {
+        let start = self.pos;
         self.pos += 1;
         let mut members = Vec::new();
         self.skip_ws();
         if self.peek() == Some(b'}') {
             self.pos += 1;
-            return Ok(Json::Object(members));
+            return Ok(Json::Object(members, start..self.pos));
         }
         loop {
             self.skip_ws();
@@ -176,7 +181,7 @@ impl<'a> Parser<'a> {
                 Some(b',') => self.pos += 1,
                 Some(b'}') => {
                     self.pos += 1;
-                    return Ok(Json::Object(members));
+                    return Ok(Json::Object(members, start..self.pos));
                 }
                 _ => return Err(self.err("expected ',' or '}'")),
             }
@@ -325,56 +330,6 @@ impl<'a> Parser<'a> {
     }
 }
 
-/// If `buf` ends with a complete JSON object, the index of its opening `{`.
-///
-/// Walks backwards over JSON structure only (strings, braces), starting at the last byte, and
-/// looks at no more than `max_len` bytes. Inner objects close quickly, so when the buffer ends
-/// inside a description this costs the size of the innermost object just completed.
-pub(crate) fn object_start_from_end(buf: &[u8], max_len: usize) -> Option<usize> {
-    if buf.last() != Some(&b'}') {
-        return None;
-    }
-    let floor = buf.len().saturating_sub(max_len);
-    let mut depth: usize = 0;
-    let mut i = buf.len();
-    while i > floor {
-        i -= 1;
-        let byte = *buf.get(i)?;
-        match byte {
-            b'}' | b']' => depth += 1,
-            b'{' | b'[' => {
-                depth = depth.checked_sub(1)?;
-                if depth == 0 {
-                    return (byte == b'{').then_some(i);
-                }
-            }
-            b'"' => {
-                // Skip back to the opening quote: the nearest quote not escaped by an odd
-                // number of backslashes.
-                loop {
-                    if i <= floor {
-                        return None;
-                    }
-                    i -= 1;
-                    if buf.get(i) == Some(&b'"') {
-                        let mut backslashes = 0usize;
-                        let mut j = i;
-                        while j > floor && buf.get(j - 1) == Some(&b'\\') {
-                            backslashes += 1;
-                            j -= 1;
-                        }
-                        if backslashes.is_multiple_of(2) {
-                            break;
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,6 +341,9 @@ mod tests {
         let n = json.get("n").unwrap();
         assert_eq!(n.as_u64(), Some(261));
         assert_eq!(&text[n.span().unwrap()], b"261");
+        let inner = &json.get("a").unwrap().as_array().unwrap()[1];
+        assert_eq!(&text[inner.span().unwrap()], br#"{"b": "x\"y"}"#);
+        assert_eq!(json.span(), Some(0..text.len()));
     }
 
     #[test]
@@ -394,13 +352,5 @@ mod tests {
         assert!(parse(deep.as_bytes()).is_err());
         assert!(parse(b"{\"a\":1} x").is_err());
         assert!(parse(b"{\"a\":\x00}").is_err());
-    }
-
-    #[test]
-    fn finds_object_start_from_end() {
-        let buf = b"\x00\x06\x00\x00\x00\x0e{\"a\": \"}{\\\"\"}";
-        assert_eq!(object_start_from_end(buf, 100), Some(6));
-        assert_eq!(object_start_from_end(b"xx}", 100), None);
-        assert_eq!(object_start_from_end(b"{}", 1), None);
     }
 }

@@ -2,14 +2,23 @@
 //! Exact, streaming, byte-transparent codec for the QEMU main migration channel.
 //!
 //! Two layers:
-//! - pure per-record parsers over byte slices (`header`, `configuration`, `section`, `command`,
-//!   `ram`, `iterable`, `vmdesc`, `cpu`), each returning "need more bytes" or a parsed record;
+//! - pure per-record parsers over byte slices, one module per record family, each returning
+//!   "need more bytes", the parsed record, or an error located inside the record (`record`):
+//!   `configuration` (the configuration record, resumable), `command` (`QEMU_VM_COMMAND` and the
+//!   one [`MigCommand`] list), `section` (section headers and footers), `ram` (RAM records and the
+//!   MEM_SIZE block list), `bitmap` (dirty-bitmap chunks), `block` (block migration), and for the
+//!   held device phase `candidates` (where it may end, one look per byte), `device_phase` (the
+//!   walk with the description, cpreg arrays, re-encoding) and `json` (the description text);
 //! - one state machine ([`StreamDecoder`], see `decoder` for its diagram) implementing
 //!   `tokio_util::codec::Decoder`, which owns the `BytesMut` discipline: payloads of RAM pages are
 //!   cut from the read buffer as they arrive, everything else is emitted as whole records, and the
-//!   device-state phase is held until the description arrives (design-decisions §1).
+//!   device-state phase is held until the description arrives (DESIGN.md, "Device state is
+//!   delimited from the stream's own description").
 //!
-//! The codec knows nothing about sockets or runtimes, so it can be fuzzed and used offline.
+//! `wire` holds QEMU's constants (record types, command numbers, RAM flags, the stream and
+//! multifd magic numbers); `limits` the budgets; `error` the one error type; `offline` a blocking
+//! driver for files and pipes. The codec knows nothing about sockets or runtimes, so it can be
+//! fuzzed and used offline.
 //!
 //! # For connection code
 //!
@@ -27,6 +36,11 @@
 //!   blob (bounded by `Limits::max_packaged`); its device state is not delimited (no description).
 //! - The held device phase is bounded by `max_device_state + max_description`.
 
+mod bitmap;
+mod block;
+mod candidates;
+mod command;
+mod configuration;
 mod decoder;
 mod device_phase;
 mod encoder;
@@ -35,14 +49,20 @@ mod frame;
 mod json;
 mod limits;
 pub mod offline;
+mod ram;
 mod reader;
+mod record;
+mod reference;
+mod section;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod wire;
 
-pub use decoder::StreamDecoder;
-pub use device_phase::{CpuRegisters, DeviceSection, DeviceState};
+pub use command::command_name;
+pub use decoder::{DecodeWork, StreamDecoder};
+pub use device_phase::{CpuRegisters, CpuSubsection, DeviceSection, DeviceState};
 pub use encoder::StreamEncoder;
 pub use error::{DecodeError, SectionRef};
 pub use frame::{Frame, MigCommand, RecordKind, StreamInfo};
 pub use limits::Limits;
+pub use reference::{LayoutMismatch, ReferenceDescription};

@@ -5,6 +5,8 @@
 // migration/savevm.c: file header and record types.
 pub const QEMU_VM_FILE_MAGIC: u32 = 0x5145_564d;
 pub const QEMU_VM_FILE_VERSION: u32 = 0x0000_0003;
+/// The first four bytes of a main channel: `QEMU_VM_FILE_MAGIC` as sent (`QEVM`).
+pub const QEMU_VM_FILE_MAGIC_BYTES: [u8; 4] = QEMU_VM_FILE_MAGIC.to_be_bytes();
 pub const QEMU_VM_EOF: u8 = 0x00;
 pub const QEMU_VM_SECTION_START: u8 = 0x01;
 pub const QEMU_VM_SECTION_PART: u8 = 0x02;
@@ -16,7 +18,12 @@ pub const QEMU_VM_CONFIGURATION: u8 = 0x07;
 pub const QEMU_VM_COMMAND: u8 = 0x08;
 pub const QEMU_VM_SECTION_FOOTER: u8 = 0x7e;
 
-// migration/savevm.c: enum qemu_vm_cmd.
+// migration/multifd.c: the first four bytes of a multifd channel (be32 MULTIFD_MAGIC).
+pub const MULTIFD_MAGIC: u32 = 0x1122_3344;
+pub const MULTIFD_MAGIC_BYTES: [u8; 4] = MULTIFD_MAGIC.to_be_bytes();
+
+// migration/savevm.c: enum qemu_vm_cmd. `MigCommand` (command.rs) names them and knows their
+// payload lengths; these are only the numbers.
 pub const MIG_CMD_INVALID: u16 = 0;
 pub const MIG_CMD_OPEN_RETURN_PATH: u16 = 1;
 pub const MIG_CMD_PING: u16 = 2;

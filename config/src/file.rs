@@ -9,6 +9,13 @@
 //! log_json = false
 //! max_device_state_bytes = 268435456 # decoder limits: max_record_bytes, max_device_state_bytes,
 //!                                     # max_description_bytes, max_packaged_bytes
+//! max_migrations = 16                 # budgets: migrations in progress at once,
+//! max_connections_per_source = 64     # open connections from one source host,
+//! max_connections = 1024              # open migration connections in all,
+//! max_admin_connections = 64          # open admin connections,
+//! admin_header_timeout_ms = 5000      # time an admin client has to send its request headers
+//! admin_tls_creds = "/etc/migproxy/admin-tls"  # optional: serve the admin address over https
+//! profile_ca = "/etc/migproxy/profile-ca.pem"  # the only CA trusted for https:// profile URLs
 //!
 //! [profiles]                          # served on the admin address as /profiles/NAME
 //! a64fx-7.2 = "/etc/migproxy/a64fx-7.2.json"
@@ -16,10 +23,10 @@
 //! [[listener]]
 //! listen = "tcp:0.0.0.0:4444"
 //! upstream = "tcp:dest.example:4444"  # or tcp:HOST:FIRST-LAST, original-dst, tproxy
-//! dest_profile = "http://dest.example:9444/profiles/a64fx-7.2"   # a file or an http:// URL
+//! dest_profile = "https://dest.example:9444/profiles/a64fx-7.2"  # a file, https:// or http:// URL
 //! source_profile = "/etc/migproxy/a64fx-10.0.json"              # optional
 //! tls_creds = "/etc/pki/qemu"         # optional: TLS on both legs, QEMU's credential layout
-//! tls_verify_peer = true              # optional: require the source's client certificate
+//! tls_verify_peer = true              # default: require the source's client certificate
 //! tls_hostname = "dest.example"       # optional: name in the destination's certificate
 //!
 //! [listener.policy]                   # same words as the command-line policy flags
@@ -54,6 +61,16 @@ pub struct RunFile {
     pub max_device_state_bytes: Option<usize>,
     pub max_description_bytes: Option<usize>,
     pub max_packaged_bytes: Option<usize>,
+    /// Budgets (README, "Budgets"); absent: the daemon's defaults.
+    pub max_migrations: Option<usize>,
+    pub max_connections_per_source: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_admin_connections: Option<usize>,
+    pub admin_header_timeout_ms: Option<u64>,
+    /// TLS on the admin address: a directory with `server-cert.pem` and `server-key.pem`.
+    pub admin_tls_creds: Option<String>,
+    /// The only CA trusted for `https://` profile URLs.
+    pub profile_ca: Option<String>,
     /// Profiles advertised on the admin address: name -> file.
     #[serde(default)]
     pub profiles: BTreeMap<String, String>,
@@ -72,7 +89,7 @@ pub struct ListenerFile {
     pub source_profile: Option<String>,
     /// TLS on both legs: a QEMU-style credential directory.
     pub tls_creds: Option<String>,
-    /// Require the source's client certificate (QEMU's verify-peer).
+    /// Require the source's client certificate (QEMU's verify-peer); absent: true.
     pub tls_verify_peer: Option<bool>,
     /// Name expected in the destination's certificate (default: the upstream host).
     pub tls_hostname: Option<String>,

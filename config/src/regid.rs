@@ -73,6 +73,17 @@ pub const KVM_REG_ARM_STD_HYP_BMAP: u64 = kvm_reg_arm_fw_feat_bmap_reg(1);
 pub const KVM_REG_ARM_VENDOR_HYP_BMAP: u64 = kvm_reg_arm_fw_feat_bmap_reg(2);
 pub const KVM_REG_ARM_VENDOR_HYP_BMAP_2: u64 = kvm_reg_arm_fw_feat_bmap_reg(3);
 
+/// `KVM_REG_ARM_DEMUX_ID_CCSIDR`: the demultiplexed CCSIDR_EL1 values, one 32-bit pseudo-register
+/// per `CSSELR_EL1` value (`KVM_REG_ARM_DEMUX_VAL_MASK` = the selector: level << 1 | InD).
+pub const KVM_REG_ARM_DEMUX_ID_MASK: u64 = 0x0000_0000_0000_ff00;
+pub const KVM_REG_ARM_DEMUX_ID_CCSIDR: u64 = 0;
+pub const KVM_REG_ARM_DEMUX_VAL_MASK: u64 = 0x0000_0000_0000_00ff;
+/// The first CCSIDR demux id; entry `n` is this `| n`.
+pub const KVM_REG_ARM_CCSIDR_DEMUX_BASE: u64 =
+    KVM_REG_ARM64 | KVM_REG_SIZE_U32 | KVM_REG_ARM_DEMUX | KVM_REG_ARM_DEMUX_ID_CCSIDR;
+/// `CSSELR_MAX` of `arch/arm64/kvm/sys_regs.c`: 7 levels x (data/unified, instruction).
+pub const CSSELR_MAX: u8 = 14;
+
 // QEMU target/arm/cpregs.h: ENCODE_CP_REG() fields of the AArch32 views (CP_REG_NS_SHIFT = 29).
 const CP_REG_NS_BIT: u64 = 1 << 29;
 const AARCH32_CRN_SHIFT: u32 = 11;
@@ -219,6 +230,25 @@ impl RegId {
             opc2: if is64 { 0 } else { (x & 0x7) as u8 },
             ns: low & CP_REG_NS_BIT != 0,
         })
+    }
+
+    /// The `CSSELR_EL1` selector of a CCSIDR demux pseudo-register (level - 1) << 1 | InD, when
+    /// this is one.
+    pub const fn ccsidr_selector(self) -> Option<u8> {
+        if self.0 & !KVM_REG_ARM_DEMUX_VAL_MASK != KVM_REG_ARM_CCSIDR_DEMUX_BASE {
+            return None;
+        }
+        let sel = (self.0 & KVM_REG_ARM_DEMUX_VAL_MASK) as u8;
+        if sel < CSSELR_MAX {
+            Some(sel)
+        } else {
+            None
+        }
+    }
+
+    /// The CCSIDR demux pseudo-register for a `CSSELR_EL1` selector.
+    pub const fn ccsidr(selector: u8) -> RegId {
+        RegId(KVM_REG_ARM_CCSIDR_DEMUX_BASE | selector as u64)
     }
 
     /// Identification registers (DESIGN.md, "Rewriting"): values a destination treats as properties of
@@ -437,6 +467,39 @@ mod tests {
         assert_eq!(RegId(0x1234).to_string(), "0x1234");
         assert!("NOT_A_REGISTER".parse::<RegId>().is_err());
         assert!("0xzz".parse::<RegId>().is_err());
+    }
+
+    #[test]
+    fn ccsidr_demux_entries_are_named_by_cache() {
+        // The ids the kernels list (`0x6020000000110000`..`0x602000000011000d`).
+        assert_eq!(RegId(0x6020_0000_0011_0000).to_string(), "CCSIDR[L1 data]");
+        assert_eq!(
+            RegId(0x6020_0000_0011_0001).to_string(),
+            "CCSIDR[L1 instruction]"
+        );
+        assert_eq!(RegId(0x6020_0000_0011_0002).to_string(), "CCSIDR[L2 data]");
+        assert_eq!(
+            RegId(0x6020_0000_0011_000d).to_string(),
+            "CCSIDR[L7 instruction]"
+        );
+        for sel in 0..CSSELR_MAX {
+            let id = RegId::ccsidr(sel);
+            assert_eq!(id.ccsidr_selector(), Some(sel));
+            assert_eq!(id.to_string().parse::<RegId>().ok(), Some(id));
+        }
+        assert_eq!(
+            "ccsidr[l2 data]".parse::<RegId>().ok(),
+            Some(RegId(0x6020_0000_0011_0002))
+        );
+        // Selector 14 and beyond is no cache: no name, and the names do not parse.
+        assert_eq!(RegId(0x6020_0000_0011_000e).ccsidr_selector(), None);
+        assert_eq!(
+            RegId(0x6020_0000_0011_000e).to_string(),
+            "0x602000000011000e"
+        );
+        assert!("CCSIDR[L8 data]".parse::<RegId>().is_err());
+        assert!("CCSIDR[L0 data]".parse::<RegId>().is_err());
+        assert!(!RegId(0x6020_0000_0011_0000).is_identification());
     }
 
     #[test]

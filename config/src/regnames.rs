@@ -17,14 +17,58 @@
 //! architecturally and print in the generic form.
 //!
 //! Note on KVM's timer quirk: KVM calls `S3_3_C14_C3_2` `KVM_REG_ARM_TIMER_CNT` (the virtual
-//! count) and `S3_3_C14_C0_2` `KVM_REG_ARM_TIMER_CVAL`; the table gives architectural names.
+//! count) and `S3_3_C14_C0_2` `KVM_REG_ARM_TIMER_CVAL`; the table gives architectural names,
+//! and the KVM names are accepted as input ([`KVM_TIMER_ALIASES`]).
 
 mod table;
 
 use table::REGISTER_NAMES;
 
+use crate::regid::KVM_REG_ARM_CCSIDR_DEMUX_BASE;
+
+/// KVM's CCSIDR demux pseudo-registers (`KVM_REG_ARM_DEMUX_ID_CCSIDR`), by the cache their
+/// `CSSELR_EL1` selector names: (level - 1) << 1 | InD, InD = 0 the data or unified cache.
+const CCSIDR_NAMES: [&str; 14] = [
+    "CCSIDR[L1 data]",
+    "CCSIDR[L1 instruction]",
+    "CCSIDR[L2 data]",
+    "CCSIDR[L2 instruction]",
+    "CCSIDR[L3 data]",
+    "CCSIDR[L3 instruction]",
+    "CCSIDR[L4 data]",
+    "CCSIDR[L4 instruction]",
+    "CCSIDR[L5 data]",
+    "CCSIDR[L5 instruction]",
+    "CCSIDR[L6 data]",
+    "CCSIDR[L6 instruction]",
+    "CCSIDR[L7 data]",
+    "CCSIDR[L7 instruction]",
+];
+
+/// KVM's uapi names of the timer registers (`arch/arm64/include/uapi/asm/kvm.h`), accepted as
+/// input. Two of them are not the architectural register of their encoding: KVM lists the virtual
+/// *count* under CNTV_CVAL_EL0's encoding and the virtual *compare value* under CNTVCT_EL0's
+/// (an old encoding mix-up kept for ABI). TCG lists the same `0x603000000013df1a` with its
+/// architectural meaning, so names print architecturally; docs/profiles.md says which is which.
+const KVM_TIMER_ALIASES: [(&str, u64); 6] = [
+    ("KVM_REG_ARM_TIMER_CTL", 0x6030_0000_0013_df19),
+    ("KVM_REG_ARM_TIMER_CNT", 0x6030_0000_0013_df1a),
+    ("KVM_REG_ARM_TIMER_CVAL", 0x6030_0000_0013_df02),
+    ("KVM_REG_ARM_PTIMER_CTL", 0x6030_0000_0013_df11),
+    ("KVM_REG_ARM_PTIMER_CNT", 0x6030_0000_0013_df01),
+    ("KVM_REG_ARM_PTIMER_CVAL", 0x6030_0000_0013_df12),
+];
+
 /// The architectural name of a register index, if the table has one.
 pub fn reg_name(id: u64) -> Option<&'static str> {
+    if let Some(selector) = id.checked_sub(KVM_REG_ARM_CCSIDR_DEMUX_BASE) {
+        if let Some(name) = usize::try_from(selector)
+            .ok()
+            .and_then(|i| CCSIDR_NAMES.get(i))
+        {
+            return Some(name);
+        }
+    }
     REGISTER_NAMES
         .binary_search_by_key(&id, |&(k, _)| k)
         .ok()
@@ -34,6 +78,20 @@ pub fn reg_name(id: u64) -> Option<&'static str> {
 
 /// The index of a register name (case-insensitive).
 pub(crate) fn reg_by_name(name: &str) -> Option<u64> {
+    if let Some(i) = CCSIDR_NAMES
+        .iter()
+        .position(|n| n.eq_ignore_ascii_case(name))
+    {
+        return u64::try_from(i)
+            .ok()
+            .map(|i| KVM_REG_ARM_CCSIDR_DEMUX_BASE | i);
+    }
+    if let Some(&(_, id)) = KVM_TIMER_ALIASES
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+    {
+        return Some(id);
+    }
     REGISTER_NAMES
         .iter()
         .find(|(_, n)| n.eq_ignore_ascii_case(name))
@@ -55,6 +113,43 @@ mod tests {
         let before = names.len();
         names.dedup();
         assert_eq!(before, names.len());
+    }
+
+    #[test]
+    fn kvm_timer_names_are_accepted() {
+        assert_eq!(
+            reg_by_name("KVM_REG_ARM_TIMER_CNT"),
+            reg_by_name("CNTV_CVAL_EL0")
+        );
+        assert_eq!(
+            reg_by_name("kvm_reg_arm_timer_cval"),
+            reg_by_name("CNTVCT_EL0")
+        );
+        assert_eq!(
+            reg_by_name("KVM_REG_ARM_PTIMER_CNT"),
+            reg_by_name("CNTPCT_EL0")
+        );
+        assert_eq!(
+            reg_by_name("KVM_REG_ARM_PTIMER_CTL"),
+            reg_by_name("CNTP_CTL_EL0")
+        );
+        assert_eq!(
+            reg_by_name("KVM_REG_ARM_TIMER_CTL"),
+            reg_by_name("CNTV_CTL_EL0")
+        );
+        assert_eq!(
+            reg_by_name("KVM_REG_ARM_PTIMER_CVAL"),
+            reg_by_name("CNTP_CVAL_EL0")
+        );
+        assert_eq!(
+            reg_name(0x6020_0000_0011_0003),
+            Some("CCSIDR[L2 instruction]")
+        );
+        assert_eq!(
+            reg_by_name("ccsidr[l7 instruction]"),
+            Some(0x6020_0000_0011_000d)
+        );
+        assert_eq!(reg_name(0x6020_0000_0011_000e), None);
     }
 
     #[test]

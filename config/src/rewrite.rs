@@ -17,6 +17,10 @@
 //! both have, ID register differs -> report; refuse / warn / use the destination value
 //! ```
 //!
+//! A KVM destination adds the kernel's own rules (`kvm_rules`, docs/profiles.md): after a profile
+//! rule and before `--on-extra drop`, for registers the destination lacks; for firmware registers
+//! and CCSIDR entries both sides have, whether the destination kernel takes the source's value.
+//!
 //! The output is sorted strictly ascending by id (QEMU's `cpu_post_load` merges two sorted
 //! lists); when nothing changes it is the input itself.
 
@@ -26,6 +30,11 @@ use std::fmt;
 use crate::policy::{FillMissing, OnExtra, OnIdMismatch, Policy};
 use crate::profile::{Accel, DropRuleKind, Profile, ValueCondition};
 use crate::regid::RegId;
+
+mod kvm_rules;
+
+use kvm_rules::SourceRegs;
+pub use kvm_rules::{destination_kernel_note, KvmDrop, KvmRefusal};
 
 /// Why a register the destination lacks was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +49,8 @@ pub enum DropReason {
     ProfileRule,
     /// `--on-extra drop`.
     OnExtraDrop,
+    /// The KVM rules: the destination kernel recreates the same guest-visible state.
+    Kvm(KvmDrop),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +82,8 @@ pub enum RefusalReason {
     IdOutsideWritableMask { dest: u64, mask: u64 },
     /// The source lists this id more than once: a malformed stream.
     Duplicate,
+    /// The KVM rules: guest state would be lost, or the destination kernel rejects the value.
+    Kvm(KvmRefusal),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +102,9 @@ pub enum IdAction {
     UsedDestination,
     /// KVM destination with writable masks: the difference is within them, KVM will take it.
     WithinWritableMask,
+    /// The KVM rules say the destination kernel takes the source's value (a lower firmware
+    /// version, a cache geometry Linux 6.3+ accepts).
+    KernelAccepts,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +162,13 @@ impl RewriteReport {
     }
 }
 
+impl Refusal {
+    /// The sentence naming the register, its value and why it is refused.
+    pub fn describe(&self) -> String {
+        describe_refusal(self)
+    }
+}
+
 fn describe_refusal(r: &Refusal) -> String {
     let Refusal { id, value, reason } = *r;
     match reason {
@@ -176,17 +199,22 @@ fn describe_refusal(r: &Refusal) -> String {
             (value ^ dest) & !mask
         ),
         RefusalReason::Duplicate => format!("{id} appears more than once in the source list"),
+        RefusalReason::Kvm(k) => kvm_rules::describe_refusal(id, value, k),
     }
 }
 
 impl fmt::Display for DropReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let DropReason::Kvm(k) = self {
+            return k.fmt(f);
+        }
         f.write_str(match self {
             DropReason::Zero => "zero, unused since reset",
             DropReason::SourceDefault => "equals the source default, unused since reset",
             DropReason::AllowedByFlag => "--allow-drop",
             DropReason::ProfileRule => "allowed by a profile rule",
             DropReason::OnExtraDrop => "--on-extra drop",
+            DropReason::Kvm(_) => "",
         })
     }
 }
@@ -194,12 +222,20 @@ impl fmt::Display for DropReason {
 impl fmt::Display for RewriteReport {
     /// One readable block: a summary line, then one line per register concerned.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_unchanged() && self.refused.is_empty() && self.id_mismatches.is_empty() {
+        if self.is_unchanged() && self.refused.is_empty() {
+            // Forwarded byte for byte; values that differ from the destination's are listed below.
             write!(
                 f,
                 "vcpu {}: unchanged ({} registers)",
                 self.vcpu, self.source_len
             )?;
+            if !self.id_mismatches.is_empty() {
+                write!(
+                    f,
+                    ", {} values differ from the destination profile's",
+                    self.id_mismatches.len()
+                )?;
+            }
         } else {
             write!(
                 f,
@@ -238,11 +274,14 @@ impl fmt::Display for RewriteReport {
                     "sent the destination value: the guest sees a changed CPU"
                 }
                 IdAction::WithinWritableMask => "kept; within KVM's writable mask",
+                IdAction::KernelAccepts => "kept; the destination kernel takes it",
             };
             write!(
                 f,
-                "\n  id     {}: source {:#x}, destination {:#x}: {what}",
-                m.id, m.source, m.dest
+                "\n  value  {}: source {}, destination {}: {what}",
+                m.id,
+                kvm_rules::show_value(m.id, m.source),
+                kvm_rules::show_value(m.id, m.dest)
             )?;
         }
         if !self.left_missing.is_empty() {
@@ -274,6 +313,8 @@ pub fn rewrite(
         ..RewriteReport::default()
     };
     let mut out: BTreeMap<u64, u64> = BTreeMap::new();
+    // The KVM rules look at other registers of the same vCPU (CNTP_CTL_EL0, CLIDR_EL1, ...).
+    let source_regs = (dest.accel == Accel::Kvm).then(|| SourceRegs::new(source));
     // Every id the source lists: it runs at switchover, for every vCPU, so no quadratic scans.
     let mut seen: BTreeSet<u64> = BTreeSet::new();
     for &(raw_id, value) in source {
@@ -290,7 +331,8 @@ pub fn rewrite(
             let kept = check_identification(vcpu, id, value, dest, policy, &mut report);
             out.insert(raw_id, kept);
         } else {
-            match drop_decision(vcpu, id, value, dest, source_profile, policy) {
+            let kvm = source_regs.as_ref();
+            match drop_decision(vcpu, id, value, dest, source_profile, kvm, policy) {
                 Ok(reason) => report.dropped.push(Dropped { id, value, reason }),
                 Err(reason) => {
                     report.refused.push(Refusal { id, value, reason });
@@ -349,6 +391,7 @@ fn drop_decision(
     value: u64,
     dest: &Profile,
     source_profile: Option<&Profile>,
+    kvm: Option<&SourceRegs>,
     policy: &Policy,
 ) -> Result<DropReason, RefusalReason> {
     if policy.allow_drop.contains(&id) {
@@ -369,6 +412,14 @@ fn drop_decision(
             (DropRuleKind::Allow, Some(c)) => Err(RefusalReason::RuleCondition(c)),
         };
     }
+    // The destination kernel's rules; `--on-extra drop` still overrides their refusals.
+    match kvm.and_then(|regs| kvm_rules::extra_register(id, value, regs)) {
+        Some(Ok(reason)) => return Ok(DropReason::Kvm(reason)),
+        Some(Err(reason)) if policy.on_extra != OnExtra::Drop => {
+            return Err(RefusalReason::Kvm(reason))
+        }
+        _ => {}
+    }
     if policy.on_extra == OnExtra::Drop {
         return Ok(DropReason::OnExtraDrop);
     }
@@ -382,7 +433,8 @@ fn drop_decision(
     Err(RefusalReason::InUse { source_default })
 }
 
-/// Compare an identification register both sides have; returns the value to send.
+/// Compare an identification register (or, on KVM, a CCSIDR entry or firmware register) both
+/// sides have; returns the value to send.
 fn check_identification(
     vcpu: u32,
     id: RegId,
@@ -391,7 +443,10 @@ fn check_identification(
     policy: &Policy,
     report: &mut RewriteReport,
 ) -> u64 {
-    if !id.is_identification() {
+    let kvm = dest.accel == Accel::Kvm;
+    let firmware = kvm && id.is_firmware();
+    let cache = kvm && id.ccsidr_selector().is_some();
+    if !id.is_identification() && !firmware && !cache {
         return value;
     }
     let Some(dest_value) = dest.value_for(vcpu, id) else {
@@ -402,6 +457,23 @@ fn check_identification(
         return value;
     };
     if dest_value == value {
+        return value;
+    }
+    if firmware {
+        // Not a policy choice: the destination takes the value or rejects it at load.
+        let (action, refusal) = match kvm_rules::firmware_value(id, value, dest_value) {
+            Ok(()) => (IdAction::KernelAccepts, None),
+            Err(k) => (IdAction::Refused, Some(RefusalReason::Kvm(k))),
+        };
+        report.id_mismatches.push(IdMismatch {
+            id,
+            source: value,
+            dest: dest_value,
+            action,
+        });
+        if let Some(reason) = refusal {
+            report.refused.push(Refusal { id, value, reason });
+        }
         return value;
     }
     let mask = dest.writable_mask(id);
@@ -423,24 +495,28 @@ fn check_identification(
                     accel: Accel::Tcg,
                 }),
             ),
-            Accel::Kvm => match mask {
-                Some(mask) if (value ^ dest_value) & !mask != 0 => (
-                    IdAction::Refused,
-                    Some(RefusalReason::IdOutsideWritableMask {
-                        dest: dest_value,
-                        mask,
-                    }),
-                ),
-                Some(_) => (IdAction::WithinWritableMask, None),
-                // Without masks a profile cannot tell what the kernel accepts: say so, go on.
-                None if dest.has_writable_masks() => (
-                    IdAction::Refused,
-                    Some(RefusalReason::IdOutsideWritableMask {
-                        dest: dest_value,
-                        mask: 0,
-                    }),
-                ),
-                None => (IdAction::Warned, None),
+            Accel::Kvm => match kvm_rules::identification_value(id, value, dest_value, dest) {
+                Some(Ok(())) => (IdAction::KernelAccepts, None),
+                Some(Err(k)) => (IdAction::Refused, Some(RefusalReason::Kvm(k))),
+                None => match mask {
+                    Some(mask) if (value ^ dest_value) & !mask != 0 => (
+                        IdAction::Refused,
+                        Some(RefusalReason::IdOutsideWritableMask {
+                            dest: dest_value,
+                            mask,
+                        }),
+                    ),
+                    Some(_) => (IdAction::WithinWritableMask, None),
+                    // Without masks a profile cannot tell what the kernel accepts: say so, go on.
+                    None if dest.has_writable_masks() => (
+                        IdAction::Refused,
+                        Some(RefusalReason::IdOutsideWritableMask {
+                            dest: dest_value,
+                            mask: 0,
+                        }),
+                    ),
+                    None => (IdAction::Warned, None),
+                },
             },
         },
     };
@@ -460,5 +536,7 @@ fn check_identification(
     }
 }
 
+#[cfg(test)]
+mod kvm_tests;
 #[cfg(test)]
 mod tests;

@@ -231,14 +231,23 @@ pub fn assert_destination_untouched(dest: &mut Vm) -> Result<()> {
         }
     }
     let log = dest.log();
-    // A RAM-section error ("error while loading state section id N(ram)") is the broken stream
-    // itself; a device load error names the device.
-    for forbidden in ["of device '", "Failed to load "] {
-        if log.contains(forbidden) {
-            bail!("the destination loaded (and rejected) device state: {log}");
-        }
+    // A RAM-section error ("error while loading state section id N(ram)"; 11.1: "Getting RAM
+    // address failed", "Failed to load vmstate version_id: 4") is the broken stream itself; a
+    // device load error names the device, or the field as `Failed to load DEVICE:FIELD`.
+    if log.contains("of device '") || names_a_failed_field(&log) {
+        bail!("the destination loaded (and rejected) device state: {log}");
     }
     Ok(())
+}
+
+/// `Failed to load cpu:cpreg_vmstate_array_len`: vmstate's message for one field of a device.
+fn names_a_failed_field(log: &str) -> bool {
+    log.match_indices("Failed to load ").any(|(at, needle)| {
+        log[at + needle.len()..]
+            .split_whitespace()
+            .next()
+            .is_some_and(|word| word.contains(':') && !word.ends_with(':'))
+    })
 }
 
 /// A connection that never identifies itself as a migration channel.

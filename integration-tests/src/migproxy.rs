@@ -67,8 +67,8 @@ pub fn run_command(args: &[&str], timeout: Duration) -> Result<Output> {
     }
 }
 
-/// `migproxy profile capture --from-stream STREAM -o PROFILE`.
-pub fn capture_profile(stream: &Path, profile: &Path) -> Result<()> {
+/// `migproxy profile capture --from-stream STREAM --qemu-version VERSION -o PROFILE`.
+pub fn capture_profile(stream: &Path, qemu_version: &str, profile: &Path) -> Result<()> {
     let stream_arg = stream.display().to_string();
     let profile_arg = profile.display().to_string();
     let out = run_command(
@@ -77,6 +77,8 @@ pub fn capture_profile(stream: &Path, profile: &Path) -> Result<()> {
             "capture",
             "--from-stream",
             &stream_arg,
+            "--qemu-version",
+            qemu_version,
             "-o",
             &profile_arg,
         ],

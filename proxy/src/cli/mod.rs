@@ -69,6 +69,10 @@ pub struct CaptureArgs {
     /// Override the accelerator the profile describes.
     #[arg(long, value_enum)]
     pub accel: Option<AccelArg>,
+    /// Record the destination's QEMU version (`11.1.3`): decides which `cpu` subsections it can
+    /// load. `--from-qmp` reads it from QEMU; a stream does not carry it.
+    #[arg(long, value_name = "VERSION")]
+    pub qemu_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -188,10 +192,11 @@ pub struct RunArgs {
     /// (nftables redirect) or `tproxy`. Default without --listen: tcp:127.0.0.1:4445.
     #[arg(long, value_name = "ADDR", env = "MIGPROXY_UPSTREAM")]
     pub upstream: Option<String>,
-    /// The destination's register profile: a file or an `http://` URL.
+    /// The destination's register profile: a file, an `https://` URL (with --profile-ca) or an
+    /// `http://` URL (unauthenticated: anyone on the path chooses the registers).
     #[arg(long, value_name = "PROFILE|URL", env = "MIGPROXY_DEST_PROFILE")]
     pub dest_profile: Option<String>,
-    /// A profile of a fresh VM with the source's configuration: a file or an `http://` URL.
+    /// A profile of a fresh VM with the source's configuration: a file or an `https://`/`http://` URL.
     #[arg(long, value_name = "PROFILE|URL", env = "MIGPROXY_SOURCE_PROFILE")]
     pub source_profile: Option<String>,
     /// Admin address serving /metrics, /healthz, /readyz and /profiles/NAME (`none` disables it).
@@ -212,11 +217,12 @@ pub struct RunArgs {
     /// How long live migrations may keep running after SIGTERM, in seconds (default 30).
     #[arg(long, value_name = "SECONDS", env = "MIGPROXY_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<u64>,
-    /// How long the source may stay silent in the device-state phase before the description has
-    /// arrived, in milliseconds (default 2000).
+    /// How long the device-state phase may last, from its first byte until its description has
+    /// arrived, in milliseconds (default 2000). A deadline, not a silence timer.
     #[arg(long, value_name = "MS", env = "MIGPROXY_DESCRIPTION_TIMEOUT")]
     pub description_timeout: Option<u64>,
-    /// How long a new connection may take to identify itself, in milliseconds (default 1000).
+    /// How long a new connection may take to identify itself (under TLS: to complete its
+    /// handshake, and then again to send its first bytes), in milliseconds (default 1000).
     #[arg(long, value_name = "MS", env = "MIGPROXY_IDENTIFY_TIMEOUT")]
     pub identify_timeout: Option<u64>,
     /// Largest single non-page record accepted, in bytes (default 16 MiB).
@@ -237,8 +243,42 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", env = "MIGPROXY_TLS_CREDS")]
     pub tls_creds: Option<PathBuf>,
     /// Require a client certificate from the source, signed by ca-cert.pem (QEMU's verify-peer).
+    /// This is the default; the flag is kept so existing command lines stay valid.
     #[arg(long, env = "MIGPROXY_TLS_VERIFY_PEER", requires = "tls_creds")]
     pub tls_verify_peer: bool,
+    /// Accept sources without a client certificate. Anyone who can reach the listener and speak
+    /// TLS and `QEVM` then reaches the destination authenticated as migproxy (see README).
+    #[arg(
+        long,
+        env = "MIGPROXY_TLS_NO_VERIFY_PEER",
+        requires = "tls_creds",
+        conflicts_with = "tls_verify_peer"
+    )]
+    pub tls_no_verify_peer: bool,
+    /// The only CA trusted for `https://` profile URLs (PEM). Required by `https://` URLs: the
+    /// system's roots are never used, so a profile can only come from a server this CA signed.
+    #[arg(long, value_name = "FILE", env = "MIGPROXY_PROFILE_CA")]
+    pub profile_ca: Option<PathBuf>,
+    /// Most migrations in progress at once, over all listeners (default 16).
+    #[arg(long, value_name = "N", env = "MIGPROXY_MAX_MIGRATIONS")]
+    pub max_migrations: Option<usize>,
+    /// Most open connections from one source host, identified or not (default 64).
+    #[arg(long, value_name = "N", env = "MIGPROXY_MAX_CONNECTIONS_PER_SOURCE")]
+    pub max_connections_per_source: Option<usize>,
+    /// Most open migration connections, over all listeners and sources (default 1024).
+    #[arg(long, value_name = "N", env = "MIGPROXY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most open admin connections (default 64); further ones are closed at once.
+    #[arg(long, value_name = "N", env = "MIGPROXY_MAX_ADMIN_CONNECTIONS")]
+    pub max_admin_connections: Option<usize>,
+    /// How long an admin client may take to send its request headers, in milliseconds
+    /// (default 5000).
+    #[arg(long, value_name = "MS", env = "MIGPROXY_ADMIN_HEADER_TIMEOUT")]
+    pub admin_header_timeout: Option<u64>,
+    /// TLS on the admin address: a directory with server-cert.pem and server-key.pem (profiles
+    /// are then fetched as `https://` with `--profile-ca`).
+    #[arg(long, value_name = "DIR", env = "MIGPROXY_ADMIN_TLS_CREDS")]
+    pub admin_tls_creds: Option<PathBuf>,
     /// Name expected in the destination's certificate (default: the upstream host).
     #[arg(
         long,
@@ -263,4 +303,7 @@ pub struct HealthcheckArgs {
     /// Give up after this many milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 3000)]
     pub timeout_ms: u64,
+    /// The CA that signed the admin address's certificate, for an `https://` URL.
+    #[arg(long, value_name = "FILE", env = "MIGPROXY_HEALTHCHECK_CA")]
+    pub ca: Option<PathBuf>,
 }

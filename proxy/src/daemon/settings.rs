@@ -20,9 +20,11 @@ use migproxy_config::Policy;
 use crate::cli::policy::{policy_from_args, policy_from_file};
 use crate::cli::RunArgs;
 use crate::error::ProxyError;
+use crate::migration::admission::Budgets;
 use crate::migration::profile_source::{ProfileSource, RewriteConfig};
 use crate::net::addr::{Address, ListenSpec, Upstream};
-use crate::net::tls::{ListenerTls, TlsSettings};
+use crate::net::tls::{admin_server, pinned_client, ListenerTls, TlsSettings};
+use tokio_rustls::TlsConnector;
 
 pub const DEFAULT_LISTEN: &str = "tcp:127.0.0.1:4444";
 pub const DEFAULT_UPSTREAM: &str = "tcp:127.0.0.1:4445";
@@ -30,6 +32,8 @@ pub const DEFAULT_ADMIN: &str = "tcp:127.0.0.1:9444";
 pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_DESCRIPTION_TIMEOUT_MS: u64 = 2000;
 pub const DEFAULT_IDENTIFY_TIMEOUT_MS: u64 = 1000;
+pub const DEFAULT_MAX_ADMIN_CONNECTIONS: usize = 64;
+pub const DEFAULT_ADMIN_HEADER_TIMEOUT_MS: u64 = 5000;
 const PROFILE_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The validated configuration of the daemon.
@@ -43,6 +47,19 @@ pub struct RunConfig {
     pub identify_timeout: Duration,
     pub log_json: bool,
     pub limits: Limits,
+    pub budgets: Budgets,
+    pub admin_limits: AdminLimits,
+}
+
+/// What an admin client may hold (README, "Budgets").
+#[derive(Debug, Clone)]
+pub struct AdminLimits {
+    /// Open admin connections; further ones are closed at once.
+    pub max_connections: usize,
+    /// Time a client has to send its request headers.
+    pub header_timeout: Duration,
+    /// Serve the admin address over TLS (`--admin-tls-creds`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug)]
@@ -59,6 +76,11 @@ impl RunConfig {
             Some(path) => Some(RunFile::load(path)?),
             None => None,
         };
+        let profile_ca = args.profile_ca.clone().or_else(|| {
+            file.as_ref()
+                .and_then(|f| f.profile_ca.clone().map(PathBuf::from))
+        });
+        let trust = profile_ca.as_deref().map(pinned_client).transpose()?;
         let listener_flags =
             args.upstream.is_some() || args.dest_profile.is_some() || args.source_profile.is_some();
         let mut listeners = Vec::new();
@@ -69,12 +91,12 @@ impl RunConfig {
                 ));
             }
             for (index, listener) in file.listeners.iter().enumerate() {
-                listeners.push(ListenerConfig::from_file(listener).map_err(|source| {
-                    ProxyError::Listener {
+                listeners.push(ListenerConfig::from_file(listener, trust.as_ref()).map_err(
+                    |source| ProxyError::Listener {
                         index: index.saturating_add(1),
                         source: Box::new(source),
-                    }
-                })?);
+                    },
+                )?);
             }
         }
         let cli_listens: Vec<String> = if !args.listen.is_empty() {
@@ -96,7 +118,8 @@ impl RunConfig {
             };
             let tls = args.tls_creds.as_ref().map(|dir| TlsSettings {
                 dir: dir.clone(),
-                verify_peer: args.tls_verify_peer,
+                // Verified unless explicitly told not to (--tls-no-verify-peer).
+                verify_peer: !args.tls_no_verify_peer,
                 hostname: args.tls_hostname.clone(),
             });
             listeners.push(ListenerConfig::new(
@@ -106,6 +129,7 @@ impl RunConfig {
                 args.source_profile.as_deref(),
                 policy_from_args(&args.policy)?,
                 tls.as_ref(),
+                trust.as_ref(),
             )?);
         }
         let file_admin = file.as_ref().and_then(|f| f.admin.clone());
@@ -203,9 +227,66 @@ impl RunConfig {
                 defaults.max_packaged,
                 "max_packaged",
             )?,
+            ..defaults
+        };
+        let count =
+            |flag: Option<usize>, from_file: Option<usize>, default: usize, name: &str| match flag
+                .or(from_file)
+            {
+                Some(0) => Err(ProxyError::InvalidConfig(format!(
+                    "{name} must be at least 1"
+                ))),
+                other => Ok(other.unwrap_or(default)),
+            };
+        let defaults = Budgets::default();
+        let budgets = Budgets {
+            max_migrations: count(
+                args.max_migrations,
+                file.as_ref().and_then(|f| f.max_migrations),
+                defaults.max_migrations,
+                "max_migrations",
+            )?,
+            max_connections_per_source: count(
+                args.max_connections_per_source,
+                file.as_ref().and_then(|f| f.max_connections_per_source),
+                defaults.max_connections_per_source,
+                "max_connections_per_source",
+            )?,
+            max_connections: count(
+                args.max_connections,
+                file.as_ref().and_then(|f| f.max_connections),
+                defaults.max_connections,
+                "max_connections",
+            )?,
+        };
+        let header_ms = pick(
+            args.admin_header_timeout,
+            file.as_ref().and_then(|f| f.admin_header_timeout_ms),
+            DEFAULT_ADMIN_HEADER_TIMEOUT_MS,
+        );
+        if header_ms == 0 {
+            return Err(ProxyError::InvalidConfig(
+                "admin_header_timeout must be at least 1 ms".into(),
+            ));
+        }
+        let admin_tls_dir = args.admin_tls_creds.clone().or_else(|| {
+            file.as_ref()
+                .and_then(|f| f.admin_tls_creds.clone().map(PathBuf::from))
+        });
+        let admin_limits = AdminLimits {
+            max_connections: count(
+                args.max_admin_connections,
+                file.as_ref().and_then(|f| f.max_admin_connections),
+                DEFAULT_MAX_ADMIN_CONNECTIONS,
+                "max_admin_connections",
+            )?,
+            header_timeout: Duration::from_millis(header_ms),
+            tls: admin_tls_dir.as_deref().map(admin_server).transpose()?,
         };
         Ok(RunConfig {
             limits,
+            budgets,
+            admin_limits,
             listeners,
             admin,
             served_profiles,
@@ -229,6 +310,7 @@ impl ListenerConfig {
         source_profile: Option<&str>,
         policy: Policy,
         tls: Option<&TlsSettings>,
+        trust: Option<&TlsConnector>,
     ) -> Result<ListenerConfig, ProxyError> {
         let listen: ListenSpec = listen.parse()?;
         let upstream: Upstream = upstream.parse()?;
@@ -260,8 +342,12 @@ impl ListenerConfig {
                 "a source profile without a destination profile does nothing".into(),
             ));
         }
-        let dest = dest_profile.map(ProfileSource::open).transpose()?;
-        let source = source_profile.map(ProfileSource::open).transpose()?;
+        let dest = dest_profile
+            .map(|spec| ProfileSource::open(spec, trust))
+            .transpose()?;
+        let source = source_profile
+            .map(|spec| ProfileSource::open(spec, trust))
+            .transpose()?;
         let tls = tls.map(ListenerTls::load).transpose()?.map(Arc::new);
         Ok(ListenerConfig {
             listen,
@@ -276,7 +362,10 @@ impl ListenerConfig {
         })
     }
 
-    fn from_file(file: &ListenerFile) -> Result<ListenerConfig, ProxyError> {
+    fn from_file(
+        file: &ListenerFile,
+        trust: Option<&TlsConnector>,
+    ) -> Result<ListenerConfig, ProxyError> {
         ListenerConfig::new(
             &file.listen,
             &file.upstream,
@@ -287,10 +376,11 @@ impl ListenerConfig {
                 .as_ref()
                 .map(|dir| TlsSettings {
                     dir: PathBuf::from(dir),
-                    verify_peer: file.tls_verify_peer.unwrap_or(false),
+                    verify_peer: file.tls_verify_peer.unwrap_or(true),
                     hostname: file.tls_hostname.clone(),
                 })
                 .as_ref(),
+            trust,
         )
     }
 }

@@ -17,9 +17,10 @@
 //! The only clock is the description deadline (DESIGN.md, "No description means no exact
 //! delimiting"): while the decoder holds the device phase it waits for the description, and a
 //! source with `suppress-vmdesc=on` and a return path would wait for the destination forever, so
-//! each read in that phase has a deadline and its end refuses the migration. The clock measures
-//! silence, not the length of the phase: several MB of device state over a slow link must not time
-//! out while bytes are still arriving.
+//! the phase has a deadline and its end refuses the migration. The clock measures the whole phase
+//! from its first read, not silence: a source trickling one byte at a time (or guest bytes that
+//! keep the decoder looking for the end) cannot keep both QEMUs stopped past the deadline. It is
+//! configurable (`--description-timeout`) for device states of many MB over slow links.
 //!
 //! The pump reports to a [`MigrationState`] (counters, flags, rewrite summary), not to the whole
 //! migration, so it runs over any byte streams: sockets in the daemon, in-memory pipes in tests.
@@ -35,7 +36,9 @@ use tokio_util::codec::Decoder;
 
 use crate::error::{ProxyError, Refusal};
 use crate::migration::profile_source::RewriteSetup;
-use crate::migration::rewrite::{report_rewrites, rewrite_cpus};
+use crate::migration::rewrite::{
+    fix_subsections, report_removed_subsections, report_rewrites, rewrite_cpus,
+};
 use crate::migration::state::MigrationState;
 use crate::migration::write_queue::WriteQueue;
 use crate::net::relay;
@@ -49,7 +52,7 @@ const FLUSH_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct ChannelSettings {
     pub limits: Limits,
-    /// How long the source may stay silent while the decoder holds the device phase.
+    /// How long the held device phase may last, from its first read to its verified end.
     pub description_timeout: Duration,
 }
 
@@ -115,6 +118,8 @@ struct Forward<'a, R, W> {
     rewrite: Option<&'a RewriteSetup>,
     state: &'a MigrationState,
     description_timeout: Duration,
+    /// When the held device phase must have ended: set at the phase's first read.
+    description_deadline: Option<tokio::time::Instant>,
     flagged_no_return_path: bool,
 }
 
@@ -134,6 +139,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             rewrite,
             state,
             description_timeout: settings.description_timeout,
+            description_deadline: None,
             flagged_no_return_path: false,
         }
     }
@@ -171,12 +177,17 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         make_room(&mut self.buffer);
         let read = self.source.read_buf(&mut self.buffer);
         let result = if self.decoder.awaiting_description() {
-            match tokio::time::timeout(self.description_timeout, read).await {
+            // The clock starts with the phase and is never reset: a source (or a guest steering
+            // what it sends) that trickles bytes cannot hold both QEMUs stopped for longer.
+            let deadline = *self
+                .description_deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + self.description_timeout);
+            match tokio::time::timeout_at(deadline, read).await {
                 Ok(result) => result,
                 Err(_) => {
                     return Err(ProxyError::Refused(Refusal::NoDescription {
                         offset: self.decoder.offset(),
-                        silent: self.description_timeout,
+                        waited: self.description_timeout,
                     }))
                 }
             }
@@ -207,15 +218,19 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             }
             Frame::Payload { bytes, .. } => self.out.push(bytes),
             Frame::DeviceState(mut device) => {
-                let rewritten = match self.rewrite {
-                    Some(setup) => rewrite_cpus(&mut device, setup)?,
-                    None => Vec::new(),
+                let (rewritten, removed) = match self.rewrite {
+                    Some(setup) => (
+                        rewrite_cpus(&mut device, setup)?,
+                        fix_subsections(&mut device, setup)?,
+                    ),
+                    None => (Vec::new(), Vec::new()),
                 };
                 self.out.push(device.to_bytes());
                 // Both QEMUs are stopped until the destination has the device state: release
                 // it before anything else (logging, metrics) runs.
                 self.out.flush().await?;
                 report_rewrites(&rewritten, self.state);
+                report_removed_subsections(&removed, self.state);
             }
         }
         if self.out.queued() >= FLUSH_BYTES {
@@ -510,6 +525,45 @@ mod tests {
         let received = received.await?;
         assert_eq!(received, bytes[..device_phase_start()]);
         drop(source);
+        Ok(())
+    }
+
+    /// Finding: the description wait used to be reset by any byte, so a source trickling its
+    /// device phase kept both QEMUs stopped for as long as it liked. The deadline counts from
+    /// the phase's first read.
+    #[tokio::test]
+    async fn a_device_phase_trickled_byte_by_byte_is_refused_at_its_deadline() -> TestResult {
+        let bytes = stream(&[(SCTLR_EL1, 0x30d0_0980), (TTBR0_EL1, 0x4000_0000)]).finish();
+        let phase = device_phase_start();
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(1 << 16, None, settings(Duration::from_millis(300)));
+        let received = receive_all(destination, 1 << 16);
+        source.write_all(&bytes[..phase]).await?;
+        // One byte every 100 ms: never silent for the 300 ms deadline, and the whole phase
+        // would take far longer than the test's own deadline.
+        let tail = bytes[phase..].to_vec();
+        let trickle = tokio::spawn(async move {
+            for byte in tail {
+                if source.write_all(&[byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            source
+        });
+        let (result, _) = finish(pump).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::NoDescription { offset, waited })) => {
+                assert_eq!(offset, u64::try_from(phase)?);
+                assert_eq!(waited, Duration::from_millis(300));
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(received.await?, bytes[..phase]);
+        trickle.abort();
         Ok(())
     }
 }

@@ -19,6 +19,8 @@ pub struct RewriteSummary {
     pub cpus_rewritten: u32,
     pub dropped: Vec<String>,
     pub filled: Vec<String>,
+    /// `cpu` subsections removed because the destination cannot load them (names).
+    pub subsections_removed: Vec<String>,
 }
 
 /// The running state of one migration.
@@ -109,6 +111,15 @@ impl MigrationState {
                 if !summary.filled.contains(&name) {
                     summary.filled.push(name);
                 }
+            }
+        }
+    }
+
+    /// Remember a `cpu` subsection removed for the destination (the summary lists each name once).
+    pub fn record_removed_subsection(&self, name: &str) {
+        if let Ok(mut summary) = self.rewrite_summary.lock() {
+            if !summary.subsections_removed.iter().any(|n| n == name) {
+                summary.subsections_removed.push(name.to_owned());
             }
         }
     }
