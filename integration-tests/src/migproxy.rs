@@ -184,6 +184,7 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {command_line}"))?;
+        let real_binary = std::fs::canonicalize(&binary).unwrap_or_else(|_| binary.clone());
         let mut daemon = Daemon {
             child,
             log_path,
@@ -200,7 +201,12 @@ impl Daemon {
                 );
             }
             let pid = daemon.child.id();
-            if listen_ports.iter().all(|p| is_listening_in(pid, *p)) {
+            // Until the wrapper has exec'd migproxy (after `ip netns exec` switched namespaces),
+            // /proc/PID/net shows the wrapper's namespace, where some other daemon may listen.
+            let is_daemon = wrapper.is_empty()
+                || std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .is_ok_and(|exe| exe == real_binary);
+            if is_daemon && listen_ports.iter().all(|p| is_listening_in(pid, *p)) {
                 return Ok(daemon);
             }
             if Instant::now() >= deadline {

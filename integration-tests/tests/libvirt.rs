@@ -310,7 +310,8 @@ fn dest_prerouting_redirect(s: &mut Scenario, from: &Host, to: &Host) -> Result<
     result
 }
 
-/// deploy/systemd/config.toml with the example profile paths replaced by the fresh profiles.
+/// deploy/systemd/config.toml with the example profile and admin TLS paths replaced by the fresh
+/// profiles and credentials made here.
 fn shipped_config(s: &mut Scenario, from: &Host, to: &Host) -> Result<std::path::PathBuf> {
     let path = repo_root().join("deploy/systemd/config.toml");
     let text =
@@ -318,6 +319,14 @@ fn shipped_config(s: &mut Scenario, from: &Host, to: &Host) -> Result<std::path:
     let dest = s.profile(&a64fx(to.version))?;
     let source = s.profile(&a64fx(from.version))?;
     let mut config = text.clone();
+    // The admin endpoint serves HTTPS from this directory (server pair, and the CA for profiles).
+    let admin_tls = s.dir.join("admin-tls");
+    make_tls_creds(std::slice::from_ref(&admin_tls))?;
+    let example_admin_tls = "/etc/migproxy/admin-tls";
+    if !config.contains(example_admin_tls) {
+        bail!("{} no longer names {example_admin_tls}", path.display());
+    }
+    config = config.replace(example_admin_tls, &admin_tls.display().to_string());
     for (example, actual) in [
         ("/etc/migproxy/profiles/a64fx-virt-7.2-source.json", &source),
         ("/etc/migproxy/profiles/a64fx-virt-7.2.json", &dest),
