@@ -138,6 +138,26 @@ impl Lab {
     }
 
     /// The kernel of `series`, or an error naming it.
+    /// The upstream version of the inner QEMU in the base initramfs (`1:10.0.13+ds-0+deb13u1`
+    /// gives `10.0.13`), as `profile capture --qemu-version` wants it.
+    pub fn inner_qemu_version(&self) -> Result<String> {
+        let mut words = self.base_package.split_whitespace();
+        while let Some(word) = words.next() {
+            if word == "qemu-system-arm" {
+                let debian = words.next().unwrap_or_default();
+                let upstream = debian.split_once(':').map_or(debian, |(_, v)| v);
+                let version = upstream.split(['+', '-']).next().unwrap_or_default();
+                if !version.is_empty() {
+                    return Ok(version.to_string());
+                }
+            }
+        }
+        bail!(
+            "the lab's base names no qemu-system-arm version: {}",
+            self.base_package
+        )
+    }
+
     pub fn kernel(&self, series: &str) -> Result<&Kernel> {
         self.kernels
             .iter()

@@ -263,7 +263,7 @@ fn profile_check(dir: &WorkDir, host: &Host, kvm_path: &Path) -> Result<()> {
     let stream = dir.join(&format!("fresh-{series}.stream"));
     let length = host.save_fresh_stream(&stream, SMP)?;
     let stream_profile = dir.join(&format!("from-stream-{series}.json"));
-    mp::capture_profile(&stream, &stream_profile)?;
+    mp::capture_profile(&stream, &Lab::get()?.inner_qemu_version()?, &stream_profile)?;
     let kvm =
         migproxy_config::Profile::from_json(&kvm_json).context("parsing the --from-kvm profile")?;
     let from_stream = migproxy_config::Profile::load(&stream_profile)?;
