@@ -1,5 +1,5 @@
 //! The held device-state phase: FULL sections, EOF and the description, walked with the
-//! description (DESIGN.md, "Device state is delimited from the stream's own description").
+//! description (DESIGN.md, "Device state is delimited exactly, never by scanning").
 //!
 //! ```text
 //! held bytes:  FULL s0 .. 7E s0 | FULL s1 .. 7E s1 | ... | 00 (EOF) | 06 | be32 len | JSON (len bytes)
@@ -576,6 +576,15 @@ pub(crate) fn walk(
                     version,
                 },
             )? {
+                if cpus.iter().any(|c: &CpuSlot| c.instance == slot.instance) {
+                    // QEMU loads a section by (idstr, instance): a second one would leave one
+                    // of the two unrewritten.
+                    return Err(DecodeError::DeviceState {
+                        offset: at(pos),
+                        section,
+                        message: format!("a second cpu section for instance {instance}"),
+                    });
+                }
                 if cpus.len() >= limits.max_cpus {
                     return Err(DecodeError::DeviceState {
                         offset: at(pos),

@@ -18,6 +18,8 @@
 //! admin_header_timeout_ms = 5000      # time an admin client has to send its request headers
 //! admin_tls_creds = "/etc/migproxy/admin-tls"  # optional: serve the admin address over https
 //! profile_ca = "/etc/migproxy/profile-ca.pem"  # the only CA trusted for https:// profile URLs
+//! max_cpus = 512                      # stream budgets: max_cpus, max_cpregs (per vCPU),
+//!                                     # max_rewrite_output_bytes, max_sections
 //!
 //! [profiles]                          # served on the admin address as /profiles/NAME
 //! a64fx-7.2 = "/etc/migproxy/a64fx-7.2.json"
@@ -76,6 +78,12 @@ pub struct RunFile {
     pub admin_tls_creds: Option<String>,
     /// The only CA trusted for `https://` profile URLs.
     pub profile_ca: Option<String>,
+    /// Budgets (counts and bytes; DESIGN.md, "Everything else streams"); absent: the codec's
+    /// defaults.
+    pub max_cpus: Option<usize>,
+    pub max_cpregs: Option<usize>,
+    pub max_rewrite_output_bytes: Option<usize>,
+    pub max_sections: Option<usize>,
     /// Profiles advertised on the admin address: name -> file.
     #[serde(default)]
     pub profiles: BTreeMap<String, String>,
@@ -120,7 +128,9 @@ impl RunFile {
     pub fn from_toml(text: &str, origin: &str) -> Result<RunFile, ConfigError> {
         let file: RunFile = toml::from_str(text).map_err(|err| {
             // toml's message spans several lines (it quotes the source); one line is the contract.
-            let message = err.message().trim().to_owned();
+            // The message itself may span lines too ("invalid string\nexpected ..."), found by
+            // fuzz/fuzz_targets/config_toml.rs.
+            let message = err.message().trim().lines().collect::<Vec<_>>().join("; ");
             let location = err
                 .span()
                 .map(|span| {
@@ -191,5 +201,26 @@ upstream = "original-dst"
         assert!(err.contains("upstraem"), "{err}");
         assert!(!err.contains('\n'), "{err}");
         assert!(RunFile::from_toml("admin = \"tcp:a:1\"\n", "x").is_err());
+    }
+
+    #[test]
+    fn a_broken_string_fails_with_one_line() {
+        // toml reports "invalid string\nexpected ..." (found by the config_toml fuzz target).
+        let err = RunFile::from_toml("admin = \"tcp:a:1\nx = 1\n", "bad.toml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("bad.toml at line 1"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn budgets_are_read() {
+        let text = "max_cpus = 8\nmax_cpregs = 600\nmax_rewrite_output_bytes = 1048576\nmax_sections = 16\n[[listener]]\nlisten = \"tcp:a:1\"\nupstream = \"tcp:b:2\"\n";
+        let file = RunFile::from_toml(text, "budgets.toml").unwrap_or_default();
+        assert_eq!(file.max_cpus, Some(8));
+        assert_eq!(file.max_cpregs, Some(600));
+        assert_eq!(file.max_rewrite_output_bytes, Some(1 << 20));
+        assert_eq!(file.max_sections, Some(16));
     }
 }

@@ -264,6 +264,18 @@ pub struct RunArgs {
     /// Largest postcopy PACKAGED blob (checking relay), in bytes (default 256 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_PACKAGED")]
     pub max_packaged: Option<usize>,
+    /// Most vCPUs (cpu sections with cpreg arrays) in one stream (default 512).
+    #[arg(long, value_name = "COUNT", env = "MIGPROXY_MAX_CPUS")]
+    pub max_cpus: Option<usize>,
+    /// Most cpreg registers of one vCPU, as received and as rewritten (default 4096).
+    #[arg(long, value_name = "COUNT", env = "MIGPROXY_MAX_CPREGS")]
+    pub max_cpregs: Option<usize>,
+    /// Largest rewritten device-state phase, in bytes (default 320 MiB).
+    #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_REWRITE_OUTPUT")]
+    pub max_rewrite_output: Option<usize>,
+    /// Most iterable sections (ram, dirty-bitmap, block) in one stream (default 256).
+    #[arg(long, value_name = "COUNT", env = "MIGPROXY_MAX_SECTIONS")]
+    pub max_sections: Option<usize>,
     /// TLS on both legs for --listen listeners: a QEMU-style credential directory (ca-cert.pem,
     /// server-cert.pem/server-key.pem shown to the source, client-cert.pem/client-key.pem shown to
     /// the destination).

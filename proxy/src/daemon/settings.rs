@@ -206,7 +206,7 @@ impl RunConfig {
                 .or(from_file)
             {
                 Some(0) => Err(ProxyError::InvalidConfig(format!(
-                    "{name} must be at least 1 byte"
+                    "{name} must be at least 1"
                 ))),
                 other => Ok(other.unwrap_or(default)),
             };
@@ -235,7 +235,30 @@ impl RunConfig {
                 defaults.max_packaged,
                 "max_packaged",
             )?,
-            ..defaults
+            max_cpus: limit(
+                args.max_cpus,
+                file.as_ref().and_then(|f| f.max_cpus),
+                defaults.max_cpus,
+                "max_cpus",
+            )?,
+            max_cpregs: limit(
+                args.max_cpregs,
+                file.as_ref().and_then(|f| f.max_cpregs),
+                defaults.max_cpregs,
+                "max_cpregs",
+            )?,
+            max_rewrite_output: limit(
+                args.max_rewrite_output,
+                file.as_ref().and_then(|f| f.max_rewrite_output_bytes),
+                defaults.max_rewrite_output,
+                "max_rewrite_output",
+            )?,
+            max_sections: limit(
+                args.max_sections,
+                file.as_ref().and_then(|f| f.max_sections),
+                defaults.max_sections,
+                "max_sections",
+            )?,
         };
         let unrecoverable_postcopy = match (
             args.unrecoverable_postcopy,

@@ -137,10 +137,14 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         state: &'a MigrationState,
         settings: &ChannelSettings,
     ) -> Self {
+        let mut decoder = StreamDecoder::new(settings.limits.clone());
+        // Without a rewrite nothing depends on where the device phase ends, so a guest-forged
+        // ending must not stop the migration (DESIGN.md, "How the end of the phase is recognised").
+        decoder.set_checking_relay(rewrite.is_none());
         Forward {
             source,
             buffer: BytesMut::with_capacity(READ_BUFFER_BYTES),
-            decoder: StreamDecoder::new(settings.limits.clone()),
+            decoder,
             out: WriteQueue::new(destination, state.to_destination()),
             rewrite,
             state,
