@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Provision the two QEMU builds the end-to-end tests migrate between, plus the
+# Provision the three QEMU builds the end-to-end tests migrate between, plus the
 # aarch64 assembler the test guest is built with.
 #
 #   QEMU 10.0: qemu-system-arm from bookworm-backports, installed system-wide.
@@ -7,12 +7,15 @@
 #              private folder. It cannot be installed system-wide: the image
 #              already carries qemu-utils 10.0 from backports, and the 7.2
 #              system package conflicts with it through qemu-system-common.
+#   QEMU 11.1: the trixie-backports build and its trixie library closure,
+#              unpacked into a private folder and started through a wrapper
+#              (scripts/provision-qemu-11.1.sh).
 #
-# Idempotent and cached: a second run only checks. Prints the two binary paths
-# as shell assignments (QEMU10=..., QEMU72=...) on its last two lines.
+# Idempotent and cached: a second run only checks. Prints the three binary paths
+# as shell assignments (QEMU10=..., QEMU72=..., QEMU111=...) on its last lines.
 #
-# Overrides for other distributions: set MIGPROXY_QEMU10 and MIGPROXY_QEMU72 to
-# existing binaries and this script only checks them.
+# Overrides for other distributions: set MIGPROXY_QEMU10, MIGPROXY_QEMU72 and
+# MIGPROXY_QEMU111 to existing binaries and this script only checks them.
 set -euo pipefail
 
 cache="${MIGPROXY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/migproxy}"
@@ -111,7 +114,12 @@ if [ -z "$qemu72" ]; then
     fi
 fi
 
+# QEMU 11.1: a private unpack of the trixie-backports build (its own script says how).
+qemu111=$(bash "$(dirname "$0")/provision-qemu-11.1.sh" | sed -n 's/^QEMU111=//p')
+
 "$qemu10" --version | head -n1 >&2
 "$qemu72" --version | head -n1 >&2
+"$qemu111" --version | head -n1 >&2
 echo "QEMU10=$qemu10"
 echo "QEMU72=$qemu72"
+echo "QEMU111=$qemu111"

@@ -22,7 +22,9 @@ cd "$(dirname "$0")/.."
 # Private downloads and builds, run in this order after the packages and the toolchain. Each prints
 # NAME=value lines on stdout. Adding one is one line here.
 PROVISIONERS=(
-    scripts/provision-qemu.sh # QEMU 10.0 (bookworm-backports) and 7.2 (private unpack): QEMU10=, QEMU72=
+    scripts/provision-qemu.sh     # QEMU 10.0 (backports), 7.2 and 11.1 (private unpacks): QEMU10=, QEMU72=, QEMU111=
+    scripts/provision-libvirt.sh  # libvirt 11.3 (private unpack) for the libvirt lab: LIBVIRT113=
+    scripts/provision-kvm-lab.sh  # arm64 kernels, initramfs, aarch64 migproxy (needs the aarch64 target): KVMLAB=
 )
 
 # Every command a test or a test script runs, with what needs it. Checked after provisioning.

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): every check CI makes, runnable from a clean clone
-# on Debian 12 as root (or with MIGPROXY_QEMU10/MIGPROXY_QEMU72 pointing at existing QEMU builds).
+# on Debian 12 as root (or with MIGPROXY_QEMU10/MIGPROXY_QEMU72/MIGPROXY_QEMU111 pointing at existing QEMU builds).
 #
 #   1. provision everything the tests use and check it (scripts/provision.sh: Debian packages of
-#      scripts/debian-packages.txt, QEMU 10.0 and 7.2, Rust components and targets, nightly +
-#      cargo-fuzz, every crate of the lock files); a missing tool stops the run here, by name
+#      scripts/debian-packages.txt, QEMU 10.0, 7.2 and 11.1, libvirt 11.3, the KVM lab, Rust
+#      components and targets, nightly + cargo-fuzz, every crate of the lock files); a missing tool
+#      stops the run here, by name
 #   2. cargo fmt --check, cargo clippy -D warnings
 #   3. unit, property and vector tests of every crate but the end-to-end suite
 #   4. fuzz build (cargo +nightly fuzz build) when fuzz/ exists; aarch64 check of --from-kvm

@@ -32,7 +32,7 @@
 //! # Finding the end of the device-state phase
 //!
 //! FULL sections carry no length, and the description that gives their sizes comes after them
-//! (DESIGN.md, "Device state is delimited from the stream's own description"). The decoder
+//! (DESIGN.md, "Device state is delimited exactly, never by scanning"). The decoder
 //! therefore keeps every byte from the first FULL section in the read buffer and, each time bytes
 //! arrive, asks one question: does the received data end with `00 06 <be32 len> <a JSON object of
 //! exactly len bytes>`? `candidates` answers it looking at each held byte once. Only when that
@@ -531,14 +531,12 @@ impl StreamDecoder {
         if !self.iterables.contains_key(&header.id)
             && self.iterables.len() >= self.limits.max_sections
         {
-            return Err(DecodeError::LimitExceeded {
+            return Err(DecodeError::Malformed {
                 offset: self.offset,
-                what: format!(
-                    "iterable section {} \"{}\" (sections opened)",
-                    header.id, header.idstr
+                message: format!(
+                    "iterable section {} \"{}\": more than {} iterable sections in one stream (limit max_sections)",
+                    header.id, header.idstr, self.limits.max_sections
                 ),
-                len: self.iterables.len() as u64 + 1,
-                limit: self.limits.max_sections,
             });
         }
         self.iterables.insert(

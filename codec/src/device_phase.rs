@@ -1,5 +1,5 @@
 //! The held device-state phase: FULL sections, EOF and the description, walked with the
-//! description (DESIGN.md, "Device state is delimited from the stream's own description").
+//! description (DESIGN.md, "Device state is delimited exactly, never by scanning").
 //!
 //! ```text
 //! held bytes:  FULL s0 .. 7E s0 | FULL s1 .. 7E s1 | ... | 00 (EOF) | 06 | be32 len | JSON (len bytes)
@@ -14,7 +14,10 @@
 //! The ARM `cpu` section's cpreg arrays are located from the description's field list
 //! (`cpreg_vmstate_array_len`, `cpreg_vmstate_indexes`, `cpreg_vmstate_values`), not from a fixed
 //! offset. Replacing them re-encodes that section and patches the two `array_len` numbers in the
-//! description text (and its be32 length); every other byte is re-emitted as received.
+//! description text (and its be32 length). The walk also records each `cpu` section's top-level
+//! subsections, so that one the destination cannot load can be removed: its bytes leave the
+//! section and its object leaves the description's `subsections` array (whether that loses guest
+//! state is decided outside the codec). Every other byte is re-emitted as received.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -47,6 +50,38 @@ pub struct CpuRegisters {
     pub registers: Vec<(u64, u64)>,
 }
 
+/// One top-level subsection of a `cpu` section, as received (what the destination must be able
+/// to load, or what migproxy may remove).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuSubsection {
+    pub instance: u32,
+    /// `vmsd_name`, e.g. `cpu/wfxt-timer`.
+    pub name: String,
+    pub version: u32,
+    /// Names of the subsections nested inside it (the destination must know them too).
+    pub nested: Vec<String>,
+    /// Its fields' bytes (after the subsection header), as received.
+    pub payload: Bytes,
+}
+
+/// Where one top-level `cpu` subsection sits in the held bytes and in the description.
+#[derive(Debug, Clone)]
+struct SubsectionSlot {
+    instance: u32,
+    name: String,
+    version: u32,
+    nested: Vec<String>,
+    /// From its `05` header byte to its end.
+    wire: Range<usize>,
+    payload: Range<usize>,
+    /// Its object in the description's `subsections` array (held positions).
+    json_item: Range<usize>,
+    /// First item start to last item end of that array: rewritten as a whole on removal, so the
+    /// commas between the kept items stay right.
+    json_items: Range<usize>,
+    removed: bool,
+}
+
 /// Where one `cpu` section keeps its cpreg arrays.
 #[derive(Debug, Clone)]
 struct CpuSlot {
@@ -74,6 +109,7 @@ pub struct DeviceState {
     base_offset: u64,
     sections: Vec<DeviceSection>,
     cpus: Vec<CpuSlot>,
+    subsections: Vec<SubsectionSlot>,
     /// Position of the be32 description length (after EOF and QEMU_VM_VMDESCRIPTION).
     desc_len_pos: usize,
     /// `cpus` index by instance (the first section of an instance).
@@ -115,6 +151,36 @@ impl DeviceState {
                 },
             })
             .collect()
+    }
+
+    /// Every top-level subsection of every `cpu` section, in stream order (removed ones left out).
+    pub fn cpu_subsections(&self) -> Vec<CpuSubsection> {
+        self.subsections
+            .iter()
+            .filter(|slot| !slot.removed)
+            .map(|slot| CpuSubsection {
+                instance: slot.instance,
+                name: slot.name.clone(),
+                version: slot.version,
+                nested: slot.nested.clone(),
+                payload: self.held.slice(slot.payload.clone()),
+            })
+            .collect()
+    }
+
+    /// Leave one top-level subsection of one vCPU's `cpu` section out of the encoded stream and
+    /// out of the description. The caller decides that no guest state is lost by doing so.
+    pub fn remove_cpu_subsection(&mut self, instance: u32, name: &str) -> Result<(), DecodeError> {
+        let slot = self
+            .subsections
+            .iter_mut()
+            .find(|slot| slot.instance == instance && slot.name == name && !slot.removed)
+            .ok_or_else(|| DecodeError::CpuRegisters {
+                instance,
+                message: format!("no subsection {name:?} in this cpu section"),
+            })?;
+        slot.removed = true;
+        Ok(())
     }
 
     fn original_registers(&self, slot: &CpuSlot) -> Vec<(u64, u64)> {
@@ -184,53 +250,70 @@ impl DeviceState {
             .filter_map(|slot| slot.replacement.as_ref().map(|regs| (slot, regs)))
     }
 
-    /// The description text with the replaced `array_len` values.
-    fn patched_description(&self) -> Vec<u8> {
-        let json_start = self.desc_len_pos + 4;
-        let mut patches: Vec<(Range<usize>, String)> = self
-            .replaced()
-            .flat_map(|(slot, regs)| {
-                slot.json_spans
-                    .iter()
-                    .map(move |span| (span.clone(), regs.len().to_string()))
-            })
-            .collect();
-        patches.sort_by_key(|(span, _)| span.start);
-        let mut out = Vec::with_capacity(self.held.len() - json_start + 16);
-        let mut cursor = json_start;
-        for (span, text) in patches {
-            out.extend_from_slice(&self.held[cursor..span.start]);
-            out.extend_from_slice(text.as_bytes());
-            cursor = span.end;
+    fn is_modified(&self) -> bool {
+        self.replaced().next().is_some() || self.subsections.iter().any(|slot| slot.removed)
+    }
+
+    /// What changes in the held bytes, as (span, replacement) sorted by span and disjoint: the
+    /// replaced cpreg arrays and removed subsections in the sections, their `array_len` numbers
+    /// and `subsections` arrays in the description. Everything between is re-emitted as received.
+    fn edits(&self) -> Vec<(Range<usize>, Vec<u8>)> {
+        let mut edits = Vec::new();
+        for (slot, regs) in self.replaced() {
+            let mut arrays = Vec::with_capacity(4 + 16 * regs.len());
+            // Fits: checked in set_cpregs.
+            arrays.put_u32(u32::try_from(regs.len()).unwrap_or(u32::MAX));
+            for (id, _) in regs {
+                arrays.put_u64(*id);
+            }
+            for (_, value) in regs {
+                arrays.put_u64(*value);
+            }
+            edits.push((slot.array_len_pos..slot.arrays_end(), arrays));
+            for span in &slot.json_spans {
+                edits.push((span.clone(), regs.len().to_string().into_bytes()));
+            }
         }
-        out.extend_from_slice(&self.held[cursor..]);
-        out
+        // Slots are in stream order, so each cpu section's subsections are one contiguous run.
+        for items in self
+            .subsections
+            .chunk_by(|a, b| a.json_items == b.json_items)
+            .filter(|items| items.iter().any(|item| item.removed))
+        {
+            for item in items.iter().filter(|item| item.removed) {
+                edits.push((item.wire.clone(), Vec::new()));
+            }
+            let separator = match items {
+                [first, second, ..] => &self.held[first.json_item.end..second.json_item.start],
+                _ => b", ".as_slice(),
+            };
+            let kept: Vec<&[u8]> = items
+                .iter()
+                .filter(|item| !item.removed)
+                .map(|item| &self.held[item.json_item.clone()])
+                .collect();
+            edits.push((items[0].json_items.clone(), kept.join(separator)));
+        }
+        edits.sort_by_key(|(span, _)| span.start);
+        edits
     }
 
     /// Bytes `encode` writes.
     pub fn wire_len(&self) -> usize {
-        if self.replaced().next().is_none() {
+        if !self.is_modified() {
             return self.held.len();
         }
-        // The patched description's length without building it: each replaced array_len
-        // number changes by the difference of its decimal lengths.
         let mut len = self.held.len();
-        for (slot, regs) in self.replaced() {
-            let text_len = regs.len().to_string().len();
-            for span in &slot.json_spans {
-                len = len - span.len() + text_len;
-            }
-        }
-        for (slot, regs) in self.replaced() {
-            len = len - 16 * slot.count + 16 * regs.len();
+        for (span, replacement) in self.edits() {
+            len = len - span.len() + replacement.len();
         }
         len
     }
 
     /// What [`encode`](Self::encode) writes, as one buffer: the received bytes themselves
-    /// (no copy) when no cpreg array was replaced.
+    /// (no copy) when nothing was changed.
     pub fn to_bytes(&self) -> Bytes {
-        if self.replaced().next().is_none() {
+        if !self.is_modified() {
             return self.held.clone();
         }
         let mut out = BytesMut::with_capacity(self.wire_len());
@@ -238,30 +321,57 @@ impl DeviceState {
         out.freeze()
     }
 
+    /// The sections alone (up to EOF), with the replaced cpreg arrays and removed subsections:
+    /// what a postcopy package carries (`package.rs`).
+    pub(crate) fn sections_bytes(&self) -> Bytes {
+        let eof_pos = self.desc_len_pos - 2;
+        if !self.is_modified() {
+            return self.held.slice(..eof_pos);
+        }
+        let mut out = BytesMut::with_capacity(self.wire_len());
+        let mut cursor = 0;
+        for (span, replacement) in self.edits().iter().filter(|(span, _)| span.end <= eof_pos) {
+            out.extend_from_slice(&self.held[cursor..span.start]);
+            out.extend_from_slice(replacement);
+            cursor = span.end;
+        }
+        out.extend_from_slice(&self.held[cursor..eof_pos]);
+        out.freeze()
+    }
+
     /// Sections + EOF + (patched) description.
     pub fn encode(&self, dst: &mut BytesMut) {
-        if self.replaced().next().is_none() {
+        if !self.is_modified() {
             dst.extend_from_slice(&self.held);
             return;
         }
-        let description = self.patched_description();
+        let edits = self.edits();
+        let json_start = self.desc_len_pos + 4;
+        let mut description_len = self.held.len() - json_start;
+        for (span, replacement) in edits.iter().filter(|(span, _)| span.start >= json_start) {
+            description_len = description_len - span.len() + replacement.len();
+        }
         dst.reserve(self.wire_len());
         let mut cursor = 0;
-        for (slot, regs) in self.replaced() {
-            dst.extend_from_slice(&self.held[cursor..slot.array_len_pos]);
-            // Fits: checked in set_cpregs.
-            dst.put_u32(u32::try_from(regs.len()).unwrap_or(u32::MAX));
-            for (id, _) in regs {
-                dst.put_u64(*id);
+        let mut length_written = false;
+        for (span, replacement) in &edits {
+            if !length_written && span.start >= json_start {
+                // The description's be32 length sits between the sections and the text.
+                dst.extend_from_slice(&self.held[cursor..self.desc_len_pos]);
+                dst.put_u32(u32::try_from(description_len).unwrap_or(u32::MAX));
+                cursor = json_start;
+                length_written = true;
             }
-            for (_, value) in regs {
-                dst.put_u64(*value);
-            }
-            cursor = slot.arrays_end();
+            dst.extend_from_slice(&self.held[cursor..span.start]);
+            dst.extend_from_slice(replacement);
+            cursor = span.end;
         }
-        dst.extend_from_slice(&self.held[cursor..self.desc_len_pos]);
-        dst.put_u32(u32::try_from(description.len()).unwrap_or(u32::MAX));
-        dst.extend_from_slice(&description);
+        if !length_written {
+            dst.extend_from_slice(&self.held[cursor..self.desc_len_pos]);
+            dst.put_u32(u32::try_from(description_len).unwrap_or(u32::MAX));
+            cursor = json_start;
+        }
+        dst.extend_from_slice(&self.held[cursor..]);
     }
 }
 
@@ -269,6 +379,7 @@ impl DeviceState {
 pub(crate) struct Layout {
     sections: Vec<DeviceSection>,
     cpus: Vec<CpuSlot>,
+    subsections: Vec<SubsectionSlot>,
 }
 
 impl DeviceState {
@@ -289,6 +400,7 @@ impl DeviceState {
             base_offset,
             sections: layout.sections,
             cpus: layout.cpus,
+            subsections: layout.subsections,
             desc_len_pos,
             cpu_index,
             confirmed,
@@ -345,6 +457,7 @@ pub(crate) fn walk(
 
     let mut sections = Vec::with_capacity(devices.len());
     let mut cpus = Vec::new();
+    let mut subsections = Vec::new();
     let mut pos = 0usize;
     for (index, device) in devices.iter().enumerate() {
         let dev_name = device.get("name").and_then(Json::as_str);
@@ -410,8 +523,10 @@ pub(crate) fn walk(
             held: &held[..eof_pos],
             base_offset,
             section: &section,
+            top_subsections: Vec::new(),
         };
         let payload_end = walker.vmsd(device, payload_start, 0)?;
+        let found = walker.top_subsections;
         let mut f = Reader::at(&held[..eof_pos], payload_end);
         match (f.u8(), f.be32()) {
             (Some(QEMU_VM_SECTION_FOOTER), Some(id)) if id == section_id => {}
@@ -432,6 +547,23 @@ pub(crate) fn walk(
         }
         let end = f.pos();
         if idstr == IDSTR_CPU {
+            let json_items = match (found.first(), found.last()) {
+                (Some(first), Some(last)) => {
+                    first.json_item.start + json_start..last.json_item.end + json_start
+                }
+                _ => 0..0,
+            };
+            subsections.extend(found.into_iter().map(|sub| SubsectionSlot {
+                instance,
+                name: sub.name,
+                version: sub.version,
+                nested: sub.nested,
+                wire: sub.wire,
+                payload: sub.payload,
+                json_item: sub.json_item.start + json_start..sub.json_item.end + json_start,
+                json_items: json_items.clone(),
+                removed: false,
+            }));
             if let Some(slot) = locate_cpregs(
                 held,
                 base_offset,
@@ -444,6 +576,15 @@ pub(crate) fn walk(
                     version,
                 },
             )? {
+                if cpus.iter().any(|c: &CpuSlot| c.instance == slot.instance) {
+                    // QEMU loads a section by (idstr, instance): a second one would leave one
+                    // of the two unrewritten.
+                    return Err(DecodeError::DeviceState {
+                        offset: at(pos),
+                        section,
+                        message: format!("a second cpu section for instance {instance}"),
+                    });
+                }
                 if cpus.len() >= limits.max_cpus {
                     return Err(DecodeError::DeviceState {
                         offset: at(pos),
@@ -487,13 +628,29 @@ pub(crate) fn walk(
             ),
         });
     }
-    Ok(Layout { sections, cpus })
+    Ok(Layout {
+        sections,
+        cpus,
+        subsections,
+    })
+}
+
+/// A subsection directly inside a section, as the walk found it (JSON spans relative to the text).
+struct FoundSubsection {
+    name: String,
+    version: u32,
+    nested: Vec<String>,
+    wire: Range<usize>,
+    payload: Range<usize>,
+    json_item: Range<usize>,
 }
 
 struct Walker<'a> {
     held: &'a [u8],
     base_offset: u64,
     section: &'a SectionRef,
+    /// The section's own subsections (depth 0), in stream order.
+    top_subsections: Vec<FoundSubsection>,
 }
 
 impl Walker<'_> {
@@ -551,21 +708,53 @@ impl Walker<'_> {
                 let version = sub.get("version").and_then(Json::as_u64);
                 let mut r = Reader::at(self.held, pos);
                 let header = (r.u8(), r.counted(), r.be32());
-                match header {
+                let wire_version = match header {
                     (Some(QEMU_VM_SUBSECTION), Some(wire_name), Some(wire_version))
                         if wire_name == name.as_bytes()
-                            && version.is_none_or(|v| v == u64::from(wire_version)) => {}
+                            && version.is_none_or(|v| v == u64::from(wire_version)) =>
+                    {
+                        wire_version
+                    }
                     _ => {
                         return Err(self.err(
                             pos,
                             format!("expected subsection header for \"{name}\" here"),
                         ))
                     }
+                };
+                let header_pos = pos;
+                let payload_start = r.pos();
+                pos = self.vmsd(sub, payload_start, depth + 1)?;
+                if depth == 0 {
+                    let mut nested = Vec::new();
+                    nested_names(sub, &mut nested);
+                    self.top_subsections.push(FoundSubsection {
+                        name: name.to_owned(),
+                        version: wire_version,
+                        nested,
+                        wire: header_pos..pos,
+                        payload: payload_start..pos,
+                        // Objects always carry their span.
+                        json_item: sub.span().unwrap_or(0..0),
+                    });
                 }
-                pos = self.vmsd(sub, r.pos(), depth + 1)?;
             }
         }
         Ok(pos)
+    }
+}
+
+/// The `vmsd_name` of every subsection nested in `desc`, depth first.
+fn nested_names(desc: &Json, out: &mut Vec<String>) {
+    for sub in desc
+        .get("subsections")
+        .and_then(Json::as_array)
+        .unwrap_or_default()
+    {
+        if let Some(name) = sub.get("vmsd_name").and_then(Json::as_str) {
+            out.push(name.to_owned());
+        }
+        nested_names(sub, out);
     }
 }
 

@@ -1,7 +1,8 @@
 //! A small JSON parser that keeps byte spans.
 //!
-//! The description must be re-emitted byte for byte except for the cpreg `array_len` numbers, so
-//! we need to know where each number sits in the text; a general-purpose JSON library would
+//! The description must be re-emitted byte for byte except for the cpreg `array_len` numbers and
+//! the objects of removed subsections, so we need to know where each number and object sits in
+//! the text; a general-purpose JSON library would
 //! re-format everything. Only what QEMU's `json_writer` produces matters, but the parser accepts
 //! any RFC 8259 text and bounds its nesting depth (the input comes from the network).
 //!
@@ -27,13 +28,15 @@ pub(crate) enum Json<'a> {
     },
     String(Cow<'a, str>),
     Array(Vec<Json<'a>>),
-    Object(Vec<(Cow<'a, str>, Json<'a>)>),
+    /// Members and the object's span (`{` to `}` inclusive), so an object can be cut out of the
+    /// text (a subsection removed from the description).
+    Object(Vec<(Cow<'a, str>, Json<'a>)>, Range<usize>),
 }
 
 impl<'a> Json<'a> {
     pub(crate) fn get(&self, key: &str) -> Option<&Json<'a>> {
         match self {
-            Json::Object(members) => members.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            Json::Object(members, _) => members.iter().find(|(k, _)| k == key).map(|(_, v)| v),
             _ => None,
         }
     }
@@ -59,9 +62,10 @@ impl<'a> Json<'a> {
         }
     }
 
+    /// The text span of a number or an object.
     pub(crate) fn span(&self) -> Option<Range<usize>> {
         match self {
-            Json::Number { span, .. } => Some(span.clone()),
+            Json::Number { span, .. } | Json::Object(_, span) => Some(span.clone()),
             _ => None,
         }
     }
@@ -153,12 +157,13 @@ impl<'a> Parser<'a> {
     }
 
     fn object(&mut self, depth: usize) -> Result<Json<'a>, JsonError> {
+        let start = self.pos;
         self.pos += 1;
         let mut members = Vec::new();
         self.skip_ws();
         if self.peek() == Some(b'}') {
             self.pos += 1;
-            return Ok(Json::Object(members));
+            return Ok(Json::Object(members, start..self.pos));
         }
         loop {
             self.skip_ws();
@@ -176,7 +181,7 @@ impl<'a> Parser<'a> {
                 Some(b',') => self.pos += 1,
                 Some(b'}') => {
                     self.pos += 1;
-                    return Ok(Json::Object(members));
+                    return Ok(Json::Object(members, start..self.pos));
                 }
                 _ => return Err(self.err("expected ',' or '}'")),
             }
@@ -336,6 +341,9 @@ mod tests {
         let n = json.get("n").unwrap();
         assert_eq!(n.as_u64(), Some(261));
         assert_eq!(&text[n.span().unwrap()], b"261");
+        let inner = &json.get("a").unwrap().as_array().unwrap()[1];
+        assert_eq!(&text[inner.span().unwrap()], br#"{"b": "x\"y"}"#);
+        assert_eq!(json.span(), Some(0..text.len()));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //!   `tokio_util::codec::Decoder`, which owns the `BytesMut` discipline: payloads of RAM pages are
 //!   cut from the read buffer as they arrive, everything else is emitted as whole records, and the
 //!   device-state phase is held until the description arrives (DESIGN.md, "Device state is
-//!   delimited from the stream's own description").
+//!   delimited exactly, never by scanning").
 //!
 //! `wire` holds QEMU's constants (record types, command numbers, RAM flags, the stream and
 //! multifd magic numbers); `limits` the budgets; `error` the one error type; `offline` a blocking
@@ -29,12 +29,22 @@
 //!   has verified: the decoder cannot know where EOF is before then (FULL sections carry no
 //!   length). Arm the description deadline while it is true; `description_error()` says why the
 //!   last description-looking bytes did not verify, if any did.
-//! - After the device state (precopy) or the final EOF (postcopy), `is_done()` is true and any
-//!   further byte is `DecodeError::TrailingData`. `decode_eof` reports truncation, a missing
+//! - Where the phase ends: a connection that forwards the device state unchanged calls
+//!   `set_checking_relay(true)` (a guest-forged ending then cannot stop the migration: more bytes
+//!   continue the phase, released later as `RecordKind::DevicePhaseContinued`); a connection that
+//!   rewrites should give the source's reference description (`set_reference_description`), which
+//!   makes the ending exact (`DeviceState::is_confirmed`). DESIGN.md, "How the end of the phase is
+//!   recognised", argues both.
+//! - After the device state (precopy) or the final EOF (postcopy), `is_done()` is true; unless
+//!   the checking relay is waiting to see whether an unconfirmed ending was real, any further byte
+//!   is `DecodeError::TrailingData`. `decode_eof` reports truncation, a missing
 //!   description (`MissingDescription`) or the description's own error.
 //! - A postcopy `MIG_CMD_PACKAGED` comes as one `Verbatim` frame holding the command and the whole
 //!   blob (bounded by `Limits::max_packaged`); its device state is not delimited (no description).
-//! - The held device phase is bounded by `max_device_state + max_description`.
+//! - The held device phase is bounded by `max_device_state + max_description`; vCPUs, registers,
+//!   rewrite output and iterable sections by the other `Limits` fields. `work()` counts what the
+//!   decoder did (bytes scanned, descriptions tried, configuration elements), for tests that hold
+//!   it to constant work per received byte.
 
 mod bitmap;
 mod block;
@@ -49,6 +59,7 @@ mod frame;
 mod json;
 mod limits;
 pub mod offline;
+mod package;
 mod ram;
 mod reader;
 mod record;
@@ -60,9 +71,10 @@ pub mod wire;
 
 pub use command::command_name;
 pub use decoder::{DecodeWork, StreamDecoder};
-pub use device_phase::{CpuRegisters, DeviceSection, DeviceState};
+pub use device_phase::{CpuRegisters, CpuSubsection, DeviceSection, DeviceState};
 pub use encoder::StreamEncoder;
 pub use error::{DecodeError, SectionRef};
 pub use frame::{Frame, MigCommand, RecordKind, StreamInfo};
 pub use limits::Limits;
+pub use package::{PackageDeviceState, PING_PACKAGED_LOADED};
 pub use reference::{LayoutMismatch, ReferenceDescription};

@@ -332,10 +332,39 @@ impl StreamBuilder {
         self.out.to_vec()
     }
 
+    /// Bytes written so far.
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Nothing written yet (never: the header is written by `new`).
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
     /// The bytes so far, without EOF.
     pub fn into_bytes(self) -> Vec<u8> {
         self.out.to_vec()
     }
+}
+
+/// What a guest can write into its own state to look like the end of the device phase: the
+/// footer of section `section_id` (named `idstr`, instance 0, version 1), EOF, VMDESCRIPTION and a
+/// description naming only that section, with one field of `guest_offset` bytes, i.e. reaching
+/// exactly to these bytes when they sit `guest_offset` bytes into the section's payload.
+pub fn forged_description_ending(section_id: u32, idstr: &str, guest_offset: usize) -> Vec<u8> {
+    let json = format!(
+        "{{\"devices\": [{{\"name\": {}, \"instance_id\": 0, \"version\": 1, \"fields\": [{{\"name\": \"data\", \"size\": {guest_offset}}}]}}]}}",
+        json_string(idstr)
+    );
+    let mut out = BytesMut::new();
+    out.put_u8(QEMU_VM_SECTION_FOOTER);
+    out.put_u32(section_id);
+    out.put_u8(QEMU_VM_EOF);
+    out.put_u8(QEMU_VM_VMDESCRIPTION);
+    out.put_u32(json.len() as u32);
+    out.put_slice(json.as_bytes());
+    out.to_vec()
 }
 
 fn put_counted(out: &mut BytesMut, s: &str) {

@@ -9,6 +9,17 @@
 //! log_json = false
 //! max_device_state_bytes = 268435456 # decoder limits: max_record_bytes, max_device_state_bytes,
 //!                                     # max_description_bytes, max_packaged_bytes
+//! unrecoverable_postcopy = "refuse"   # or "allow": postcopy from a source that cannot take its
+//!                                     # guest back after a refused switch
+//! max_migrations = 16                 # budgets: migrations in progress at once,
+//! max_connections_per_source = 64     # open connections from one source host,
+//! max_connections = 1024              # open migration connections in all,
+//! max_admin_connections = 64          # open admin connections,
+//! admin_header_timeout_ms = 5000      # time an admin client has to send its request headers
+//! admin_tls_creds = "/etc/migproxy/admin-tls"  # optional: serve the admin address over https
+//! profile_ca = "/etc/migproxy/profile-ca.pem"  # the only CA trusted for https:// profile URLs
+//! max_cpus = 512                      # stream budgets: max_cpus, max_cpregs (per vCPU),
+//!                                     # max_rewrite_output_bytes, max_sections
 //!
 //! [profiles]                          # served on the admin address as /profiles/NAME
 //! a64fx-7.2 = "/etc/migproxy/a64fx-7.2.json"
@@ -16,10 +27,11 @@
 //! [[listener]]
 //! listen = "tcp:0.0.0.0:4444"
 //! upstream = "tcp:dest.example:4444"  # or tcp:HOST:FIRST-LAST, original-dst, tproxy
-//! dest_profile = "http://dest.example:9444/profiles/a64fx-7.2"   # a file or an http:// URL
+//! dest_profile = "https://dest.example:9444/profiles/a64fx-7.2"  # a file, https:// or http:// URL
 //! source_profile = "/etc/migproxy/a64fx-10.0.json"              # optional
+//! source_reference = "/etc/migproxy/a64fx-10.0-fresh.bin"        # optional: rewrite postcopy packages
 //! tls_creds = "/etc/pki/qemu"         # optional: TLS on both legs, QEMU's credential layout
-//! tls_verify_peer = true              # optional: require the source's client certificate
+//! tls_verify_peer = true              # default: require the source's client certificate
 //! tls_hostname = "dest.example"       # optional: name in the destination's certificate
 //!
 //! [listener.policy]                   # same words as the command-line policy flags
@@ -54,6 +66,24 @@ pub struct RunFile {
     pub max_device_state_bytes: Option<usize>,
     pub max_description_bytes: Option<usize>,
     pub max_packaged_bytes: Option<usize>,
+    /// `refuse` or `allow`, as `--unrecoverable-postcopy` spells it.
+    pub unrecoverable_postcopy: Option<String>,
+    /// Budgets (README, "Budgets"); absent: the daemon's defaults.
+    pub max_migrations: Option<usize>,
+    pub max_connections_per_source: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_admin_connections: Option<usize>,
+    pub admin_header_timeout_ms: Option<u64>,
+    /// TLS on the admin address: a directory with `server-cert.pem` and `server-key.pem`.
+    pub admin_tls_creds: Option<String>,
+    /// The only CA trusted for `https://` profile URLs.
+    pub profile_ca: Option<String>,
+    /// Budgets (counts and bytes; DESIGN.md, "Everything else streams"); absent: the codec's
+    /// defaults.
+    pub max_cpus: Option<usize>,
+    pub max_cpregs: Option<usize>,
+    pub max_rewrite_output_bytes: Option<usize>,
+    pub max_sections: Option<usize>,
     /// Profiles advertised on the admin address: name -> file.
     #[serde(default)]
     pub profiles: BTreeMap<String, String>,
@@ -70,9 +100,11 @@ pub struct ListenerFile {
     pub dest_profile: Option<String>,
     /// A profile file or an `http://` URL.
     pub source_profile: Option<String>,
+    /// A saved stream of a fresh VM of the source's configuration (postcopy packages).
+    pub source_reference: Option<String>,
     /// TLS on both legs: a QEMU-style credential directory.
     pub tls_creds: Option<String>,
-    /// Require the source's client certificate (QEMU's verify-peer).
+    /// Require the source's client certificate (QEMU's verify-peer); absent: true.
     pub tls_verify_peer: Option<bool>,
     /// Name expected in the destination's certificate (default: the upstream host).
     pub tls_hostname: Option<String>,
@@ -96,7 +128,9 @@ impl RunFile {
     pub fn from_toml(text: &str, origin: &str) -> Result<RunFile, ConfigError> {
         let file: RunFile = toml::from_str(text).map_err(|err| {
             // toml's message spans several lines (it quotes the source); one line is the contract.
-            let message = err.message().trim().to_owned();
+            // The message itself may span lines too ("invalid string\nexpected ..."), found by
+            // fuzz/fuzz_targets/config_toml.rs.
+            let message = err.message().trim().lines().collect::<Vec<_>>().join("; ");
             let location = err
                 .span()
                 .map(|span| {
@@ -167,5 +201,26 @@ upstream = "original-dst"
         assert!(err.contains("upstraem"), "{err}");
         assert!(!err.contains('\n'), "{err}");
         assert!(RunFile::from_toml("admin = \"tcp:a:1\"\n", "x").is_err());
+    }
+
+    #[test]
+    fn a_broken_string_fails_with_one_line() {
+        // toml reports "invalid string\nexpected ..." (found by the config_toml fuzz target).
+        let err = RunFile::from_toml("admin = \"tcp:a:1\nx = 1\n", "bad.toml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("bad.toml at line 1"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn budgets_are_read() {
+        let text = "max_cpus = 8\nmax_cpregs = 600\nmax_rewrite_output_bytes = 1048576\nmax_sections = 16\n[[listener]]\nlisten = \"tcp:a:1\"\nupstream = \"tcp:b:2\"\n";
+        let file = RunFile::from_toml(text, "budgets.toml").unwrap_or_default();
+        assert_eq!(file.max_cpus, Some(8));
+        assert_eq!(file.max_cpregs, Some(600));
+        assert_eq!(file.max_rewrite_output_bytes, Some(1 << 20));
+        assert_eq!(file.max_sections, Some(16));
     }
 }

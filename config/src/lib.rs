@@ -7,6 +7,7 @@
 //! - [`Profile`]: what one destination's vCPUs hold after reset (`profile`);
 //! - [`Policy`] and [`rewrite`]: the rewrite rules (DESIGN.md, "Rewriting") as one pure function
 //!   (`policy`, `rewrite`);
+//! - [`subsections`]: which `cpu` subsections each QEMU build loads, removal and refusal;
 //! - [`kvm`]: the filter QEMU applies to `KVM_GET_REG_LIST`, and the aarch64-only capture.
 
 mod error;
@@ -17,6 +18,7 @@ mod profile;
 pub mod regid;
 mod regnames;
 mod rewrite;
+pub mod subsections;
 
 pub use error::ConfigError;
 pub use policy::{FillMissing, OnExtra, OnIdMismatch, Policy};
@@ -29,3 +31,4 @@ pub use rewrite::{
     destination_kernel_note, rewrite, DropReason, Dropped, Filled, IdAction, IdMismatch, KvmDrop,
     KvmRefusal, Refusal, RefusalReason, Rewrite, RewriteReport,
 };
+pub use subsections::{check_subsections, SourceSubsection, SubsectionReport};

@@ -19,8 +19,11 @@ fuzz_target!(|data: &[u8]| {
         max_device_state: 1 << 20,
         max_description: 1 << 16,
         max_packaged: 1 << 16,
+        ..Limits::default()
     };
     let mut decoder = StreamDecoder::new(limits);
+    // The split byte's top bit picks the checking relay (a forged ending does not end the stream).
+    decoder.set_checking_relay(split & 0x80 != 0);
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
     for piece in input.chunks(chunk) {

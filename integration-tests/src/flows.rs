@@ -231,14 +231,23 @@ pub fn assert_destination_untouched(dest: &mut Vm) -> Result<()> {
         }
     }
     let log = dest.log();
-    // A RAM-section error ("error while loading state section id N(ram)") is the broken stream
-    // itself; a device load error names the device.
-    for forbidden in ["of device '", "Failed to load "] {
-        if log.contains(forbidden) {
-            bail!("the destination loaded (and rejected) device state: {log}");
-        }
+    // A RAM-section error ("error while loading state section id N(ram)"; 11.1: "Getting RAM
+    // address failed", "Failed to load vmstate version_id: 4") is the broken stream itself; a
+    // device load error names the device, or the field as `Failed to load DEVICE:FIELD`.
+    if log.contains("of device '") || names_a_failed_field(&log) {
+        bail!("the destination loaded (and rejected) device state: {log}");
     }
     Ok(())
+}
+
+/// `Failed to load cpu:cpreg_vmstate_array_len`: vmstate's message for one field of a device.
+fn names_a_failed_field(log: &str) -> bool {
+    log.match_indices("Failed to load ").any(|(at, needle)| {
+        log[at + needle.len()..]
+            .split_whitespace()
+            .next()
+            .is_some_and(|word| word.contains(':') && !word.ends_with(':'))
+    })
 }
 
 /// A connection that never identifies itself as a migration channel.
@@ -255,4 +264,43 @@ pub fn stray_connection(port: u16, payload: &[u8]) -> Result<TcpStream> {
 /// Migration status of a VM's last `query-migrate`.
 pub fn status_of(vm: &mut Vm) -> Result<String> {
     Ok(migration_status(&vm.qmp.query_migrate()?).to_owned())
+}
+
+/// Wait until the source has run two precopy rounds (its guest's window sent and dirtied again),
+/// then switch it to postcopy. Returns the bytes sent in precopy.
+pub fn switch_after_precopy_rounds(source: &mut Vm) -> Result<u64> {
+    let info = source.qmp.wait_migrate_until(
+        "two precopy rounds",
+        crate::MIGRATION_TIMEOUT,
+        |info: &Value| {
+            migration_status(info) == "active"
+                && info
+                    .pointer("/ram/dirty-sync-count")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+                    >= 2
+        },
+    )?;
+    source.qmp.execute("migrate-start-postcopy", json!({}))?;
+    Ok(info
+        .pointer("/ram/transferred")
+        .and_then(Value::as_u64)
+        .unwrap_or(0))
+}
+
+/// After a completed migration: the source sent pages while `postcopy-active`. Returns how many
+/// bytes.
+pub fn assert_sent_in_postcopy(source: &mut Vm) -> Result<u64> {
+    let info = source.qmp.query_migrate()?;
+    let bytes = info
+        .pointer("/ram/postcopy-bytes")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    if bytes == 0 {
+        bail!(
+            "the source never sent a page in postcopy (it did not reach postcopy-active): {info}"
+        );
+    }
+    eprintln!("  {bytes} bytes sent in postcopy-active");
+    Ok(bytes)
 }

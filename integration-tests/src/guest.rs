@@ -76,21 +76,42 @@ fn run(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// A QEMU running (or holding) the counting guest, reachable over QMP: a local [`Vm`] or an inner
+/// QEMU of the KVM lab.
+pub trait CountingGuest {
+    fn qmp(&mut self) -> &mut crate::qmp::Qmp;
+    fn name(&self) -> &str;
+}
+
+impl CountingGuest for Vm {
+    fn qmp(&mut self) -> &mut crate::qmp::Qmp {
+        &mut self.qmp
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 /// Read the guest counter through the monitor's physical-memory dump.
-pub fn read_counter(vm: &mut Vm) -> Result<u64> {
-    let out = vm.qmp.hmp(&format!("xp /1xg {COUNTER_ADDR:#x}"))?;
+pub fn read_counter(vm: &mut impl CountingGuest) -> Result<u64> {
+    let out = vm.qmp().hmp(&format!("xp /1xg {COUNTER_ADDR:#x}"))?;
     // "0000000040100000: 0x000000000123abcd"
     let value = out
         .split_once(": ")
         .map(|(_, v)| v.trim())
         .and_then(|v| v.strip_prefix("0x"))
-        .ok_or_else(|| anyhow!("{}: unexpected xp output {out:?}", vm.name))?;
+        .ok_or_else(|| anyhow!("{}: unexpected xp output {out:?}", vm.name()))?;
     u64::from_str_radix(value, 16)
-        .with_context(|| format!("{}: unexpected xp output {out:?}", vm.name))
+        .with_context(|| format!("{}: unexpected xp output {out:?}", vm.name()))
 }
 
 /// Wait until the counter moves past `above` (the guest runs), returning the new value.
-pub fn wait_counter_above(vm: &mut Vm, above: u64, timeout: Duration) -> Result<u64> {
+pub fn wait_counter_above(
+    vm: &mut impl CountingGuest,
+    above: u64,
+    timeout: Duration,
+) -> Result<u64> {
     let deadline = Instant::now() + timeout;
     loop {
         let value = read_counter(vm)?;
@@ -98,10 +119,13 @@ pub fn wait_counter_above(vm: &mut Vm, above: u64, timeout: Duration) -> Result<
             return Ok(value);
         }
         if Instant::now() >= deadline {
+            let state = vm
+                .qmp()
+                .status()
+                .unwrap_or_else(|e| format!("unknown ({e})"));
             bail!(
-                "{}: guest counter stuck at {value} (wanted > {above}) for {timeout:?}; run state {}",
-                vm.name,
-                vm.qmp.status().unwrap_or_else(|e| format!("unknown ({e})"))
+                "{}: guest counter stuck at {value} (wanted > {above}) for {timeout:?}; run state {state}",
+                vm.name()
             );
         }
         thread::sleep(Duration::from_millis(50));
@@ -109,21 +133,21 @@ pub fn wait_counter_above(vm: &mut Vm, above: u64, timeout: Duration) -> Result<
 }
 
 /// Assert the guest is running: the counter advances twice within `timeout`.
-pub fn assert_running(vm: &mut Vm, timeout: Duration) -> Result<u64> {
+pub fn assert_running(vm: &mut impl CountingGuest, timeout: Duration) -> Result<u64> {
     let first = read_counter(vm)?;
     let second = wait_counter_above(vm, first, timeout)?;
     wait_counter_above(vm, second, timeout)
 }
 
 /// Assert the guest is stopped: the counter stays put over `window`.
-pub fn assert_stopped(vm: &mut Vm, window: Duration) -> Result<u64> {
+pub fn assert_stopped(vm: &mut impl CountingGuest, window: Duration) -> Result<u64> {
     let first = read_counter(vm)?;
     thread::sleep(window);
     let second = read_counter(vm)?;
     if first != second {
         bail!(
             "{}: guest counter moved {first} -> {second} while it should be stopped",
-            vm.name
+            vm.name()
         );
     }
     Ok(second)

@@ -6,6 +6,8 @@
 //! - [`qmp`]: a small synchronous QMP client (capabilities, commands with deadlines, polling);
 //! - [`ports`]: free loopback ports;
 //! - [`guest`]: the bare-metal counting guest, assembled at test time, and its counter;
+//! - [`kvm_lab`]: emulated ARM64 KVM hosts (three kernels) and the inner QEMUs they run;
+//! - [`libvirt`]: a two-host libvirt lab (network and mount namespaces) for `virsh migrate`;
 //! - [`migproxy`]: the `migproxy` binary: `profile capture` and a guarded `run` daemon;
 //! - [`relay`]: a recording TCP relay (used by the vector capture tool);
 //! - [`workdir`]: per-scenario scratch directories;
@@ -14,6 +16,8 @@
 
 pub mod flows;
 pub mod guest;
+pub mod kvm_lab;
+pub mod libvirt;
 pub mod migproxy;
 pub mod ports;
 pub mod qemu;

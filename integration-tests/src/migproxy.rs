@@ -67,8 +67,8 @@ pub fn run_command(args: &[&str], timeout: Duration) -> Result<Output> {
     }
 }
 
-/// `migproxy profile capture --from-stream STREAM -o PROFILE`.
-pub fn capture_profile(stream: &Path, profile: &Path) -> Result<()> {
+/// `migproxy profile capture --from-stream STREAM --qemu-version VERSION -o PROFILE`.
+pub fn capture_profile(stream: &Path, qemu_version: &str, profile: &Path) -> Result<()> {
     let stream_arg = stream.display().to_string();
     let profile_arg = profile.display().to_string();
     let out = run_command(
@@ -77,6 +77,8 @@ pub fn capture_profile(stream: &Path, profile: &Path) -> Result<()> {
             "capture",
             "--from-stream",
             &stream_arg,
+            "--qemu-version",
+            qemu_version,
             "-o",
             &profile_arg,
         ],
@@ -132,6 +134,19 @@ impl Daemon {
         run_args: &[String],
         listen_ports: &[u16],
     ) -> Result<Daemon> {
+        Daemon::spawn_wrapped(workdir, name, &[], run_args, listen_ports)
+    }
+
+    /// [`Daemon::spawn_args`] run through `wrapper` (a command that ends by exec'ing its
+    /// arguments, such as `ip netns exec NS` or `setpriv ...`), so the child's id is the daemon's
+    /// own and its listening sockets are read from its network namespace.
+    pub fn spawn_wrapped(
+        workdir: &WorkDir,
+        name: &str,
+        wrapper: &[String],
+        run_args: &[String],
+        listen_ports: &[u16],
+    ) -> Result<Daemon> {
         let binary = binary()?;
         let log_path = workdir.join(&format!("{name}.log"));
         let mut args = vec!["run".to_owned(), "--log-json".to_owned()];
@@ -141,10 +156,23 @@ impl Daemon {
             args.extend(["--admin".to_owned(), crate::ports::tcp_uri(admin_port)]);
         }
         args.extend(run_args.iter().cloned());
-        let command_line = format!("{} {}", binary.display(), args.join(" "));
+        let command_line = format!(
+            "{}{} {}",
+            wrapper.iter().map(|w| format!("{w} ")).collect::<String>(),
+            binary.display(),
+            args.join(" ")
+        );
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new(&binary)
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(&binary);
+                command
+            }
+            None => Command::new(&binary),
+        };
+        let child = command
             .args(&args)
             .env(
                 "RUST_LOG",
@@ -156,6 +184,7 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {command_line}"))?;
+        let real_binary = std::fs::canonicalize(&binary).unwrap_or_else(|_| binary.clone());
         let mut daemon = Daemon {
             child,
             log_path,
@@ -171,7 +200,13 @@ impl Daemon {
                     daemon.log().trim()
                 );
             }
-            if listen_ports.iter().all(|p| is_listening(*p)) {
+            let pid = daemon.child.id();
+            // Until the wrapper has exec'd migproxy (after `ip netns exec` switched namespaces),
+            // /proc/PID/net shows the wrapper's namespace, where some other daemon may listen.
+            let is_daemon = wrapper.is_empty()
+                || std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .is_ok_and(|exe| exe == real_binary);
+            if is_daemon && listen_ports.iter().all(|p| is_listening_in(pid, *p)) {
                 return Ok(daemon);
             }
             if Instant::now() >= deadline {
@@ -295,9 +330,24 @@ pub fn event_field(event: &Value, name: &str) -> String {
 
 /// Whether some socket listens on loopback/any TCP `port` (IPv4 or IPv6), per /proc/net/tcp{,6}.
 pub fn is_listening(port: u16) -> bool {
+    listening_in_tables(&["/proc/net/tcp".into(), "/proc/net/tcp6".into()], port)
+}
+
+/// Whether some socket listens on TCP `port` in the network namespace of process `pid`.
+pub fn is_listening_in(pid: u32, port: u16) -> bool {
+    listening_in_tables(
+        &[
+            format!("/proc/{pid}/net/tcp"),
+            format!("/proc/{pid}/net/tcp6"),
+        ],
+        port,
+    )
+}
+
+fn listening_in_tables(tables: &[String], port: u16) -> bool {
     const TCP_LISTEN: &str = "0A";
     let wanted = format!(":{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+    tables.iter().any(|table| {
         std::fs::read_to_string(table)
             .unwrap_or_default()
             .lines()

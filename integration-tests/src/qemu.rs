@@ -1,7 +1,9 @@
-//! The two QEMU builds and guarded QEMU processes.
+//! The three QEMU builds and guarded QEMU processes.
 //!
-//! Binaries come from `MIGPROXY_QEMU10` / `MIGPROXY_QEMU72`, else from `scripts/provision-qemu.sh`,
-//! which installs or checks them and prints `QEMU10=...` and `QEMU72=...` on its last lines.
+//! Binaries come from `MIGPROXY_QEMU10` / `MIGPROXY_QEMU72` / `MIGPROXY_QEMU111`, else from
+//! `scripts/provision-qemu.sh`, which installs or checks them and prints `QEMU10=...`,
+//! `QEMU72=...` and `QEMU111=...` on its last lines. 11.1 is a wrapper script that starts the
+//! privately unpacked build through its own loader; to the harness it is just a binary.
 //! Every VM is started with `-nodefaults` (QEMU 7.2 unpacked outside the system lacks the NIC
 //! ROMs its default devices want) and killed when its [`Vm`] is dropped, panics included.
 
@@ -24,24 +26,36 @@ pub enum Version {
     V72,
     /// QEMU 10.0 (Debian bookworm-backports).
     V10,
+    /// QEMU 11.1 (Debian trixie-backports, unpacked privately).
+    V111,
 }
 
 impl Version {
-    /// Short tag used in file and vector names (`q72`, `q10`).
+    /// Every build, oldest first.
+    pub const ALL: [Version; 3] = [Version::V72, Version::V10, Version::V111];
+
+    /// Short tag used in file and vector names (`q72`, `q10`, `q111`).
     pub fn tag(self) -> &'static str {
         match self {
             Version::V72 => "q72",
             Version::V10 => "q10",
+            Version::V111 => "q111",
+        }
+    }
+
+    /// `major.minor` (`7.2`, `10.0`, `11.1`).
+    pub fn number(self) -> &'static str {
+        match self {
+            Version::V72 => "7.2",
+            Version::V10 => "10.0",
+            Version::V111 => "11.1",
         }
     }
 }
 
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Version::V72 => "QEMU 7.2",
-            Version::V10 => "QEMU 10.0",
-        })
+        write!(f, "QEMU {}", self.number())
     }
 }
 
@@ -49,6 +63,7 @@ impl fmt::Display for Version {
 pub struct Binaries {
     pub qemu10: PathBuf,
     pub qemu72: PathBuf,
+    pub qemu111: PathBuf,
 }
 
 impl Binaries {
@@ -56,6 +71,7 @@ impl Binaries {
         match version {
             Version::V72 => &self.qemu72,
             Version::V10 => &self.qemu10,
+            Version::V111 => &self.qemu111,
         }
     }
 }
@@ -78,8 +94,13 @@ pub fn binaries() -> Result<&'static Binaries> {
 fn find_binaries() -> Result<Binaries> {
     let env10 = std::env::var_os("MIGPROXY_QEMU10").map(PathBuf::from);
     let env72 = std::env::var_os("MIGPROXY_QEMU72").map(PathBuf::from);
-    if let (Some(qemu10), Some(qemu72)) = (env10, env72) {
-        return Ok(Binaries { qemu10, qemu72 });
+    let env111 = std::env::var_os("MIGPROXY_QEMU111").map(PathBuf::from);
+    if let (Some(qemu10), Some(qemu72), Some(qemu111)) = (env10, env72, env111) {
+        return Ok(Binaries {
+            qemu10,
+            qemu72,
+            qemu111,
+        });
     }
     let script = repo_root().join("scripts/provision-qemu.sh");
     let out = Command::new("bash")
@@ -90,7 +111,7 @@ fn find_binaries() -> Result<Binaries> {
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {
         bail!(
-            "{} failed ({}): cannot run real-QEMU tests without both QEMU builds",
+            "{} failed ({}): cannot run real-QEMU tests without the three QEMU builds",
             script.display(),
             out.status
         );
@@ -107,6 +128,7 @@ fn find_binaries() -> Result<Binaries> {
     Ok(Binaries {
         qemu10: value("QEMU10=")?,
         qemu72: value("QEMU72=")?,
+        qemu111: value("QEMU111=")?,
     })
 }
 

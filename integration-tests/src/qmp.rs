@@ -1,10 +1,11 @@
-//! A small synchronous QMP client over a unix socket.
+//! A small synchronous QMP client over a unix socket or TCP (the KVM lab's inner QEMUs).
 //!
 //! QMP sends one JSON object per line: a greeting, then replies (`return` / `error`) and
 //! asynchronous events (`event`), which this client skips. Every read has a deadline, so a QEMU
 //! that hangs fails the scenario instead of the test run.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::thread;
@@ -18,10 +19,58 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often `query-*` polling asks again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
+/// The socket a QMP connection runs over.
+#[derive(Debug)]
+enum Socket {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Socket {
+    fn try_clone(&self) -> std::io::Result<Socket> {
+        Ok(match self {
+            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
+            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Socket::Unix(s) => s.set_read_timeout(timeout),
+            Socket::Tcp(s) => s.set_read_timeout(timeout),
+        }
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Socket::Unix(s) => s.read(buf),
+            Socket::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Socket::Unix(s) => s.write(buf),
+            Socket::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Socket::Unix(s) => s.flush(),
+            Socket::Tcp(s) => s.flush(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    reader: BufReader<Socket>,
+    writer: Socket,
     next_id: u64,
 }
 
@@ -30,6 +79,17 @@ impl Qmp {
     pub fn connect(path: &Path) -> Result<Qmp> {
         let stream = UnixStream::connect(path)
             .with_context(|| format!("connecting to qmp socket {}", path.display()))?;
+        Qmp::handshake(Socket::Unix(stream))
+    }
+
+    /// Connect to a QMP server on TCP (`-qmp tcp:...,server=on`) and leave negotiation mode.
+    pub fn connect_tcp(addr: std::net::SocketAddr) -> Result<Qmp> {
+        let stream = TcpStream::connect_timeout(&addr, COMMAND_TIMEOUT)
+            .with_context(|| format!("connecting to qmp at {addr}"))?;
+        Qmp::handshake(Socket::Tcp(stream))
+    }
+
+    fn handshake(stream: Socket) -> Result<Qmp> {
         let writer = stream.try_clone().context("cloning the qmp socket")?;
         let mut qmp = Qmp {
             reader: BufReader::new(stream),

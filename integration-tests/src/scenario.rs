@@ -24,16 +24,33 @@ pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Run one scenario: on error keep its directory, print every log in it, and fail the test.
 pub fn run(name: &str, body: impl FnOnce(&mut Scenario) -> Result<()>) {
+    if let Err(err) = try_run(name, body) {
+        panic!("scenario {name} failed: {err}");
+    }
+}
+
+/// [`run`] without the panic, for tests that run several scenarios and report them together
+/// (the failure is printed, logs included, before it is returned).
+pub fn try_run(
+    name: &str,
+    body: impl FnOnce(&mut Scenario) -> Result<()>,
+) -> std::result::Result<(), String> {
     let started = Instant::now();
     eprintln!("scenario {name}: start");
     let mut scenario = match Scenario::new(name) {
         Ok(s) => s,
-        Err(err) => panic!("scenario {name}: cannot set up: {err:#}"),
+        Err(err) => {
+            eprintln!("scenario {name}: FAIL: cannot set up: {err:#}");
+            return Err(format!("cannot set up: {err:#}"));
+        }
     };
     let outcome = body(&mut scenario);
     let elapsed = started.elapsed();
     match outcome {
-        Ok(()) => eprintln!("scenario {name}: PASS in {:.1} s", elapsed.as_secs_f64()),
+        Ok(()) => {
+            eprintln!("scenario {name}: PASS in {:.1} s", elapsed.as_secs_f64());
+            Ok(())
+        }
         Err(err) => {
             scenario.dir.keep();
             eprintln!(
@@ -41,7 +58,7 @@ pub fn run(name: &str, body: impl FnOnce(&mut Scenario) -> Result<()>) {
                 elapsed.as_secs_f64()
             );
             dump_logs(scenario.dir.path());
-            panic!("scenario {name} failed: {err:#}");
+            Err(format!("{err:#}"))
         }
     }
 }
@@ -123,7 +140,8 @@ impl Scenario {
     }
 
     /// The register profile of a fresh, never-started VM of `config`'s version, machine, CPU and
-    /// vCPU count, captured with `migproxy profile capture --from-stream`. Cached per process.
+    /// vCPU count, captured with `migproxy profile capture --from-stream` (recording the QEMU
+    /// version, which decides the subsections it can load). Cached per process.
     pub fn profile(&mut self, config: &VmConfig) -> Result<PathBuf> {
         fresh_profile(config)
     }
@@ -258,7 +276,7 @@ fn fresh_profile(config: &VmConfig) -> Result<PathBuf> {
     let stream = dir.join(format!("{key}.stream"));
     let profile = dir.join(format!("{key}.json"));
     save_fresh_stream(config, &stream)?;
-    migproxy::capture_profile(&stream, &profile)?;
+    migproxy::capture_profile(&stream, config.version.number(), &profile)?;
     // The stream (mostly zero pages) is not needed once the profile exists.
     let _ = std::fs::remove_file(&stream);
     guard.insert(key, profile.clone());

@@ -1,8 +1,10 @@
-//! `migproxy profile capture`, `plan` and `rewrite` against real QEMU 7.2 and 10.0.
+//! `migproxy profile capture`, `plan` and `rewrite` against real QEMU 7.2, 10.0 and 11.1.
 //!
 //! - a stream saved from a *running* a64fx guest on one version, rewritten offline with both
 //!   fresh profiles, loads on the other version (`-incoming "exec:cat FILE"`) and the guest goes on
-//!   counting there; the same stream unrewritten fails with the errors of cpreg-scenarios.md;
+//!   counting there; the same stream unrewritten fails with the destination's own errors;
+//! - from 11.1 to 10.0 and 7.2, `plan` shows the idle `cpu/wfxt-timer` removed next to the
+//!   registers, and the rewritten stream loads (unrewritten, 10.0 aborts and 7.2 refuses);
 //! - `plan` for the cortex-a57 pair names ID_DFR0_EL1 with both values and exits 3;
 //! - a stream rewritten for its own profile is byte-identical;
 //! - `--from-qmp` captures the same registers as `--from-stream`.
@@ -15,7 +17,7 @@ use serde_json::json;
 
 use migproxy_integration_tests::guest;
 use migproxy_integration_tests::migproxy::run_command;
-use migproxy_integration_tests::qemu::Version::{self, V10, V72};
+use migproxy_integration_tests::qemu::Version::{self, V10, V111, V72};
 use migproxy_integration_tests::qemu::{Vm, VmConfig};
 use migproxy_integration_tests::qmp::migration_status;
 use migproxy_integration_tests::scenario::{
@@ -166,6 +168,70 @@ fn rewritten_7_2_stream_loads_in_10_0() {
             V10,
             &["error while loading state for instance 0x0 of device 'cpu'"],
         )
+    });
+}
+
+/// `plan` for a running 11.1 stream towards `to`: the idle wfxt timer is removed for each vCPU,
+/// listed under that vCPU's registers, and the verdict is positive; then the rewrite loads.
+fn plan_and_rewrite_from_11_1(s: &mut Scenario, to: Version, errors: &[&str]) -> Result<()> {
+    let source_profile = s.profile(&a64fx(V111))?;
+    let dest_profile = s.profile(&a64fx(to))?;
+    let raw = s.dir.join("running.stream");
+    save_running_stream(s, V111, &raw)?;
+    let (src, dst, sp) = (
+        display(&raw),
+        display(&dest_profile),
+        display(&source_profile),
+    );
+    let out = run_command(
+        &[
+            "plan",
+            "--source",
+            &src,
+            "--dest-profile",
+            &dst,
+            "--source-profile",
+            &sp,
+        ],
+        COMMAND_TIMEOUT,
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("plan exited {}: {stdout}", out.status);
+    }
+    for vcpu in ["vcpu 0", "vcpu 1"] {
+        let block = stdout
+            .split(&format!("{vcpu}: subsections: 1 removed, 0 refused"))
+            .nth(1)
+            .with_context(|| format!("plan shows no removed subsection for {vcpu}: {stdout}"))?;
+        if !block
+            .trim_start()
+            .starts_with("remove subsection cpu/wfxt-timer:")
+        {
+            bail!("plan does not name cpu/wfxt-timer for {vcpu}: {stdout}");
+        }
+    }
+    if !stdout.contains("verdict: the migration can go through migproxy") {
+        bail!("plan verdict is not positive: {stdout}");
+    }
+    let rewritten = s.dir.join("rewritten.stream");
+    let report = rewrite(&raw, &rewritten, &dest_profile, Some(&source_profile))?;
+    eprintln!("{report}");
+    assert_loads_and_runs(s, to, &rewritten)?;
+    assert_load_fails(s, to, &raw, errors)
+}
+
+#[test]
+fn plan_and_rewrite_11_1_stream_for_10_0() {
+    scenario::run("offline_plan_rewrite_111_to_10", |s| {
+        plan_and_rewrite_from_11_1(s, V10, &["vmstate_load_state: Assertion"])
+    });
+}
+
+#[test]
+fn plan_and_rewrite_11_1_stream_for_7_2() {
+    scenario::run("offline_plan_rewrite_111_to_72", |s| {
+        plan_and_rewrite_from_11_1(s, V72, &["Failed to load cpu:cpreg_vmstate_array_len"])
     });
 }
 

@@ -5,8 +5,8 @@
 //!   names the register. With the return path the source learns of it and keeps running; without
 //!   it the source believes the migration completed and leaves the guest paused, and `cont`
 //!   resumes it with its counter intact.
-//! - postcopy through a rewriting proxy: refused at POSTCOPY_ADVISE, before any RAM moves, so the
-//!   source still owns the guest.
+//!
+//! Postcopy refusals are in `postcopy.rs`.
 
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use migproxy_integration_tests::guest;
 use migproxy_integration_tests::migproxy::event_field;
 use migproxy_integration_tests::qemu::Version::{V10, V72};
 use migproxy_integration_tests::qmp::migration_status;
-use migproxy_integration_tests::scenario::{self, a64fx, virt72, Scenario};
+use migproxy_integration_tests::scenario::{self, virt72, Scenario};
 use migproxy_integration_tests::MIGRATION_TIMEOUT;
 
 /// How long a refused destination may take to give up on its broken stream.
@@ -112,32 +112,5 @@ fn refuse_a57_10_to_72_id_mismatch_without_return_path_source_paused_then_cont()
             guest::wait_counter_above(&mut pair.source, paused_at, scenario::LIVENESS_TIMEOUT)?;
         eprintln!("  after cont the source counter went on: {paused_at} -> {resumed}");
         Ok(())
-    });
-}
-
-#[test]
-fn refuse_postcopy_with_profiles_at_advise() {
-    scenario::run("refuse_postcopy_with_profiles_at_advise", |s| {
-        let setup = Setup::new(a64fx(V10), a64fx(V72)).postcopy();
-        let profiles = s.profile_args(&setup.source, &setup.dest)?;
-        let mut pair = Pair::start(s, &setup, "")?;
-        let daemon = start_proxy(s, pair.dest_port, &profiles)?;
-        scenario::migrate(&mut pair.source, daemon.listen_port)?;
-        scenario::assert_source_kept_running(&mut pair.source)?;
-        let summary = expect_summary(&daemon, "refused")?;
-        let reason = event_field(&summary, "reason");
-        if !reason.to_lowercase().contains("postcopy") {
-            bail!("the refusal does not say it is about postcopy: {reason}");
-        }
-        // ADVISE precedes the first RAM section: nothing but the header, the configuration and
-        // the commands before it may have reached the destination.
-        let forwarded: u64 = event_field(&summary, "bytes_to_destination")
-            .parse()
-            .unwrap_or(u64::MAX);
-        if forwarded > 4096 {
-            bail!("{forwarded} bytes reached the destination before the postcopy refusal");
-        }
-        let _ = pair.dest.wait_exit(DEST_EXIT_TIMEOUT);
-        assert_destination_untouched(&mut pair.dest)
     });
 }

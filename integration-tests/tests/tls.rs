@@ -11,20 +11,24 @@
 //! - 10.0 -> 7.2 and 7.2 -> 10.0, plain and with 2 multifd channels: the migration completes, the
 //!   proxy rewrote both vCPUs (dropped or filled registers in its summary), and the destination
 //!   continues the guest's counter. Each direction and each channel layout runs once with and once
-//!   without `--tls-verify-peer` (the two modes order the handshakes differently).
+//!   with `--tls-no-verify-peer` (the source then needs no certificate the proxy trusts).
 //! - A source whose certificate comes from a CA the proxy does not trust is refused by
 //!   `--tls-verify-peer` before the destination is contacted: no connection to the destination's
 //!   port ever exists, the destination stays `inmigrate`, the source guest keeps running. Twice:
 //!   an impostor CA bearing the trusted CA's name (the source presents its certificate and the
 //!   proxy rejects the signature), and a foreign CA (gnutls withholds a certificate the proxy's
 //!   request does not ask for, and the proxy refuses a source without one).
+//! - 10.0 -> 7.2 with `postcopy-ram`: never switched (completes rewritten), and switched after
+//!   precopy rounds (the package is rewritten inside TLS, the migration completes).
 
 use std::fs;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use migproxy_integration_tests::flows::{
-    expect_summary, migration_through_proxy_rewrites, start_proxy, Pair, Setup,
+    assert_sent_in_postcopy, expect_summary, migration_through_proxy_rewrites, start_proxy,
+    switch_after_precopy_rounds, Pair, Setup,
 };
 use migproxy_integration_tests::migproxy::event_field;
 use migproxy_integration_tests::qemu::Version::{self, V10, V72};
@@ -44,8 +48,11 @@ const TLS_OBJECT: &str = "tls0";
 const TLS_HOSTNAME: &str = "localhost";
 /// The common name of the CA every trusted certificate chains to.
 const TRUSTED_CA_NAME: &str = "migproxy test ca";
-/// What the proxy's summary says when it refused the source's certificate.
-const SOURCE_HANDSHAKE_FAILED: &str = "tls handshake with the source";
+/// What the proxy logs when it refused the source's certificate.
+const SOURCE_HANDSHAKE_REFUSED: &str =
+    "tls handshake with the source failed (no or untrusted client certificate?): closed, destination not contacted";
+/// How long the refusal may take to show in the proxy's log.
+const SUMMARY_WAIT: Duration = Duration::from_secs(30);
 
 /// A certificate authority: its certificate and the key that signs leaves.
 struct Authority {
@@ -165,10 +172,26 @@ fn proxy_args(
         "--tls-hostname".to_owned(),
         TLS_HOSTNAME.to_owned(),
     ]);
-    if verify_peer {
-        args.push("--tls-verify-peer".to_owned());
-    }
+    // Verifying the source is the default; the other variant opts out explicitly.
+    args.push(
+        if verify_peer {
+            "--tls-verify-peer"
+        } else {
+            "--tls-no-verify-peer"
+        }
+        .to_owned(),
+    );
     Ok(args)
+}
+
+/// The channel layout of a TLS migration.
+#[derive(Clone, Copy)]
+enum Channels {
+    Main,
+    Multifd(u32),
+    /// `postcopy-ram` on (never switched), which migproxy is told to let through for these
+    /// older sources (`--unrecoverable-postcopy allow`).
+    PostcopyCapable,
 }
 
 /// One TLS migration through the proxy: completes, rewritten, guest continues on the destination.
@@ -176,17 +199,27 @@ fn tls_migration_succeeds(
     s: &mut Scenario,
     from: Version,
     to: Version,
-    multifd: Option<u32>,
+    channels: Channels,
     verify_peer: bool,
 ) -> Result<()> {
     let creds = s.dir.join("creds");
     make_creds(&creds)?;
     let mut setup = tls_setup(from, to, &creds, &creds);
-    if let Some(channels) = multifd {
-        setup = setup.multifd(channels);
+    let mut args = proxy_args(s, from, to, &creds, verify_peer)?;
+    match channels {
+        Channels::Main => {}
+        Channels::Multifd(count) => setup = setup.multifd(count),
+        Channels::PostcopyCapable => {
+            setup = setup.postcopy();
+            args.extend(["--unrecoverable-postcopy".to_owned(), "allow".to_owned()]);
+        }
     }
-    let args = proxy_args(s, from, to, &creds, verify_peer)?;
     let summary = migration_through_proxy_rewrites(s, &setup, &args)?;
+    if matches!(channels, Channels::PostcopyCapable)
+        && event_field(&summary, "postcopy") != "unrecoverable"
+    {
+        bail!("the summary does not report the postcopy decision taken at ADVISE: {summary}");
+    }
     if event_field(&summary, "dropped").is_empty() && event_field(&summary, "filled").is_empty() {
         bail!("the summary shows neither dropped nor filled registers: the cpreg rewrite did nothing: {summary}");
     }
@@ -196,28 +229,71 @@ fn tls_migration_succeeds(
 #[test]
 fn tls_a64fx_10_to_72() {
     scenario::run("tls_a64fx_10_to_72", |s| {
-        tls_migration_succeeds(s, V10, V72, None, false)
+        tls_migration_succeeds(s, V10, V72, Channels::Main, false)
     });
+}
+
+#[test]
+fn tls_a64fx_10_to_72_postcopy_capable() {
+    scenario::run("tls_a64fx_10_to_72_postcopy_capable", |s| {
+        tls_migration_succeeds(s, V10, V72, Channels::PostcopyCapable, false)
+    });
+}
+
+/// TLS 10.0 -> 7.2 switched to postcopy after precopy rounds with a dirtying guest: the proxy,
+/// given the source's reference description, rewrites the package inside TLS; the migration
+/// completes, the guest runs on the destination, and the source sent pages in postcopy.
+#[test]
+fn tls_a64fx_10_to_72_postcopy_switch_package_rewritten() {
+    scenario::run(
+        "tls_a64fx_10_to_72_postcopy_switch_package_rewritten",
+        |s| {
+            let creds = s.dir.join("creds");
+            make_creds(&creds)?;
+            // 4 MiB/s with a 1 ms downtime limit: precopy cannot converge while the guest dirties.
+            let setup = tls_setup(V10, V72, &creds, &creds).postcopy().slow(4 << 20);
+            let reference = s.dir.join("source-fresh.bin");
+            scenario::save_fresh_stream(&a64fx(V10), &reference)?;
+            let mut args = proxy_args(s, V10, V72, &creds, false)?;
+            args.extend([
+                "--source-reference".to_owned(),
+                reference.display().to_string(),
+                "--unrecoverable-postcopy".to_owned(),
+                "allow".to_owned(),
+            ]);
+            let mut pair = Pair::start(s, &setup, "")?;
+            let daemon = start_proxy(s, pair.dest_port, &args)?;
+            scenario::migrate(&mut pair.source, daemon.listen_port)?;
+            switch_after_precopy_rounds(&mut pair.source)?;
+            scenario::assert_migrated(&mut pair.source, &mut pair.dest)?;
+            assert_sent_in_postcopy(&mut pair.source)?;
+            let summary = expect_summary(&daemon, "completed")?;
+            if event_field(&summary, "cpus_rewritten") != "2" {
+                bail!("the package's vCPUs were not rewritten: {summary}");
+            }
+            Ok(())
+        },
+    );
 }
 
 #[test]
 fn tls_a64fx_72_to_10_verify_peer() {
     scenario::run("tls_a64fx_72_to_10_verify_peer", |s| {
-        tls_migration_succeeds(s, V72, V10, None, true)
+        tls_migration_succeeds(s, V72, V10, Channels::Main, true)
     });
 }
 
 #[test]
 fn tls_a64fx_10_to_72_multifd_verify_peer() {
     scenario::run("tls_a64fx_10_to_72_multifd_verify_peer", |s| {
-        tls_migration_succeeds(s, V10, V72, Some(MULTIFD_CHANNELS), true)
+        tls_migration_succeeds(s, V10, V72, Channels::Multifd(MULTIFD_CHANNELS), true)
     });
 }
 
 #[test]
 fn tls_a64fx_72_to_10_multifd() {
     scenario::run("tls_a64fx_72_to_10_multifd", |s| {
-        tls_migration_succeeds(s, V72, V10, Some(MULTIFD_CHANNELS), false)
+        tls_migration_succeeds(s, V72, V10, Channels::Multifd(MULTIFD_CHANNELS), false)
     });
 }
 
@@ -275,23 +351,21 @@ fn untrusted_source_refused(
             .unwrap_or("(no error-desc)")
     );
 
-    let summary = expect_summary(&daemon, "failed")?;
-    let reason = event_field(&summary, "reason");
-    if !reason.contains(SOURCE_HANDSHAKE_FAILED) || !reason.contains(expected_reason) {
-        bail!(
-            "the proxy's failure is not the source's tls handshake refusing with \
-             {expected_reason:?}: {reason}"
-        );
+    // The refusal happens before the connection has identified itself, so no migration exists
+    // (no summary): the proxy logs the failed source handshake and closes, and nothing of it
+    // was counted as a channel.
+    let refusals = daemon.wait_events(SOURCE_HANDSHAKE_REFUSED, 1, SUMMARY_WAIT)?;
+    if !refusals
+        .iter()
+        .any(|e| event_field(e, "err").contains(expected_reason))
+    {
+        bail!("the proxy did not refuse the source's tls handshake with {expected_reason:?}: {refusals:?}");
     }
-    let forwarded = event_field(&summary, "bytes_to_destination");
-    let channels = event_field(&summary, "channels");
-    if forwarded != "0" || !channels.is_empty() {
-        bail!(
-            "a refused source still moved data: {forwarded} bytes to the destination, \
-             channels {channels:?}"
-        );
+    let migrations = daemon.events_named("migration summary");
+    if !migrations.is_empty() {
+        bail!("a refused source became a migration: {migrations:?}");
     }
-    // The summary is logged once the refused connection is gone: had the proxy dialed the
+    // The refusal is logged once the refused connection is gone: had the proxy dialed the
     // destination, the socket would be listed now (in TIME_WAIT at least).
     let touching = connections_with_port(pair.dest_port);
     if !touching.is_empty() {

@@ -118,12 +118,26 @@ pub enum Refusal {
     /// The rewrite refused registers: one summary per refused vCPU, each naming it and them.
     #[error("{}", .0.join(" | "))]
     Registers(Vec<String>),
-    /// Postcopy moves device state without a description (see DESIGN.md).
-    #[error("postcopy advised at byte {offset}: a rewriting proxy cannot delimit the device state of a postcopy package; migrate without postcopy, or run a checking relay (no profile)")]
-    Postcopy { offset: u64 },
-    /// The source went silent in the device-state phase without sending the description.
-    #[error("at byte {offset}: the source sent no description and went silent for {} ms in the device-state phase (suppress-vmdesc?); device sections cannot be delimited", .silent.as_millis())]
-    NoDescription { offset: u64, silent: Duration },
+    /// Postcopy advised by a source that could not take its guest back after a refused switch
+    /// (DESIGN.md, "Postcopy").
+    #[error("postcopy advised at byte {offset}: {outlook}; refused now, while the source still runs its guest (migrate without postcopy-ram, or start migproxy with --unrecoverable-postcopy allow if switches are rare and you accept that risk)")]
+    PostcopyUnrecoverable { offset: u64, outlook: String },
+    /// The source switched to postcopy and its package cannot go through: why, and what the
+    /// source does now.
+    #[error("postcopy package at byte {offset}: {why}; {outcome}")]
+    PostcopyPackage {
+        offset: u64,
+        why: String,
+        outcome: String,
+    },
+    /// `cpu` subsections the destination cannot load and migproxy cannot remove: one summary per
+    /// vCPU, each naming it and them (docs/profiles.md, "Subsections").
+    #[error("{}", .0.join(" | "))]
+    Subsections(Vec<String>),
+    /// The device-state phase did not end with a verified description within its deadline,
+    /// counted from the phase's first byte (not from the last byte: trickling does not extend it).
+    #[error("at byte {offset}: no verified description within {} ms of the start of the device-state phase (suppress-vmdesc, or a source trickling bytes?); device sections cannot be delimited (--description-timeout)", .waited.as_millis())]
+    NoDescription { offset: u64, waited: Duration },
 }
 
 /// Why a migration was given up (not a policy refusal).
@@ -131,10 +145,6 @@ pub enum Refusal {
 pub enum Abort {
     #[error("main channel gone")]
     MainChannelGone,
-    #[error("the first tls connection is the main channel by order, but it sent {sent:02x?} instead of QEVM")]
-    FirstTlsNotMain { sent: Vec<u8> },
-    #[error("a second main channel in one migration")]
-    SecondMainChannel,
     /// A profile fetched when the migration starts could not be had.
     #[error("{role} profile unavailable: {source}")]
     ProfileUnavailable {
@@ -162,8 +172,14 @@ impl std::fmt::Display for ProfileRole {
 /// What went wrong in an HTTP exchange.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpFailure {
-    #[error("only http:// URLs are supported")]
+    #[error("only http:// and https:// URLs are supported")]
     NotHttp,
+    #[error("an https:// URL needs a pinned CA (--profile-ca, or profile_ca in the file)")]
+    HttpsWithoutCa,
+    #[error("tls: {0}")]
+    Tls(#[source] io::Error),
+    #[error("{0:?} is not a valid TLS server name")]
+    ServerName(String),
     #[error("missing host")]
     MissingHost,
     #[error("connect: {0}")]

@@ -10,6 +10,7 @@ mod error;
 mod migration;
 mod net;
 mod offline;
+mod subsection_rules;
 
 use std::process::ExitCode;
 

@@ -162,31 +162,51 @@ fn a_missing_description_fails_closed_after_the_deadline() {
     assert!(reason.contains("description"), "{reason}");
 }
 
+/// The description deadline runs from the device phase's first byte, not from the last byte:
+/// pieces spaced below it but adding up to several times it are refused at the deadline (before
+/// the fix any byte reset the clock, so a trickling source held both QEMUs stopped at will), and
+/// the same trickle completes under a deadline configured long enough for it.
 #[test]
-fn a_device_phase_that_trickles_in_longer_than_the_deadline_still_completes() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--description-timeout",
-        "300",
-    ]);
+fn a_device_phase_that_trickles_in_longer_than_the_deadline_is_refused_at_the_deadline() {
     let stream = vector("q72-a64fx.bin");
     let cut = description_offset(&stream);
-    // The device phase starts well before the description; send it in pieces spaced below the
-    // deadline but adding up to several times it: the deadline measures silence only.
     let device_start = cut.saturating_sub(8 * 1024);
-    let mut source = connect(daemon.listen);
-    source.write_all(&stream[..device_start]).unwrap();
-    for piece in stream[device_start..].chunks(1024) {
-        std::thread::sleep(Duration::from_millis(150));
-        source.write_all(piece).unwrap();
+    for (deadline_ms, outcome) in [("300", "refused"), ("60000", "completed")] {
+        let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+        let daemon = Daemon::start(&[
+            "--upstream",
+            &destination.upstream(),
+            "--description-timeout",
+            deadline_ms,
+        ]);
+        let mut source = connect(daemon.listen);
+        source.write_all(&stream[..device_start]).unwrap();
+        for piece in stream[device_start..].chunks(1024) {
+            std::thread::sleep(Duration::from_millis(150));
+            // Once refused, the proxy has closed us: the write may fail.
+            if source.write_all(piece).is_err() {
+                break;
+            }
+        }
+        let _ = source.shutdown(Shutdown::Write);
+        read_until_closed(&mut source);
+        let summary = daemon.wait_log("migration summary", SECS);
+        assert_eq!(summary["fields"]["outcome"], outcome, "{summary}");
+        let received = destination.wait_received(0, SECS);
+        if outcome == "completed" {
+            assert_eq!(received, stream);
+        } else {
+            let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+            assert!(
+                reason.contains("no verified description within 300 ms"),
+                "{reason}"
+            );
+            assert!(
+                received.len() < cut,
+                "the device phase reached the destination"
+            );
+        }
     }
-    source.shutdown(Shutdown::Write).unwrap();
-    read_until_closed(&mut source);
-    assert_eq!(destination.wait_received(0, SECS), stream);
-    let summary = daemon.wait_log("migration summary", SECS);
-    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
 }
 
 #[test]
@@ -417,10 +437,117 @@ fn postcopy_is_refused_at_advise_when_rewriting() {
     assert!(destination.wait_received(0, SECS).len() < 4096);
     let summary = daemon.wait_log("migration summary", SECS);
     assert_eq!(summary["fields"]["outcome"], "refused", "{summary}");
-    assert!(summary["fields"]["reason"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("postcopy"));
+    assert_eq!(summary["fields"]["postcopy"], "unrecoverable", "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("postcopy advised"), "{reason}");
+    assert!(reason.contains("no source profile"), "{reason}");
+}
+
+/// `--unrecoverable-postcopy allow`: the ADVISE goes through, and the captured 7.2 stream's switch
+/// is refused at its package (named by its offset), before any of the package reaches the
+/// destination.
+#[test]
+fn an_allowed_switch_is_refused_at_the_package_when_rewriting() {
+    let dir = TempDir::new("postcopy-allow");
+    let dest_profile = dir.file("dest72.json");
+    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
+    migproxy(&[
+        "profile",
+        "capture",
+        "--from-stream",
+        &format!("{vectors}q72-a64fx.bin"),
+        "-o",
+        &dest_profile,
+    ]);
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--dest-profile",
+        &dest_profile,
+        "--unrecoverable-postcopy",
+        "allow",
+    ]);
+    let stream = vector("q72-postcopy-main.bin");
+    // Where the package starts: `08 0007 0004` after the RAM the source sent before switching.
+    let package = stream
+        .windows(5)
+        .position(|w| w == [0x08, 0x00, 0x07, 0x00, 0x04])
+        .unwrap_or(stream.len());
+
+    let mut source = connect(daemon.listen);
+    let _ = source.write_all(&stream);
+    read_until_closed(&mut source);
+    // What was still queued when the refusal came is dropped with the connection.
+    let received = destination.wait_received(0, SECS);
+    assert!(received.len() <= package, "{} > {package}", received.len());
+    assert!(received == stream[..received.len()]);
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "refused", "{summary}");
+    assert_eq!(summary["fields"]["postcopy"], "unrecoverable", "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("postcopy package at byte {package}:")),
+        "{reason}"
+    );
+    assert!(reason.contains("cannot take its guest back"), "{reason}");
+}
+
+/// The captured 7.2 stream that switched to postcopy, towards a 10.0 destination profile, with
+/// the reference description of a fresh 7.2 VM of the same configuration: its package is
+/// walked and rewritten, everything before it is forwarded byte for byte.
+#[test]
+fn a_real_package_is_rewritten_with_the_source_reference() {
+    let dir = TempDir::new("postcopy-reference");
+    let dest_profile = dir.file("dest10.json");
+    let source_profile = dir.file("source72.json");
+    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
+    let fresh72 = format!("{vectors}q72-a64fx.bin");
+    migproxy(&[
+        "profile",
+        "capture",
+        "--from-stream",
+        &format!("{vectors}q10m72-a64fx.bin"),
+        "-o",
+        &dest_profile,
+    ]);
+    migproxy(&[
+        "profile",
+        "capture",
+        "--from-stream",
+        &fresh72,
+        "--qemu-version",
+        "7.2.22",
+        "-o",
+        &source_profile,
+    ]);
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--dest-profile",
+        &dest_profile,
+        "--source-profile",
+        &source_profile,
+        "--source-reference",
+        &fresh72,
+        "--unrecoverable-postcopy",
+        "allow",
+    ]);
+    let stream = vector("q72-postcopy-main.bin");
+    let package = stream
+        .windows(5)
+        .position(|w| w == [0x08, 0x00, 0x07, 0x00, 0x04])
+        .unwrap_or(stream.len());
+    migrate(&daemon, &stream);
+    let received = destination.wait_received(0, SECS);
+    assert!(received.len() > package);
+    assert!(received[..package] == stream[..package]);
+    assert!(received != stream, "the package went through unchanged");
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
+    assert_eq!(summary["fields"]["postcopy"], "unrecoverable", "{summary}");
+    assert_eq!(summary["fields"]["cpus_rewritten"], 2, "{summary}");
 }
 
 #[test]

@@ -114,15 +114,29 @@ fn tls_destination(dir: &TempDir) -> (SocketAddr, Received) {
     (addr, received)
 }
 
-/// A source QEMU stand-in: TLS client that trusts the CA, sends `stream`, closes with close_notify.
-fn tls_source(dir: &TempDir, proxy: SocketAddr, stream: &[u8]) {
-    let config = Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+/// A TLS client that trusts the CA and, with `client_cert`, shows `client-cert.pem` (as a QEMU
+/// source with that file in its credential directory does).
+fn source_config(dir: &TempDir, client_cert: bool) -> Arc<rustls::ClientConfig> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots(dir));
+    Arc::new(if client_cert {
+        builder
+            .with_client_auth_cert(
+                certs(dir.file("client-cert.pem")),
+                PrivateKeyDer::from_pem_file(dir.file("client-key.pem")).unwrap(),
+            )
             .unwrap()
-            .with_root_certificates(roots(dir))
-            .with_no_client_auth(),
-    );
+    } else {
+        builder.with_no_client_auth()
+    })
+}
+
+/// A source QEMU stand-in: TLS client that trusts the CA, shows its client certificate, sends
+/// `stream`, closes with close_notify.
+fn tls_source(dir: &TempDir, proxy: SocketAddr, stream: &[u8]) {
+    let config = source_config(dir, true);
     let tcp = TcpStream::connect(proxy).unwrap();
     tcp.set_read_timeout(Some(SECS)).unwrap();
     let name = ServerName::try_from("localhost").unwrap();
@@ -178,4 +192,136 @@ fn tls_on_both_legs_relays_the_stream_and_refuses_plaintext() {
         SECS,
     );
     assert_eq!(received.lock().unwrap().len(), 1);
+}
+
+fn turned_away(daemon: &Daemon, reason: &str) -> Option<u64> {
+    daemon.metric(&format!(
+        "migproxy_turned_away_total{{reason=\"{reason}\"}}"
+    ))
+}
+
+/// Finding 2: without `--tls-verify-peer`, any ClientHello used to make migproxy dial the
+/// destination and authenticate there with its own client certificate. Verifying the source is
+/// now the default: a source without a certificate fails its handshake and the destination is
+/// never contacted.
+#[test]
+fn a_source_without_a_certificate_never_reaches_the_destination_by_default() {
+    let pki = TempDir::new("tls-nocert");
+    make_pki(&pki);
+    let (destination, received) = tls_destination(&pki);
+    let creds = pki.0.to_string_lossy().into_owned();
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &format!("tcp:{destination}"),
+        "--tls-creds",
+        &creds,
+    ]);
+    let tcp = connect(daemon.listen);
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = rustls::StreamOwned::new(
+        rustls::ClientConnection::new(source_config(&pki, false), name).unwrap(),
+        tcp,
+    );
+    // TLS 1.3: the client's handshake "completes" before the server has judged it; the refusal
+    // shows as the connection closing, and nothing reaching the destination.
+    let _ = tls.write_all(b"QEVM\x00\x00\x00\x03");
+    let _ = tls.flush();
+    let mut rest = Vec::new();
+    let _ = tls.read_to_end(&mut rest);
+    daemon.wait_log("tls handshake with the source failed (no or untrusted client certificate?): closed, destination not contacted", SECS);
+    assert_eq!(turned_away(&daemon, "tls_handshake"), Some(1));
+    assert_eq!(
+        received.lock().unwrap().len(),
+        0,
+        "the destination was dialed"
+    );
+}
+
+/// Finding 2, opted out: with `--tls-no-verify-peer` a completed handshake alone is still not
+/// enough; the destination is dialed only for a channel that sent `QEVM` (or a multifd magic).
+#[test]
+fn without_verification_a_handshake_that_sends_no_qevm_never_reaches_the_destination() {
+    let pki = TempDir::new("tls-noqevm");
+    make_pki(&pki);
+    let (destination, received) = tls_destination(&pki);
+    let creds = pki.0.to_string_lossy().into_owned();
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &format!("tcp:{destination}"),
+        "--tls-creds",
+        &creds,
+        "--tls-no-verify-peer",
+        "--identify-timeout",
+        "300",
+    ]);
+    for probe in [&b""[..], b"GET / HTTP/1.0\r\n\r\n"] {
+        let tcp = connect(daemon.listen);
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = rustls::StreamOwned::new(
+            rustls::ClientConnection::new(source_config(&pki, false), name).unwrap(),
+            tcp,
+        );
+        tls.write_all(probe).unwrap();
+        tls.flush().unwrap();
+        let mut rest = Vec::new();
+        let _ = tls.read_to_end(&mut rest);
+    }
+    assert_eq!(
+        daemon.metric("migproxy_connections_total{kind=\"stray\"}"),
+        Some(2)
+    );
+    assert_eq!(
+        received.lock().unwrap().len(),
+        0,
+        "the destination was dialed"
+    );
+}
+
+/// Finding 3: the source's handshake had no deadline after its ClientHello; a stalled handshake
+/// was held indefinitely. Now it is closed at the identification deadline, and a real source
+/// from the same address migrates afterwards.
+#[test]
+fn a_stalled_tls_handshake_is_closed_at_the_deadline_and_the_real_source_still_migrates() {
+    let pki = TempDir::new("tls-stall");
+    make_pki(&pki);
+    let (destination, received) = tls_destination(&pki);
+    let creds = pki.0.to_string_lossy().into_owned();
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &format!("tcp:{destination}"),
+        "--tls-creds",
+        &creds,
+        "--tls-hostname",
+        "localhost",
+        "--identify-timeout",
+        "300",
+    ]);
+    // A real ClientHello, then nothing: the handshake never completes.
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut client = rustls::ClientConnection::new(source_config(&pki, true), name).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    let mut stalled = connect(daemon.listen);
+    stalled.write_all(&hello).unwrap();
+    read_until_closed(&mut stalled);
+    assert_eq!(turned_away(&daemon, "tls_handshake"), Some(1));
+    assert_eq!(
+        received.lock().unwrap().len(),
+        0,
+        "the destination was dialed"
+    );
+
+    let stream = vector("q72-a64fx.bin");
+    tls_source(&pki, daemon.listen, &stream);
+    let (got, _) = wait_until("the destination to finish", SECS, || {
+        received
+            .lock()
+            .unwrap()
+            .first()
+            .cloned()
+            .filter(|(data, _)| !data.is_empty())
+    });
+    assert!(got == stream, "forwarded plaintext differs");
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
 }

@@ -118,6 +118,22 @@ const SPECS: &[Spec] = &[
         Recipe::Paused,
     ),
     spec("q72-max", Version::V72, "virt-7.2", "max", Recipe::Paused),
+    // 11.1 sends cpu/wfxt-timer for every TCG CPU (its timer not armed in a paused VM): the
+    // subsection tests (codec walk, removal, the armed case) run on these.
+    spec(
+        "q111m72-a64fx",
+        Version::V111,
+        "virt-7.2",
+        "a64fx",
+        Recipe::Paused,
+    ),
+    spec(
+        "q111m72-max",
+        Version::V111,
+        "virt-7.2",
+        "max",
+        Recipe::Paused,
+    ),
     spec(
         "q10m72-max",
         Version::V10,
@@ -274,7 +290,11 @@ fn real_main() -> Result<()> {
 fn qemu_versions() -> Result<String> {
     let bins = binaries()?;
     let mut text = Vec::new();
-    for (label, path) in [("7.2", &bins.qemu72), ("10.0", &bins.qemu10)] {
+    for (label, path) in [
+        ("7.2", &bins.qemu72),
+        ("10.0", &bins.qemu10),
+        ("11.1", &bins.qemu111),
+    ] {
         let out = Command::new(path).arg("--version").output()?;
         let first = String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -337,10 +357,7 @@ fn base_config(spec: &Spec) -> VmConfig {
 fn describe(config: &VmConfig) -> String {
     let mut text = format!(
         "qemu-system-aarch64[{}] -M {} -cpu {}",
-        match config.version {
-            Version::V72 => "7.2",
-            Version::V10 => "10.0",
-        },
+        config.version.number(),
         config.machine,
         config.cpu
     );

@@ -69,6 +69,10 @@ pub struct CaptureArgs {
     /// Override the accelerator the profile describes.
     #[arg(long, value_enum)]
     pub accel: Option<AccelArg>,
+    /// Record the destination's QEMU version (`11.1.3`): decides which `cpu` subsections it can
+    /// load. `--from-qmp` reads it from QEMU; a stream does not carry it.
+    #[arg(long, value_name = "VERSION")]
+    pub qemu_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -112,6 +116,17 @@ pub struct PolicyArgs {
         env = "MIGPROXY_ON_ID_MISMATCH"
     )]
     pub on_id_mismatch: OnIdMismatchArg,
+}
+
+/// What a rewriting proxy does with a migration whose source could not take its guest back
+/// after a failed switch (`--unrecoverable-postcopy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum UnrecoverablePostcopy {
+    /// Refuse at ADVISE: the source keeps running its guest.
+    #[default]
+    Refuse,
+    /// Let it go on; a switch would then be refused at the package and lose the guest.
+    Allow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -188,12 +203,18 @@ pub struct RunArgs {
     /// (nftables redirect) or `tproxy`. Default without --listen: tcp:127.0.0.1:4445.
     #[arg(long, value_name = "ADDR", env = "MIGPROXY_UPSTREAM")]
     pub upstream: Option<String>,
-    /// The destination's register profile: a file or an `http://` URL.
+    /// The destination's register profile: a file, an `https://` URL (with --profile-ca) or an
+    /// `http://` URL (unauthenticated: anyone on the path chooses the registers).
     #[arg(long, value_name = "PROFILE|URL", env = "MIGPROXY_DEST_PROFILE")]
     pub dest_profile: Option<String>,
-    /// A profile of a fresh VM with the source's configuration: a file or an `http://` URL.
+    /// A profile of a fresh VM with the source's configuration: a file or an `https://`/`http://` URL.
     #[arg(long, value_name = "PROFILE|URL", env = "MIGPROXY_SOURCE_PROFILE")]
     pub source_profile: Option<String>,
+    /// A saved stream of a fresh VM with the source's configuration (the one a source profile is
+    /// captured from): its description is the layout of a postcopy package's device state, so a
+    /// switch to postcopy can be rewritten (docs/postcopy.md).
+    #[arg(long, value_name = "STREAM", env = "MIGPROXY_SOURCE_REFERENCE")]
+    pub source_reference: Option<PathBuf>,
     /// Admin address serving /metrics, /healthz, /readyz and /profiles/NAME (`none` disables it).
     /// Default: tcp:127.0.0.1:9444.
     #[arg(long, value_name = "ADDR", env = "MIGPROXY_ADMIN")]
@@ -212,11 +233,12 @@ pub struct RunArgs {
     /// How long live migrations may keep running after SIGTERM, in seconds (default 30).
     #[arg(long, value_name = "SECONDS", env = "MIGPROXY_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<u64>,
-    /// How long the source may stay silent in the device-state phase before the description has
-    /// arrived, in milliseconds (default 2000).
+    /// How long the device-state phase may last, from its first byte until its description has
+    /// arrived, in milliseconds (default 2000). A deadline, not a silence timer.
     #[arg(long, value_name = "MS", env = "MIGPROXY_DESCRIPTION_TIMEOUT")]
     pub description_timeout: Option<u64>,
-    /// How long a new connection may take to identify itself, in milliseconds (default 1000).
+    /// How long a new connection may take to identify itself (under TLS: to complete its
+    /// handshake, and then again to send its first bytes), in milliseconds (default 1000).
     #[arg(long, value_name = "MS", env = "MIGPROXY_IDENTIFY_TIMEOUT")]
     pub identify_timeout: Option<u64>,
     /// Largest single non-page record accepted, in bytes (default 16 MiB).
@@ -228,17 +250,74 @@ pub struct RunArgs {
     /// Largest description JSON, in bytes (default 16 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_DESCRIPTION")]
     pub max_description: Option<usize>,
+    /// With a rewrite, what to do when postcopy is advised by a source that could not take its
+    /// guest back after a refused switch (older than QEMU 10.2, no return path, or no source
+    /// profile): `refuse` at ADVISE (default; the source keeps running its guest) or `allow`
+    /// (finishes in precopy rewritten; a switch is refused and loses the guest). See DESIGN.md.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "refuse|allow",
+        env = "MIGPROXY_UNRECOVERABLE_POSTCOPY"
+    )]
+    pub unrecoverable_postcopy: Option<UnrecoverablePostcopy>,
     /// Largest postcopy PACKAGED blob (checking relay), in bytes (default 256 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_PACKAGED")]
     pub max_packaged: Option<usize>,
+    /// Most vCPUs (cpu sections with cpreg arrays) in one stream (default 512).
+    #[arg(long, value_name = "COUNT", env = "MIGPROXY_MAX_CPUS")]
+    pub max_cpus: Option<usize>,
+    /// Most cpreg registers of one vCPU, as received and as rewritten (default 4096).
+    #[arg(long, value_name = "COUNT", env = "MIGPROXY_MAX_CPREGS")]
+    pub max_cpregs: Option<usize>,
+    /// Largest rewritten device-state phase, in bytes (default 320 MiB).
+    #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_REWRITE_OUTPUT")]
+    pub max_rewrite_output: Option<usize>,
+    /// Most iterable sections (ram, dirty-bitmap, block) in one stream (default 256).
+    #[arg(long, value_name = "COUNT", env = "MIGPROXY_MAX_SECTIONS")]
+    pub max_sections: Option<usize>,
     /// TLS on both legs for --listen listeners: a QEMU-style credential directory (ca-cert.pem,
     /// server-cert.pem/server-key.pem shown to the source, client-cert.pem/client-key.pem shown to
     /// the destination).
     #[arg(long, value_name = "DIR", env = "MIGPROXY_TLS_CREDS")]
     pub tls_creds: Option<PathBuf>,
     /// Require a client certificate from the source, signed by ca-cert.pem (QEMU's verify-peer).
+    /// This is the default; the flag is kept so existing command lines stay valid.
     #[arg(long, env = "MIGPROXY_TLS_VERIFY_PEER", requires = "tls_creds")]
     pub tls_verify_peer: bool,
+    /// Accept sources without a client certificate. Anyone who can reach the listener and speak
+    /// TLS and `QEVM` then reaches the destination authenticated as migproxy (see README).
+    #[arg(
+        long,
+        env = "MIGPROXY_TLS_NO_VERIFY_PEER",
+        requires = "tls_creds",
+        conflicts_with = "tls_verify_peer"
+    )]
+    pub tls_no_verify_peer: bool,
+    /// The only CA trusted for `https://` profile URLs (PEM). Required by `https://` URLs: the
+    /// system's roots are never used, so a profile can only come from a server this CA signed.
+    #[arg(long, value_name = "FILE", env = "MIGPROXY_PROFILE_CA")]
+    pub profile_ca: Option<PathBuf>,
+    /// Most migrations in progress at once, over all listeners (default 16).
+    #[arg(long, value_name = "N", env = "MIGPROXY_MAX_MIGRATIONS")]
+    pub max_migrations: Option<usize>,
+    /// Most open connections from one source host, identified or not (default 64).
+    #[arg(long, value_name = "N", env = "MIGPROXY_MAX_CONNECTIONS_PER_SOURCE")]
+    pub max_connections_per_source: Option<usize>,
+    /// Most open migration connections, over all listeners and sources (default 1024).
+    #[arg(long, value_name = "N", env = "MIGPROXY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most open admin connections (default 64); further ones are closed at once.
+    #[arg(long, value_name = "N", env = "MIGPROXY_MAX_ADMIN_CONNECTIONS")]
+    pub max_admin_connections: Option<usize>,
+    /// How long an admin client may take to send its request headers, in milliseconds
+    /// (default 5000).
+    #[arg(long, value_name = "MS", env = "MIGPROXY_ADMIN_HEADER_TIMEOUT")]
+    pub admin_header_timeout: Option<u64>,
+    /// TLS on the admin address: a directory with server-cert.pem and server-key.pem (profiles
+    /// are then fetched as `https://` with `--profile-ca`).
+    #[arg(long, value_name = "DIR", env = "MIGPROXY_ADMIN_TLS_CREDS")]
+    pub admin_tls_creds: Option<PathBuf>,
     /// Name expected in the destination's certificate (default: the upstream host).
     #[arg(
         long,
@@ -263,4 +342,7 @@ pub struct HealthcheckArgs {
     /// Give up after this many milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 3000)]
     pub timeout_ms: u64,
+    /// The CA that signed the admin address's certificate, for an `https://` URL.
+    #[arg(long, value_name = "FILE", env = "MIGPROXY_HEALTHCHECK_CA")]
+    pub ca: Option<PathBuf>,
 }

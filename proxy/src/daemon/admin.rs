@@ -15,10 +15,13 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::time::Duration;
+use tokio::sync::Semaphore;
 
+use crate::daemon::settings::AdminLimits;
 use crate::daemon::shutdown::Shutdown;
-use crate::migration::metrics::Metrics;
+use crate::migration::metrics::{Metrics, TurnedAway};
 use crate::net::listener::BoundListener;
 
 /// What the admin endpoint serves.
@@ -28,11 +31,18 @@ pub struct AdminState {
     pub shutdown: Shutdown,
     /// Advertised profiles: name -> file.
     pub profiles: BTreeMap<String, PathBuf>,
+    pub limits: AdminLimits,
 }
 
 /// Serve admin requests until shutdown closes everything (health must answer while draining).
+///
+/// The admin address is often reachable from the whole fleet, so what one client can hold is
+/// bounded: at most `max_connections` open at once (further ones are closed at accept), request
+/// headers within `header_timeout` (hyper's timer is set: without one it drops that timeout), and
+/// a whole connection (TLS handshake, keep-alive included) within `CONNECTION_LIFETIME`.
 pub async fn run(listener: BoundListener, state: Arc<AdminState>) {
     let close = state.shutdown.close_all.clone();
+    let places = Arc::new(Semaphore::new(state.limits.max_connections));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -42,24 +52,60 @@ pub async fn run(listener: BoundListener, state: Arc<AdminState>) {
             Ok(accepted) => accepted,
             Err(err) => {
                 tracing::warn!(%err, "admin accept failed");
+                // EMFILE and friends: do not spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let Ok(place) = Arc::clone(&places).try_acquire_owned() else {
+            state.metrics.turned_away(TurnedAway::AdminConnections);
+            tracing::debug!("admin connection closed: --max-admin-connections reached");
+            continue;
+        };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
-            });
-            let io = TokioIo::new(conn);
-            if let Err(err) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!(%err, "admin connection ended with an error");
+            let _place = place;
+            let limits = state.limits.clone();
+            let served = async {
+                match &limits.tls {
+                    Some(config) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+                        let session =
+                            tokio::time::timeout(limits.header_timeout, acceptor.accept(conn))
+                                .await
+                                .map_err(|_| "tls handshake timed out".to_owned())?
+                                .map_err(|e| e.to_string())?;
+                        serve_http(session, state, &limits).await
+                    }
+                    None => serve_http(conn, state, &limits).await,
+                }
+            };
+            match tokio::time::timeout(CONNECTION_LIFETIME, served).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::debug!(%err, "admin connection ended with an error"),
+                Err(_) => tracing::debug!("admin connection closed at its lifetime limit"),
             }
         });
     }
+}
+
+/// The longest an admin connection may stay open, whatever it does.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+async fn serve_http<T>(io: T, state: Arc<AdminState>, limits: &AdminLimits) -> Result<(), String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(route(&state, &req)) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {

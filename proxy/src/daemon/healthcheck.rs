@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::cli::HealthcheckArgs;
 use crate::error::{HttpFailure, ProxyError};
 use crate::net::http_client;
+use crate::net::tls::pinned_client;
 
 pub fn main(args: &HealthcheckArgs) -> Result<(), ProxyError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -14,7 +15,8 @@ pub fn main(args: &HealthcheckArgs) -> Result<(), ProxyError> {
         .build()
         .map_err(|e| ProxyError::io("starting the runtime", e))?;
     let timeout = Duration::from_millis(args.timeout_ms);
-    let (status, _) = runtime.block_on(http_client::get(&args.url, timeout))?;
+    let trust = args.ca.as_deref().map(pinned_client).transpose()?;
+    let (status, _) = runtime.block_on(http_client::get(&args.url, timeout, trust.as_ref()))?;
     if status == 200 {
         Ok(())
     } else {

@@ -9,6 +9,7 @@ use crate::daemon::admin::{self, AdminState};
 use crate::daemon::settings::RunConfig;
 use crate::daemon::shutdown::{self, Shutdown};
 use crate::error::ProxyError;
+use crate::migration::admission::Admission;
 use crate::migration::connection::ListenerCtx;
 use crate::migration::metrics::Metrics;
 use crate::migration::profile_source::ProfileSource;
@@ -16,6 +17,7 @@ use crate::migration::pump::ChannelSettings;
 use crate::migration::registry::Registry;
 use crate::net::addr::{Address, Upstream};
 use crate::net::listener::BoundListener;
+use crate::net::own_addresses::OwnAddresses;
 
 pub fn main(args: RunArgs) -> Result<(), ProxyError> {
     let config = RunConfig::from_args(&args)?;
@@ -77,6 +79,8 @@ pub async fn start(
     shutdown: &Shutdown,
     metrics: &Arc<Metrics>,
 ) -> Result<Started, ProxyError> {
+    let admission = Admission::new(config.budgets);
+    let own = Arc::new(OwnAddresses::default());
     let mut bound = Vec::new();
     for listener in &config.listeners {
         let ctx = Arc::new(ListenerCtx {
@@ -86,12 +90,15 @@ pub async fn start(
             channel: ChannelSettings {
                 limits: config.limits.clone(),
                 description_timeout: config.description_timeout,
+                unrecoverable_postcopy: config.unrecoverable_postcopy,
             },
             identify_timeout: config.identify_timeout,
             metrics: Arc::clone(metrics),
             close_all: shutdown.close_all.clone(),
             registry: Registry::default(),
             tls: listener.tls.clone(),
+            admission: Arc::clone(&admission),
+            own: Arc::clone(&own),
         });
         let transparent = listener.upstream == Upstream::Tproxy;
         for addr in listener.listen.addresses() {
@@ -99,6 +106,25 @@ pub async fn start(
                 BoundListener::bind_with(&addr, transparent).await?,
                 Arc::clone(&ctx),
             ));
+        }
+    }
+    // Every listener is bound (real ports known): no upstream may be one of them.
+    own.set(
+        bound
+            .iter()
+            .filter_map(|(socket, _): &(BoundListener, _)| socket.local_address())
+            .collect(),
+    );
+    for (_, ctx) in &bound {
+        if let Upstream::Fixed(upstream) = &ctx.upstream {
+            for resolved in resolve_fixed(upstream).await {
+                if own.contains(&resolved) {
+                    return Err(ProxyError::InvalidConfig(format!(
+                        "upstream {upstream} of listener {} is one of migproxy's own listeners: it would forward to itself",
+                        ctx.listen
+                    )));
+                }
+            }
         }
     }
     let admin = match &config.admin {
@@ -117,8 +143,11 @@ pub async fn start(
             }
             None => "checking relay".to_owned(),
             Some(ProfileSource::File { path, .. }) => format!("rewrite to profile {path}"),
-            Some(ProfileSource::Url(url)) => format!("rewrite to profile {url}"),
+            Some(ProfileSource::Url { url, .. }) => format!("rewrite to profile {url}"),
         };
+        if ctx.tls.as_ref().is_some_and(|tls| !tls.verify_peer) {
+            tracing::warn!(listen = %ctx.listen, "tls without --tls-verify-peer: any client that completes a handshake and sends QEVM reaches the destination authenticated as migproxy");
+        }
         if let Some(local) = &local {
             tracing::info!(listen = %local, upstream = %ctx.upstream, %mode, "listening");
             started.listeners.push(local.clone());
@@ -135,8 +164,23 @@ pub async fn start(
             metrics: Arc::clone(metrics),
             shutdown: shutdown.clone(),
             profiles: config.served_profiles.clone(),
+            limits: config.admin_limits.clone(),
         });
         tokio::spawn(admin::run(socket, state));
     }
     Ok(started)
+}
+
+/// The addresses a fixed upstream names (a host name may resolve to several); unresolvable names
+/// are left to fail when dialed.
+async fn resolve_fixed(upstream: &Address) -> Vec<Address> {
+    match upstream {
+        Address::Tcp { host, port } => {
+            match tokio::net::lookup_host(Address::host_port(host, *port)).await {
+                Ok(found) => found.map(Address::from_socket_addr).collect(),
+                Err(_) => vec![upstream.clone()],
+            }
+        }
+        Address::Unix(_) => vec![upstream.clone()],
+    }
 }

@@ -20,9 +20,12 @@ use migproxy_config::Policy;
 use crate::cli::policy::{policy_from_args, policy_from_file};
 use crate::cli::RunArgs;
 use crate::error::ProxyError;
+use crate::migration::admission::Budgets;
+use crate::migration::postcopy::{load_source_reference, UnrecoverablePostcopy};
 use crate::migration::profile_source::{ProfileSource, RewriteConfig};
 use crate::net::addr::{Address, ListenSpec, Upstream};
-use crate::net::tls::{ListenerTls, TlsSettings};
+use crate::net::tls::{admin_server, pinned_client, ListenerTls, TlsSettings};
+use tokio_rustls::TlsConnector;
 
 pub const DEFAULT_LISTEN: &str = "tcp:127.0.0.1:4444";
 pub const DEFAULT_UPSTREAM: &str = "tcp:127.0.0.1:4445";
@@ -30,6 +33,8 @@ pub const DEFAULT_ADMIN: &str = "tcp:127.0.0.1:9444";
 pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_DESCRIPTION_TIMEOUT_MS: u64 = 2000;
 pub const DEFAULT_IDENTIFY_TIMEOUT_MS: u64 = 1000;
+pub const DEFAULT_MAX_ADMIN_CONNECTIONS: usize = 64;
+pub const DEFAULT_ADMIN_HEADER_TIMEOUT_MS: u64 = 5000;
 const PROFILE_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The validated configuration of the daemon.
@@ -43,6 +48,20 @@ pub struct RunConfig {
     pub identify_timeout: Duration,
     pub log_json: bool,
     pub limits: Limits,
+    pub unrecoverable_postcopy: UnrecoverablePostcopy,
+    pub budgets: Budgets,
+    pub admin_limits: AdminLimits,
+}
+
+/// What an admin client may hold (README, "Budgets").
+#[derive(Debug, Clone)]
+pub struct AdminLimits {
+    /// Open admin connections; further ones are closed at once.
+    pub max_connections: usize,
+    /// Time a client has to send its request headers.
+    pub header_timeout: Duration,
+    /// Serve the admin address over TLS (`--admin-tls-creds`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug)]
@@ -59,6 +78,11 @@ impl RunConfig {
             Some(path) => Some(RunFile::load(path)?),
             None => None,
         };
+        let profile_ca = args.profile_ca.clone().or_else(|| {
+            file.as_ref()
+                .and_then(|f| f.profile_ca.clone().map(PathBuf::from))
+        });
+        let trust = profile_ca.as_deref().map(pinned_client).transpose()?;
         let listener_flags =
             args.upstream.is_some() || args.dest_profile.is_some() || args.source_profile.is_some();
         let mut listeners = Vec::new();
@@ -69,12 +93,12 @@ impl RunConfig {
                 ));
             }
             for (index, listener) in file.listeners.iter().enumerate() {
-                listeners.push(ListenerConfig::from_file(listener).map_err(|source| {
-                    ProxyError::Listener {
+                listeners.push(ListenerConfig::from_file(listener, trust.as_ref()).map_err(
+                    |source| ProxyError::Listener {
                         index: index.saturating_add(1),
                         source: Box::new(source),
-                    }
-                })?);
+                    },
+                )?);
             }
         }
         let cli_listens: Vec<String> = if !args.listen.is_empty() {
@@ -96,17 +120,25 @@ impl RunConfig {
             };
             let tls = args.tls_creds.as_ref().map(|dir| TlsSettings {
                 dir: dir.clone(),
-                verify_peer: args.tls_verify_peer,
+                // Verified unless explicitly told not to (--tls-no-verify-peer).
+                verify_peer: !args.tls_no_verify_peer,
                 hostname: args.tls_hostname.clone(),
             });
-            listeners.push(ListenerConfig::new(
+            let mut listener = ListenerConfig::new(
                 listen,
                 upstream,
                 args.dest_profile.as_deref(),
                 args.source_profile.as_deref(),
                 policy_from_args(&args.policy)?,
                 tls.as_ref(),
-            )?);
+                trust.as_ref(),
+            )?;
+            listener.rewrite.source_reference = args
+                .source_reference
+                .as_deref()
+                .map(load_source_reference)
+                .transpose()?;
+            listeners.push(listener.checked()?);
         }
         let file_admin = file.as_ref().and_then(|f| f.admin.clone());
         let admin_text = args
@@ -174,7 +206,7 @@ impl RunConfig {
                 .or(from_file)
             {
                 Some(0) => Err(ProxyError::InvalidConfig(format!(
-                    "{name} must be at least 1 byte"
+                    "{name} must be at least 1"
                 ))),
                 other => Ok(other.unwrap_or(default)),
             };
@@ -203,10 +235,104 @@ impl RunConfig {
                 defaults.max_packaged,
                 "max_packaged",
             )?,
-            ..defaults
+            max_cpus: limit(
+                args.max_cpus,
+                file.as_ref().and_then(|f| f.max_cpus),
+                defaults.max_cpus,
+                "max_cpus",
+            )?,
+            max_cpregs: limit(
+                args.max_cpregs,
+                file.as_ref().and_then(|f| f.max_cpregs),
+                defaults.max_cpregs,
+                "max_cpregs",
+            )?,
+            max_rewrite_output: limit(
+                args.max_rewrite_output,
+                file.as_ref().and_then(|f| f.max_rewrite_output_bytes),
+                defaults.max_rewrite_output,
+                "max_rewrite_output",
+            )?,
+            max_sections: limit(
+                args.max_sections,
+                file.as_ref().and_then(|f| f.max_sections),
+                defaults.max_sections,
+                "max_sections",
+            )?,
+        };
+        let unrecoverable_postcopy = match (
+            args.unrecoverable_postcopy,
+            file.as_ref()
+                .and_then(|f| f.unrecoverable_postcopy.as_deref()),
+        ) {
+            (Some(flag), _) => flag,
+            (None, Some(word)) => <UnrecoverablePostcopy as clap::ValueEnum>::from_str(word, false)
+                .map_err(|_| {
+                    ProxyError::InvalidConfig(format!(
+                        "unrecoverable_postcopy = {word:?}: expected refuse or allow"
+                    ))
+                })?,
+            (None, None) => UnrecoverablePostcopy::default(),
+        };
+        let count =
+            |flag: Option<usize>, from_file: Option<usize>, default: usize, name: &str| match flag
+                .or(from_file)
+            {
+                Some(0) => Err(ProxyError::InvalidConfig(format!(
+                    "{name} must be at least 1"
+                ))),
+                other => Ok(other.unwrap_or(default)),
+            };
+        let defaults = Budgets::default();
+        let budgets = Budgets {
+            max_migrations: count(
+                args.max_migrations,
+                file.as_ref().and_then(|f| f.max_migrations),
+                defaults.max_migrations,
+                "max_migrations",
+            )?,
+            max_connections_per_source: count(
+                args.max_connections_per_source,
+                file.as_ref().and_then(|f| f.max_connections_per_source),
+                defaults.max_connections_per_source,
+                "max_connections_per_source",
+            )?,
+            max_connections: count(
+                args.max_connections,
+                file.as_ref().and_then(|f| f.max_connections),
+                defaults.max_connections,
+                "max_connections",
+            )?,
+        };
+        let header_ms = pick(
+            args.admin_header_timeout,
+            file.as_ref().and_then(|f| f.admin_header_timeout_ms),
+            DEFAULT_ADMIN_HEADER_TIMEOUT_MS,
+        );
+        if header_ms == 0 {
+            return Err(ProxyError::InvalidConfig(
+                "admin_header_timeout must be at least 1 ms".into(),
+            ));
+        }
+        let admin_tls_dir = args.admin_tls_creds.clone().or_else(|| {
+            file.as_ref()
+                .and_then(|f| f.admin_tls_creds.clone().map(PathBuf::from))
+        });
+        let admin_limits = AdminLimits {
+            max_connections: count(
+                args.max_admin_connections,
+                file.as_ref().and_then(|f| f.max_admin_connections),
+                DEFAULT_MAX_ADMIN_CONNECTIONS,
+                "max_admin_connections",
+            )?,
+            header_timeout: Duration::from_millis(header_ms),
+            tls: admin_tls_dir.as_deref().map(admin_server).transpose()?,
         };
         Ok(RunConfig {
             limits,
+            unrecoverable_postcopy,
+            budgets,
+            admin_limits,
             listeners,
             admin,
             served_profiles,
@@ -230,6 +356,7 @@ impl ListenerConfig {
         source_profile: Option<&str>,
         policy: Policy,
         tls: Option<&TlsSettings>,
+        trust: Option<&TlsConnector>,
     ) -> Result<ListenerConfig, ProxyError> {
         let listen: ListenSpec = listen.parse()?;
         let upstream: Upstream = upstream.parse()?;
@@ -261,8 +388,12 @@ impl ListenerConfig {
                 "a source profile without a destination profile does nothing".into(),
             ));
         }
-        let dest = dest_profile.map(ProfileSource::open).transpose()?;
-        let source = source_profile.map(ProfileSource::open).transpose()?;
+        let dest = dest_profile
+            .map(|spec| ProfileSource::open(spec, trust))
+            .transpose()?;
+        let source = source_profile
+            .map(|spec| ProfileSource::open(spec, trust))
+            .transpose()?;
         let tls = tls.map(ListenerTls::load).transpose()?.map(Arc::new);
         Ok(ListenerConfig {
             listen,
@@ -271,14 +402,18 @@ impl ListenerConfig {
             rewrite: RewriteConfig {
                 dest,
                 source,
+                source_reference: None,
                 policy,
                 fetch_timeout: PROFILE_FETCH_TIMEOUT,
             },
         })
     }
 
-    fn from_file(file: &ListenerFile) -> Result<ListenerConfig, ProxyError> {
-        ListenerConfig::new(
+    fn from_file(
+        file: &ListenerFile,
+        trust: Option<&TlsConnector>,
+    ) -> Result<ListenerConfig, ProxyError> {
+        let mut listener = ListenerConfig::new(
             &file.listen,
             &file.upstream,
             file.dest_profile.as_deref(),
@@ -288,10 +423,27 @@ impl ListenerConfig {
                 .as_ref()
                 .map(|dir| TlsSettings {
                     dir: PathBuf::from(dir),
-                    verify_peer: file.tls_verify_peer.unwrap_or(false),
+                    verify_peer: file.tls_verify_peer.unwrap_or(true),
                     hostname: file.tls_hostname.clone(),
                 })
                 .as_ref(),
-        )
+            trust,
+        )?;
+        listener.rewrite.source_reference = file
+            .source_reference
+            .as_deref()
+            .map(|path| load_source_reference(std::path::Path::new(path)))
+            .transpose()?;
+        listener.checked()
+    }
+
+    /// A source reference only serves a rewrite.
+    fn checked(self) -> Result<ListenerConfig, ProxyError> {
+        if self.rewrite.dest.is_none() && self.rewrite.source_reference.is_some() {
+            return Err(ProxyError::InvalidConfig(
+                "a source reference without a destination profile does nothing".into(),
+            ));
+        }
+        Ok(self)
     }
 }

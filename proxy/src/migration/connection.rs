@@ -2,16 +2,17 @@
 //! dialing the destination and carrying the channel until it ends or the migration fails.
 //!
 //! ```text
-//! accepted ─┬─ plain: first 4 bytes ─▶ join or start a migration ─▶ dial ──────────────┐
-//!           └─ tls: ClientHello ─▶ join by order ─▶ dial + both handshakes ─▶ first   │
-//!                                                   4 plaintext bytes confirm the kind │
-//!        (ChannelKind, PrefixedIo) + destination ◀────────────────────────────────────┘
-//!          └─▶ carry: main channel through the pump, any other channel as a raw relay
+//! accepted (budgets) ─▶ upstream is not our own listener ─┬─ plain ─────────────────────────┐
+//!                                                         └─ tls: source handshake (deadline)┤
+//!   first 4 plaintext bytes (deadline) ─▶ join or start a migration ─▶ dial (+ tls) ◀───────┘
+//!     └─▶ carry: main channel through the pump, any other channel as a raw relay
 //! ```
 //!
 //! A connection that does not identify itself within the deadline never reaches the destination
 //! (the destination QEMU has exactly one incoming migration, and a port probe reaching it would
-//! make that migration fail). Both paths end in the same tail, `supervise`: the first failure of
+//! make that migration fail). Under TLS, "identified" means a completed source handshake (with
+//! the source's certificate verified, by default) and then the same first plaintext bytes as a
+//! plain connection: the destination is never dialed for a bare ClientHello. Both paths end in the same tail, `supervise`: the first failure of
 //! any channel closes every connection of the migration.
 
 use std::future::Future;
@@ -23,13 +24,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::ProxyError;
+use crate::migration::admission::{Admission, ConnectionSlot};
 use crate::migration::identify::{self, ChannelKind, FirstBytes};
-use crate::migration::metrics::Metrics;
+use crate::migration::metrics::{Metrics, TurnedAway};
 use crate::migration::profile_source::{RewriteConfig, RewriteSetup};
 use crate::migration::pump::{self, ChannelSettings};
 use crate::migration::registry::{GroupKey, Migration, Registry};
 use crate::net::addr::{AcceptedInfo, Upstream};
 use crate::net::conn::Conn;
+use crate::net::own_addresses::OwnAddresses;
 use crate::net::prefixed::PrefixedIo;
 use crate::net::relay;
 use crate::net::tls::ListenerTls;
@@ -50,6 +53,10 @@ pub struct ListenerCtx {
     pub registry: Registry,
     /// TLS on both legs; None: plain.
     pub tls: Option<Arc<ListenerTls>>,
+    /// The daemon-wide budgets (shared by every listener).
+    pub admission: Arc<Admission>,
+    /// Every listener address of the daemon: no upstream may be one of them.
+    pub own: Arc<OwnAddresses>,
 }
 
 impl ListenerCtx {
@@ -60,8 +67,15 @@ impl ListenerCtx {
     }
 }
 
-/// Everything that happens to one accepted connection.
-pub async fn handle_connection(conn: Conn, info: AcceptedInfo, ctx: Arc<ListenerCtx>) {
+/// Everything that happens to one accepted connection; `slot` is its place in the connection
+/// budgets, held until it ends.
+pub async fn handle_connection(
+    conn: Conn,
+    info: AcceptedInfo,
+    ctx: Arc<ListenerCtx>,
+    slot: ConnectionSlot,
+) {
+    let _slot = slot;
     conn.tune();
     let peer = info
         .peer
@@ -75,26 +89,110 @@ pub async fn handle_connection(conn: Conn, info: AcceptedInfo, ctx: Arc<Listener
             return;
         }
     };
+    if ctx.own.contains(&upstream) {
+        // A connection made straight to the listener under original-dst/tproxy: dialing it would
+        // chain migproxy to itself until no file descriptor is left (`net/own_addresses.rs`).
+        ctx.metrics.turned_away(TurnedAway::SelfLoop);
+        tracing::warn!(%peer, listen = %ctx.listen, %upstream, reason = TurnedAway::SelfLoop.as_str(), "upstream is one of migproxy's own listeners (a connection made straight to the listener, not redirected?): closed, destination not contacted");
+        return;
+    }
     let key = GroupKey {
         source: info.peer.map(|p| p.ip()),
         upstream,
     };
-    match &ctx.tls {
-        Some(tls) => accept_tls(conn, key, peer, &ctx, tls).await,
-        None => accept_plain(conn, key, peer, &ctx).await,
+    let source = match &ctx.tls {
+        Some(tls) => match tls_handshake(conn, &peer, &ctx, tls).await {
+            Some(session) => session,
+            None => return,
+        },
+        None => conn,
+    };
+    identify_and_carry(source, key, peer, &ctx, ctx.tls.as_deref()).await;
+}
+
+/// The source's TLS handshake, ClientHello to Finished, within the identification deadline
+/// (a stalled handshake must not hold a connection, or a place in its host's budget, for
+/// long). With `verify_peer` (the default) a source without a certificate from the CA fails
+/// here. Nothing has been dialed yet: the destination is only contacted once the channel has
+/// also sent its first plaintext bytes.
+async fn tls_handshake(
+    conn: Conn,
+    peer: &str,
+    ctx: &ListenerCtx,
+    tls: &ListenerTls,
+) -> Option<Conn> {
+    enum Failed {
+        NoHello(std::io::Error),
+        Handshake(std::io::Error),
+    }
+    let handshake = async {
+        let lazy = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), conn);
+        let start = lazy.await.map_err(Failed::NoHello)?;
+        start
+            .into_stream(Arc::clone(&tls.server))
+            .await
+            .map(|session| Conn::Tls(Box::new(session)))
+            .map_err(Failed::Handshake)
+    };
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(ctx.identify_timeout, handshake) => outcome,
+        () = ctx.close_all.cancelled() => return None,
+    };
+    match outcome {
+        Ok(Ok(session)) => Some(session),
+        Ok(Err(Failed::NoHello(err))) => {
+            ctx.stray();
+            tracing::warn!(%peer, listen = %ctx.listen, %err, "no tls client hello (plaintext on a tls listener?): closed, destination not contacted");
+            None
+        }
+        Ok(Err(Failed::Handshake(err))) => {
+            ctx.metrics.turned_away(TurnedAway::TlsHandshake);
+            tracing::warn!(%peer, listen = %ctx.listen, %err, reason = TurnedAway::TlsHandshake.as_str(), "tls handshake with the source failed (no or untrusted client certificate?): closed, destination not contacted");
+            None
+        }
+        Err(_) => {
+            ctx.metrics.turned_away(TurnedAway::TlsHandshake);
+            tracing::info!(%peer, listen = %ctx.listen, reason = "tls handshake not completed within the identification deadline", "stray connection closed, destination not contacted");
+            None
+        }
     }
 }
 
-/// A plain connection identifies itself by its first 4 bytes (see `identify.rs`).
-async fn accept_plain(conn: Conn, key: GroupKey, peer: String, ctx: &ListenerCtx) {
+/// A connection (plain, or a TLS session whose handshake has completed) identifies itself by its
+/// first 4 plaintext bytes (see `identify.rs`), joins or starts a migration, and only then is its
+/// destination dialed (and, under TLS, handshaken) in the migration's dial order.
+async fn identify_and_carry(
+    conn: Conn,
+    key: GroupKey,
+    peer: String,
+    ctx: &ListenerCtx,
+    tls: Option<&ListenerTls>,
+) {
     let (first, source) = tokio::select! {
         identified = identify::read_first_bytes(conn, ctx.identify_timeout) => identified,
         () = ctx.close_all.cancelled() => return,
     };
     let joined = match first {
         FirstBytes::Identified(ChannelKind::Main) => {
-            let migration = ctx.registry.start(key, &ctx.metrics, &ctx.close_all);
-            Some((migration, ChannelKind::Main))
+            match ctx
+                .registry
+                .start(key, &ctx.metrics, &ctx.close_all, &ctx.admission)
+            {
+                Ok(migration) => Some((migration, ChannelKind::Main)),
+                Err(reason) => {
+                    ctx.metrics.turned_away(reason);
+                    let why = match reason {
+                        TurnedAway::MaxMigrations => {
+                            "as many migrations are in progress as --max-migrations allows"
+                        }
+                        _ => {
+                            "a migration from this host to this destination is already in progress"
+                        }
+                    };
+                    tracing::warn!(%peer, listen = %ctx.listen, reason = reason.as_str(), "main channel refused: {why}: closed, destination not contacted");
+                    return;
+                }
+            }
         }
         FirstBytes::Identified(kind) => ctx
             .registry
@@ -129,76 +227,14 @@ async fn accept_plain(conn: Conn, key: GroupKey, peer: String, ctx: &ListenerCtx
         return;
     };
     migration.add_channel(kind);
-    let span = tracing::info_span!(parent: &migration.span, "conn", kind = kind.as_str(), %peer);
+    let span = tracing::info_span!(parent: &migration.span, "conn", kind = kind.as_str(), tls = tls.is_some(), %peer);
     let work = async {
         tracing::info!(upstream = %migration.key.upstream, "channel identified");
         let rewrite = resolve_rewrite(kind, ctx).await?;
         let destination = migration
             .dial
-            .dial(kind, &migration.key.upstream, None)
+            .dial(kind, &migration.key.upstream, tls)
             .await?;
-        carry(&migration, kind, source, destination, rewrite.as_ref(), ctx).await?;
-        Ok(kind)
-    };
-    supervise(&migration, work).instrument(span).await;
-}
-
-/// A connection on a TLS listener: identified by its ClientHello, grouped by order (the first one
-/// from a host is the main channel), dialed and handshaken upstream before our own handshake
-/// completes, then confirmed by its first plaintext bytes (order and `verify_peer`: see
-/// `net/tls.rs`).
-async fn accept_tls(conn: Conn, key: GroupKey, peer: String, ctx: &ListenerCtx, tls: &ListenerTls) {
-    let lazy = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), conn);
-    let hello = tokio::select! {
-        hello = tokio::time::timeout(ctx.identify_timeout, lazy) => hello,
-        () = ctx.close_all.cancelled() => return,
-    };
-    let start = match hello {
-        Ok(Ok(start)) => start,
-        Ok(Err(err)) => {
-            ctx.stray();
-            tracing::warn!(%peer, listen = %ctx.listen, %err, "no tls client hello (plaintext on a tls listener?): closed, destination not contacted");
-            return;
-        }
-        Err(_) => {
-            ctx.stray();
-            tracing::info!(%peer, listen = %ctx.listen, reason = "no tls client hello within the identification deadline", "stray connection closed, destination not contacted");
-            return;
-        }
-    };
-    // Under TLS the first bytes are encrypted: channels are told apart by order.
-    let (migration, by_order) = match ctx.registry.find(&key, Migration::accepts_channels) {
-        Some(migration) => (migration, ChannelKind::Multifd),
-        None => (
-            ctx.registry.start(key, &ctx.metrics, &ctx.close_all),
-            ChannelKind::Main,
-        ),
-    };
-    let span = tracing::info_span!(parent: &migration.span, "conn", tls = true, %peer);
-    let work = async {
-        let rewrite = resolve_rewrite(by_order, ctx).await?;
-        let upstream = &migration.key.upstream;
-        let handshake = |start: tokio_rustls::StartHandshake<Conn>| async {
-            start
-                .into_stream(Arc::clone(&tls.server))
-                .await
-                .map(|session| Conn::Tls(Box::new(session)))
-                .map_err(|e| ProxyError::io("tls handshake with the source", e))
-        };
-        let (session, destination) = if tls.verify_peer {
-            let session = handshake(start).await?;
-            (
-                session,
-                migration.dial.dial(by_order, upstream, Some(tls)).await?,
-            )
-        } else {
-            let destination = migration.dial.dial(by_order, upstream, Some(tls)).await?;
-            (handshake(start).await?, destination)
-        };
-        let (kind, source) =
-            identify::confirm_tls_channel(session, by_order, ctx.identify_timeout).await?;
-        migration.add_channel(kind);
-        tracing::info!(kind = kind.as_str(), upstream = %upstream, "channel identified");
         carry(&migration, kind, source, destination, rewrite.as_ref(), ctx).await?;
         Ok(kind)
     };

@@ -15,8 +15,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::error::{Abort, ProxyError};
-use crate::net::conn::Conn;
 use crate::net::prefixed::PrefixedIo;
 
 /// QEMU_VM_FILE_MAGIC (migration/savevm.c).
@@ -99,30 +97,6 @@ pub async fn read_first_bytes<T: AsyncRead + Unpin>(
     });
     let prefix = Bytes::copy_from_slice(got.get(..filled).unwrap_or_default());
     (first, PrefixedIo::new(prefix, io))
-}
-
-/// A connection on a TLS listener, after both handshakes: its kind is known by order (the first
-/// connection of a migration is its main channel), and its first plaintext bytes must agree.
-pub async fn confirm_tls_channel(
-    session: Conn,
-    by_order: ChannelKind,
-    deadline: Duration,
-) -> Result<(ChannelKind, PrefixedIo<Conn>), ProxyError> {
-    let (first, io) = read_first_bytes(session, deadline).await;
-    let kind = match (by_order, first) {
-        (ChannelKind::Main, FirstBytes::Identified(ChannelKind::Main)) => ChannelKind::Main,
-        (ChannelKind::Main, _) => {
-            return Err(ProxyError::Aborted(Abort::FirstTlsNotMain {
-                sent: io.prefix().to_vec(),
-            }))
-        }
-        (_, FirstBytes::Identified(ChannelKind::Main)) => {
-            return Err(ProxyError::Aborted(Abort::SecondMainChannel))
-        }
-        (_, FirstBytes::Identified(ChannelKind::Multifd)) => ChannelKind::Multifd,
-        _ => ChannelKind::Preempt,
-    };
-    Ok((kind, io))
 }
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub registers_dropped: AtomicU64,
     pub registers_filled: AtomicU64,
     pub cpus_rewritten: AtomicU64,
+    /// Connections and migrations turned away before anything was dialed, by reason.
+    refused: [AtomicU64; TurnedAway::ALL.len()],
     /// Signalled whenever `migrations_active` drops, for the shutdown drain.
     pub active_changed: Notify,
 }
@@ -47,6 +49,20 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
         self.migrations_active.fetch_sub(1, Ordering::AcqRel);
         self.active_changed.notify_waiters();
+    }
+
+    /// Count one connection or migration turned away.
+    pub fn turned_away(&self, reason: TurnedAway) {
+        if let Some(counter) = self.refused.get(reason as usize) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn turned_away_count(&self, reason: TurnedAway) -> u64 {
+        self.refused
+            .get(reason as usize)
+            .map(|c| c.load(Ordering::Relaxed))
+            .unwrap_or(0)
     }
 
     /// Prometheus text format 0.0.4.
@@ -120,7 +136,59 @@ impl Metrics {
             "vCPU register arrays replaced.",
             &[("", get(&self.cpus_rewritten))],
         );
+        let labels: Vec<(String, u64)> = TurnedAway::ALL
+            .iter()
+            .map(|reason| {
+                (
+                    format!("{{reason=\"{}\"}}", reason.as_str()),
+                    self.turned_away_count(*reason),
+                )
+            })
+            .collect();
+        let samples: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        family(
+            "migproxy_turned_away_total",
+            "counter",
+            "Connections and migrations refused before the destination was dialed, by reason (a budget, a self-loop, a second migration from one host, a failed TLS handshake, the admin connection cap).",
+            &samples,
+        );
         out
+    }
+}
+
+/// Why a connection or migration was turned away before anything was dialed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnedAway {
+    SelfLoop,
+    MaxConnections,
+    MaxConnectionsPerSource,
+    MaxMigrations,
+    MigrationInProgress,
+    TlsHandshake,
+    AdminConnections,
+}
+
+impl TurnedAway {
+    pub const ALL: [TurnedAway; 7] = [
+        TurnedAway::SelfLoop,
+        TurnedAway::MaxConnections,
+        TurnedAway::MaxConnectionsPerSource,
+        TurnedAway::MaxMigrations,
+        TurnedAway::MigrationInProgress,
+        TurnedAway::TlsHandshake,
+        TurnedAway::AdminConnections,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TurnedAway::SelfLoop => "self_loop",
+            TurnedAway::MaxConnections => "max_connections",
+            TurnedAway::MaxConnectionsPerSource => "max_connections_per_source",
+            TurnedAway::MaxMigrations => "max_migrations",
+            TurnedAway::MigrationInProgress => "migration_in_progress",
+            TurnedAway::TlsHandshake => "tls_handshake",
+            TurnedAway::AdminConnections => "max_admin_connections",
+        }
     }
 }
 
@@ -155,5 +223,9 @@ mod tests {
         assert!(text.contains("migproxy_migrations_total{outcome=\"completed\"} 1\n"));
         assert!(text.contains("migproxy_migrations_active 0\n"));
         assert!(text.contains("# TYPE migproxy_bytes_total counter\n"));
+        metrics.turned_away(TurnedAway::SelfLoop);
+        let text = metrics.render();
+        assert!(text.contains("migproxy_turned_away_total{reason=\"self_loop\"} 1\n"));
+        assert!(text.contains("migproxy_turned_away_total{reason=\"max_migrations\"} 0\n"));
     }
 }

@@ -2,10 +2,12 @@
 //! into migrations, dialing the destination in order, pumping the main channel through the
 //! decoder and the rewrite, and the profiles that rewrite uses.
 
+pub mod admission;
 pub mod connection;
 pub mod dial;
 pub mod identify;
 pub mod metrics;
+pub mod postcopy;
 pub mod profile_source;
 pub mod pump;
 pub mod registry;

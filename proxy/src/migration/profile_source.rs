@@ -1,34 +1,74 @@
 //! Where a listener's register profiles come from: a file read (and validated) at startup, or an
-//! `http://` URL - typically another migproxy's `/profiles/NAME` - fetched when each migration
-//! starts, so the destination host advertises its current register list.
+//! `https://` (pinned CA) or `http://` URL - typically another migproxy's `/profiles/NAME` -
+//! fetched when each migration starts, so the destination host advertises its current register
+//! list. The fetch happens only once a main channel has identified itself and its upstream has
+//! been checked against our own listeners, so no loop can make it repeat per hop.
 
 use std::sync::Arc;
+
+use bytes::Bytes;
 use std::time::Duration;
 
 use migproxy_config::{Policy, Profile};
 
 use crate::error::{Abort, HttpFailure, ProfileRole, ProxyError};
 use crate::net::http_client;
+use tokio_rustls::TlsConnector;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum ProfileSource {
-    File { path: String, profile: Arc<Profile> },
-    Url(String),
+    File {
+        path: String,
+        profile: Arc<Profile>,
+    },
+    /// `trust`: the pinned CA's connector, for `https://` (None for `http://`).
+    Url {
+        url: String,
+        trust: Option<TlsConnector>,
+    },
+}
+
+impl std::fmt::Debug for ProfileSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProfileSource::File { path, .. } => f.debug_struct("File").field("path", path).finish(),
+            ProfileSource::Url { url, trust } => f
+                .debug_struct("Url")
+                .field("url", url)
+                .field("pinned_ca", &trust.is_some())
+                .finish(),
+        }
+    }
 }
 
 impl ProfileSource {
     /// A file is loaded now (configuration errors surface before binding); a URL is only checked.
-    pub fn open(spec: &str) -> Result<ProfileSource, ProxyError> {
-        if spec.starts_with("http://") {
-            http_client::HttpUrl::parse(spec).map_err(|failure| ProxyError::ProfileUrl {
+    /// An `https://` URL needs `trust` (the pinned CA); an `http://` URL is accepted with a
+    /// warning, since anyone on the path can then choose the registers.
+    pub fn open(spec: &str, trust: Option<&TlsConnector>) -> Result<ProfileSource, ProxyError> {
+        if spec.starts_with("http://") || spec.starts_with("https://") {
+            let parsed =
+                http_client::HttpUrl::parse(spec).map_err(|failure| ProxyError::ProfileUrl {
+                    url: spec.to_owned(),
+                    failure,
+                })?;
+            if parsed.tls_host.is_some() && trust.is_none() {
+                return Err(ProxyError::ProfileUrl {
+                    url: spec.to_owned(),
+                    failure: HttpFailure::HttpsWithoutCa,
+                });
+            }
+            if parsed.tls_host.is_none() {
+                tracing::warn!(url = spec, "profile fetched over plain http: anyone on the path can choose which registers are dropped or filled (serve the admin address with --admin-tls-creds and use https:// with --profile-ca)");
+            }
+            return Ok(ProfileSource::Url {
                 url: spec.to_owned(),
-                failure,
-            })?;
-            return Ok(ProfileSource::Url(spec.to_owned()));
+                trust: parsed.tls_host.and(trust.cloned()),
+            });
         }
         if spec.contains("://") {
             return Err(ProxyError::InvalidConfig(format!(
-                "profile {spec:?}: only files and http:// URLs are supported"
+                "profile {spec:?}: only files, https:// and http:// URLs are supported"
             )));
         }
         let profile =
@@ -45,12 +85,12 @@ impl ProfileSource {
     pub async fn get(&self, timeout: Duration) -> Result<Arc<Profile>, ProxyError> {
         match self {
             ProfileSource::File { profile, .. } => Ok(Arc::clone(profile)),
-            ProfileSource::Url(url) => {
+            ProfileSource::Url { url, trust } => {
                 let failed = |failure| ProxyError::Http {
                     url: url.clone(),
                     failure,
                 };
-                let (status, body) = http_client::get(url, timeout).await?;
+                let (status, body) = http_client::get(url, timeout, trust.as_ref()).await?;
                 if status != 200 {
                     return Err(failed(HttpFailure::Status(status)));
                 }
@@ -69,6 +109,8 @@ impl ProfileSource {
 pub struct RewriteConfig {
     pub dest: Option<ProfileSource>,
     pub source: Option<ProfileSource>,
+    /// The description of a fresh VM of the source's configuration (postcopy packages).
+    pub source_reference: Option<Arc<Bytes>>,
     pub policy: Policy,
     pub fetch_timeout: Duration,
 }
@@ -78,6 +120,8 @@ pub struct RewriteConfig {
 pub struct RewriteSetup {
     pub dest: Arc<Profile>,
     pub source: Option<Arc<Profile>>,
+    /// The layout of a postcopy package's device state (`RewriteConfig::source_reference`).
+    pub source_reference: Option<Arc<Bytes>>,
     pub policy: Policy,
 }
 
@@ -110,6 +154,7 @@ impl RewriteConfig {
         Ok(Some(RewriteSetup {
             dest,
             source,
+            source_reference: self.source_reference.clone(),
             policy: self.policy.clone(),
         }))
     }

@@ -17,9 +17,10 @@
 //! The only clock is the description deadline (DESIGN.md, "No description means no exact
 //! delimiting"): while the decoder holds the device phase it waits for the description, and a
 //! source with `suppress-vmdesc=on` and a return path would wait for the destination forever, so
-//! each read in that phase has a deadline and its end refuses the migration. The clock measures
-//! silence, not the length of the phase: several MB of device state over a slow link must not time
-//! out while bytes are still arriving.
+//! the phase has a deadline and its end refuses the migration. The clock measures the whole phase
+//! from its first read, not silence: a source trickling one byte at a time (or guest bytes that
+//! keep the decoder looking for the end) cannot keep both QEMUs stopped past the deadline. It is
+//! configurable (`--description-timeout`) for device states of many MB over slow links.
 //!
 //! The pump reports to a [`MigrationState`] (counters, flags, rewrite summary), not to the whole
 //! migration, so it runs over any byte streams: sockets in the daemon, in-memory pipes in tests.
@@ -28,14 +29,17 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use migproxy_codec::{Frame, Limits, MigCommand, RecordKind, StreamDecoder};
+use bytes::{Bytes, BytesMut};
+use migproxy_codec::{Frame, Limits, MigCommand, PackageDeviceState, RecordKind, StreamDecoder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::codec::Decoder;
 
 use crate::error::{ProxyError, Refusal};
+use crate::migration::postcopy::{self, SwitchRecovery, UnrecoverablePostcopy};
 use crate::migration::profile_source::RewriteSetup;
-use crate::migration::rewrite::{report_rewrites, rewrite_cpus};
+use crate::migration::rewrite::{
+    fix_subsections, report_removed_subsections, report_rewrites, rewrite_cpus,
+};
 use crate::migration::state::MigrationState;
 use crate::migration::write_queue::WriteQueue;
 use crate::net::relay;
@@ -49,8 +53,10 @@ const FLUSH_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct ChannelSettings {
     pub limits: Limits,
-    /// How long the source may stay silent while the decoder holds the device phase.
+    /// How long the held device phase may last, from its first read to its verified end.
     pub description_timeout: Duration,
+    /// Rewriting proxies only: postcopy from a source that could not take its guest back.
+    pub unrecoverable_postcopy: UnrecoverablePostcopy,
 }
 
 /// Pump one main channel until both directions have ended: `source` and `destination` are the
@@ -115,6 +121,11 @@ struct Forward<'a, R, W> {
     rewrite: Option<&'a RewriteSetup>,
     state: &'a MigrationState,
     description_timeout: Duration,
+    unrecoverable_postcopy: UnrecoverablePostcopy,
+    /// The decoder's limits, for the walk of a postcopy package.
+    limits: Limits,
+    /// When the held device phase must have ended: set at the phase's first read.
+    description_deadline: Option<tokio::time::Instant>,
     flagged_no_return_path: bool,
 }
 
@@ -126,14 +137,21 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         state: &'a MigrationState,
         settings: &ChannelSettings,
     ) -> Self {
+        let mut decoder = StreamDecoder::new(settings.limits.clone());
+        // Without a rewrite nothing depends on where the device phase ends, so a guest-forged
+        // ending must not stop the migration (DESIGN.md, "How the end of the phase is recognised").
+        decoder.set_checking_relay(rewrite.is_none());
         Forward {
             source,
             buffer: BytesMut::with_capacity(READ_BUFFER_BYTES),
-            decoder: StreamDecoder::new(settings.limits.clone()),
+            decoder,
             out: WriteQueue::new(destination, state.to_destination()),
             rewrite,
             state,
             description_timeout: settings.description_timeout,
+            unrecoverable_postcopy: settings.unrecoverable_postcopy,
+            limits: settings.limits.clone(),
+            description_deadline: None,
             flagged_no_return_path: false,
         }
     }
@@ -171,12 +189,17 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         make_room(&mut self.buffer);
         let read = self.source.read_buf(&mut self.buffer);
         let result = if self.decoder.awaiting_description() {
-            match tokio::time::timeout(self.description_timeout, read).await {
+            // The clock starts with the phase and is never reset: a source (or a guest steering
+            // what it sends) that trickles bytes cannot hold both QEMUs stopped for longer.
+            let deadline = *self
+                .description_deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + self.description_timeout);
+            match tokio::time::timeout_at(deadline, read).await {
                 Ok(result) => result,
                 Err(_) => {
                     return Err(ProxyError::Refused(Refusal::NoDescription {
                         offset: self.decoder.offset(),
-                        silent: self.description_timeout,
+                        waited: self.description_timeout,
                     }))
                 }
             }
@@ -203,19 +226,28 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         match frame {
             Frame::Verbatim { kind, bytes, .. } => {
                 self.note(&kind)?;
-                self.out.push(bytes);
+                match (&kind, self.rewrite) {
+                    (RecordKind::Command(MigCommand::Packaged { .. }), Some(setup)) => {
+                        self.forward_package(&bytes, setup).await?;
+                    }
+                    _ => self.out.push(bytes),
+                }
             }
             Frame::Payload { bytes, .. } => self.out.push(bytes),
             Frame::DeviceState(mut device) => {
-                let rewritten = match self.rewrite {
-                    Some(setup) => rewrite_cpus(&mut device, setup)?,
-                    None => Vec::new(),
+                let (rewritten, removed) = match self.rewrite {
+                    Some(setup) => (
+                        rewrite_cpus(&mut device, setup)?,
+                        fix_subsections(&mut device, setup)?,
+                    ),
+                    None => (Vec::new(), Vec::new()),
                 };
                 self.out.push(device.to_bytes());
                 // Both QEMUs are stopped until the destination has the device state: release
                 // it before anything else (logging, metrics) runs.
                 self.out.flush().await?;
                 report_rewrites(&rewritten, self.state);
+                report_removed_subsections(&removed, self.state);
             }
         }
         if self.out.queued() >= FLUSH_BYTES {
@@ -228,17 +260,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
     fn note(&mut self, kind: &RecordKind) -> Result<(), ProxyError> {
         match kind {
             RecordKind::Command(MigCommand::OpenReturnPath) => self.state.note_return_path(),
-            RecordKind::Command(MigCommand::PostcopyAdvise { .. }) => {
-                self.state.note_postcopy_advised();
-                if self.rewrite.is_some() {
-                    // Device state would travel in a PACKAGED blob without description (DESIGN.md,
-                    // "No description means no exact delimiting"); refusing after the switch
-                    // would strand the guest, refusing now leaves it running at the source.
-                    return Err(ProxyError::Refused(Refusal::Postcopy {
-                        offset: self.decoder.offset(),
-                    }));
-                }
-            }
+            RecordKind::Command(MigCommand::PostcopyAdvise { .. }) => self.postcopy_advised()?,
             RecordKind::SectionStart { .. } if !self.flagged_no_return_path => {
                 self.flagged_no_return_path = true;
                 if !self.state.has_return_path() {
@@ -249,6 +271,130 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             }
             _ => {}
         }
+        Ok(())
+    }
+}
+
+impl<R, W> Forward<'_, R, W> {
+    /// `POSTCOPY_ADVISE`: decide now, while the source still owns the guest, whether a refusal
+    /// after a switch could be undone (DESIGN.md, "Postcopy"). A checking relay forwards the
+    /// package as it is, so only a rewriting proxy has anything to decide.
+    fn postcopy_advised(&mut self) -> Result<(), ProxyError> {
+        self.state.note_postcopy_advised();
+        let Some(setup) = self.rewrite else {
+            self.state.note_postcopy_outlook("relayed");
+            return Ok(());
+        };
+        let outlook =
+            SwitchRecovery::at_advise(setup.source.as_deref(), self.state.has_return_path());
+        self.state.note_postcopy_outlook(outlook.summary_word());
+        match (&outlook, self.unrecoverable_postcopy) {
+            (SwitchRecovery::SourceResumes, _) => {
+                tracing::info!(%outlook, "postcopy advised");
+                Ok(())
+            }
+            (SwitchRecovery::GuestLost(_), UnrecoverablePostcopy::Allow) => {
+                if setup.source_reference.is_none() {
+                    tracing::warn!(
+                        %outlook,
+                        "postcopy advised and allowed (--unrecoverable-postcopy allow): the migration is rewritten if it finishes in precopy; without --source-reference a switch to postcopy will be refused and loses the guest"
+                    );
+                    return Ok(());
+                }
+                // The package will be rewritten: what the profiles alone refuse is refused now.
+                if let Some(refusal) = postcopy::profile_refusal(setup) {
+                    return Err(ProxyError::Refused(Refusal::PostcopyUnrecoverable {
+                        offset: self.decoder.offset(),
+                        outlook: format!("{outlook}, and the profiles refuse: {refusal}"),
+                    }));
+                }
+                tracing::warn!(
+                    %outlook,
+                    "postcopy advised and allowed (--unrecoverable-postcopy allow): a switch rewrites the package; the profiles refuse nothing, but a refusal that depends on guest values after the switch could no longer be undone"
+                );
+                Ok(())
+            }
+            (SwitchRecovery::GuestLost(_), UnrecoverablePostcopy::Refuse) => {
+                Err(ProxyError::Refused(Refusal::PostcopyUnrecoverable {
+                    offset: self.decoder.offset(),
+                    outlook: outlook.to_string(),
+                }))
+            }
+        }
+    }
+
+    /// A refusal of the package `record`: `why`, and what the source does now. Closing at once
+    /// is what lets a source that waits for the destination's confirmation resume its guest;
+    /// keeping the connections open would keep the guest stopped.
+    fn package_refused(&self, record: &[u8], why: String) -> ProxyError {
+        let outcome = if self.state.postcopy_outlook() == "recoverable"
+            && postcopy::package_waits_for_destination(record)
+        {
+            "the source waits for the destination's confirmation (PING 0x42) and resumes its guest"
+        } else {
+            "the source cannot take its guest back after this switch (decided and logged at ADVISE)"
+        };
+        ProxyError::Refused(Refusal::PostcopyPackage {
+            offset: self.record_offset(record),
+            why,
+            outcome: outcome.to_owned(),
+        })
+    }
+
+    /// Where `record`, just decoded, started in the stream.
+    fn record_offset(&self, record: &[u8]) -> u64 {
+        self.decoder
+            .offset()
+            .saturating_sub(u64::try_from(record.len()).unwrap_or(u64::MAX))
+    }
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'_, R, W> {
+    /// The source switched to postcopy through a rewriting proxy: rewrite the package's `cpu`
+    /// sections, walked with the source's reference description, and release it at once (both
+    /// QEMUs wait for it); anything that does not verify refuses it.
+    async fn forward_package(
+        &mut self,
+        record: &Bytes,
+        setup: &RewriteSetup,
+    ) -> Result<(), ProxyError> {
+        let Some(reference) = setup.source_reference.as_deref() else {
+            return Err(self.package_refused(
+                record,
+                "its device state has no description and no --source-reference gives its layout"
+                    .into(),
+            ));
+        };
+        let offset = self.record_offset(record);
+        let mut package = PackageDeviceState::walk(record, offset, reference, &self.limits)
+            .map_err(|err| {
+                self.package_refused(
+                    record,
+                    format!("it does not walk with the source reference description: {err}"),
+                )
+            })?;
+        let rewritten = rewrite_cpus(package.device_state(), setup)
+            .and_then(|rewritten| {
+                fix_subsections(package.device_state(), setup).map(|removed| (rewritten, removed))
+            })
+            .and_then(|done| {
+                package
+                    .to_record()
+                    .map(|bytes| (done, bytes))
+                    .map_err(ProxyError::Decode)
+            });
+        let ((rewritten, removed), bytes) = match rewritten {
+            Ok(done) => done,
+            Err(err) => return Err(self.package_refused(record, err.to_string())),
+        };
+        self.out.push(bytes);
+        self.out.flush().await?;
+        tracing::info!(
+            bytes = record.len(),
+            "postcopy package rewritten with the source reference description"
+        );
+        report_rewrites(&rewritten, self.state);
+        report_removed_subsections(&removed, self.state);
         Ok(())
     }
 }
@@ -272,6 +418,7 @@ mod tests {
     use std::sync::Arc;
 
     use migproxy_codec::testing::{RamRecord, StreamBuilder};
+    use migproxy_codec::wire::{MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_POSTCOPY_ADVISE};
     use migproxy_config::{Accel, Policy, Profile};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio::sync::Notify;
@@ -292,6 +439,7 @@ mod tests {
         ChannelSettings {
             limits: Limits::default(),
             description_timeout,
+            unrecoverable_postcopy: UnrecoverablePostcopy::Refuse,
         }
     }
 
@@ -431,6 +579,7 @@ mod tests {
         let setup = RewriteSetup {
             dest: Arc::new(profile(&dest_registers)?),
             source: None,
+            source_reference: None,
             policy: Policy::default(),
         };
         // A 64-byte pipe read 16 bytes at a time: every write the pump makes is partial.
@@ -464,6 +613,7 @@ mod tests {
         let setup = RewriteSetup {
             dest: Arc::new(profile(&[(SCTLR_EL1, 0x30d0_0980)])?),
             source: None,
+            source_reference: None,
             policy: Policy::default(),
         };
         let Ends {
@@ -510,6 +660,282 @@ mod tests {
         let received = received.await?;
         assert_eq!(received, bytes[..device_phase_start()]);
         drop(source);
+        Ok(())
+    }
+
+    /// Finding: the description wait used to be reset by any byte, so a source trickling its
+    /// device phase kept both QEMUs stopped for as long as it liked. The deadline counts from
+    /// the phase's first read.
+    #[tokio::test]
+    async fn a_device_phase_trickled_byte_by_byte_is_refused_at_its_deadline() -> TestResult {
+        let bytes = stream(&[(SCTLR_EL1, 0x30d0_0980), (TTBR0_EL1, 0x4000_0000)]).finish();
+        let phase = device_phase_start();
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(1 << 16, None, settings(Duration::from_millis(300)));
+        let received = receive_all(destination, 1 << 16);
+        source.write_all(&bytes[..phase]).await?;
+        // One byte every 100 ms: never silent for the 300 ms deadline, and the whole phase
+        // would take far longer than the test's own deadline.
+        let tail = bytes[phase..].to_vec();
+        let trickle = tokio::spawn(async move {
+            for byte in tail {
+                if source.write_all(&[byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            source
+        });
+        let (result, _) = finish(pump).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::NoDescription { offset, waited })) => {
+                assert_eq!(offset, u64::try_from(phase)?);
+                assert_eq!(waited, Duration::from_millis(300));
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(received.await?, bytes[..phase]);
+        trickle.abort();
+        Ok(())
+    }
+
+    /// `POSTCOPY_ADVISE` as QEMU sends it: the page-size summary, then the target page size.
+    fn advise_payload() -> Vec<u8> {
+        let mut payload = 4096u64.to_be_bytes().to_vec();
+        payload.extend_from_slice(&4096u64.to_be_bytes());
+        payload
+    }
+
+    /// A postcopy-capable stream (return path, ADVISE) that finishes in precopy with one vCPU.
+    fn postcopy_capable_stream(registers: &[(u64, u64)]) -> StreamBuilder {
+        let mut builder = StreamBuilder::new("virt-7.2");
+        builder.command(MIG_CMD_OPEN_RETURN_PATH, &[]);
+        builder.command(MIG_CMD_POSTCOPY_ADVISE, &advise_payload());
+        builder.ram_start(1 << 20);
+        builder.ram_section(true, &[RamRecord::Page(vec![0x5a; 4096])]);
+        builder.cpu(0, registers, 0x11);
+        builder
+    }
+
+    /// The source's registers and the destination's: CONTEXTIDR_EL1 (0) is dropped.
+    const SOURCE_REGISTERS: [(u64, u64); 2] = [(SCTLR_EL1, 0x30d0_0980), (CONTEXTIDR_EL1, 0)];
+    const DEST_REGISTERS: [(u64, u64); 1] = [(SCTLR_EL1, 0x30d0_0980)];
+
+    fn setup_with_source_version(
+        version: &str,
+    ) -> Result<RewriteSetup, Box<dyn std::error::Error>> {
+        let mut source = profile(&SOURCE_REGISTERS)?;
+        source.qemu_version = Some(version.to_owned());
+        Ok(RewriteSetup {
+            dest: Arc::new(profile(&DEST_REGISTERS)?),
+            source: Some(Arc::new(source)),
+            source_reference: None,
+            policy: Policy::default(),
+        })
+    }
+
+    /// Feed `bytes`, keep the source open, and return the pump's result and what arrived.
+    async fn pump_stream(
+        bytes: Vec<u8>,
+        setup: RewriteSetup,
+        settings: ChannelSettings,
+    ) -> Result<(Result<(), ProxyError>, MigrationState, Vec<u8>), Box<dyn std::error::Error>> {
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(1 << 16, Some(setup), settings);
+        let received = receive_all(destination, 1 << 16);
+        let sending = tokio::spawn(async move {
+            source.write_all(&bytes).await?;
+            source.shutdown().await?;
+            let mut back = Vec::new();
+            source.read_to_end(&mut back).await.map(|_| back)
+        });
+        let (result, state) = finish(pump).await?;
+        let received = received.await?;
+        // The source's side sees its connection end either way.
+        let _ = tokio::time::timeout(DEADLINE, sending).await?;
+        Ok((result, state, received))
+    }
+
+    #[tokio::test]
+    async fn a_postcopy_capable_migration_finishing_in_precopy_goes_through() -> TestResult {
+        let bytes = postcopy_capable_stream(&SOURCE_REGISTERS).finish();
+        let expected = postcopy_capable_stream(&DEST_REGISTERS).finish();
+        let setup = setup_with_source_version("11.1.0")?;
+        let (result, state, received) = pump_stream(bytes, setup, settings(DEADLINE)).await?;
+        result?;
+        assert_eq!(received, expected);
+        assert_eq!(state.rewrite_summary().dropped, ["CONTEXTIDR_EL1"]);
+        assert!(state.postcopy_advised());
+        assert_eq!(state.postcopy_outlook(), "recoverable");
+        assert_eq!(state.rewrite_summary().cpus_rewritten, 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_older_source_is_refused_at_advise_unless_allowed() -> TestResult {
+        let bytes = postcopy_capable_stream(&SOURCE_REGISTERS).finish();
+        let expected = postcopy_capable_stream(&DEST_REGISTERS).finish();
+        let setup = setup_with_source_version("10.0.7")?;
+        let (result, state, received) =
+            pump_stream(bytes.clone(), setup.clone(), settings(DEADLINE)).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::PostcopyUnrecoverable { offset, outlook })) => {
+                assert!(outlook.contains("10.0.7"), "{outlook}");
+                // Refused at the ADVISE record: no RAM went through.
+                assert!(
+                    received.len() <= usize::try_from(offset)?,
+                    "{}",
+                    received.len()
+                );
+            }
+            other => panic!("expected a refusal at ADVISE, got {other:?}"),
+        }
+        assert_eq!(state.postcopy_outlook(), "unrecoverable");
+
+        let mut allowing = settings(DEADLINE);
+        allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
+        let (result, state, received) = pump_stream(bytes, setup, allowing).await?;
+        result?;
+        assert_eq!(received, expected);
+        assert_eq!(state.postcopy_outlook(), "unrecoverable");
+        assert_eq!(state.rewrite_summary().cpus_rewritten, 1);
+        Ok(())
+    }
+
+    /// A switched stream: return path, ADVISE, some RAM, then the package of one vCPU with
+    /// `registers` (LISTEN, sections, PING 3, PING 0x42, RUN), PING 4 and EOF. Also the reference description a
+    /// fresh VM of that configuration sends, and where the package starts.
+    fn switched_stream(registers: &[(u64, u64)]) -> (Vec<u8>, Vec<u8>, usize) {
+        let mut builder = StreamBuilder::new("virt-7.2");
+        builder.command(MIG_CMD_OPEN_RETURN_PATH, &[]);
+        builder.command(MIG_CMD_POSTCOPY_ADVISE, &advise_payload());
+        builder.ram_start(1 << 20);
+        builder.ram_section(false, &[RamRecord::Page(vec![0x5a; 4096])]);
+        let mut bytes = builder.into_bytes();
+        let package_start = bytes.len();
+        let header_len = StreamBuilder::new("virt-7.2").into_bytes().len();
+        let mut devices = StreamBuilder::new("virt-7.2");
+        devices.cpu(0, registers, 0x11);
+        let reference = devices.description().into_bytes();
+        let sections = devices.into_bytes().split_off(header_len);
+        let blob: Vec<u8> = [
+            &[0x08, 0x00, 0x04, 0x00, 0x00][..],
+            &sections,
+            &[0x08, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x03],
+            &[0x08, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x42],
+            &[0x08, 0x00, 0x05, 0x00, 0x00],
+        ]
+        .concat();
+        bytes.extend_from_slice(&[0x08, 0x00, 0x07, 0x00, 0x04]);
+        bytes.extend_from_slice(&u32::try_from(blob.len()).unwrap_or(u32::MAX).to_be_bytes());
+        bytes.extend_from_slice(&blob);
+        // PING 4, then (after the postcopy RAM) EOF without a description.
+        bytes.extend_from_slice(&[0x08, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x04, 0x00]);
+        (bytes, reference, package_start)
+    }
+
+    #[tokio::test]
+    async fn a_package_is_rewritten_with_the_source_reference() -> TestResult {
+        let (bytes, reference, _) = switched_stream(&SOURCE_REGISTERS);
+        let (expected, _, _) = switched_stream(&DEST_REGISTERS);
+        let mut setup = setup_with_source_version("10.0.7")?;
+        setup.source_reference = Some(Arc::new(Bytes::from(reference)));
+        let mut allowing = settings(DEADLINE);
+        allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
+        let (result, state, received) = pump_stream(bytes, setup, allowing).await?;
+        result?;
+        assert_eq!(received, expected);
+        assert_eq!(state.postcopy_outlook(), "unrecoverable");
+        assert_eq!(state.rewrite_summary().dropped, ["CONTEXTIDR_EL1"]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_package_of_another_layout_is_refused() -> TestResult {
+        let (bytes, _, package_start) = switched_stream(&SOURCE_REGISTERS);
+        // The reference of a two-vCPU configuration: the walk cannot end at the PING/RUN.
+        let mut two = StreamBuilder::new("virt-7.2");
+        two.cpu(0, &SOURCE_REGISTERS, 0x11);
+        two.cpu(1, &SOURCE_REGISTERS, 0x11);
+        let mut setup = setup_with_source_version("11.1.0")?;
+        setup.source_reference = Some(Arc::new(Bytes::from(two.description().into_bytes())));
+        let (result, _, received) = pump_stream(bytes.clone(), setup, settings(DEADLINE)).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::PostcopyPackage {
+                offset,
+                why,
+                outcome,
+            })) => {
+                assert_eq!(offset, u64::try_from(package_start)?);
+                assert!(why.contains("reference description"), "{why}");
+                assert!(outcome.contains("resumes its guest"), "{outcome}");
+            }
+            other => panic!("expected the package refused, got {other:?}"),
+        }
+        assert!(received.len() <= package_start, "{}", received.len());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn what_the_profiles_refuse_is_refused_at_advise_when_packages_are_rewritten(
+    ) -> TestResult {
+        let (bytes, reference, _) = switched_stream(&SOURCE_REGISTERS);
+        let mut setup = setup_with_source_version("10.0.7")?;
+        setup.source_reference = Some(Arc::new(Bytes::from(reference)));
+        setup.policy.on_extra = migproxy_config::OnExtra::Refuse;
+        let mut allowing = settings(DEADLINE);
+        allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
+        let (result, _, received) = pump_stream(bytes, setup, allowing).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::PostcopyUnrecoverable { offset, outlook })) => {
+                assert!(outlook.contains("CONTEXTIDR_EL1"), "{outlook}");
+                assert!(received.len() <= usize::try_from(offset)?);
+            }
+            other => panic!("expected a refusal at ADVISE, got {other:?}"),
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_switch_through_a_rewriting_proxy_is_refused_at_the_package() -> TestResult {
+        let mut builder = StreamBuilder::new("virt-7.2");
+        builder.command(MIG_CMD_OPEN_RETURN_PATH, &[]);
+        builder.command(MIG_CMD_POSTCOPY_ADVISE, &advise_payload());
+        builder.ram_start(1 << 20);
+        builder.ram_section(false, &[RamRecord::Page(vec![0x5a; 4096])]);
+        let before_package = builder.into_bytes();
+        // LISTEN, (device sections), PING 3, PING 0x42, RUN: what an 11.1 source packages.
+        let blob: Vec<u8> = [
+            &[0x08, 0x00, 0x04, 0x00, 0x00][..],
+            &[0x08, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x03],
+            &[0x08, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x42],
+            &[0x08, 0x00, 0x05, 0x00, 0x00],
+        ]
+        .concat();
+        let mut bytes = before_package.clone();
+        bytes.extend_from_slice(&[0x08, 0x00, 0x07, 0x00, 0x04]);
+        bytes.extend_from_slice(&u32::try_from(blob.len())?.to_be_bytes());
+        bytes.extend_from_slice(&blob);
+        let setup = setup_with_source_version("11.1.0")?;
+        let (result, _, received) = pump_stream(bytes, setup, settings(DEADLINE)).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::PostcopyPackage {
+                offset, outcome, ..
+            })) => {
+                assert_eq!(offset, u64::try_from(before_package.len())?);
+                assert!(outcome.contains("resumes its guest"), "{outcome}");
+            }
+            other => panic!("expected the package refused, got {other:?}"),
+        }
+        // Nothing of the package reached the destination.
+        assert!(received.len() <= before_package.len(), "{}", received.len());
+        assert_eq!(received, before_package[..received.len()]);
         Ok(())
     }
 }

@@ -7,6 +7,8 @@
 //!   (`QEVM`) starts a migration, multifd and preempt channels accepted on the same listener from
 //!   the same source host (and, with interception, towards the same destination) join it while it
 //!   is being set up or open - the multifd UUID is all zeros without `-uuid`, so it is no key;
+//! - while such a migration is open, a second main channel with the same key is refused and the
+//!   first keeps its later channels (a destination takes one incoming migration at a time);
 //! - the destination sees the main channel first (QEMU 7.2, and 10.0 with TLS or postcopy, take the
 //!   first connection as the main one), then the other channels in the order they identified
 //!   themselves (multifd order is irrelevant: the channel id in the handshake decides);
@@ -27,9 +29,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
+use crate::migration::admission::{Admission, MigrationSlot};
 use crate::migration::dial::DialOrder;
 use crate::migration::identify::ChannelKind;
-use crate::migration::metrics::{Metrics, Outcome};
+use crate::migration::metrics::{Metrics, Outcome, TurnedAway};
 use crate::migration::state::MigrationState;
 use crate::net::addr::Address;
 
@@ -52,12 +55,35 @@ pub struct Registry {
 
 impl Registry {
     /// A new migration for `key` (a main channel arrived); it replaces the finished one there.
+    ///
+    /// Refused while a migration with the same key is still open (being set up or carrying its
+    /// stream): a destination QEMU takes one incoming migration, so a second `QEVM` from the same
+    /// host towards the same destination is either a retry that cannot succeed yet or someone on
+    /// that host trying to take over the first migration's later channels. The first migration
+    /// keeps its key; the second is closed before anything is dialed. Also refused when the
+    /// daemon already carries as many migrations as its budget allows.
     pub fn start(
         &self,
         key: GroupKey,
         metrics: &Arc<Metrics>,
         parent: &CancellationToken,
-    ) -> Arc<Migration> {
+        admission: &Arc<Admission>,
+    ) -> Result<Arc<Migration>, TurnedAway> {
+        // Check and insert under one lock: two `QEVM`s racing must not both start.
+        let mut map = self
+            .current
+            .lock()
+            .map_err(|_| TurnedAway::MigrationInProgress)?;
+        let open = map
+            .get(&key)
+            .and_then(Weak::upgrade)
+            .is_some_and(|m| !m.cancel.is_cancelled() && m.accepts_channels());
+        if open {
+            return Err(TurnedAway::MigrationInProgress);
+        }
+        let slot = admission
+            .migration()
+            .map_err(|_| TurnedAway::MaxMigrations)?;
         let id = self
             .next_id
             .fetch_add(1, Ordering::Relaxed)
@@ -73,14 +99,14 @@ impl Registry {
             started: Instant::now(),
             metrics: Arc::clone(metrics),
             state: MigrationState::new(Arc::clone(metrics), Arc::clone(&self.changed)),
+            _slot: slot,
         });
         metrics.migration_started();
-        if let Ok(mut map) = self.current.lock() {
-            map.retain(|_, weak| weak.strong_count() > 0);
-            map.insert(key, Arc::downgrade(&migration));
-        }
+        map.retain(|_, weak| weak.strong_count() > 0);
+        map.insert(key, Arc::downgrade(&migration));
+        drop(map);
         self.changed.notify_waiters();
-        migration
+        Ok(migration)
     }
 
     /// The open migration for `key` that satisfies `want`, if there is one now.
@@ -137,6 +163,8 @@ pub struct Migration {
     channels: Mutex<Vec<ChannelKind>>,
     started: Instant,
     metrics: Arc<Metrics>,
+    /// This migration's place in the `max_migrations` budget.
+    _slot: MigrationSlot,
 }
 
 impl Migration {
@@ -218,9 +246,11 @@ impl Drop for Migration {
             bytes_to_source = self.state.bytes_to_source(),
             channels = %channels,
             return_path = self.state.has_return_path(),
+            postcopy = self.state.postcopy_outlook(),
             cpus_rewritten = summary.cpus_rewritten,
             dropped = %summary.dropped.join(","),
             filled = %summary.filled.join(","),
+            subsections_removed = %summary.subsections_removed.join(","),
             "migration summary"
         );
     }

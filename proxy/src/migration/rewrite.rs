@@ -2,15 +2,19 @@
 //! destination's profile, by the pure rewrite function of `migproxy_config` (rules in
 //! `config/src/rewrite.rs` and `docs/profiles.md`).
 //!
+//! Then the `cpu` subsections the destination cannot load are removed or refused
+//! (`subsection_rules`, shared with the offline commands).
+//!
 //! Runs while both QEMUs are stopped, so [`rewrite_cpus`] only computes and applies; what was done
 //! is logged and counted by [`report_rewrites`] once the device state has been written.
 
 use migproxy_codec::DeviceState;
-use migproxy_config::RewriteReport;
+use migproxy_config::{RewriteReport, SubsectionReport};
 
 use crate::error::{ProxyError, Refusal};
 use crate::migration::profile_source::RewriteSetup;
 use crate::migration::state::MigrationState;
+use crate::subsection_rules;
 
 /// One vCPU whose cpreg arrays were replaced (or that raised warnings), for the log and metrics.
 #[derive(Debug)]
@@ -57,6 +61,30 @@ pub fn rewrite_cpus(
         }
     }
     Ok(rewritten)
+}
+
+/// Remove the `cpu` subsections the destination cannot load where no guest state is lost; refuse
+/// (naming them) otherwise.
+pub fn fix_subsections(
+    state: &mut DeviceState,
+    setup: &RewriteSetup,
+) -> Result<Vec<SubsectionReport>, ProxyError> {
+    subsection_rules::apply(state, &setup.dest)
+}
+
+/// Log what [`fix_subsections`] removed, after the device state has been released.
+pub fn report_removed_subsections(reports: &[SubsectionReport], state: &MigrationState) {
+    for report in reports {
+        for removed in &report.removed {
+            tracing::info!(
+                vcpu = report.vcpu,
+                subsection = %removed.name,
+                reason = %removed.reason,
+                "cpu subsection removed"
+            );
+            state.record_removed_subsection(&removed.name);
+        }
+    }
 }
 
 /// Log and count what [`rewrite_cpus`] did, after the device state has been released.

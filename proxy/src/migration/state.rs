@@ -19,6 +19,8 @@ pub struct RewriteSummary {
     pub cpus_rewritten: u32,
     pub dropped: Vec<String>,
     pub filled: Vec<String>,
+    /// `cpu` subsections removed because the destination cannot load them (names).
+    pub subsections_removed: Vec<String>,
 }
 
 /// The running state of one migration.
@@ -28,6 +30,8 @@ pub struct MigrationState {
     bytes_to_source: AtomicU64,
     return_path: AtomicBool,
     postcopy_advised: AtomicBool,
+    /// The summary's `postcopy` word, decided at ADVISE ("off" until then).
+    postcopy_outlook: Mutex<&'static str>,
     rewrite_summary: Mutex<RewriteSummary>,
     metrics: Arc<Metrics>,
     /// Woken when postcopy is advised: a preempt channel may be waiting for exactly that.
@@ -41,6 +45,7 @@ impl MigrationState {
             bytes_to_source: AtomicU64::new(0),
             return_path: AtomicBool::new(false),
             postcopy_advised: AtomicBool::new(false),
+            postcopy_outlook: Mutex::new("off"),
             rewrite_summary: Mutex::new(RewriteSummary::default()),
             metrics,
             postcopy_watchers,
@@ -86,6 +91,21 @@ impl MigrationState {
         self.postcopy_advised.load(Ordering::Acquire)
     }
 
+    /// What a switch to postcopy would mean for this migration (`recoverable`,
+    /// `unrecoverable`, or `relayed` without a rewrite), for the summary.
+    pub fn note_postcopy_outlook(&self, word: &'static str) {
+        if let Ok(mut outlook) = self.postcopy_outlook.lock() {
+            *outlook = word;
+        }
+    }
+
+    pub fn postcopy_outlook(&self) -> &'static str {
+        self.postcopy_outlook
+            .lock()
+            .map(|outlook| *outlook)
+            .unwrap_or("unknown")
+    }
+
     /// Count one vCPU whose registers were rewritten, and remember the names for the summary.
     pub fn record_rewrite(&self, report: &RewriteReport) {
         let metrics = &self.metrics;
@@ -109,6 +129,15 @@ impl MigrationState {
                 if !summary.filled.contains(&name) {
                     summary.filled.push(name);
                 }
+            }
+        }
+    }
+
+    /// Remember a `cpu` subsection removed for the destination (the summary lists each name once).
+    pub fn record_removed_subsection(&self, name: &str) {
+        if let Ok(mut summary) = self.rewrite_summary.lock() {
+            if !summary.subsections_removed.iter().any(|n| n == name) {
+                summary.subsections_removed.push(name.to_owned());
             }
         }
     }

@@ -68,7 +68,13 @@ impl<'a, W: AsyncWrite + Unpin> WriteQueue<'a, W> {
             }
             self.advance(written);
         }
-        Ok(())
+        // A TLS writer may hold encrypted records it could not send yet (the socket was full)
+        // until flushed; the last bytes of a migration would wait there while both QEMUs wait
+        // for each other. A no-op for plain sockets.
+        self.writer
+            .flush()
+            .await
+            .map_err(|e| ProxyError::io("main channel: flush to destination", e))
     }
 
     /// Half-close: the destination sees EOF. The peer may already be gone after a complete
@@ -125,6 +131,27 @@ mod tests {
         assert_eq!(reading.await??, b"header0123456789abcdef");
         assert_eq!(counter.load(Ordering::Relaxed), 22);
         assert_eq!(other.load(Ordering::Relaxed), 22);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn flush_pushes_through_a_buffering_writer() -> Result<(), Box<dyn std::error::Error>> {
+        // A TLS writer keeps encrypted records it could not send yet until it is flushed; a
+        // BufWriter buffers the same way. Without the flush the last bytes of a migration would
+        // wait there while both QEMUs wait for each other.
+        let (writer, mut reader) = tokio::io::duplex(1 << 16);
+        let counter = AtomicU64::new(0);
+        let other = AtomicU64::new(0);
+        let mut queue = WriteQueue::new(tokio::io::BufWriter::new(writer), [&counter, &other]);
+        queue.push(Bytes::from_static(b"QEVM-end"));
+        queue.flush().await?;
+        let mut got = [0u8; 8];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            reader.read_exact(&mut got),
+        )
+        .await??;
+        assert_eq!(&got, b"QEVM-end");
         Ok(())
     }
 }

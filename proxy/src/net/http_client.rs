@@ -1,13 +1,17 @@
-//! A minimal `http://` GET (hyper's HTTP/1 client over one TCP connection), for `healthcheck` and
-//! for fetching a destination's advertised profile. No TLS, no redirects: both talk to a migproxy
-//! admin address.
+//! A minimal `http://` / `https://` GET (hyper's HTTP/1 client over one TCP connection), for
+//! `healthcheck` and for fetching a destination's advertised profile. No redirects: both talk to a
+//! migproxy admin address. `https://` needs a connector with a pinned CA (`net/tls.rs`): the
+//! system's roots are never consulted.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::error::{HttpFailure, ProxyError};
 
@@ -19,11 +23,17 @@ pub const MAX_BODY_BYTES: usize = 16 << 20;
 pub struct HttpUrl {
     pub authority: String,
     pub path: String,
+    /// `https://`: the host name checked in the server's certificate.
+    pub tls_host: Option<String>,
 }
 
 impl HttpUrl {
     pub fn parse(url: &str) -> Result<HttpUrl, HttpFailure> {
-        let rest = url.strip_prefix("http://").ok_or(HttpFailure::NotHttp)?;
+        let (rest, secure) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+            (Some(rest), _) => (rest, false),
+            (None, Some(rest)) => (rest, true),
+            (None, None) => return Err(HttpFailure::NotHttp),
+        };
         let (authority, path) = match rest.find('/') {
             Some(slash) => rest.split_at(slash),
             None => (rest, "/"),
@@ -31,23 +41,42 @@ impl HttpUrl {
         if authority.is_empty() {
             return Err(HttpFailure::MissingHost);
         }
-        let authority = if authority
+        let has_port = authority
             .rsplit_once(':')
-            .is_some_and(|(_, p)| !p.contains(']'))
-        {
+            .is_some_and(|(_, p)| !p.contains(']'));
+        let host = if has_port {
+            authority
+                .rsplit_once(':')
+                .map(|(h, _)| h)
+                .unwrap_or(authority)
+        } else {
+            authority
+        };
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let authority = if has_port {
             authority.to_owned()
+        } else if secure {
+            format!("{authority}:443")
         } else {
             format!("{authority}:80")
         };
         Ok(HttpUrl {
             authority,
             path: path.to_owned(),
+            tls_host: secure.then_some(host),
         })
     }
 }
 
-/// GET `url`; returns the status code and the body.
-pub async fn get(url: &str, timeout: Duration) -> Result<(u16, Bytes), ProxyError> {
+/// GET `url`; returns the status code and the body. `tls` is required for `https://` URLs.
+pub async fn get(
+    url: &str,
+    timeout: Duration,
+    tls: Option<&TlsConnector>,
+) -> Result<(u16, Bytes), ProxyError> {
     let err = |failure: HttpFailure| ProxyError::Http {
         url: url.to_owned(),
         failure,
@@ -57,30 +86,49 @@ pub async fn get(url: &str, timeout: Duration) -> Result<(u16, Bytes), ProxyErro
         let stream = TcpStream::connect(&parsed.authority)
             .await
             .map_err(|e| err(HttpFailure::Connect(e)))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| err(HttpFailure::Handshake(e)))?;
-        let driver = tokio::spawn(connection);
-        let request = hyper::Request::get(parsed.path.as_str())
-            .header(hyper::header::HOST, parsed.authority.as_str())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| err(HttpFailure::BuildRequest(e)))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| err(HttpFailure::Request(e)))?;
-        let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
-            .collect()
-            .await
-            .map_err(|e| err(HttpFailure::Body(e)))?
-            .to_bytes();
-        driver.abort();
-        Ok((status, body))
+        match &parsed.tls_host {
+            None => exchange(stream, &parsed).await.map_err(err),
+            Some(host) => {
+                let connector = tls.ok_or_else(|| err(HttpFailure::HttpsWithoutCa))?;
+                let name = ServerName::try_from(host.clone())
+                    .map_err(|_| err(HttpFailure::ServerName(host.clone())))?;
+                let session = connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| err(HttpFailure::Tls(e)))?;
+                exchange(session, &parsed).await.map_err(err)
+            }
+        }
     };
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| err(HttpFailure::Timeout(timeout)))?
+}
+
+async fn exchange<T>(io: T, url: &HttpUrl) -> Result<(u16, Bytes), HttpFailure>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(HttpFailure::Handshake)?;
+    let driver = tokio::spawn(connection);
+    let request = hyper::Request::get(url.path.as_str())
+        .header(hyper::header::HOST, url.authority.as_str())
+        .body(Empty::<Bytes>::new())
+        .map_err(HttpFailure::BuildRequest)?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(HttpFailure::Request)?;
+    let status = response.status().as_u16();
+    let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(HttpFailure::Body)?
+        .to_bytes();
+    driver.abort();
+    Ok((status, body))
 }
 
 #[cfg(test)]
@@ -93,20 +141,36 @@ mod tests {
             HttpUrl::parse("http://127.0.0.1:9444/healthz").ok(),
             Some(HttpUrl {
                 authority: "127.0.0.1:9444".into(),
-                path: "/healthz".into()
+                path: "/healthz".into(),
+                tls_host: None,
             })
         );
         assert_eq!(
             HttpUrl::parse("http://dest/profiles/a").ok(),
             Some(HttpUrl {
                 authority: "dest:80".into(),
-                path: "/profiles/a".into()
+                path: "/profiles/a".into(),
+                tls_host: None,
             })
         );
         assert_eq!(
             HttpUrl::parse("http://[::1]:9/x").ok().map(|u| u.authority),
             Some("[::1]:9".into())
         );
-        assert!(HttpUrl::parse("https://x/").is_err());
+        assert_eq!(
+            HttpUrl::parse("https://dest.example/profiles/a").ok(),
+            Some(HttpUrl {
+                authority: "dest.example:443".into(),
+                path: "/profiles/a".into(),
+                tls_host: Some("dest.example".into()),
+            })
+        );
+        assert_eq!(
+            HttpUrl::parse("https://[::1]:9444/x")
+                .ok()
+                .and_then(|u| u.tls_host),
+            Some("::1".into())
+        );
+        assert!(HttpUrl::parse("ftp://x/").is_err());
     }
 }

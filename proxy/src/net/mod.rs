@@ -5,6 +5,7 @@ pub mod addr;
 pub mod conn;
 pub mod http_client;
 pub mod listener;
+pub mod own_addresses;
 pub mod prefixed;
 pub mod relay;
 pub mod tls;

@@ -30,6 +30,7 @@ impl<T> PrefixedIo<T> {
     }
 
     /// The bytes not yet read again.
+    #[cfg(test)]
     pub fn prefix(&self) -> &[u8] {
         &self.prefix
     }

@@ -45,6 +45,12 @@ where
             .write_all(chunk)
             .await
             .map_err(|e| ProxyError::io(format!("{what}: write"), e))?;
+        // A TLS writer may keep records it could not send yet until flushed: a return-path
+        // message would then wait there until the next one. A no-op for plain sockets.
+        writer
+            .flush()
+            .await
+            .map_err(|e| ProxyError::io(format!("{what}: flush"), e))?;
         total = add_bytes(total, n, counters);
     }
     // The peer may already be gone after a complete exchange; the data went out.
@@ -132,6 +138,38 @@ mod tests {
             .map_err(std::io::Error::other)?;
         assert_eq!(counters.0.load(Ordering::Relaxed), 6);
         assert_eq!(counters.1.load(Ordering::Relaxed), 4);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn delivers_each_chunk_through_a_buffering_writer() -> std::io::Result<()> {
+        // A TLS writer keeps records it could not send yet until flushed (a BufWriter does the
+        // same): a return-path message must reach the source while the channel stays open.
+        let (mut destination, destination_read) = tokio::io::duplex(1 << 16);
+        let (source_write, mut source) = tokio::io::duplex(1 << 16);
+        let counter = AtomicU64::new(0);
+        let counters = [&counter];
+        let relay = pump(
+            destination_read,
+            tokio::io::BufWriter::new(source_write),
+            &counters,
+            "return path",
+        );
+        let exchange = async {
+            destination.write_all(b"SHUT").await?;
+            let mut got = [0u8; 4];
+            source.read_exact(&mut got).await?;
+            assert_eq!(&got, b"SHUT");
+            destination.shutdown().await
+        };
+        let both = async { tokio::join!(relay, exchange) };
+        let (relayed, exchanged) = tokio::time::timeout(std::time::Duration::from_secs(10), both)
+            .await
+            .map_err(|_| {
+                std::io::Error::other("the relayed bytes stayed in the writer's buffer")
+            })?;
+        exchanged?;
+        assert_eq!(relayed.map_err(std::io::Error::other)?, 4);
         Ok(())
     }
 }

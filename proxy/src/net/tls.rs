@@ -8,13 +8,16 @@
 //! sees (QEMU destinations verify peers by default), and `ca-cert.pem` verifies the destination
 //! (and, with `verify_peer`, the source, as QEMU's `verify-peer` does).
 //!
-//! Order (DESIGN.md, "Connections"; measured 6/6 against 1/6): a TLS connection has identified itself
-//! once its ClientHello has arrived; the upstream connect and handshake are completed before the
-//! downstream handshake, in accept order, because destinations take the first completed handshake
-//! as the main channel. With `verify_peer` the downstream handshake comes first instead: the
-//! source's certificate is only known once it is complete, and an untrusted source must be refused
-//! before anything reaches the destination (the upstream order is still kept by the migration's
-//! dial sequencing: the main channel's upstream handshake completes before any other channel's).
+//! Order (DESIGN.md, "Connections"): the source's handshake completes first, within the
+//! identification deadline, and with `verify_peer` (the default) only for a source whose client
+//! certificate chains to `ca-cert.pem`; the channel then identifies itself by its first plaintext
+//! bytes like a plain one, and only then is the destination dialed and handshaken. Destinations
+//! take the first completed handshake as the main channel; the migration's dial sequencing keeps
+//! that order (the main channel's upstream handshake completes before any other channel's).
+//!
+//! Two more TLS uses share the credential loading here: the admin address may serve HTTPS
+//! (`admin_server`), and `https://` profile URLs are fetched trusting one pinned CA only
+//! (`pinned_client`), never the system's roots.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,7 +36,7 @@ use crate::net::conn::Conn;
 pub struct TlsSettings {
     /// QEMU-style credential directory.
     pub dir: PathBuf,
-    /// Require and verify the source's client certificate.
+    /// Require and verify the source's client certificate (the default).
     pub verify_peer: bool,
     /// Name expected in the destination's certificate (default: the upstream host).
     pub hostname: Option<String>,
@@ -150,4 +153,34 @@ impl ListenerTls {
         let name = self.hostname.as_deref().unwrap_or(upstream_host).to_owned();
         ServerName::try_from(name.clone()).map_err(|_| ProxyError::TlsServerName(name))
     }
+}
+
+/// A client that trusts only the CA certificates in `ca` (PEM), for `https://` profile URLs: a
+/// profile decides which registers are dropped or filled and with what values, so it must come
+/// from a server this CA signed, not from whoever is on the path.
+pub fn pinned_client(ca: &Path) -> Result<TlsConnector, ProxyError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for cert in certs(ca)? {
+        roots.add(cert).map_err(|e| invalid(ca, e))?;
+    }
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(ca, e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// The admin address's TLS server: `server-cert.pem` and `server-key.pem` in `dir`.
+pub fn admin_server(dir: &Path) -> Result<Arc<ServerConfig>, ProxyError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cert = dir.join("server-cert.pem");
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(dir, e))?
+        .with_no_client_auth()
+        .with_single_cert(certs(&cert)?, key(&dir.join("server-key.pem"))?)
+        .map_err(|e| invalid(&cert, e))?;
+    Ok(Arc::new(config))
 }

@@ -25,7 +25,7 @@ pub fn capture(args: &CaptureArgs) -> Result<(), ProxyError> {
         AccelArg::Tcg => Accel::Tcg,
         AccelArg::Kvm => Accel::Kvm,
     });
-    let profile = if let Some(path) = &args.from_stream {
+    let mut profile = if let Some(path) = &args.from_stream {
         let stream = Input::open(path)?.read_cpus()?;
         profile_from_stream(&stream, accel_override, "stream")?
     } else if let Some(socket) = &args.from_qmp {
@@ -41,6 +41,15 @@ pub fn capture(args: &CaptureArgs) -> Result<(), ProxyError> {
             "give one of --from-stream, --from-qmp, --from-kvm".into(),
         ));
     };
+    if let Some(version) = &args.qemu_version {
+        if migproxy_config::subsections::cpu_vmstate_for(version).is_none() {
+            eprintln!(
+                "migproxy: warning: migproxy has no cpu subsection list for QEMU {version}: only \
+                 subsections every known build loads will pass (docs/profiles.md, Subsections)"
+            );
+        }
+        profile.qemu_version = Some(version.clone());
+    }
     write_output(args.output.as_deref(), profile.to_json().as_bytes())?;
     let masks = profile
         .present()
@@ -63,7 +72,7 @@ pub fn capture(args: &CaptureArgs) -> Result<(), ProxyError> {
 
 /// Build a profile from a decoded stream: machine and section version from the stream, the
 /// accelerator from the register list unless overridden.
-fn profile_from_stream(
+pub(crate) fn profile_from_stream(
     stream: &StreamCpus,
     accel_override: Option<Accel>,
     captured_from: &str,
@@ -252,6 +261,7 @@ mod tests {
                 section_version: 22,
                 registers,
             }],
+            subsections: Vec::new(),
         }
     }
 

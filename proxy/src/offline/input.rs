@@ -9,7 +9,7 @@ use std::io::{ErrorKind, Read};
 use std::path::Path;
 
 use bytes::BytesMut;
-use migproxy_codec::{CpuRegisters, Frame, Limits, StreamDecoder, StreamInfo};
+use migproxy_codec::{CpuRegisters, CpuSubsection, Frame, Limits, StreamDecoder, StreamInfo};
 use migproxy_config::Profile;
 use tokio_util::codec::Decoder;
 
@@ -84,9 +84,11 @@ impl Input {
         let origin = self.name.clone();
         let mut decoder = StreamDecoder::new(Limits::default());
         let mut cpus: Option<Vec<CpuRegisters>> = None;
+        let mut subsections = Vec::new();
         self.decode(&mut decoder, "read", |_, frame| {
             if let Frame::DeviceState(state) = frame {
                 cpus = Some(state.cpus());
+                subsections = state.cpu_subsections();
             }
             Ok(())
         })?;
@@ -99,6 +101,7 @@ impl Input {
         Ok(StreamCpus {
             info: decoder.info().clone(),
             cpus,
+            subsections,
         })
     }
 }
@@ -127,6 +130,8 @@ fn drain(
 pub struct StreamCpus {
     pub info: StreamInfo,
     pub cpus: Vec<CpuRegisters>,
+    /// Top-level subsections of the `cpu` sections.
+    pub subsections: Vec<CpuSubsection>,
 }
 
 /// The destination profile and, when given, the source's: what `plan` and `rewrite` compare.

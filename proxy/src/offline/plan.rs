@@ -9,13 +9,17 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use migproxy_config::{destination_kernel_note, rewrite, Profile, RefusalReason, RewriteReport};
+use migproxy_codec::CpuSubsection;
+use migproxy_config::{
+    destination_kernel_note, rewrite, Profile, RefusalReason, RewriteReport, SubsectionReport,
+};
 use serde_json::json;
 
 use crate::cli::policy::policy_from_args;
 use crate::cli::PlanArgs;
 use crate::error::{ProxyError, Refusal};
 use crate::offline::input::{load_profiles, Input};
+use crate::subsection_rules;
 
 pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
     let policy = policy_from_args(&args.policy)?;
@@ -45,10 +49,19 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
         .map(|(vcpu, regs)| rewrite(*vcpu, regs, &dest, source_profile.as_ref(), &policy).report)
         .collect();
     let refused: Vec<&RewriteReport> = reports.iter().filter(|r| r.is_refused()).collect();
+    let subsection_reports = subsection_rules::decide(&source.subsections, &dest);
+    let refused_subsections: Vec<&SubsectionReport> = subsection_reports
+        .iter()
+        .filter(|r| r.is_refused())
+        .collect();
 
     let mut text = String::new();
     if args.json {
-        let _ = writeln!(text, "{}", plan_json(&source.kind, &dest, &reports, &notes));
+        let _ = writeln!(
+            text,
+            "{}",
+            plan_json(&source.kind, &dest, &reports, &subsection_reports, &notes)
+        );
     } else {
         let _ = writeln!(
             text,
@@ -62,10 +75,14 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
         for note in &notes {
             let _ = writeln!(text, "note: {note}");
         }
+        // Each vCPU's subsections right under its registers.
         for report in &reports {
             let _ = writeln!(text, "{report}");
+            for subsections in subsection_reports.iter().filter(|s| s.vcpu == report.vcpu) {
+                let _ = writeln!(text, "{subsections}");
+            }
         }
-        let verdict = if refused.is_empty() {
+        let verdict = if refused.is_empty() && refused_subsections.is_empty() {
             "the migration can go through migproxy"
         } else {
             "REFUSED"
@@ -94,12 +111,19 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
         }
         _ => {}
     }
-    if refused.is_empty() {
-        Ok(())
-    } else {
+    if !refused.is_empty() {
         Err(ProxyError::Refused(Refusal::Registers(
             refused.iter().map(|r| r.refusal_summary()).collect(),
         )))
+    } else if !refused_subsections.is_empty() {
+        Err(ProxyError::Refused(Refusal::Subsections(
+            refused_subsections
+                .iter()
+                .map(|r| r.refusal_summary())
+                .collect(),
+        )))
+    } else {
+        Ok(())
     }
 }
 
@@ -107,6 +131,9 @@ struct Source {
     kind: String,
     machine: Option<String>,
     vcpus: Vec<(u32, Vec<(u64, u64)>)>,
+    /// The `cpu` subsections of a stream (a profile has none: a fresh VM sends only what it
+    /// needs, which says nothing about a running guest).
+    subsections: Vec<CpuSubsection>,
 }
 
 /// A stream starts with QEMU's file magic `QEVM`; anything else is read as a profile.
@@ -127,6 +154,7 @@ fn load_source(path: &Path) -> Result<Source, ProxyError> {
                 .into_iter()
                 .map(|c| (c.instance, c.registers))
                 .collect(),
+            subsections: stream.subsections,
         });
     }
     let profile = Profile::load(path)?;
@@ -136,6 +164,7 @@ fn load_source(path: &Path) -> Result<Source, ProxyError> {
         vcpus: (0..profile.vcpus)
             .map(|v| (v, profile.registers_for_vcpu(v)))
             .collect(),
+        subsections: Vec::new(),
     })
 }
 
@@ -147,14 +176,20 @@ fn plan_json(
     kind: &str,
     dest: &Profile,
     reports: &[RewriteReport],
+    subsection_reports: &[SubsectionReport],
     notes: &[String],
 ) -> serde_json::Value {
     let vcpus: Vec<serde_json::Value> = reports
         .iter()
         .map(|r| {
+            let subsections = subsection_reports.iter().find(|s| s.vcpu == r.vcpu);
             json!({
                 "vcpu": r.vcpu,
-                "refused": r.is_refused(),
+                "refused": r.is_refused() || subsections.is_some_and(SubsectionReport::is_refused),
+                "removed_subsections": subsections.map(|s| s.removed.iter().map(|x| json!({
+                    "name": x.name, "reason": x.reason})).collect::<Vec<_>>()).unwrap_or_default(),
+                "refused_subsections": subsections.map(|s| s.refused.iter().map(|x| json!({
+                    "name": x.name, "reason": x.reason})).collect::<Vec<_>>()).unwrap_or_default(),
                 "unchanged": r.is_unchanged(),
                 "source_registers": r.source_len,
                 "output_registers": r.output_len,
@@ -181,7 +216,8 @@ fn plan_json(
     json!({
         "source_kind": kind,
         "destination": { "accel": dest.accel.as_str(), "machine": dest.machine, "vcpus": dest.vcpus },
-        "refused": reports.iter().any(RewriteReport::is_refused),
+        "refused": reports.iter().any(RewriteReport::is_refused)
+            || subsection_reports.iter().any(SubsectionReport::is_refused),
         "notes": notes,
         "vcpus": vcpus,
     })

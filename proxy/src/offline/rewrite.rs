@@ -1,7 +1,8 @@
 //! `migproxy rewrite IN|- OUT|-`: rewrite a saved stream offline for a destination profile.
 //!
 //! Everything but the device-state phase is copied as decoded (the same frames the proxy
-//! forwards); at the device-state phase every vCPU is rewritten with the pure rewrite, and a
+//! forwards); at the device-state phase every vCPU is rewritten with the pure rewrite and the
+//! `cpu` subsections the destination cannot load are removed or refused (`subsection_rules`), and a
 //! refusal stops before any device state is written (a partial output file is removed). The report
 //! goes to standard error, with a progress line when standard error is a terminal.
 
@@ -11,12 +12,13 @@ use std::path::Path;
 
 use bytes::BytesMut;
 use migproxy_codec::{Frame, Limits, StreamDecoder};
-use migproxy_config::{rewrite, Rewrite, RewriteReport};
+use migproxy_config::{rewrite, Rewrite, RewriteReport, SubsectionReport};
 
 use crate::cli::policy::policy_from_args;
 use crate::cli::RewriteArgs;
 use crate::error::{ProxyError, Refusal};
 use crate::offline::input::{load_profiles, Input};
+use crate::subsection_rules;
 
 pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
     let policy = policy_from_args(&args.policy)?;
@@ -34,6 +36,7 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
     let mut out = BufWriter::with_capacity(1 << 20, out);
     let mut decoder = StreamDecoder::new(Limits::default());
     let mut reports: Vec<RewriteReport> = Vec::new();
+    let mut subsection_reports: Vec<SubsectionReport> = Vec::new();
     let mut saw_device_state = false;
 
     let result = input.decode(
@@ -87,6 +90,7 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
                             state.set_cpregs(*instance, &new.registers)?;
                         }
                     }
+                    subsection_reports = subsection_rules::apply(&mut state, &dest)?;
                     let mut buf = BytesMut::with_capacity(state.wire_len());
                     state.encode(&mut buf);
                     write(&mut out, &buf)
@@ -95,6 +99,9 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
         },
     );
     for report in &reports {
+        eprintln!("{report}");
+    }
+    for report in &subsection_reports {
         eprintln!("{report}");
     }
     let result = result.and_then(|()| {

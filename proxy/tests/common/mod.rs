@@ -22,6 +22,13 @@ pub fn vector(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
+/// The migproxy binary under test: this build's, or `MIGPROXY_TEST_BINARY` (to replay a test
+/// against another build, e.g. the one before a fix).
+pub fn binary() -> String {
+    std::env::var("MIGPROXY_TEST_BINARY")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_migproxy").to_owned())
+}
+
 /// Poll `check` until it returns Some, or fail after `deadline`.
 pub fn wait_until<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -54,7 +61,7 @@ impl Daemon {
 
     /// `migproxy run --log-json ARGS...`: ARGS must configure a tcp listener and a tcp admin address.
     pub fn start_raw(args: &[&str]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_migproxy"))
+        let mut child = Command::new(binary())
             .arg("run")
             .arg("--log-json")
             .args(args)
@@ -358,7 +365,7 @@ impl Drop for TempDir {
 
 /// Run the migproxy binary to completion; panics unless it exits 0.
 pub fn migproxy(args: &[&str]) {
-    let output = Command::new(env!("CARGO_BIN_EXE_migproxy"))
+    let output = Command::new(binary())
         .args(args)
         .output()
         .expect("running migproxy");

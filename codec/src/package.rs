@@ -1,0 +1,282 @@
+//! The device state inside a postcopy package (`MIG_CMD_PACKAGED`), walked with a reference
+//! description (DESIGN.md, "Postcopy").
+//!
+//! ```text
+//! record:  08 0007 0004 | be32 n | blob (n bytes)
+//! blob:    08 0004 0000 (LISTEN) | FULL s0 .. 7E s0 | ... | PING | [PING 0x42] | 08 0005 0000 (RUN)
+//!                                  ^ walked with the reference  ^ must land exactly here
+//! ```
+//!
+//! The package carries no description, so the layout comes from a reference description of the
+//! source's configuration (captured from a fresh VM of the same QEMU, machine and devices). The
+//! sections are walked by the same walk as the precopy device phase: the held span is the
+//! package's sections followed by `00` (EOF), `06`, the reference's be32 length and text, so
+//! every section header, subsection header and footer is checked and the walk must end exactly
+//! where the trailing PING/RUN commands begin. Anything that does not verify is an error, never a
+//! guess. The blob's end is found from its known length, never by scanning guest bytes.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::device_phase::{self, DeviceState};
+use crate::error::DecodeError;
+use crate::limits::Limits;
+use crate::wire::*;
+
+/// `08 0004 0000`: the LISTEN command every package starts with.
+const LISTEN: [u8; 5] = [QEMU_VM_COMMAND, 0x00, 0x04, 0x00, 0x00];
+/// `08 0005 0000`: the RUN command every package ends with.
+const RUN: [u8; 5] = [QEMU_VM_COMMAND, 0x00, 0x05, 0x00, 0x00];
+/// `08 0002 0004`: a PING command's header (a be32 value follows).
+const PING_HEADER: [u8; 5] = [QEMU_VM_COMMAND, 0x00, 0x02, 0x00, 0x04];
+/// A PING record: header and be32 value.
+const PING_LEN: usize = 9;
+/// `QEMU_VM_PING_PACKAGED_LOADED`: the source waits for its PONG before giving up the guest.
+pub const PING_PACKAGED_LOADED: u32 = 0x42;
+/// The PACKAGED record's header: command byte, be16 number, be16 length 4, be32 blob length.
+const RECORD_HEADER_LEN: usize = 9;
+
+/// A package whose device sections were walked with a reference description.
+pub struct PackageDeviceState {
+    /// The sections, held as the precopy walk holds a device phase.
+    state: DeviceState,
+    /// PING(s) and RUN, as received.
+    tail: Bytes,
+    /// Whether the tail has `PING 0x42` (the source resumes its guest if the package fails).
+    waits_for_destination: bool,
+}
+
+impl std::fmt::Debug for PackageDeviceState {
+    // Device payloads are guest state: show the layout only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackageDeviceState")
+            .field("state", &self.state)
+            .field("tail", &self.tail.len())
+            .field("waits_for_destination", &self.waits_for_destination)
+            .finish()
+    }
+}
+
+impl PackageDeviceState {
+    /// Walk the whole PACKAGED `record` (header included) that starts at stream `offset`, with
+    /// `reference` (a description JSON text) as the layout of its sections.
+    pub fn walk(
+        record: &[u8],
+        offset: u64,
+        reference: &[u8],
+        limits: &Limits,
+    ) -> Result<PackageDeviceState, DecodeError> {
+        let at = |pos: usize| offset.saturating_add(u64::try_from(pos).unwrap_or(u64::MAX));
+        let header = record.get(..RECORD_HEADER_LEN);
+        let declared = header
+            .filter(|h| h.starts_with(&[QEMU_VM_COMMAND, 0x00, 0x07, 0x00, 0x04]))
+            .and_then(|h| h.get(5..9))
+            .and_then(|len| <[u8; 4]>::try_from(len).ok())
+            .map(u32::from_be_bytes)
+            .ok_or_else(|| DecodeError::Unexpected {
+                offset: at(0),
+                expected: "a MIG_CMD_PACKAGED record".into(),
+                found: format!("{} bytes of something else", record.len()),
+            })?;
+        let blob = record.get(RECORD_HEADER_LEN..).unwrap_or_default();
+        if u64::from(declared) != u64::try_from(blob.len()).unwrap_or(u64::MAX) {
+            return Err(DecodeError::Malformed {
+                offset: at(5),
+                message: format!("package length {declared}, but {} bytes follow", blob.len()),
+            });
+        }
+        if !blob.starts_with(&LISTEN) {
+            return Err(DecodeError::Unexpected {
+                offset: at(RECORD_HEADER_LEN),
+                expected: "POSTCOPY_LISTEN at the start of the package".into(),
+                found: format!("{:02x?}", blob.get(..LISTEN.len()).unwrap_or(blob)),
+            });
+        }
+        let (tail_len, waits_for_destination) =
+            tail_of(blob).ok_or_else(|| DecodeError::Unexpected {
+                offset: at(RECORD_HEADER_LEN + blob.len().saturating_sub(PING_LEN * 2 + RUN.len())),
+                expected: "PING [PING 0x42] POSTCOPY_RUN at the end of the package".into(),
+                found: "other bytes".into(),
+            })?;
+        let sections_end = blob.len() - tail_len;
+        let sections = blob.get(LISTEN.len()..sections_end).unwrap_or_default();
+        let reference_len = u32::try_from(reference.len()).map_err(|_| DecodeError::Malformed {
+            offset: at(0),
+            message: "reference description over 4 GiB".into(),
+        })?;
+        // What the precopy walk expects: sections, EOF, the description's header, its text.
+        let mut held = BytesMut::with_capacity(sections.len() + 6 + reference.len());
+        held.extend_from_slice(sections);
+        held.put_u8(QEMU_VM_EOF);
+        held.put_u8(QEMU_VM_VMDESCRIPTION);
+        let desc_len_pos = held.len();
+        held.put_u32(reference_len);
+        held.extend_from_slice(reference);
+        let held = held.freeze();
+        let base_offset = at(RECORD_HEADER_LEN + LISTEN.len());
+        let layout = device_phase::walk(&held, base_offset, desc_len_pos, None, limits)?;
+        Ok(PackageDeviceState {
+            state: DeviceState::new(held, base_offset, desc_len_pos, layout, true, limits),
+            tail: Bytes::copy_from_slice(blob.get(sections_end..).unwrap_or_default()),
+            waits_for_destination,
+        })
+    }
+
+    /// The sections, to read and rewrite like a precopy device phase (the reference's text
+    /// stays inside: only the sections are written back).
+    pub fn device_state(&mut self) -> &mut DeviceState {
+        &mut self.state
+    }
+
+    /// Whether the package ends with `PING 0x42` before RUN: a source since QEMU 10.2 with a
+    /// return path, which resumes its guest if the destination never confirms the package.
+    pub fn waits_for_destination(&self) -> bool {
+        self.waits_for_destination
+    }
+
+    /// The PACKAGED record with the (rewritten) sections and the blob length updated.
+    pub fn to_record(&self) -> Result<Bytes, DecodeError> {
+        let sections = self.state.sections_bytes();
+        let blob_len = LISTEN.len() + sections.len() + self.tail.len();
+        let declared = u32::try_from(blob_len).map_err(|_| DecodeError::Malformed {
+            offset: 0,
+            message: format!(
+                "a rewritten package of {blob_len} bytes does not fit its be32 length"
+            ),
+        })?;
+        let mut out = BytesMut::with_capacity(RECORD_HEADER_LEN + blob_len);
+        out.extend_from_slice(&[QEMU_VM_COMMAND, 0x00, 0x07, 0x00, 0x04]);
+        out.put_u32(declared);
+        out.extend_from_slice(&LISTEN);
+        out.extend_from_slice(&sections);
+        out.extend_from_slice(&self.tail);
+        Ok(out.freeze())
+    }
+}
+
+/// The length of the blob's trailing commands (PING, optional PING 0x42, RUN) and whether the
+/// PING 0x42 is there; `None` if the blob does not end that way.
+fn tail_of(blob: &[u8]) -> Option<(usize, bool)> {
+    let before_run = blob.len().checked_sub(RUN.len())?;
+    if blob.get(before_run..)? != RUN {
+        return None;
+    }
+    let ping_value = |end: usize| -> Option<u32> {
+        let start = end.checked_sub(PING_LEN)?;
+        let ping = blob.get(start..end)?;
+        if !ping.starts_with(&PING_HEADER) {
+            return None;
+        }
+        Some(u32::from_be_bytes(
+            <[u8; 4]>::try_from(ping.get(5..)?).ok()?,
+        ))
+    };
+    let last = ping_value(before_run)?;
+    if last == PING_PACKAGED_LOADED {
+        let before_loaded = before_run - PING_LEN;
+        ping_value(before_loaded)?;
+        return Some((RUN.len() + 2 * PING_LEN, true));
+    }
+    Some((RUN.len() + PING_LEN, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::StreamBuilder;
+
+    const SCTLR_EL1: u64 = 0x6030_0000_0013_c080;
+    const CONTEXTIDR_EL1: u64 = 0x6030_0000_0013_c681;
+
+    /// Two vCPUs with these registers.
+    fn builder(registers: &[(u64, u64)]) -> StreamBuilder {
+        let mut builder = StreamBuilder::new("virt-7.2");
+        builder.cpu(0, registers, 0x11);
+        builder.cpu(1, registers, 0x22);
+        builder
+    }
+
+    /// A package as QEMU builds it for two vCPUs with these registers, and the description a
+    /// fresh VM of that configuration sends (the reference).
+    fn packaged(registers: &[(u64, u64)], loaded_ping: bool) -> (Vec<u8>, String) {
+        let header_len = StreamBuilder::new("virt-7.2").into_bytes().len();
+        let reference = builder(registers).description();
+        let stream = builder(registers).into_bytes();
+        let mut blob = LISTEN.to_vec();
+        blob.extend_from_slice(&stream[header_len..]);
+        blob.extend_from_slice(&[0x08, 0x00, 0x02, 0x00, 0x04, 0, 0, 0, 3]);
+        if loaded_ping {
+            blob.extend_from_slice(&[0x08, 0x00, 0x02, 0x00, 0x04, 0, 0, 0, 0x42]);
+        }
+        blob.extend_from_slice(&RUN);
+        let mut record = vec![0x08, 0x00, 0x07, 0x00, 0x04];
+        record.extend_from_slice(&u32::try_from(blob.len()).unwrap_or(u32::MAX).to_be_bytes());
+        record.extend_from_slice(&blob);
+        (record, reference)
+    }
+
+    #[test]
+    fn a_package_is_walked_rewritten_and_its_length_updated() -> Result<(), DecodeError> {
+        let source = [(SCTLR_EL1, 0x30d0_0980), (CONTEXTIDR_EL1, 0)];
+        let dest = [(SCTLR_EL1, 0x30d0_0980)];
+        let (record, reference) = packaged(&source, true);
+        let mut package =
+            PackageDeviceState::walk(&record, 1000, reference.as_bytes(), &Limits::default())?;
+        assert!(package.waits_for_destination());
+        // Unchanged: byte for byte.
+        assert_eq!(package.to_record()?, record);
+        let cpus = package.device_state().cpus();
+        assert_eq!(cpus.len(), 2);
+        assert_eq!(cpus[0].registers, source);
+        for cpu in cpus {
+            package.device_state().set_cpregs(cpu.instance, &dest)?;
+        }
+        let (expected, _) = packaged(&dest, true);
+        assert_eq!(package.to_record()?, expected);
+        Ok(())
+    }
+
+    #[test]
+    fn an_older_package_has_no_loaded_ping() -> Result<(), DecodeError> {
+        let (record, reference) = packaged(&[(SCTLR_EL1, 1)], false);
+        let package =
+            PackageDeviceState::walk(&record, 0, reference.as_bytes(), &Limits::default())?;
+        assert!(!package.waits_for_destination());
+        assert_eq!(package.to_record()?, record);
+        Ok(())
+    }
+
+    #[test]
+    fn a_reference_of_another_layout_is_refused() {
+        let (record, _) = packaged(&[(SCTLR_EL1, 1)], true);
+        // One vCPU fewer: the walk does not end where the PING/RUN commands begin.
+        let mut one = StreamBuilder::new("virt-7.2");
+        one.cpu(0, &[(SCTLR_EL1, 1)], 0x11);
+        let other = one.description();
+        assert!(
+            PackageDeviceState::walk(&record, 0, other.as_bytes(), &Limits::default()).is_err()
+        );
+    }
+
+    #[test]
+    fn a_damaged_frame_is_refused_by_position() {
+        let (record, reference) = packaged(&[(SCTLR_EL1, 1)], true);
+        let limits = Limits::default();
+        // Length off by one.
+        let mut longer = record.clone();
+        longer.push(0);
+        assert!(PackageDeviceState::walk(&longer, 0, reference.as_bytes(), &limits).is_err());
+        // No RUN at the end.
+        let mut no_run = record.clone();
+        let last = no_run.len() - 1;
+        no_run[last] = 1;
+        assert!(PackageDeviceState::walk(&no_run, 0, reference.as_bytes(), &limits).is_err());
+        // No LISTEN at the start.
+        let mut no_listen = record.clone();
+        no_listen[11] = 0x05;
+        let err = PackageDeviceState::walk(&no_listen, 0, reference.as_bytes(), &limits);
+        assert!(
+            matches!(err, Err(DecodeError::Unexpected { offset: 9, .. })),
+            "{err:?}"
+        );
+    }
+}
