@@ -16,9 +16,11 @@
 //! - and what does not work: migproxy listening on the destination's own address across libvirt's
 //!   migration range makes libvirt's port picker fail every migration where it chooses the port.
 //!
-//! Two labs: both hosts on Debian 12's libvirt 9.0 (`libvirt_*`, every scenario), and host b on
+//! Three labs: both hosts on Debian 12's libvirt 9.0 (`libvirt_*`, every scenario), and host b on
 //! libvirt 11.3 from bookworm-backports while host a keeps 9.0 (`libvirt113_*`, the placements, TLS,
-//! `--parallel`, the refusal and the port pitfall), as during a real upgrade. One lab serves all
+//! `--parallel`, the refusal and the port pitfall), as during a real upgrade. A third lab puts
+//! QEMU 11.1 on host b (libvirt 11.3) and QEMU 10.0 on host a (`libvirt_q111_*`): migrations into
+//! 11.1, and libvirt failing to start one out of it (QMP `migrate`'s `detach`). One lab serves all
 //! its scenarios (building one costs libvirt's QEMU probing); each scenario prints its own
 //! `scenario NAME: PASS`, a failing one does not stop the others, and the test fails naming every
 //! failed scenario.
@@ -37,7 +39,7 @@ use serde_json::Value;
 use migproxy_integration_tests::flows::expect_summary;
 use migproxy_integration_tests::libvirt::{Host, Lab, Libvirt, MIGRATION_PORTS};
 use migproxy_integration_tests::migproxy::{event_field, Daemon};
-use migproxy_integration_tests::qemu::repo_root;
+use migproxy_integration_tests::qemu::{repo_root, Version};
 use migproxy_integration_tests::scenario::{self, a64fx, Scenario};
 
 /// The explicit migration port of the `--migrateuri` scenarios: outside libvirt's range, so the
@@ -72,6 +74,81 @@ fn libvirt_9_0_and_11_3() {
     run_lab("libvirt113", libvirt_11_3, Some(MIXED));
 }
 
+/// QEMU 11.1: host a QEMU 10.0 on libvirt 9.0, host b QEMU 11.1 on libvirt 11.3. libvirt probes
+/// and starts 11.1 and migrates into it through migproxy; it cannot migrate out of it: libvirt
+/// (9.0 and 11.3 alike) sends QMP `migrate` with `detach`, which 11.1 rejects (deploy/README.md).
+#[test]
+fn libvirt_qemu_10_0_and_11_1() {
+    let libvirt_11_3 = match Libvirt::v11_3() {
+        Ok(libvirt) => libvirt,
+        Err(err) => panic!("scenario libvirt_q111_lab: cannot provision libvirt 11.3: {err:#}"),
+    };
+    let lab = Lab::start_with(Version::V10, Version::V111, libvirt_11_3);
+    run_scenarios("libvirt_q111", lab, WITH_11_1, None);
+}
+
+/// The 11.1 lab's scenarios (host a QEMU 10.0, host b QEMU 11.1).
+const WITH_11_1: &[(&str, Body)] = &[
+    ("a64fx_10_to_111_dest_proxy_migrateuri", |s, lab| {
+        let proxy = dest_proxy(s, &lab.a, &lab.b, &[])?;
+        proxied(
+            s,
+            &lab.a,
+            &lab.b,
+            &proxy,
+            MIGRATE_P2P,
+            &explicit_uri(&lab.b),
+            0,
+        )?;
+        expect_removed(&proxy, "")
+    }),
+    ("a64fx_10_to_111_proxy_host_libvirt_port", |s, lab| {
+        let proxy = proxy_host_libvirt_port(s, &lab.a, &lab.b)?;
+        expect_removed(&proxy, "")
+    }),
+    (
+        "a64fx_111_source_rejects_libvirt_migrate_detach",
+        |s, lab| libvirt_cannot_migrate_from_11_1(s, &lab.b, &lab.a),
+    ),
+];
+
+/// libvirt cannot start a migration out of QEMU 11.1: its QMP `migrate` carries `detach`, which
+/// 11.1 no longer accepts; nothing reaches the proxy and the guest keeps running on the source.
+/// When libvirt stops sending it this scenario fails, and 11.1 -> older joins the scenarios above.
+fn libvirt_cannot_migrate_from_11_1(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+    let proxy = dest_proxy(s, from, to, &[])?;
+    let domain = s.name.clone();
+    with_domain(s, from, to, &domain, |domain| {
+        let out = migrate(from, to, domain, MIGRATE_P2P, &explicit_uri(to))?;
+        expect_failed(from, to, domain, &out)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !stderr.contains("Parameter 'detach' is unexpected") {
+            bail!(
+                "virsh failed, but not on QMP migrate's detach: {}",
+                stderr.trim()
+            );
+        }
+        if !proxy
+            .events_named(migproxy_integration_tests::migproxy::SUMMARY)
+            .is_empty()
+        {
+            bail!("a migration reached the proxy although QEMU never started one");
+        }
+        Ok(())
+    })
+}
+
+/// The completed migration's summary names exactly `removed` as the subsections migproxy dropped.
+fn expect_removed(proxy: &Daemon, removed: &str) -> Result<()> {
+    let summary = expect_summary(proxy, "completed")?;
+    let actual = event_field(&summary, "subsections_removed");
+    if actual != removed {
+        bail!("subsections removed: {actual:?}, expected {removed:?}");
+    }
+    eprintln!("  subsections removed: {actual:?}");
+    Ok(())
+}
+
 /// Scenario name suffixes (the lab's prefix goes in front) and bodies.
 const ALL: &[(&str, Body)] = &[
     ("direct_a64fx_fails_both_ways", direct_fails_both_ways),
@@ -82,7 +159,7 @@ const ALL: &[(&str, Body)] = &[
         dest_proxy_migrateuri(s, &lab.b, &lab.a)
     }),
     ("a64fx_72_to_10_proxy_host_libvirt_port", |s, lab| {
-        proxy_host_libvirt_port(s, &lab.a, &lab.b)
+        proxy_host_libvirt_port(s, &lab.a, &lab.b).map(drop)
     }),
     ("a64fx_10_to_72_source_redirect", |s, lab| {
         source_redirect(s, &lab.b, &lab.a)
@@ -131,8 +208,7 @@ const MIXED: &[&str] = &[
     "dest_proxy_in_port_range_breaks_port_picker",
 ];
 
-/// Build a lab (host b on `b_libvirt`), run the scenarios of [`ALL`] named in `only` (all without
-/// it) each as `PREFIX_NAME`, and fail naming every scenario that failed.
+/// Build the 7.2/10.0 lab (host b on `b_libvirt`) and run the scenarios of [`ALL`] named in `only`.
 fn run_lab(prefix: &str, b_libvirt: Libvirt, only: Option<&[&str]>) {
     if let Some(unknown) = only
         .unwrap_or_default()
@@ -141,13 +217,19 @@ fn run_lab(prefix: &str, b_libvirt: Libvirt, only: Option<&[&str]>) {
     {
         panic!("scenario {prefix}_{unknown}: no such scenario");
     }
-    let mut lab = match Lab::start(b_libvirt) {
+    run_scenarios(prefix, Lab::start(b_libvirt), ALL, only);
+}
+
+/// Run the scenarios of `table` named in `only` (all without it) in `lab`, each as
+/// `PREFIX_NAME`, and fail naming every scenario that failed.
+fn run_scenarios(prefix: &str, lab: Result<Lab>, table: &[(&str, Body)], only: Option<&[&str]>) {
+    let mut lab = match lab {
         Ok(lab) => lab,
         Err(err) => panic!("scenario {prefix}_lab: cannot build the libvirt lab: {err:#}"),
     };
     let mut failed = Vec::new();
     let wanted = |suffix: &str| only.is_none_or(|names| names.contains(&suffix));
-    for (suffix, body) in ALL.iter().filter(|(suffix, _)| wanted(suffix)) {
+    for (suffix, body) in table.iter().filter(|(suffix, _)| wanted(suffix)) {
         let name = format!("{prefix}_{suffix}");
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             scenario::run(&name, |s| {
@@ -226,7 +308,8 @@ fn dest_proxy(s: &mut Scenario, from: &Host, to: &Host, extra: &[&str]) -> Resul
 /// A proxy host (here the source host's address) and libvirt choosing the port: `--migrateuri
 /// tcp://PROXY` without a port; the destination's libvirt picks one of its range and the source
 /// QEMU connects to PROXY on it. migproxy covers the range and forwards to the same port.
-fn proxy_host_libvirt_port(s: &mut Scenario, from: &Host, to: &Host) -> Result<()> {
+/// Returns the proxy, whose summary callers may check further.
+fn proxy_host_libvirt_port(s: &mut Scenario, from: &Host, to: &Host) -> Result<Daemon> {
     let (first, last) = MIGRATION_PORTS;
     let mut args = vec![
         "--listen".to_owned(),
@@ -243,7 +326,8 @@ fn proxy_host_libvirt_port(s: &mut Scenario, from: &Host, to: &Host) -> Result<(
         &[first, last],
     )?;
     let uri = vec!["--migrateuri".to_owned(), format!("tcp://{}", from.ip)];
-    proxied(s, from, to, &proxy, MIGRATE_P2P, &uri, 0)
+    proxied(s, from, to, &proxy, MIGRATE_P2P, &uri, 0)?;
+    Ok(proxy)
 }
 
 /// deploy/README.md 4c: no migration options; redirect.nft on the source sends QEMU's connection

@@ -31,9 +31,15 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Build the lab: clean up after crashed runs, create both namespaces, start both libvirtds
-    /// and wait until each answers.
+    /// Build the usual lab: host a QEMU 7.2, host b QEMU 10.0 on `b_libvirt`.
     pub fn start(b_libvirt: Libvirt) -> Result<Lab> {
+        Lab::start_with(Version::V72, Version::V10, b_libvirt)
+    }
+
+    /// Build a lab with host a on QEMU `a_version` (system libvirt) and host b on `b_version`
+    /// (`b_libvirt`): clean up after crashed runs, create both namespaces, start both libvirtds
+    /// and wait until each answers.
+    pub fn start_with(a_version: Version, b_version: Version, b_libvirt: Libvirt) -> Result<Lab> {
         check_prerequisites()?;
         clean_stale_labs();
         let dir = WorkDir::new("libvirt-lab")?;
@@ -45,7 +51,7 @@ impl Lab {
         let a = Host::new(
             "a",
             &tag,
-            Version::V72,
+            a_version,
             HOST_A_IP,
             dir.path(),
             &guest,
@@ -54,7 +60,7 @@ impl Lab {
         let b = Host::new(
             "b",
             &tag,
-            Version::V10,
+            b_version,
             HOST_B_IP,
             dir.path(),
             &guest,

@@ -7,7 +7,8 @@
 //! migration "to the same host", root QEMUs without cgroups or namespaces) and a `libvirt-qemu`
 //! user that exists only there. Host A runs QEMU 7.2 and the system's libvirt (Debian 12: 9.0),
 //! host B QEMU 10.0 and either the system's libvirt or a privately unpacked one ([`Libvirt`],
-//! scripts/provision-libvirt.sh: 11.3). Both QEMUs sit at the same
+//! scripts/provision-libvirt.sh: 11.3); [`Lab::start_with`] picks other QEMU builds (11.1).
+//! Both QEMUs sit at the same
 //! `<emulator>` path ([`EMULATOR`]), so a domain migrates between QEMU builds exactly as it would
 //! between two upgraded and not-yet-upgraded hypervisors.
 //!
