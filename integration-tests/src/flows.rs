@@ -148,6 +148,16 @@ pub fn migration_through_proxy_rewrites(
     setup: &Setup,
     proxy_args: &[String],
 ) -> Result<Value> {
+    migration_through_proxy_rewrites_by(scenario, setup, proxy_args).map(|(summary, _)| summary)
+}
+
+/// [`migration_through_proxy_rewrites`], also returning the daemon so that callers can read
+/// the rest of its log.
+pub fn migration_through_proxy_rewrites_by(
+    scenario: &mut Scenario,
+    setup: &Setup,
+    proxy_args: &[String],
+) -> Result<(Value, Daemon)> {
     let mut pair = Pair::start(scenario, setup, "")?;
     let daemon = start_proxy(scenario, pair.dest_port, proxy_args)?;
     scenario::migrate(&mut pair.source, daemon.listen_port)?;
@@ -161,7 +171,38 @@ pub fn migration_through_proxy_rewrites(
         );
     }
     check_channels(&summary, setup)?;
-    Ok(summary)
+    Ok((summary, daemon))
+}
+
+/// The proxy arguments that give it a reference description of the source's configuration
+/// (a saved stream of a fresh VM of `source`) and let an older source switch to postcopy.
+pub fn source_reference_args(scenario: &Scenario, source: &VmConfig) -> Result<Vec<String>> {
+    let reference = scenario.dir.join("source-fresh.bin");
+    scenario::save_fresh_stream(source, &reference)?;
+    Ok(vec![
+        "--source-reference".to_owned(),
+        reference.display().to_string(),
+        "--unrecoverable-postcopy".to_owned(),
+        "allow".to_owned(),
+    ])
+}
+
+/// Source -> `migproxy run` with `proxy_args` -> destination, switched to postcopy after some
+/// precopy rounds: the migration completes, the destination continues the guest and the source
+/// really sent pages in postcopy. Returns the summary (outcome `completed`) and the daemon.
+pub fn switched_migration_through_proxy(
+    scenario: &mut Scenario,
+    setup: &Setup,
+    proxy_args: &[String],
+) -> Result<(Value, Daemon)> {
+    let mut pair = Pair::start(scenario, setup, "")?;
+    let daemon = start_proxy(scenario, pair.dest_port, proxy_args)?;
+    scenario::migrate(&mut pair.source, daemon.listen_port)?;
+    switch_after_precopy_rounds(&mut pair.source)?;
+    scenario::assert_migrated(&mut pair.source, &mut pair.dest)?;
+    assert_sent_in_postcopy(&mut pair.source)?;
+    let summary = expect_summary(&daemon, "completed")?;
+    Ok((summary, daemon))
 }
 
 /// The summary's channel list matches the setup: `main` plus one `multifd` per channel, and

@@ -19,8 +19,9 @@
 
 use anyhow::{bail, Result};
 use migproxy_integration_tests::flows::{
-    assert_destination_untouched, assert_sent_in_postcopy, check_channels, expect_summary,
-    start_proxy, switch_after_precopy_rounds, Pair, Setup,
+    assert_destination_untouched, expect_summary, migration_through_proxy_rewrites_by,
+    source_reference_args, start_proxy, switch_after_precopy_rounds,
+    switched_migration_through_proxy, Pair, Setup,
 };
 use migproxy_integration_tests::migproxy::{event_field, Daemon};
 use migproxy_integration_tests::qemu::Version::{self, V10, V111, V72};
@@ -48,19 +49,7 @@ fn completes_without_switch(s: &mut Scenario, setup: &Setup) -> Result<Value> {
 
 /// Completes through the proxy with `args`, every vCPU rewritten, the channels as set up.
 fn completes_rewritten(s: &mut Scenario, setup: &Setup, args: &[String]) -> Result<Value> {
-    let mut pair = Pair::start(s, setup, "")?;
-    let daemon = start_proxy(s, pair.dest_port, args)?;
-    scenario::migrate(&mut pair.source, daemon.listen_port)?;
-    scenario::assert_migrated(&mut pair.source, &mut pair.dest)?;
-    let summary = expect_summary(&daemon, "completed")?;
-    let rewritten = event_field(&summary, "cpus_rewritten");
-    if rewritten != setup.source.smp.to_string() {
-        bail!(
-            "migproxy rewrote {rewritten} vCPU(s), expected all {}",
-            setup.source.smp
-        );
-    }
-    check_channels(&summary, setup)?;
+    let (summary, daemon) = migration_through_proxy_rewrites_by(s, setup, args)?;
     if event_field(&summary, "postcopy") == "unrecoverable" {
         check_warned_at_advise(&daemon)?;
     }
@@ -236,22 +225,9 @@ fn switch_completes_rewritten(s: &mut Scenario, from: Version, to: Version) -> R
 
 /// [`switch_completes_rewritten`] for any setup; returns the summary.
 fn switch_completes_rewritten_with(s: &mut Scenario, setup: Setup) -> Result<Value> {
-    let reference = s.dir.join("source-fresh.bin");
-    scenario::save_fresh_stream(&setup.source, &reference)?;
     let mut args = s.profile_args(&setup.source, &setup.dest)?;
-    args.extend([
-        "--source-reference".to_owned(),
-        reference.display().to_string(),
-        "--unrecoverable-postcopy".to_owned(),
-        "allow".to_owned(),
-    ]);
-    let mut pair = Pair::start(s, &setup, "")?;
-    let daemon = start_proxy(s, pair.dest_port, &args)?;
-    scenario::migrate(&mut pair.source, daemon.listen_port)?;
-    switch_after_precopy_rounds(&mut pair.source)?;
-    scenario::assert_migrated(&mut pair.source, &mut pair.dest)?;
-    assert_sent_in_postcopy(&mut pair.source)?;
-    let summary = expect_summary(&daemon, "completed")?;
+    args.extend(source_reference_args(s, &setup.source)?);
+    let (summary, daemon) = switched_migration_through_proxy(s, &setup, &args)?;
     // 11.1 takes its guest back after a failed switch; 7.2 and 10.0 do not.
     let outlook = if setup.source.version == V111 {
         "recoverable"

@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use migproxy_integration_tests::flows::{
-    assert_sent_in_postcopy, expect_summary, migration_through_proxy_rewrites, start_proxy,
-    switch_after_precopy_rounds, Pair, Setup,
+    migration_through_proxy_rewrites, source_reference_args, start_proxy,
+    switched_migration_through_proxy, Pair, Setup,
 };
 use migproxy_integration_tests::migproxy::event_field;
 use migproxy_integration_tests::qemu::Version::{self, V10, V72};
@@ -252,22 +252,9 @@ fn tls_a64fx_10_to_72_postcopy_switch_package_rewritten() {
             make_creds(&creds)?;
             // 4 MiB/s with a 1 ms downtime limit: precopy cannot converge while the guest dirties.
             let setup = tls_setup(V10, V72, &creds, &creds).postcopy().slow(4 << 20);
-            let reference = s.dir.join("source-fresh.bin");
-            scenario::save_fresh_stream(&a64fx(V10), &reference)?;
             let mut args = proxy_args(s, V10, V72, &creds, false)?;
-            args.extend([
-                "--source-reference".to_owned(),
-                reference.display().to_string(),
-                "--unrecoverable-postcopy".to_owned(),
-                "allow".to_owned(),
-            ]);
-            let mut pair = Pair::start(s, &setup, "")?;
-            let daemon = start_proxy(s, pair.dest_port, &args)?;
-            scenario::migrate(&mut pair.source, daemon.listen_port)?;
-            switch_after_precopy_rounds(&mut pair.source)?;
-            scenario::assert_migrated(&mut pair.source, &mut pair.dest)?;
-            assert_sent_in_postcopy(&mut pair.source)?;
-            let summary = expect_summary(&daemon, "completed")?;
+            args.extend(source_reference_args(s, &a64fx(V10))?);
+            let (summary, _) = switched_migration_through_proxy(s, &setup, &args)?;
             if event_field(&summary, "cpus_rewritten") != "2" {
                 bail!("the package's vCPUs were not rewritten: {summary}");
             }
