@@ -150,20 +150,39 @@ fn tls_source(dir: &TempDir, proxy: SocketAddr, stream: &[u8]) {
     let _ = tls.read_to_end(&mut rest);
 }
 
+/// A TLS destination, and a daemon with a fresh PKI in front of it (`--tls-creds`, plus
+/// `extra` flags).
+struct TlsRig {
+    pki: TempDir,
+    daemon: Daemon,
+    received: Received,
+}
+
+impl TlsRig {
+    fn start(name: &str, extra: &[&str]) -> TlsRig {
+        let pki = TempDir::new(name);
+        make_pki(&pki);
+        let (destination, received) = tls_destination(&pki);
+        let creds = pki.0.to_string_lossy().into_owned();
+        let upstream = format!("tcp:{destination}");
+        let mut args = vec!["--upstream", &upstream, "--tls-creds", &creds];
+        args.extend_from_slice(extra);
+        let daemon = Daemon::start(&args);
+        TlsRig {
+            pki,
+            daemon,
+            received,
+        }
+    }
+}
+
 #[test]
 fn tls_on_both_legs_relays_the_stream_and_refuses_plaintext() {
-    let pki = TempDir::new("tls");
-    make_pki(&pki);
-    let (destination, received) = tls_destination(&pki);
-    let creds = pki.0.to_string_lossy().into_owned();
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &format!("tcp:{destination}"),
-        "--tls-creds",
-        &creds,
-        "--tls-hostname",
-        "localhost",
-    ]);
+    let TlsRig {
+        pki,
+        daemon,
+        received,
+    } = TlsRig::start("tls", &["--tls-hostname", "localhost"]);
     let stream = vector("q72-a64fx.bin");
 
     tls_source(&pki, daemon.listen, &stream);
@@ -206,16 +225,11 @@ fn turned_away(daemon: &Daemon, reason: &str) -> Option<u64> {
 /// never contacted.
 #[test]
 fn a_source_without_a_certificate_never_reaches_the_destination_by_default() {
-    let pki = TempDir::new("tls-nocert");
-    make_pki(&pki);
-    let (destination, received) = tls_destination(&pki);
-    let creds = pki.0.to_string_lossy().into_owned();
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &format!("tcp:{destination}"),
-        "--tls-creds",
-        &creds,
-    ]);
+    let TlsRig {
+        pki,
+        daemon,
+        received,
+    } = TlsRig::start("tls-nocert", &[]);
     let tcp = connect(daemon.listen);
     let name = ServerName::try_from("localhost").unwrap();
     let mut tls = rustls::StreamOwned::new(
@@ -241,19 +255,14 @@ fn a_source_without_a_certificate_never_reaches_the_destination_by_default() {
 /// enough; the destination is dialed only for a channel that sent `QEVM` (or a multifd magic).
 #[test]
 fn without_verification_a_handshake_that_sends_no_qevm_never_reaches_the_destination() {
-    let pki = TempDir::new("tls-noqevm");
-    make_pki(&pki);
-    let (destination, received) = tls_destination(&pki);
-    let creds = pki.0.to_string_lossy().into_owned();
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &format!("tcp:{destination}"),
-        "--tls-creds",
-        &creds,
-        "--tls-no-verify-peer",
-        "--identify-timeout",
-        "300",
-    ]);
+    let TlsRig {
+        pki,
+        daemon,
+        received,
+    } = TlsRig::start(
+        "tls-noqevm",
+        &["--tls-no-verify-peer", "--identify-timeout", "300"],
+    );
     for probe in [&b""[..], b"GET / HTTP/1.0\r\n\r\n"] {
         let tcp = connect(daemon.listen);
         let name = ServerName::try_from("localhost").unwrap();
@@ -282,20 +291,14 @@ fn without_verification_a_handshake_that_sends_no_qevm_never_reaches_the_destina
 /// from the same address migrates afterwards.
 #[test]
 fn a_stalled_tls_handshake_is_closed_at_the_deadline_and_the_real_source_still_migrates() {
-    let pki = TempDir::new("tls-stall");
-    make_pki(&pki);
-    let (destination, received) = tls_destination(&pki);
-    let creds = pki.0.to_string_lossy().into_owned();
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &format!("tcp:{destination}"),
-        "--tls-creds",
-        &creds,
-        "--tls-hostname",
-        "localhost",
-        "--identify-timeout",
-        "300",
-    ]);
+    let TlsRig {
+        pki,
+        daemon,
+        received,
+    } = TlsRig::start(
+        "tls-stall",
+        &["--tls-hostname", "localhost", "--identify-timeout", "300"],
+    );
     // A real ClientHello, then nothing: the handshake never completes.
     let name = ServerName::try_from("localhost").unwrap();
     let mut client = rustls::ClientConnection::new(source_config(&pki, true), name).unwrap();
