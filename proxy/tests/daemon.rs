@@ -344,22 +344,8 @@ fn rewrites_like_the_offline_rewrite_with_a_profile_fetched_from_the_destination
     let dest_profile = dir.file("dest72.json");
     let source_profile = dir.file("src10.json");
     let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
-    migproxy(&[
-        "profile",
-        "capture",
-        "--from-stream",
-        &format!("{vectors}q72-a64fx.bin"),
-        "-o",
-        &dest_profile,
-    ]);
-    migproxy(&[
-        "profile",
-        "capture",
-        "--from-stream",
-        &format!("{vectors}q10m72-a64fx.bin"),
-        "-o",
-        &source_profile,
-    ]);
+    capture_profile(&format!("{vectors}q72-a64fx.bin"), &[], &dest_profile);
+    capture_profile(&format!("{vectors}q10m72-a64fx.bin"), &[], &source_profile);
     let expected_file = dir.file("expected.bin");
     migproxy(&[
         "rewrite",
@@ -413,14 +399,7 @@ fn postcopy_is_refused_at_advise_when_rewriting() {
     let dir = TempDir::new("postcopy");
     let dest_profile = dir.file("dest72.json");
     let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
-    migproxy(&[
-        "profile",
-        "capture",
-        "--from-stream",
-        &format!("{vectors}q72-a64fx.bin"),
-        "-o",
-        &dest_profile,
-    ]);
+    capture_profile(&format!("{vectors}q72-a64fx.bin"), &[], &dest_profile);
     let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
     let daemon = Daemon::start(&[
         "--upstream",
@@ -451,14 +430,7 @@ fn an_allowed_switch_is_refused_at_the_package_when_rewriting() {
     let dir = TempDir::new("postcopy-allow");
     let dest_profile = dir.file("dest72.json");
     let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
-    migproxy(&[
-        "profile",
-        "capture",
-        "--from-stream",
-        &format!("{vectors}q72-a64fx.bin"),
-        "-o",
-        &dest_profile,
-    ]);
+    capture_profile(&format!("{vectors}q72-a64fx.bin"), &[], &dest_profile);
     let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
     let daemon = Daemon::start(&[
         "--upstream",
@@ -503,24 +475,8 @@ fn a_real_package_is_rewritten_with_the_source_reference() {
     let source_profile = dir.file("source72.json");
     let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
     let fresh72 = format!("{vectors}q72-a64fx.bin");
-    migproxy(&[
-        "profile",
-        "capture",
-        "--from-stream",
-        &format!("{vectors}q10m72-a64fx.bin"),
-        "-o",
-        &dest_profile,
-    ]);
-    migproxy(&[
-        "profile",
-        "capture",
-        "--from-stream",
-        &fresh72,
-        "--qemu-version",
-        "7.2.22",
-        "-o",
-        &source_profile,
-    ]);
+    capture_profile(&format!("{vectors}q10m72-a64fx.bin"), &[], &dest_profile);
+    capture_profile(&fresh72, &["--qemu-version", "7.2.22"], &source_profile);
     let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
     let daemon = Daemon::start(&[
         "--upstream",

@@ -41,14 +41,7 @@ fn kernel(dir: &TempDir, series: &str) -> (Vec<u8>, String, String) {
     let stream_file = dir.file(&format!("kvm-{series}.stream"));
     std::fs::write(&stream_file, &stream).unwrap();
     let profile = dir.file(&format!("kvm-{series}.json"));
-    migproxy(&[
-        "profile",
-        "capture",
-        "--from-stream",
-        &stream_file,
-        "-o",
-        &profile,
-    ]);
+    capture_profile(&stream_file, &[], &profile);
     (stream, stream_file, profile)
 }
 

@@ -363,6 +363,14 @@ impl Drop for TempDir {
     }
 }
 
+/// `migproxy profile capture --from-stream STREAM [EXTRA...] -o PROFILE`.
+pub fn capture_profile(stream: &str, extra: &[&str], profile: &str) {
+    let mut args = vec!["profile", "capture", "--from-stream", stream];
+    args.extend_from_slice(extra);
+    args.extend(["-o", profile]);
+    migproxy(&args);
+}
+
 /// Run the migproxy binary to completion; panics unless it exits 0.
 pub fn migproxy(args: &[&str]) {
     let output = Command::new(binary())
