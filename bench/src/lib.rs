@@ -9,6 +9,7 @@
 //! (added switchover latency), and how this scales with concurrent migrations.
 
 pub mod error;
+pub mod instructions;
 pub mod procfs;
 pub mod receiver;
 pub mod relay_process;

@@ -42,6 +42,8 @@ pub struct Report {
     pub stream: PathBuf,
     pub stream_bytes: u64,
     pub reps: usize,
+    /// Uncounted runs per relay and concurrency before the counted ones.
+    pub warmup: usize,
     pub points: Vec<ScalePoint>,
 }
 
@@ -152,6 +154,7 @@ pub fn run(
     stream: &Path,
     concurrency: &[usize],
     reps: usize,
+    warmup: usize,
     relays: &[RelaySpec],
     log_dir: &Path,
 ) -> Result<Report, BenchError> {
@@ -159,6 +162,14 @@ pub fn run(
     let stream_bytes = setup.stream_bytes;
     let mut points = Vec::new();
     for &n in concurrency {
+        for round in 0..warmup {
+            for relay in relays {
+                eprintln!("migbench: scale x{n} warm-up {} (not counted)", relay.name);
+                if let Err(e) = one_run(relay, &setup, n, round) {
+                    eprintln!("migbench:   warm-up failed: {e}");
+                }
+            }
+        }
         let mut runs: Vec<Vec<ScaleRun>> = vec![Vec::new(); relays.len()];
         let mut errors: Vec<Vec<String>> = vec![Vec::new(); relays.len()];
         for rep in 0..reps {
@@ -214,6 +225,7 @@ pub fn run(
         stream: stream.to_path_buf(),
         stream_bytes,
         reps,
+        warmup,
         points,
     })
 }
