@@ -213,9 +213,15 @@ run "$migbench" switchover --stream "$small" --iterations "$switchover_iter" --w
     --relay "$relay_direct" --relay "$relay_socat" --relay "$relay_haproxy" --relay "$relay_tokio" \
     --relay "$relay_migproxy" --relay "$relay_rewrite" --relay "$relay_rewrite72"
 
+# Concurrent migrations come from distinct loopback source addresses (migproxy admits one migration
+# per source host and destination); the budget of migrations in progress (16 by default) is raised
+# to the largest concurrency measured.
+max_conc=$(tr ',' '\n' <<<"$scale_conc" | sort -n | tail -n1)
+relay_migproxy_scale="${relay_migproxy} --max-migrations $max_conc"
+relay_rewrite72_scale="${relay_rewrite72} --max-migrations $max_conc"
 run "$migbench" scale --stream "$scale_stream" --concurrency "$scale_conc" --reps "$scale_reps" --warmup "$warmup" \
     --log-dir "$results/logs" --out "$results/scale.json" \
-    --relay "$relay_tokio" --relay "$relay_migproxy" --relay "$relay_rewrite72"
+    --relay "$relay_tokio" --relay "$relay_migproxy_scale" --relay "$relay_rewrite72_scale"
 
 # --- 6. instructions per GiB ---------------------------------------------------------------
 # Seconds move with whatever else runs on the machine; user-space instruction counts barely do.

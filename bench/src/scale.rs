@@ -1,6 +1,7 @@
 //! Concurrent migrations through one relay process: aggregate throughput and memory per
 //! migration.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -47,6 +48,15 @@ pub struct Report {
     pub points: Vec<ScalePoint>,
 }
 
+/// The loopback address migration `k` comes from: 127.1.0.1, 127.1.0.2, ... (one source host
+/// per migration; migproxy allows one migration per source host and destination). Distinct
+/// for the first 62 500 migrations.
+fn source_address(k: usize) -> Ipv4Addr {
+    let third = u8::try_from(k / 250 % 250).unwrap_or(0);
+    let fourth = u8::try_from(k % 250 + 1).unwrap_or(1);
+    Ipv4Addr::new(127, 1, third, fourth)
+}
+
 fn one_run(
     relay: &RelaySpec,
     setup: &Setup,
@@ -75,12 +85,13 @@ fn one_run(
 
     let barrier = Arc::new(Barrier::new(concurrency + 1));
     let senders: Vec<_> = (0..concurrency)
-        .map(|_| {
+        .map(|k| {
             let barrier = Arc::clone(&barrier);
             let stream = stream.to_path_buf();
+            let source = source_address(k);
             std::thread::spawn(move || -> Result<(), String> {
                 barrier.wait();
-                let mut sender = Sender::connect(target, &stream)?;
+                let mut sender = Sender::connect_from(source, target, &stream)?;
                 sender.send_range(0, stream_bytes)?;
                 sender.finish(TRANSFER_TIMEOUT)
             })
@@ -228,4 +239,16 @@ pub fn run(
         warmup,
         points,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_concurrent_migration_has_its_own_source_host() {
+        let all: std::collections::BTreeSet<Ipv4Addr> = (0..1000).map(source_address).collect();
+        assert_eq!(all.len(), 1000);
+        assert!(all.iter().all(|a| a.is_loopback()));
+    }
 }

@@ -450,7 +450,8 @@ WHY_CPU = ("0.30 s/GiB is below what a user-space copy costs on this host: the p
            "destination socket, and everything else running on the machine shared its cores (load average "
            "{loadavg} at the end of the run). migproxy needs {migproxy_vs_tokio_cpu}x the tokio relay's CPU "
            "per GiB. "
-           "Closing it needs the splice design above (page payloads never enter user space).")
+           "Closing it needs splicing: after decoding a RAM record header the proxy knows how many payload "
+           "bytes follow, and they could go socket -> pipe -> socket without entering user space.")
 WHY_RSS = ("Peak RSS is the high-water mark of the whole process (runtime, buffers, held device state).")
 WHY_SWITCHOVER = ("migproxy holds the whole device-state phase until the description has arrived and walks it "
                   "with the description before releasing it (DESIGN.md, 'Device state is delimited exactly'): the checking relay adds "
@@ -470,7 +471,7 @@ WHY_QEMU = ("Here the proxy competes for the same {cpus} cores as both QEMUs: th
             "({qemu_relay_cpu_per_gib} s/GiB), which comes straight out of the QEMUs' time. On a host where the "
             "proxy has its own core (or runs on a third machine, as deployed) the transfer is limited by the "
             "slower of QEMU and the proxy instead of by their sum. Closing it on a shared host is the relay "
-            "CPU target above (splicing page payloads).")
+            "CPU target (splicing page payloads).")
 
 
 def vcpu_rewrite_gap_us(results):
