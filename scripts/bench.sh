@@ -281,7 +281,7 @@ cat >"$results/meta.json" <<EOF
  "cpus": $(nproc), "cpu_model": "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//; s/"/\\"/g')",
  "kernel": "$(uname -r)", "mem_gib": $(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo),
  "loadavg_at_start": "$loadavg_at_start", "loadavg_at_end": "$(cut -d' ' -f1-3 /proc/loadavg)",
- "commit": "$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo '+uncommitted changes')",
+ "commit": "$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- . ':!docs/benchmarks.md' ':!docs/benchmarks*.png' 2>/dev/null || echo '+uncommitted changes')",
  "warmup": $warmup, "switchover_warmup": $switchover_warmup,
  "icount_mib": $icount_mib,
  "socat": "$(socat -V 2>/dev/null | grep -m1 'socat version' | cut -d' ' -f3)",
