@@ -262,16 +262,20 @@ fi
 # that is missing or fails is reported as "not run in this run", never with an older number.
 if [ -x scripts/bench-two-host.sh ] && [ "${BENCH_SKIP_TWO_HOST:-}" != 1 ]; then
     mkdir -p "$results/two-host"
+    # A part that fails keeps its partial results under <part>.failed: the report says it failed
+    # instead of presenting half a matrix.
     MIGPROXY_BIN="$migproxy" QEMU10="$QEMU10" run scripts/bench-two-host.sh "$results/two-host" ||
-        log "two-host part failed (see above)"
+        { log "two-host part failed (see above)"; mv "$results/two-host" "$results/two-host.failed"; }
 fi
 if "$migbench" multifd-relay --help >/dev/null 2>&1; then
     mkdir -p "$results/multifd"
-    : # multifd raw relay, copy vs splice: `run "$migbench" multifd-relay ... --out "$results/multifd/..."`
+    # multifd raw relay, copy vs splice (report_multifd.py reads multifd-relay.json there):
+    : # run "$migbench" multifd-relay ... --log-dir "$results/logs" --out "$results/multifd/multifd-relay.json"
 fi
 if [ -f bench/tools/report_switchover.py ]; then
     mkdir -p "$results/switchover-instructions"
-    : # instructions per switchover: its run line, writing into "$results/switchover-instructions/"
+    # instructions per switchover (report_switchover.py reads its JSON there):
+    : # run ... --out "$results/switchover-instructions/..."
 fi
 
 # --- 9. report ------------------------------------------------------------------------------

@@ -654,6 +654,9 @@ def optional_parts(results, png):
     parts = []
     for key, module_name, title, has_chart in PARTS:
         part_dir = os.path.join(results, key)
+        if os.path.isdir(part_dir + ".failed"):
+            parts.append((key, title, None, f"its run failed (partial results in `$RESULTS/{key}.failed`)", [], None))
+            continue
         if not os.path.isdir(part_dir) or not os.listdir(part_dir):
             parts.append((key, title, None, "no results in this run", [], None))
             continue
@@ -730,16 +733,23 @@ def main():
             body += [f"## {title}", "", "Not run in this run.", ""]
     parts = optional_parts(args.results, args.png)
     for key, title, section, reason, rows, drawn in parts:
-        body += [f"## {title}", ""]
         if section is None:
-            body += [f"Not run in this run: {reason}.", ""]
+            body += [f"## {title}", "", f"Not run in this run: {reason}.", ""]
             stale = f"{os.path.splitext(args.png)[0]}-{key}.png"
             if os.path.exists(stale):
                 os.remove(stale)  # an older run's chart must not stand next to this run's text
             continue
+        text = section.strip()
+        if text.startswith("## "):
+            # The part brings its own heading: the chart goes right under it.
+            heading, _, rest = text.partition("\n")
+            body += [heading, ""]
+            text = rest.strip()
+        else:
+            body += [f"## {title}", ""]
         if drawn:
             body += [f"![{key}]({os.path.basename(drawn)})", ""]
-        body += [section.strip(), ""]
+        body += [text, ""]
         for row in rows:
             targets.add_external(key, row)
 
