@@ -9,6 +9,8 @@
 //! log_json = false
 //! max_device_state_bytes = 268435456 # decoder limits: max_record_bytes, max_device_state_bytes,
 //!                                     # max_description_bytes, max_packaged_bytes
+//! raw_relay = "splice"                # or "copy": how multifd/preempt/return-path channels are
+//!                                     # relayed (splice applies to plain TCP on both sides)
 //! unrecoverable_postcopy = "refuse"   # or "allow": postcopy from a source that cannot take its
 //!                                     # guest back after a refused switch
 //! max_migrations = 16                 # budgets: migrations in progress at once,
@@ -66,6 +68,8 @@ pub struct RunFile {
     pub max_device_state_bytes: Option<usize>,
     pub max_description_bytes: Option<usize>,
     pub max_packaged_bytes: Option<usize>,
+    /// `splice` or `copy`, as `--raw-relay` spells it.
+    pub raw_relay: Option<String>,
     /// `refuse` or `allow`, as `--unrecoverable-postcopy` spells it.
     pub unrecoverable_postcopy: Option<String>,
     /// Budgets (README, "Budgets"); absent: the daemon's defaults.

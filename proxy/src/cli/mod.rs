@@ -6,6 +6,7 @@ pub mod policy;
 
 use std::path::PathBuf;
 
+use crate::net::relay::RawRelay;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -250,6 +251,16 @@ pub struct RunArgs {
     /// Largest description JSON, in bytes (default 16 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_DESCRIPTION")]
     pub max_description: Option<usize>,
+    /// How multifd, preempt and return-path channels are relayed: `splice` (default: splice(2)
+    /// through a kernel pipe where both sides are plain TCP, the copying relay under TLS) or
+    /// `copy` (always through a user-space buffer).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "splice|copy",
+        env = "MIGPROXY_RAW_RELAY"
+    )]
+    pub raw_relay: Option<RawRelay>,
     /// With a rewrite, what to do when postcopy is advised by a source that could not take its
     /// guest back after a refused switch (older than QEMU 10.2, no return path, or no source
     /// profile): `refuse` at ADVISE (default; the source keeps running its guest) or `allow`

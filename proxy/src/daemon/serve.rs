@@ -93,6 +93,7 @@ pub async fn start(
                 unrecoverable_postcopy: config.unrecoverable_postcopy,
             },
             identify_timeout: config.identify_timeout,
+            raw_relay: config.raw_relay,
             metrics: Arc::clone(metrics),
             close_all: shutdown.close_all.clone(),
             registry: Registry::default(),

@@ -24,6 +24,7 @@ use crate::migration::admission::Budgets;
 use crate::migration::postcopy::{load_source_reference, UnrecoverablePostcopy};
 use crate::migration::profile_source::{ProfileSource, RewriteConfig};
 use crate::net::addr::{Address, ListenSpec, Upstream};
+use crate::net::relay::RawRelay;
 use crate::net::tls::{admin_server, pinned_client, ListenerTls, TlsSettings};
 use tokio_rustls::TlsConnector;
 
@@ -49,6 +50,7 @@ pub struct RunConfig {
     pub log_json: bool,
     pub limits: Limits,
     pub unrecoverable_postcopy: UnrecoverablePostcopy,
+    pub raw_relay: RawRelay,
     pub budgets: Budgets,
     pub admin_limits: AdminLimits,
 }
@@ -274,6 +276,20 @@ impl RunConfig {
                 })?,
             (None, None) => UnrecoverablePostcopy::default(),
         };
+        let raw_relay = match (
+            args.raw_relay,
+            file.as_ref().and_then(|f| f.raw_relay.as_deref()),
+        ) {
+            (Some(flag), _) => flag,
+            (None, Some(word)) => {
+                <RawRelay as clap::ValueEnum>::from_str(word, false).map_err(|_| {
+                    ProxyError::InvalidConfig(format!(
+                        "raw_relay = {word:?}: expected splice or copy"
+                    ))
+                })?
+            }
+            (None, None) => RawRelay::default(),
+        };
         let count =
             |flag: Option<usize>, from_file: Option<usize>, default: usize, name: &str| match flag
                 .or(from_file)
@@ -331,6 +347,7 @@ impl RunConfig {
         Ok(RunConfig {
             limits,
             unrecoverable_postcopy,
+            raw_relay,
             budgets,
             admin_limits,
             listeners,

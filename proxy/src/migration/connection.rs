@@ -34,7 +34,7 @@ use crate::net::addr::{AcceptedInfo, Upstream};
 use crate::net::conn::Conn;
 use crate::net::own_addresses::OwnAddresses;
 use crate::net::prefixed::PrefixedIo;
-use crate::net::relay;
+use crate::net::relay::{self, RawRelay};
 use crate::net::tls::ListenerTls;
 
 /// Everything a listener's connections need.
@@ -44,6 +44,8 @@ pub struct ListenerCtx {
     pub upstream: Upstream,
     pub rewrite: RewriteConfig,
     pub channel: ChannelSettings,
+    /// How multifd, preempt and return-path channels are relayed.
+    pub raw_relay: RawRelay,
     /// How long a new connection may take to send its first 4 bytes.
     pub identify_timeout: Duration,
     pub metrics: Arc<Metrics>,
@@ -278,9 +280,10 @@ async fn carry(
         )
         .await;
     }
-    relay::relay_channel(
-        source.into_split(),
-        destination.into_split(),
+    relay::relay_raw(
+        ctx.raw_relay,
+        source,
+        destination,
         &migration.state.to_destination(),
         &migration.state.to_source(),
         kind.as_str(),

@@ -1,7 +1,9 @@
 //! Raw byte relays: multifd and preempt channels both ways, and every return path.
 //!
-//! These carry nothing migproxy rewrites (DESIGN.md, "Everything else streams"), so they are
-//! copied as they come, through one 1 MiB buffer per direction (memory stays bounded: a slow
+//! These carry nothing migproxy rewrites (DESIGN.md, "Everything else streams"). Plain TCP on both
+//! sides goes through `splice.rs` (no copy through user space) unless `--raw-relay copy` says
+//! otherwise; everything else (TLS, unix sockets) is copied here as it comes, through one 1 MiB
+//! buffer per direction (memory stays bounded: a slow
 //! reader blocks our write, which stops our read, which fills the kernel buffers, which stops the
 //! sender). EOF is propagated per direction with a half-close, because the source still waits for
 //! the destination's SHUT on the return path after writing its last byte. Nothing here knows what
@@ -12,6 +14,58 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::ProxyError;
+use crate::net::conn::Conn;
+use crate::net::prefixed::PrefixedIo;
+use crate::net::splice;
+
+/// How raw channels are relayed (`--raw-relay`, `raw_relay` in the file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RawRelay {
+    /// `splice(2)` through a pipe per direction where both sides are plain TCP; the copying
+    /// relay for everything else.
+    #[default]
+    Splice,
+    /// Always through a user-space buffer (the fallback, and the baseline to measure against).
+    Copy,
+}
+
+impl RawRelay {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RawRelay::Splice => "splice",
+            RawRelay::Copy => "copy",
+        }
+    }
+}
+
+/// Relay a non-main channel both ways with the relay `mode` asks for where it applies.
+pub async fn relay_raw(
+    mode: RawRelay,
+    source: PrefixedIo<Conn>,
+    destination: Conn,
+    to_destination: &[&AtomicU64],
+    to_source: &[&AtomicU64],
+    kind: &str,
+) -> Result<(), ProxyError> {
+    match (mode, source.into_parts(), destination) {
+        (RawRelay::Splice, (prefix, Conn::Tcp(source)), Conn::Tcp(destination)) => {
+            tracing::info!(relay = RawRelay::Splice.as_str(), "raw relay");
+            splice::splice_channel(source, prefix, destination, to_destination, to_source, kind)
+                .await
+        }
+        (_, (prefix, source), destination) => {
+            tracing::info!(relay = RawRelay::Copy.as_str(), "raw relay");
+            relay_channel(
+                PrefixedIo::new(prefix, source).into_split(),
+                destination.into_split(),
+                to_destination,
+                to_source,
+                kind,
+            )
+            .await
+        }
+    }
+}
 
 /// Relay buffer per direction.
 pub const RELAY_BUFFER_BYTES: usize = 1 << 20;
@@ -58,7 +112,7 @@ where
     Ok(total)
 }
 
-fn add_bytes(total: u64, n: usize, counters: &[&AtomicU64]) -> u64 {
+pub(crate) fn add_bytes(total: u64, n: usize, counters: &[&AtomicU64]) -> u64 {
     let n = u64::try_from(n).unwrap_or(u64::MAX);
     for counter in counters {
         counter.fetch_add(n, Ordering::Relaxed);
@@ -94,8 +148,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::conn::Conn;
-    use crate::net::prefixed::PrefixedIo;
     use std::sync::Arc;
     use tokio::net::{TcpListener, TcpStream};
 
