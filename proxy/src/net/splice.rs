@@ -39,6 +39,15 @@ pub const PIPE_BYTES: usize = 1 << 20;
 
 const FLAGS: SpliceFlags = SpliceFlags::MOVE.union(SpliceFlags::NONBLOCK);
 
+/// What one `fill` put into the pipe, and whether the socket reached EOF after it.
+struct Filled {
+    bytes: usize,
+    eof: bool,
+    /// A read error after some bytes: reported once these are out (the kernel reports a
+    /// socket error only once, so it cannot be left for the next read).
+    error: Option<io::Error>,
+}
+
 /// One direction's pipe: what was spliced in from one socket waits here to be spliced out.
 struct Pipe {
     read: OwnedFd,
@@ -60,19 +69,44 @@ impl Pipe {
         })
     }
 
-    /// Splice what `from` has (up to the pipe's size) into the empty pipe; 0 is EOF.
-    async fn fill(&self, from: &TcpStream) -> io::Result<usize> {
-        loop {
+    /// Splice what `from` has into the empty pipe: wait until it is readable, then take what is
+    /// there, and more while it keeps coming and the pipe has room (fewer, larger splices out).
+    async fn fill(&self, from: &TcpStream) -> io::Result<Filled> {
+        let first = loop {
             from.readable().await?;
-            let spliced = from.try_io(Interest::READABLE, || {
-                splice(from, None, &self.write, None, self.capacity, FLAGS).map_err(io::Error::from)
-            });
+            let spliced = from.try_io(Interest::READABLE, || self.splice_in(from, self.capacity));
             match spliced {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                other => return other,
+                other => break other?,
+            }
+        };
+        let mut filled = Filled {
+            bytes: first,
+            eof: first == 0,
+            error: None,
+        };
+        // Not through `try_io`: with data in the pipe, EAGAIN may mean a full pipe rather than an
+        // empty socket, and must not clear the socket's readiness (the next `fill` starts with
+        // an empty pipe, where EAGAIN means the socket again).
+        while !filled.eof && filled.bytes < self.capacity {
+            match self.splice_in(from, self.capacity - filled.bytes) {
+                Ok(0) => filled.eof = true,
+                Ok(n) => filled.bytes = filled.bytes.saturating_add(n),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                // Nothing more yet, or the pipe is full.
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(err) => {
+                    filled.error = Some(err);
+                    break;
+                }
             }
         }
+        Ok(filled)
+    }
+
+    fn splice_in(&self, from: &TcpStream, len: usize) -> io::Result<usize> {
+        splice(from, None, &self.write, None, len, FLAGS).map_err(io::Error::from)
     }
 
     /// Splice all `len` bytes in the pipe out into `to`.
@@ -104,17 +138,20 @@ async fn pump(
     let pipe = Pipe::new().map_err(|e| ProxyError::io(format!("{what}: pipe"), e))?;
     let mut total = 0u64;
     loop {
-        let n = pipe
+        let filled = pipe
             .fill(from)
             .await
             .map_err(|e| ProxyError::io(format!("{what}: read"), e))?;
-        if n == 0 {
-            break;
-        }
-        pipe.drain(to, n)
+        pipe.drain(to, filled.bytes)
             .await
             .map_err(|e| ProxyError::io(format!("{what}: write"), e))?;
-        total = add_bytes(total, n, counters);
+        total = add_bytes(total, filled.bytes, counters);
+        if let Some(err) = filled.error {
+            return Err(ProxyError::io(format!("{what}: read"), err));
+        }
+        if filled.eof {
+            break;
+        }
     }
     // The peer may already be gone after a complete exchange; the data went out.
     let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
