@@ -170,6 +170,12 @@ run "$migbench" throughput --stream "$big" --reps "$reps" --log-dir "$results/lo
     --relay "$relay_direct" --relay "$relay_socat" --relay "$relay_haproxy" --relay "$relay_tokio" \
     --relay "$relay_migproxy" --relay "$relay_rewrite" --relay "$relay_rewrite72"
 
+# Multifd: a main channel plus 4 multifd channels through `migproxy run --raw-relay copy|splice`.
+raw="$migproxy run --admin none --listen tcp:127.0.0.1:{listen} --upstream tcp:127.0.0.1:{upstream} --raw-relay"
+run "$migbench" multifd-relay --stream "$small" --payload "$big" --channels 4 --channel-mib "${BENCH_MULTIFD_MIB:-1024}" \
+    --reps "$reps" --log-dir "$results/logs" --out "$results/multifd-relay.json" --relay "copy=$raw copy" --relay "splice=$raw splice"
+run "$python" "$tools/report_multifd.py" "$results"
+
 # --- 5. switchover and scaling --------------------------------------------------------------
 run "$migbench" switchover --stream "$small" --iterations "$switchover_iter" --log-dir "$results/logs" \
     --out "$results/switchover.json" \
