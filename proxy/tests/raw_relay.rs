@@ -112,3 +112,77 @@ fn splice_a_stalled_multifd_destination_stalls_the_source_not_memory() {
 fn copy_a_stalled_multifd_destination_stalls_the_source_not_memory() {
     a_stalled_multifd_destination_stalls_the_source("copy");
 }
+
+/// The relay used for one multifd channel of a short migration through a daemon whose
+/// configuration file says `file_setting` (a line, or nothing) and whose flags are `flags`.
+fn relay_used(file_setting: &str, flags: &[&str]) -> String {
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let dir = TempDir::new("raw-relay");
+    let config = dir.file("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{file_setting}\n[[listener]]\nlisten = \"tcp:127.0.0.1:0\"\nupstream = \"{}\"\n",
+            destination.upstream()
+        ),
+    )
+    .unwrap();
+    let mut args = vec!["--config", config.as_str(), "--admin", "tcp:127.0.0.1:0"];
+    args.extend_from_slice(flags);
+    let daemon = Daemon::start_raw(&args);
+    let stream = vector("q72-mfd-main.bin");
+    let mut main = connect(daemon.listen);
+    main.write_all(&stream[..64]).unwrap();
+    wait_until("the main channel at the destination", SECS, || {
+        (destination.accepted() == 1).then_some(())
+    });
+    let mut multifd = connect(daemon.listen);
+    let mut sent = multifd_handshake(0);
+    sent.extend_from_slice(b"pages");
+    multifd.write_all(&sent).unwrap();
+    multifd.shutdown(Shutdown::Write).unwrap();
+    read_until_closed(&mut multifd);
+    assert_eq!(destination.wait_received(1, SECS), sent);
+    main.write_all(&stream[64..]).unwrap();
+    main.shutdown(Shutdown::Write).unwrap();
+    read_until_closed(&mut main);
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
+    let used = daemon.wait_log("raw relay", SECS);
+    used["fields"]["relay"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn the_raw_relay_is_splice_by_default_and_set_by_the_file_or_the_flag() {
+    assert_eq!(relay_used("", &[]), "splice");
+    assert_eq!(relay_used("raw_relay = \"copy\"", &[]), "copy");
+    // The flag wins over the file.
+    assert_eq!(
+        relay_used("raw_relay = \"copy\"", &["--raw-relay", "splice"]),
+        "splice"
+    );
+}
+
+#[test]
+fn an_unknown_raw_relay_word_in_the_file_fails_before_binding() {
+    let dir = TempDir::new("raw-relay-bad");
+    let bad = dir.file("bad.toml");
+    std::fs::write(
+        &bad,
+        "raw_relay = \"zerocopy\"\n[[listener]]\nlisten = \"tcp:127.0.0.1:0\"\nupstream = \"tcp:127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(binary())
+        .args(["run", "--config", &bad, "--admin", "none"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("raw_relay") && stderr.contains("splice or copy"),
+        "{stderr}"
+    );
+}
