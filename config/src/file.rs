@@ -18,6 +18,9 @@
 //! admin_header_timeout_ms = 5000      # time an admin client has to send its request headers
 //! admin_tls_creds = "/etc/migproxy/admin-tls"  # optional: serve the admin address over https
 //! profile_ca = "/etc/migproxy/profile-ca.pem"  # the only CA trusted for https:// profile URLs
+//!                                     # (then http:// profile URLs are refused)
+//! profile_fetch_timeout_ms = 5000     # a profile URL must answer in full within this
+//! max_profile_bytes = 16777216        # largest profile body fetched from a URL
 //! max_cpus = 512                      # stream budgets: max_cpus, max_cpregs (per vCPU),
 //!                                     # max_rewrite_output_bytes, max_sections
 //!
@@ -78,6 +81,9 @@ pub struct RunFile {
     pub admin_tls_creds: Option<String>,
     /// The only CA trusted for `https://` profile URLs.
     pub profile_ca: Option<String>,
+    /// Deadline and size budget of one profile fetch from a URL.
+    pub profile_fetch_timeout_ms: Option<u64>,
+    pub max_profile_bytes: Option<usize>,
     /// Budgets (counts and bytes; DESIGN.md, "Everything else streams"); absent: the codec's
     /// defaults.
     pub max_cpus: Option<usize>,
@@ -96,9 +102,9 @@ pub struct RunFile {
 pub struct ListenerFile {
     pub listen: String,
     pub upstream: String,
-    /// A profile file or an `http://` URL.
+    /// A profile file or an `https://` or `http://` URL.
     pub dest_profile: Option<String>,
-    /// A profile file or an `http://` URL.
+    /// A profile file or an `https://` or `http://` URL.
     pub source_profile: Option<String>,
     /// A saved stream of a fresh VM of the source's configuration (postcopy packages).
     pub source_reference: Option<String>,

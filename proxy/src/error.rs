@@ -192,6 +192,10 @@ pub enum HttpFailure {
     Request(#[source] hyper::Error),
     #[error("body: {0}")]
     Body(#[source] BoxError),
+    #[error("body larger than {0} bytes (--max-profile)")]
+    BodyTooLarge(usize),
+    #[error("plain http:// while --profile-ca pins a CA for profile URLs: anyone on the path could choose the registers; use https://")]
+    PlainHttpWithCa,
     #[error("no answer within {} ms", .0.as_millis())]
     Timeout(Duration),
     #[error("status {0}")]

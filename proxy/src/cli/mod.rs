@@ -204,7 +204,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR", env = "MIGPROXY_UPSTREAM")]
     pub upstream: Option<String>,
     /// The destination's register profile: a file, an `https://` URL (with --profile-ca) or an
-    /// `http://` URL (unauthenticated: anyone on the path chooses the registers).
+    /// `http://` URL (unauthenticated: anyone on the path chooses the registers; refused when
+    /// --profile-ca is set).
     #[arg(long, value_name = "PROFILE|URL", env = "MIGPROXY_DEST_PROFILE")]
     pub dest_profile: Option<String>,
     /// A profile of a fresh VM with the source's configuration: a file or an `https://`/`http://` URL.
@@ -298,6 +299,14 @@ pub struct RunArgs {
     /// system's roots are never used, so a profile can only come from a server this CA signed.
     #[arg(long, value_name = "FILE", env = "MIGPROXY_PROFILE_CA")]
     pub profile_ca: Option<PathBuf>,
+    /// How long fetching one profile URL may take, connect to last body byte, in milliseconds
+    /// (default 5000). A migration whose profile does not arrive in time is refused before the
+    /// destination is contacted.
+    #[arg(long, value_name = "MS", env = "MIGPROXY_PROFILE_FETCH_TIMEOUT")]
+    pub profile_fetch_timeout: Option<u64>,
+    /// Largest profile body fetched from a URL, in bytes (default 16 MiB).
+    #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_PROFILE")]
+    pub max_profile: Option<usize>,
     /// Most migrations in progress at once, over all listeners (default 16).
     #[arg(long, value_name = "N", env = "MIGPROXY_MAX_MIGRATIONS")]
     pub max_migrations: Option<usize>,

@@ -24,6 +24,7 @@ use crate::migration::admission::Budgets;
 use crate::migration::postcopy::{load_source_reference, UnrecoverablePostcopy};
 use crate::migration::profile_source::{ProfileSource, RewriteConfig};
 use crate::net::addr::{Address, ListenSpec, Upstream};
+use crate::net::http_client::{FetchBudget, DEFAULT_FETCH_TIMEOUT_MS, DEFAULT_MAX_BODY_BYTES};
 use crate::net::tls::{admin_server, pinned_client, ListenerTls, TlsSettings};
 use tokio_rustls::TlsConnector;
 
@@ -35,7 +36,6 @@ pub const DEFAULT_DESCRIPTION_TIMEOUT_MS: u64 = 2000;
 pub const DEFAULT_IDENTIFY_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_MAX_ADMIN_CONNECTIONS: usize = 64;
 pub const DEFAULT_ADMIN_HEADER_TIMEOUT_MS: u64 = 5000;
-const PROFILE_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The validated configuration of the daemon.
 #[derive(Debug)]
@@ -314,6 +314,28 @@ impl RunConfig {
                 "admin_header_timeout must be at least 1 ms".into(),
             ));
         }
+        let fetch_ms = pick(
+            args.profile_fetch_timeout,
+            file.as_ref().and_then(|f| f.profile_fetch_timeout_ms),
+            DEFAULT_FETCH_TIMEOUT_MS,
+        );
+        if fetch_ms == 0 {
+            return Err(ProxyError::InvalidConfig(
+                "profile_fetch_timeout must be at least 1 ms".into(),
+            ));
+        }
+        let fetch = FetchBudget {
+            timeout: Duration::from_millis(fetch_ms),
+            max_body: count(
+                args.max_profile,
+                file.as_ref().and_then(|f| f.max_profile_bytes),
+                DEFAULT_MAX_BODY_BYTES,
+                "max_profile",
+            )?,
+        };
+        for listener in &mut listeners {
+            listener.rewrite.fetch = fetch;
+        }
         let admin_tls_dir = args.admin_tls_creds.clone().or_else(|| {
             file.as_ref()
                 .and_then(|f| f.admin_tls_creds.clone().map(PathBuf::from))
@@ -404,7 +426,7 @@ impl ListenerConfig {
                 source,
                 source_reference: None,
                 policy,
-                fetch_timeout: PROFILE_FETCH_TIMEOUT,
+                fetch: FetchBudget::default(),
             },
         })
     }
