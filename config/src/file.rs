@@ -6,6 +6,8 @@
 //! drain_timeout_secs = 60             # after SIGTERM, how long live migrations may go on
 //! description_timeout_ms = 2000       # silence allowed while the device state waits for its description
 //! identify_timeout_ms = 1000          # a new connection must identify itself within this
+//! write_stall_timeout_ms = 60000      # a peer that takes no bytes this long closes the migration
+//! dial_timeout_ms = 10000             # connecting to the destination, tls handshake included
 //! log_json = false
 //! max_device_state_bytes = 268435456 # decoder limits: max_record_bytes, max_device_state_bytes,
 //!                                     # max_description_bytes, max_packaged_bytes
@@ -63,6 +65,10 @@ pub struct RunFile {
     pub drain_timeout_secs: Option<u64>,
     pub description_timeout_ms: Option<u64>,
     pub identify_timeout_ms: Option<u64>,
+    /// A write to a peer that makes no progress this long closes the migration.
+    pub write_stall_timeout_ms: Option<u64>,
+    /// Connecting to the destination, TLS handshake included.
+    pub dial_timeout_ms: Option<u64>,
     pub log_json: Option<bool>,
     /// Decoder limits in bytes (DESIGN.md, "Everything else streams"); absent: the codec's defaults.
     pub max_record_bytes: Option<usize>,

@@ -145,6 +145,12 @@ pub enum Refusal {
 pub enum Abort {
     #[error("main channel gone")]
     MainChannelGone,
+    /// A peer took no bytes for the whole stall deadline.
+    #[error("{what}: the peer took no bytes for {} ms (--write-stall-timeout)", .waited.as_millis())]
+    WriteStalled { what: String, waited: Duration },
+    /// The destination did not accept the connection (and complete its TLS handshake) in time.
+    #[error("connecting to {upstream}: not connected within {} ms (--dial-timeout)", .waited.as_millis())]
+    DialTimeout { upstream: String, waited: Duration },
     /// A profile fetched when the migration starts could not be had.
     #[error("{role} profile unavailable: {source}")]
     ProfileUnavailable {

@@ -242,6 +242,14 @@ pub struct RunArgs {
     /// handshake, and then again to send its first bytes), in milliseconds (default 1000).
     #[arg(long, value_name = "MS", env = "MIGPROXY_IDENTIFY_TIMEOUT")]
     pub identify_timeout: Option<u64>,
+    /// How long a write to the source or the destination may make no progress (a peer that
+    /// stopped reading), in milliseconds (default 60000); then the migration is closed.
+    #[arg(long, value_name = "MS", env = "MIGPROXY_WRITE_STALL_TIMEOUT")]
+    pub write_stall_timeout: Option<u64>,
+    /// How long connecting to the destination, TLS handshake included, may take, in milliseconds
+    /// (default 10000).
+    #[arg(long, value_name = "MS", env = "MIGPROXY_DIAL_TIMEOUT")]
+    pub dial_timeout: Option<u64>,
     /// Largest single non-page record accepted, in bytes (default 16 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_RECORD")]
     pub max_record: Option<usize>,

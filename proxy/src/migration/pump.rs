@@ -57,6 +57,10 @@ pub struct ChannelSettings {
     pub description_timeout: Duration,
     /// Rewriting proxies only: postcopy from a source that could not take its guest back.
     pub unrecoverable_postcopy: UnrecoverablePostcopy,
+    /// How long a write to either peer may make no progress (`net::stall`).
+    pub write_stall_timeout: Duration,
+    /// How long connecting to the destination (and its TLS handshake) may take.
+    pub dial_timeout: Duration,
 }
 
 /// Pump one main channel until both directions have ended: `source` and `destination` are the
@@ -84,7 +88,15 @@ where
     };
     // The source blocks on SHUT, PONG and page requests: relay them the moment they arrive.
     let return_path = async {
-        match relay::pump(dest_read, source_write, &state.to_source(), "return path").await {
+        match relay::pump(
+            dest_read,
+            source_write,
+            &state.to_source(),
+            "return path",
+            settings.write_stall_timeout,
+        )
+        .await
+        {
             // QEMU may reset the main connection once the migration is over (seen with TLS):
             // after the whole stream went through, that is a normal end.
             Err(ProxyError::Io { source, .. })
@@ -145,7 +157,11 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             source,
             buffer: BytesMut::with_capacity(READ_BUFFER_BYTES),
             decoder,
-            out: WriteQueue::new(destination, state.to_destination()),
+            out: WriteQueue::new(
+                destination,
+                state.to_destination(),
+                settings.write_stall_timeout,
+            ),
             rewrite,
             state,
             description_timeout: settings.description_timeout,
@@ -440,6 +456,8 @@ mod tests {
             limits: Limits::default(),
             description_timeout,
             unrecoverable_postcopy: UnrecoverablePostcopy::Refuse,
+            write_stall_timeout: DEADLINE,
+            dial_timeout: DEADLINE,
         }
     }
 

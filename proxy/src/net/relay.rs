@@ -9,19 +9,24 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::ProxyError;
+use crate::net::stall;
 
 /// Relay buffer per direction.
 pub const RELAY_BUFFER_BYTES: usize = 1 << 20;
 
 /// Copy `reader` to `writer` until EOF, then half-close `writer`. Returns the bytes written.
+/// A `writer` that takes nothing for `stall` ends it (`net::stall`).
 pub async fn pump<R, W>(
     mut reader: R,
     mut writer: W,
     counters: &[&AtomicU64],
     what: &str,
+    stall: Duration,
 ) -> Result<u64, ProxyError>
 where
     R: AsyncRead + Unpin,
@@ -41,16 +46,10 @@ where
             break;
         }
         let chunk = buf.get(..n).unwrap_or_default();
-        writer
-            .write_all(chunk)
-            .await
-            .map_err(|e| ProxyError::io(format!("{what}: write"), e))?;
+        stall::write_all(&mut writer, chunk, stall, &format!("{what}: write")).await?;
         // A TLS writer may keep records it could not send yet until flushed: a return-path
         // message would then wait there until the next one. A no-op for plain sockets.
-        writer
-            .flush()
-            .await
-            .map_err(|e| ProxyError::io(format!("{what}: flush"), e))?;
+        stall::progress(stall, &format!("{what}: flush"), writer.flush()).await?;
         total = add_bytes(total, n, counters);
     }
     // The peer may already be gone after a complete exchange; the data went out.
@@ -73,6 +72,7 @@ pub async fn relay_channel<SR, SW, DR, DW>(
     to_destination: &[&AtomicU64],
     to_source: &[&AtomicU64],
     kind: &str,
+    stall: Duration,
 ) -> Result<(), ProxyError>
 where
     SR: AsyncRead + Unpin,
@@ -84,8 +84,8 @@ where
     let (dst_read, dst_write) = destination;
     let forward_what = format!("{kind} source->destination");
     let backward_what = format!("{kind} destination->source");
-    let forward = pump(src_read, dst_write, to_destination, &forward_what);
-    let backward = pump(dst_read, src_write, to_source, &backward_what);
+    let forward = pump(src_read, dst_write, to_destination, &forward_what, stall);
+    let backward = pump(dst_read, src_write, to_source, &backward_what, stall);
     let (f, b) = tokio::try_join!(forward, backward)?;
     tracing::debug!(to_destination = f, to_source = b, "channel finished");
     Ok(())
@@ -119,6 +119,7 @@ mod tests {
                 &[&task_counters.0],
                 &[&task_counters.1],
                 "multifd",
+                std::time::Duration::from_secs(30),
             )
             .await
         });
@@ -154,6 +155,7 @@ mod tests {
             tokio::io::BufWriter::new(source_write),
             &counters,
             "return path",
+            std::time::Duration::from_secs(30),
         );
         let exchange = async {
             destination.write_all(b"SHUT").await?;
