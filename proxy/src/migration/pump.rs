@@ -216,6 +216,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                     return Err(ProxyError::Refused(Refusal::NoDescription {
                         offset: self.decoder.offset(),
                         waited: self.description_timeout,
+                        last_walk: self.decoder.description_error().map(ToString::to_string),
                     }))
                 }
             }
@@ -709,7 +710,7 @@ mod tests {
         });
         let (result, _) = finish(pump).await?;
         match result {
-            Err(ProxyError::Refused(Refusal::NoDescription { offset, waited })) => {
+            Err(ProxyError::Refused(Refusal::NoDescription { offset, waited, .. })) => {
                 assert_eq!(offset, u64::try_from(phase)?);
                 assert_eq!(waited, Duration::from_millis(300));
             }

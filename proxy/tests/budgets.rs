@@ -1,0 +1,188 @@
+//! Every stream budget of the codec, hit through the real daemon: with the budget set just below
+//! what a real captured stream needs, the migration fails closed with one line naming the budget,
+//! the failure is counted, and the destination never receives the whole stream. (The connection
+//! budgets are in `hostile.rs`, the deadlines next to what they guard: `daemon.rs`, `tls.rs`,
+//! `profile_https.rs`.)
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::*;
+
+const SECS: Duration = Duration::from_secs(20);
+
+/// One budget: its flag, a value the stream exceeds, the vector, and what the reason must say.
+struct Case {
+    flag: &'static str,
+    value: &'static str,
+    vector: &'static str,
+    rewrite: bool,
+    /// `failed` for a broken budget; `refused` where it shows as a refusal at a deadline.
+    outcome: &'static str,
+    says: &'static str,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        flag: "--max-record",
+        value: "64",
+        vector: "q72-a64fx.bin",
+        rewrite: false,
+        outcome: "failed",
+        says: "exceeds the limit of 64 bytes",
+    },
+    Case {
+        flag: "--max-device-state",
+        value: "1000",
+        vector: "q72-a64fx.bin",
+        rewrite: false,
+        outcome: "failed",
+        says: "exceeds the limit of 1000 bytes",
+    },
+    Case {
+        flag: "--max-description",
+        value: "1000",
+        vector: "q72-a64fx.bin",
+        rewrite: false,
+        outcome: "refused",
+        says: "a description over --max-description",
+    },
+    Case {
+        flag: "--max-packaged",
+        value: "1000",
+        vector: "q72-postcopy-main.bin",
+        rewrite: false,
+        outcome: "failed",
+        says: "exceeds the limit of 1000 bytes",
+    },
+    Case {
+        flag: "--max-cpus",
+        value: "1",
+        vector: "q72-a64fx.bin",
+        rewrite: false,
+        // Checked in the walk that verifies an ending: the phase never verifies.
+        outcome: "refused",
+        says: "(limit max_cpus)",
+    },
+    Case {
+        flag: "--max-cpregs",
+        value: "16",
+        vector: "q72-a64fx.bin",
+        rewrite: false,
+        outcome: "refused",
+        says: "exceed the limit of 16 registers per vCPU",
+    },
+    Case {
+        flag: "--max-rewrite-output",
+        value: "1000",
+        vector: "q10m72-a64fx.bin",
+        rewrite: true,
+        outcome: "failed",
+        says: "over the limit of 1000 bytes",
+    },
+    Case {
+        flag: "--max-sections",
+        value: "1",
+        vector: "q72-block.bin",
+        rewrite: false,
+        outcome: "failed",
+        says: "(limit max_sections)",
+    },
+];
+
+#[test]
+fn every_stream_budget_fails_the_migration_closed_with_one_line_naming_it() {
+    let dir = TempDir::new("budgets");
+    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
+    let dest_profile = dir.file("dest72.json");
+    let source_profile = dir.file("src10.json");
+    capture_profile(&format!("{vectors}q72-a64fx.bin"), &[], &dest_profile);
+    capture_profile(&format!("{vectors}q10m72-a64fx.bin"), &[], &source_profile);
+    for case in CASES {
+        let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+        let upstream = destination.upstream();
+        let mut args = vec!["--upstream", &upstream, case.flag, case.value];
+        if case.rewrite {
+            args.extend([
+                "--dest-profile",
+                &dest_profile,
+                "--source-profile",
+                &source_profile,
+            ]);
+        }
+        // A short description deadline: the budget that shows at it need not wait 2 s.
+        args.extend(["--description-timeout", "500"]);
+        let daemon = Daemon::start(&args);
+        let stream = vector(case.vector);
+        let mut source = connect(daemon.listen);
+        // The proxy closes the source as soon as the budget is hit.
+        let _ = source.write_all(&stream);
+        read_until_closed(&mut source);
+        let summary = daemon.wait_log("migration summary", SECS);
+        let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+        assert_eq!(
+            summary["fields"]["outcome"], case.outcome,
+            "{} {}: {summary}",
+            case.flag, case.value
+        );
+        assert!(
+            reason.contains(case.says) && !reason.contains('\n'),
+            "{} {}: the reason does not say {:?}: {reason}",
+            case.flag,
+            case.value,
+            case.says
+        );
+        assert_eq!(
+            daemon.metric(&format!(
+                "migproxy_migrations_total{{outcome=\"{}\"}}",
+                case.outcome
+            )),
+            Some(1),
+            "{} {}",
+            case.flag,
+            case.value
+        );
+        let received = destination.wait_received(0, SECS);
+        assert!(
+            received.len() < stream.len(),
+            "{} {}: the destination received the whole stream",
+            case.flag,
+            case.value
+        );
+    }
+}
+
+/// `--max-connections` (all sources together): with a per-source budget above it, the
+/// connection over the total is closed at accept and counted by its reason.
+#[test]
+fn connections_over_the_total_budget_are_refused_by_name() {
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--max-connections",
+        "2",
+        "--max-connections-per-source",
+        "10",
+        "--identify-timeout",
+        "10000",
+    ]);
+    // Two connections that have not identified themselves yet hold the budget.
+    let _first = connect(daemon.listen);
+    let _second = connect(daemon.listen);
+    let mut third = connect(daemon.listen);
+    read_until_closed(&mut third);
+    daemon.wait_log(
+        "connection refused: budget exceeded (--max-connections): closed, destination not contacted",
+        SECS,
+    );
+    assert_eq!(
+        daemon.metric("migproxy_turned_away_total{reason=\"max_connections\"}"),
+        Some(1)
+    );
+    assert_eq!(destination.accepted(), 0);
+}
