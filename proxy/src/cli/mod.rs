@@ -253,7 +253,8 @@ pub struct RunArgs {
     /// Largest single non-page record accepted, in bytes (default 16 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_RECORD")]
     pub max_record: Option<usize>,
-    /// Largest held device-state phase, in bytes (default 256 MiB).
+    /// Largest device-state phase (full sections and EOF, the description not counted), in
+    /// bytes (default 256 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_DEVICE_STATE")]
     pub max_device_state: Option<usize>,
     /// Largest description JSON, in bytes (default 16 MiB).
@@ -362,4 +363,40 @@ pub struct HealthcheckArgs {
     /// The CA that signed the admin address's certificate, for an `https://` URL.
     #[arg(long, value_name = "FILE", env = "MIGPROXY_HEALTHCHECK_CA")]
     pub ca: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every budget and deadline of `migproxy run` says its default in `--help` (they have no
+    /// clap default: a flag overrides the file, the file the default).
+    #[test]
+    fn run_help_shows_every_budgets_and_deadlines_default() {
+        let cli = Cli::command();
+        let Some(run) = cli.find_subcommand("run") else {
+            panic!("no run subcommand");
+        };
+        let mut checked = 0;
+        for arg in run.get_arguments() {
+            let names = arg.get_value_names().unwrap_or_default();
+            if !names
+                .iter()
+                .any(|n| ["MS", "BYTES", "COUNT", "N", "SECONDS"].contains(&n.as_str()))
+            {
+                continue;
+            }
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(
+                help.contains("(default "),
+                "--{} does not show its default: {help}",
+                arg.get_id()
+            );
+            checked += 1;
+        }
+        // 8 stream budgets, 4 connection budgets, the profile budget, 7 deadlines.
+        assert_eq!(checked, 20);
+    }
 }
