@@ -186,3 +186,78 @@ fn connections_over_the_total_budget_are_refused_by_name() {
     );
     assert_eq!(destination.accepted(), 0);
 }
+
+/// A stream at the vCPU budget, each vCPU with `per_vcpu` registers a one-register destination
+/// lacks, all holding `value`.
+fn many_vcpus(per_vcpu: u64, value: u64) -> Vec<u8> {
+    use migproxy_codec::testing::{RamRecord, StreamBuilder};
+    let mut builder = StreamBuilder::new("virt-7.2");
+    builder.ram_start(1 << 20);
+    builder.ram_section(true, &[RamRecord::Zero]);
+    let registers: Vec<(u64, u64)> = (0..per_vcpu)
+        .map(|n| (0x6030_0000_0013_0000 | n, value))
+        .collect();
+    for vcpu in 0..512 {
+        builder.cpu(vcpu, &registers, 0x11);
+    }
+    builder.finish()
+}
+
+/// The daemon's log for one migration of 512 vCPUs x 64 registers: how many lines, and the
+/// longest.
+fn migrate_many_vcpus(value: u64) -> (Daemon, serde_json::Value, usize) {
+    let dir = TempDir::new("many-vcpus");
+    let profile = dir.file("one-register.json");
+    std::fs::write(
+        &profile,
+        r#"{"format_version": 1, "accel": "tcg", "vcpus": 1, "registers": [{"id": "0x603000000013c080", "value": "0x30d00980"}]}"#,
+    )
+    .unwrap();
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--dest-profile",
+        &profile,
+    ]);
+    let before = daemon.log_count();
+    let mut source = connect(daemon.listen);
+    let _ = source.write_all(&many_vcpus(64, value));
+    let _ = source.shutdown(std::net::Shutdown::Write);
+    read_until_closed(&mut source);
+    let summary = daemon.wait_log("migration summary", SECS);
+    (daemon, summary, before)
+}
+
+#[test]
+fn refusing_512_vcpus_logs_one_bounded_line_not_one_per_vcpu() {
+    let (daemon, summary, before) = migrate_many_vcpus(0x42);
+    assert_eq!(summary["fields"]["outcome"], "refused", "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("refused: vcpu 0-511 (512 vcpus): ")
+            && reason.ends_with("and 56 more refused registers"),
+        "{reason}"
+    );
+    assert!(reason.len() < 2048, "{} bytes", reason.len());
+    let lines = daemon.log_count() - before;
+    assert!(lines < 16, "{lines} log lines for one migration");
+}
+
+#[test]
+fn rewriting_512_vcpus_logs_a_bounded_number_of_lines() {
+    // Zero: unused since reset, every register dropped on every vCPU.
+    let (daemon, summary, before) = migrate_many_vcpus(0);
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
+    assert_eq!(summary["fields"]["cpus_rewritten"], 512, "{summary}");
+    let dropped = summary["fields"]["dropped"].as_str().unwrap_or_default();
+    assert!(dropped.ends_with(" and 56 more"), "{dropped}");
+    let rewritten = daemon.wait_log("cpu registers rewritten", SECS);
+    assert_eq!(
+        rewritten["fields"]["vcpus"], "vcpu 0-511 (512 vcpus)",
+        "{rewritten}"
+    );
+    assert_eq!(rewritten["fields"]["dropped"], 64, "{rewritten}");
+    let lines = daemon.log_count() - before;
+    assert!(lines < 16, "{lines} log lines for one migration");
+}

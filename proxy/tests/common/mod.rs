@@ -133,6 +133,11 @@ impl Daemon {
         }
     }
 
+    /// How many log lines the daemon has written so far.
+    pub fn log_count(&self) -> usize {
+        self.logs.0.lock().expect("log lock").len()
+    }
+
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args(["-s", name, &self.pid().to_string()])
