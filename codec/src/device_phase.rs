@@ -103,16 +103,18 @@ impl CpuSlot {
 
     /// Bytes a replacement with `registers` registers adds to the output, against the arrays and
     /// `array_len` numbers as received (`None`: not replaced, 0). What `edits` writes for it.
-    fn growth(&self, registers: Option<usize>) -> i128 {
+    fn growth(&self, registers: Option<usize>) -> i64 {
         let Some(registers) = registers else {
             return 0;
         };
-        let size = |n: usize| i128::try_from(n).unwrap_or(i128::MAX);
-        let arrays = size(16).saturating_mul(size(registers)).saturating_add(4)
-            - size(self.arrays_end() - self.array_len_pos);
+        let size = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let arrays = size(16)
+            .saturating_mul(size(registers))
+            .saturating_add(4)
+            .saturating_sub(size(self.arrays_end() - self.array_len_pos));
         let digits = size(registers.to_string().len());
         self.json_spans.iter().fold(arrays, |growth, span| {
-            growth.saturating_add(digits - size(span.len()))
+            growth.saturating_add(digits.saturating_sub(size(span.len())))
         })
     }
 }
@@ -132,7 +134,7 @@ pub struct DeviceState {
     /// Bytes the replaced cpreg arrays add to the output (negative: remove), kept as each is
     /// set: the budget check of one vCPU must not re-encode every vCPU before it (quadratic in
     /// vCPUs at the budgets: 512 x 4096 registers).
-    cpregs_growth: i128,
+    cpregs_growth: i64,
     /// Whether any subsection was removed (then the exact output length is computed).
     subsections_removed: bool,
     /// The ending was confirmed by a reference description.
@@ -252,14 +254,16 @@ impl DeviceState {
                 "the description does not give the cpreg arrays' array_len; cannot patch it".into(),
             ));
         }
-        let growth = self.cpregs_growth - slot.growth(slot.replacement.as_ref().map(Vec::len))
-            + slot.growth(Some(regs.len()));
+        let growth = self
+            .cpregs_growth
+            .saturating_sub(slot.growth(slot.replacement.as_ref().map(Vec::len)))
+            .saturating_add(slot.growth(Some(regs.len())));
         let previous = slot.replacement.replace(regs.to_vec());
         let output = if self.subsections_removed {
             // Rare (an idle subsection removed before the rewrite): the exact length.
             self.wire_len()
         } else {
-            let held = i128::try_from(self.held.len()).unwrap_or(i128::MAX);
+            let held = i64::try_from(self.held.len()).unwrap_or(i64::MAX);
             usize::try_from(held.saturating_add(growth)).unwrap_or(usize::MAX)
         };
         if output > self.max_output {
