@@ -235,4 +235,14 @@ upstream = "original-dst"
         assert_eq!(file.max_rewrite_output_bytes, Some(1 << 20));
         assert_eq!(file.max_sections, Some(16));
     }
+
+    #[test]
+    fn deadlines_and_the_profile_budget_are_read() {
+        let text = "write_stall_timeout_ms = 30000\ndial_timeout_ms = 2000\nprofile_fetch_timeout_ms = 1500\nmax_profile_bytes = 65536\n[[listener]]\nlisten = \"tcp:a:1\"\nupstream = \"tcp:b:2\"\n";
+        let file = RunFile::from_toml(text, "deadlines.toml").unwrap_or_default();
+        assert_eq!(file.write_stall_timeout_ms, Some(30000));
+        assert_eq!(file.dial_timeout_ms, Some(2000));
+        assert_eq!(file.profile_fetch_timeout_ms, Some(1500));
+        assert_eq!(file.max_profile_bytes, Some(65536));
+    }
 }
