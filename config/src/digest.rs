@@ -9,7 +9,7 @@
 //!   counted. Each vCPU is compared with at most that many kept outcomes, so the work is linear
 //!   in the size of the reports.
 //! - [`VcpuList`]: vCPU numbers as ranges (`vcpu 0-511 (512 vcpus)`), at most [`LISTED_RANGES`] of them written.
-//! - [`NameList`]: register names, each once, the first [`NAMED_REGISTERS`] written, the rest
+//! - [`NameList`]: register names, each once, the first [`LISTED_NAMES`] written, the rest
 //!   counted ("and K more").
 
 use std::borrow::Borrow;
@@ -24,6 +24,11 @@ pub const NAMED_REGISTERS: usize = 8;
 /// How many distinct per-vCPU outcomes one migration's report describes; vCPUs with further
 /// outcomes are counted, not described.
 pub const DESCRIBED_OUTCOMES: usize = 8;
+
+/// How many register names a [`NameList`] (the migration summary's `dropped` and `filled`)
+/// writes before it says "and K more": every name of a real migration (a few dozen at most), a
+/// bounded line for a hostile one.
+pub const LISTED_NAMES: usize = 64;
 
 /// How many ranges of vCPU numbers a list writes before it says "and K more".
 pub const LISTED_RANGES: usize = 8;
@@ -199,7 +204,7 @@ impl fmt::Display for VcpuList {
     }
 }
 
-/// Register names, each once; the first [`NAMED_REGISTERS`] are written, the rest counted.
+/// Register names, each once; the first [`LISTED_NAMES`] are written, the rest counted.
 #[derive(Debug, Clone, Default)]
 pub struct NameList {
     seen: HashSet<u64>,
@@ -209,7 +214,7 @@ pub struct NameList {
 impl NameList {
     /// Note `id`; a second note of the same id changes nothing.
     pub fn insert(&mut self, id: RegId) {
-        if self.seen.insert(id.0) && self.named.len() < NAMED_REGISTERS {
+        if self.seen.insert(id.0) && self.named.len() < LISTED_NAMES {
             self.named.push(id);
         }
     }
@@ -248,7 +253,7 @@ impl PartialEq for NameList {
 impl Eq for NameList {}
 
 impl fmt::Display for NameList {
-    /// `A,B,C`, or `A,...,H and 4088 more`.
+    /// `A,B,C`, or `A,...,Z and 4032 more`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.names().join(","))?;
         let more = self.count().saturating_sub(self.named.len());
@@ -332,10 +337,10 @@ mod tests {
             }
         }
         assert_eq!(names.count(), 4096);
-        assert_eq!(names.names().len(), NAMED_REGISTERS);
+        assert_eq!(names.names().len(), LISTED_NAMES);
         let mut merged = NameList::default();
         merged.merge(&names);
         assert_eq!(merged, names);
-        assert!(names.to_string().ends_with(" and 4088 more"), "{names}");
+        assert!(names.to_string().ends_with(" and 4032 more"), "{names}");
     }
 }
