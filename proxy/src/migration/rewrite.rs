@@ -168,11 +168,23 @@ pub fn report_removed_subsections(reports: &[SubsectionReport], state: &Migratio
             state.record_removed_subsection(&removed.name);
         }
     }
-    for line in removals.lines(
-        |(name, reason)| format!("{name}: {reason}"),
-        "vCPUs with other subsections removed (not logged)",
-    ) {
-        tracing::info!("cpu subsection removed: {line}");
+    // The same event as before grouping (docs/profiles.md names it); `vcpu` is the first vCPU
+    // of its group, `vcpus` all of them.
+    for ((name, reason), vcpus) in removals.groups() {
+        tracing::info!(
+            vcpu = vcpus.first(),
+            vcpus = %vcpus,
+            subsection = %name,
+            reason = %reason,
+            "cpu subsection removed"
+        );
+    }
+    let undescribed = removals.undescribed();
+    if !undescribed.is_empty() {
+        tracing::info!(
+            vcpus = %undescribed,
+            "cpu subsections removed otherwise on more vCPUs (not logged one by one)"
+        );
     }
 }
 
