@@ -258,6 +258,56 @@ fn rewriting_512_vcpus_logs_a_bounded_number_of_lines() {
         "{rewritten}"
     );
     assert_eq!(rewritten["fields"]["dropped"], 100, "{rewritten}");
+    assert_eq!(daemon.count_logs("cpu registers rewritten"), 1);
     let lines = daemon.log_count() - before;
     assert!(lines < 16, "{lines} log lines for one migration");
+}
+
+/// The idle `cpu/wfxt-timer` of every vCPU of a real 11.1 stream, removed for a 10.0
+/// destination: one "cpu subsection removed" event naming all the vCPUs, not one per vCPU.
+#[test]
+fn removing_a_subsection_from_every_vcpu_is_logged_once() {
+    let dir = TempDir::new("wfxt-once");
+    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
+    let dest_profile = dir.file("dest10.json");
+    let source_profile = dir.file("src111.json");
+    capture_profile(
+        &format!("{vectors}q10m72-a64fx.bin"),
+        &["--qemu-version", "10.0.2"],
+        &dest_profile,
+    );
+    capture_profile(
+        &format!("{vectors}q111m72-a64fx.bin"),
+        &["--qemu-version", "11.1.0"],
+        &source_profile,
+    );
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--dest-profile",
+        &dest_profile,
+        "--source-profile",
+        &source_profile,
+    ]);
+    let mut source = connect(daemon.listen);
+    source.write_all(&vector("q111m72-a64fx.bin")).unwrap();
+    source.shutdown(std::net::Shutdown::Write).unwrap();
+    read_until_closed(&mut source);
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
+    assert_eq!(
+        summary["fields"]["subsections_removed"], "cpu/wfxt-timer",
+        "{summary}"
+    );
+    let removed = daemon.wait_log("cpu subsection removed", SECS);
+    assert_eq!(
+        removed["fields"]["vcpus"], "vcpu 0-1 (2 vcpus)",
+        "{removed}"
+    );
+    assert_eq!(
+        removed["fields"]["subsection"], "cpu/wfxt-timer",
+        "{removed}"
+    );
+    assert_eq!(daemon.count_logs("cpu subsection removed"), 1);
 }
