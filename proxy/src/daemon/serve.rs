@@ -91,6 +91,8 @@ pub async fn start(
                 limits: config.limits.clone(),
                 description_timeout: config.description_timeout,
                 unrecoverable_postcopy: config.unrecoverable_postcopy,
+                write_stall_timeout: config.write_stall_timeout,
+                dial_timeout: config.dial_timeout,
             },
             identify_timeout: config.identify_timeout,
             raw_relay: config.raw_relay,

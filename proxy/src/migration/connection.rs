@@ -235,7 +235,7 @@ async fn identify_and_carry(
         let rewrite = resolve_rewrite(kind, ctx).await?;
         let destination = migration
             .dial
-            .dial(kind, &migration.key.upstream, tls)
+            .dial(kind, &migration.key.upstream, tls, ctx.channel.dial_timeout)
             .await?;
         carry(&migration, kind, source, destination, rewrite.as_ref(), ctx).await?;
         Ok(kind)
@@ -287,6 +287,7 @@ async fn carry(
         &migration.state.to_destination(),
         &migration.state.to_source(),
         kind.as_str(),
+        ctx.channel.write_stall_timeout,
     )
     .await
 }

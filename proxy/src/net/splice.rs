@@ -3,8 +3,8 @@
 //!
 //! Same contract as the copying relay in `relay.rs`: the identifying prefix goes out first, every
 //! relayed byte is added to the counters, EOF is propagated per direction with a half-close,
-//! errors name the direction (`multifd source->destination: read: ...`), and there is no deadline
-//! of its own (the migration's cancellation ends it). Memory stays bounded the same way: one pipe
+//! errors name the direction (`multifd source->destination: read: ...`), and a destination or
+//! source that takes nothing for `--write-stall-timeout` ends it (`net::stall`). Memory stays bounded the same way: one pipe
 //! per direction (kernel pages, at most `PIPE_BYTES`) takes the place of the 1 MiB buffer, and the
 //! pipe is drained completely before the next read, so a destination that stops reading stops
 //! our reads, which fills the kernel socket buffers, which stops the sender.
@@ -21,16 +21,18 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use bytes::Bytes;
 use rustix::pipe::{
     fcntl_getpipe_size, fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags,
 };
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 use crate::net::relay::add_bytes;
+use crate::net::stall;
 
 /// Pipe size asked for per direction (the copying relay's buffer size). The kernel may refuse it
 /// (fs.pipe-max-size, or the user's pipe page budget): the pipe then keeps its default size,
@@ -109,19 +111,26 @@ impl Pipe {
         splice(from, None, &self.write, None, len, FLAGS).map_err(io::Error::from)
     }
 
-    /// Splice all `len` bytes in the pipe out into `to`.
-    async fn drain(&self, to: &TcpStream, mut len: usize) -> io::Result<()> {
+    /// Splice all `len` bytes in the pipe out into `to`; every wait for room in `to` must end
+    /// within `stall` (`net::stall`: a peer that takes nothing for that long is given up on).
+    async fn drain(
+        &self,
+        to: &TcpStream,
+        mut len: usize,
+        stall: Duration,
+        what: &str,
+    ) -> Result<(), ProxyError> {
         while len > 0 {
-            to.writable().await?;
+            stall::progress(stall, what, to.writable()).await?;
             let spliced = to.try_io(Interest::WRITABLE, || {
                 splice(&self.read, None, to, None, len, FLAGS).map_err(io::Error::from)
             });
             match spliced {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(0) => return Err(ProxyError::io(what, io::ErrorKind::WriteZero.into())),
                 Ok(n) => len = len.saturating_sub(n),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(err),
+                Err(err) => return Err(ProxyError::io(what, err)),
             }
         }
         Ok(())
@@ -134,6 +143,7 @@ async fn pump(
     to: &TcpStream,
     counters: &[&AtomicU64],
     what: &str,
+    stall: Duration,
 ) -> Result<u64, ProxyError> {
     let pipe = Pipe::new().map_err(|e| ProxyError::io(format!("{what}: pipe"), e))?;
     let mut total = 0u64;
@@ -142,9 +152,8 @@ async fn pump(
             .fill(from)
             .await
             .map_err(|e| ProxyError::io(format!("{what}: read"), e))?;
-        pipe.drain(to, filled.bytes)
-            .await
-            .map_err(|e| ProxyError::io(format!("{what}: write"), e))?;
+        pipe.drain(to, filled.bytes, stall, &format!("{what}: write"))
+            .await?;
         total = add_bytes(total, filled.bytes, counters);
         if let Some(err) = filled.error {
             return Err(ProxyError::io(format!("{what}: read"), err));
@@ -167,16 +176,20 @@ pub async fn splice_channel(
     to_destination: &[&AtomicU64],
     to_source: &[&AtomicU64],
     kind: &str,
+    stall: Duration,
 ) -> Result<(), ProxyError> {
     let forward_what = format!("{kind} source->destination");
     let backward_what = format!("{kind} destination->source");
-    destination
-        .write_all(&prefix)
-        .await
-        .map_err(|e| ProxyError::io(format!("{forward_what}: write"), e))?;
+    stall::write_all(
+        &mut destination,
+        &prefix,
+        stall,
+        &format!("{forward_what}: write"),
+    )
+    .await?;
     let prefix_bytes = add_bytes(0, prefix.len(), to_destination);
-    let forward = pump(&source, &destination, to_destination, &forward_what);
-    let backward = pump(&destination, &source, to_source, &backward_what);
+    let forward = pump(&source, &destination, to_destination, &forward_what, stall);
+    let backward = pump(&destination, &source, to_source, &backward_what, stall);
     let (f, b) = tokio::try_join!(forward, backward)?;
     tracing::debug!(
         to_destination = f.saturating_add(prefix_bytes),
@@ -193,7 +206,7 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use std::time::Duration;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tokio::task::JoinHandle;
 
@@ -227,6 +240,7 @@ mod tests {
                 &[&task_counters.0],
                 &[&task_counters.1],
                 "multifd",
+                DEADLINE,
             )
             .await
         });
