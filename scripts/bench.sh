@@ -35,7 +35,7 @@
 # Knobs (environment): BENCH_CACHE, BENCH_RAM_MIB (4096), BENCH_REPS (5), BENCH_WARMUP (1),
 # BENCH_SWITCHOVER_ITER (300), BENCH_SWITCHOVER_WARMUP (20), BENCH_SCALE_MIB (128), BENCH_SCALE_CONC
 # (1,8,64), BENCH_SCALE_REPS (3), BENCH_ICOUNT_MIB (256), BENCH_ICOUNT_REPS (1), BENCH_QEMU_RAM_MIB (4096),
-# BENCH_QEMU_REPS (4), BENCH_SKIP_QEMU=1, BENCH_SKIP_ICOUNT=1, BENCH_SKIP_TWO_HOST=1, BENCH_NO_DOCS=1
+# BENCH_QEMU_REPS (4), BENCH_MULTIFD_MIB (1024 per channel), BENCH_SKIP_QEMU=1, BENCH_SKIP_ICOUNT=1, BENCH_SKIP_TWO_HOST=1, BENCH_NO_DOCS=1
 # (keep results only), MIGPROXY_BIN (skip building migproxy, use this binary), QEMU10/QEMU72.
 set -euo pipefail
 
@@ -50,7 +50,7 @@ log() { printf 'bench: %s\n' "$*" >&2; }
 if [ "${BENCH_QUICK:-}" = 1 ]; then
     : "${BENCH_RAM_MIB:=1024}" "${BENCH_REPS:=3}" "${BENCH_SWITCHOVER_ITER:=100}" "${BENCH_SWITCHOVER_WARMUP:=10}"
     : "${BENCH_SCALE_MIB:=32}" "${BENCH_SCALE_REPS:=3}" "${BENCH_QEMU_RAM_MIB:=1024}" "${BENCH_QEMU_REPS:=3}"
-    : "${BENCH_ICOUNT_MIB:=128}"
+    : "${BENCH_ICOUNT_MIB:=128}" "${BENCH_MULTIFD_MIB:=256}"
 fi
 ram_mib="${BENCH_RAM_MIB:-4096}"
 reps="${BENCH_REPS:-5}"
@@ -268,9 +268,14 @@ if [ -x scripts/bench-two-host.sh ] && [ "${BENCH_SKIP_TWO_HOST:-}" != 1 ]; then
         { log "two-host part failed (see above)"; mv "$results/two-host" "$results/two-host.failed"; }
 fi
 if "$migbench" multifd-relay --help >/dev/null 2>&1; then
+    # Multifd: a main channel plus 4 multifd channels through `migproxy run --raw-relay copy|splice`
+    # (report_multifd.py reads multifd-relay.json there).
     mkdir -p "$results/multifd"
-    # multifd raw relay, copy vs splice (report_multifd.py reads multifd-relay.json there):
-    : # run "$migbench" multifd-relay ... --log-dir "$results/logs" --out "$results/multifd/multifd-relay.json"
+    raw="$migproxy run --admin none --listen tcp:127.0.0.1:{listen} --upstream tcp:127.0.0.1:{upstream} --raw-relay"
+    run "$migbench" multifd-relay --stream "$small" --payload "$big" --channels 4 \
+        --channel-mib "${BENCH_MULTIFD_MIB:-1024}" --reps "$reps" --warmup "$warmup" --log-dir "$results/logs" \
+        --out "$results/multifd/multifd-relay.json" --relay "copy=$raw copy" --relay "splice=$raw splice" ||
+        { log "multifd part failed (see above)"; mv "$results/multifd" "$results/multifd.failed"; }
 fi
 if [ -f bench/tools/report_switchover.py ]; then
     mkdir -p "$results/switchover-instructions"

@@ -6,9 +6,13 @@
 //! drain_timeout_secs = 60             # after SIGTERM, how long live migrations may go on
 //! description_timeout_ms = 2000       # silence allowed while the device state waits for its description
 //! identify_timeout_ms = 1000          # a new connection must identify itself within this
+//! write_stall_timeout_ms = 60000      # a peer that takes no bytes this long closes the migration
+//! dial_timeout_ms = 10000             # connecting to the destination, tls handshake included
 //! log_json = false
 //! max_device_state_bytes = 268435456 # decoder limits: max_record_bytes, max_device_state_bytes,
 //!                                     # max_description_bytes, max_packaged_bytes
+//! raw_relay = "splice"                # or "copy": how multifd/preempt/return-path channels are
+//!                                     # relayed (splice applies to plain TCP on both sides)
 //! unrecoverable_postcopy = "refuse"   # or "allow": postcopy from a source that cannot take its
 //!                                     # guest back after a refused switch
 //! max_migrations = 16                 # budgets: migrations in progress at once,
@@ -18,6 +22,9 @@
 //! admin_header_timeout_ms = 5000      # time an admin client has to send its request headers
 //! admin_tls_creds = "/etc/migproxy/admin-tls"  # optional: serve the admin address over https
 //! profile_ca = "/etc/migproxy/profile-ca.pem"  # the only CA trusted for https:// profile URLs
+//!                                     # (then http:// profile URLs are refused)
+//! profile_fetch_timeout_ms = 5000     # a profile URL must answer in full within this
+//! max_profile_bytes = 16777216        # largest profile body fetched from a URL
 //! max_cpus = 512                      # stream budgets: max_cpus, max_cpregs (per vCPU),
 //!                                     # max_rewrite_output_bytes, max_sections
 //!
@@ -60,12 +67,18 @@ pub struct RunFile {
     pub drain_timeout_secs: Option<u64>,
     pub description_timeout_ms: Option<u64>,
     pub identify_timeout_ms: Option<u64>,
+    /// A write to a peer that makes no progress this long closes the migration.
+    pub write_stall_timeout_ms: Option<u64>,
+    /// Connecting to the destination, TLS handshake included.
+    pub dial_timeout_ms: Option<u64>,
     pub log_json: Option<bool>,
     /// Decoder limits in bytes (DESIGN.md, "Everything else streams"); absent: the codec's defaults.
     pub max_record_bytes: Option<usize>,
     pub max_device_state_bytes: Option<usize>,
     pub max_description_bytes: Option<usize>,
     pub max_packaged_bytes: Option<usize>,
+    /// `splice` or `copy`, as `--raw-relay` spells it.
+    pub raw_relay: Option<String>,
     /// `refuse` or `allow`, as `--unrecoverable-postcopy` spells it.
     pub unrecoverable_postcopy: Option<String>,
     /// Budgets (README, "Budgets"); absent: the daemon's defaults.
@@ -78,6 +91,9 @@ pub struct RunFile {
     pub admin_tls_creds: Option<String>,
     /// The only CA trusted for `https://` profile URLs.
     pub profile_ca: Option<String>,
+    /// Deadline and size budget of one profile fetch from a URL.
+    pub profile_fetch_timeout_ms: Option<u64>,
+    pub max_profile_bytes: Option<usize>,
     /// Budgets (counts and bytes; DESIGN.md, "Everything else streams"); absent: the codec's
     /// defaults.
     pub max_cpus: Option<usize>,
@@ -96,9 +112,9 @@ pub struct RunFile {
 pub struct ListenerFile {
     pub listen: String,
     pub upstream: String,
-    /// A profile file or an `http://` URL.
+    /// A profile file or an `https://` or `http://` URL.
     pub dest_profile: Option<String>,
-    /// A profile file or an `http://` URL.
+    /// A profile file or an `https://` or `http://` URL.
     pub source_profile: Option<String>,
     /// A saved stream of a fresh VM of the source's configuration (postcopy packages).
     pub source_reference: Option<String>,
@@ -222,5 +238,15 @@ upstream = "original-dst"
         assert_eq!(file.max_cpregs, Some(600));
         assert_eq!(file.max_rewrite_output_bytes, Some(1 << 20));
         assert_eq!(file.max_sections, Some(16));
+    }
+
+    #[test]
+    fn deadlines_and_the_profile_budget_are_read() {
+        let text = "write_stall_timeout_ms = 30000\ndial_timeout_ms = 2000\nprofile_fetch_timeout_ms = 1500\nmax_profile_bytes = 65536\n[[listener]]\nlisten = \"tcp:a:1\"\nupstream = \"tcp:b:2\"\n";
+        let file = RunFile::from_toml(text, "deadlines.toml").unwrap_or_default();
+        assert_eq!(file.write_stall_timeout_ms, Some(30000));
+        assert_eq!(file.dial_timeout_ms, Some(2000));
+        assert_eq!(file.profile_fetch_timeout_ms, Some(1500));
+        assert_eq!(file.max_profile_bytes, Some(65536));
     }
 }

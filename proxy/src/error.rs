@@ -136,8 +136,21 @@ pub enum Refusal {
     Subsections(Vec<String>),
     /// The device-state phase did not end with a verified description within its deadline,
     /// counted from the phase's first byte (not from the last byte: trickling does not extend it).
-    #[error("at byte {offset}: no verified description within {} ms of the start of the device-state phase (suppress-vmdesc, or a source trickling bytes?); device sections cannot be delimited (--description-timeout)", .waited.as_millis())]
-    NoDescription { offset: u64, waited: Duration },
+    #[error("at byte {offset}: no verified description within {} ms of the start of the device-state phase (suppress-vmdesc, a description over --max-description, or a source trickling bytes?); device sections cannot be delimited (--description-timeout){}", .waited.as_millis(), last_walk_note(.last_walk))]
+    NoDescription {
+        offset: u64,
+        waited: Duration,
+        /// Why the last ending that looked like a description did not verify (a budget such
+        /// as max_cpus is checked there): the likelier cause, when there was one.
+        last_walk: Option<String>,
+    },
+}
+
+fn last_walk_note(last_walk: &Option<String>) -> String {
+    match last_walk {
+        Some(why) => format!("; the last candidate ending did not verify: {why}"),
+        None => String::new(),
+    }
 }
 
 /// Why a migration was given up (not a policy refusal).
@@ -145,6 +158,12 @@ pub enum Refusal {
 pub enum Abort {
     #[error("main channel gone")]
     MainChannelGone,
+    /// A peer took no bytes for the whole stall deadline.
+    #[error("{what}: the peer took no bytes for {} ms (--write-stall-timeout)", .waited.as_millis())]
+    WriteStalled { what: String, waited: Duration },
+    /// The destination did not accept the connection (and complete its TLS handshake) in time.
+    #[error("connecting to {upstream}: not connected within {} ms (--dial-timeout)", .waited.as_millis())]
+    DialTimeout { upstream: String, waited: Duration },
     /// A profile fetched when the migration starts could not be had.
     #[error("{role} profile unavailable: {source}")]
     ProfileUnavailable {
@@ -192,6 +211,10 @@ pub enum HttpFailure {
     Request(#[source] hyper::Error),
     #[error("body: {0}")]
     Body(#[source] BoxError),
+    #[error("body larger than {0} bytes (--max-profile)")]
+    BodyTooLarge(usize),
+    #[error("plain http:// while --profile-ca pins a CA for profile URLs: anyone on the path could choose the registers; use https://")]
+    PlainHttpWithCa,
     #[error("no answer within {} ms", .0.as_millis())]
     Timeout(Duration),
     #[error("status {0}")]

@@ -721,3 +721,43 @@ fn a_silent_channel_joins_a_postcopy_migration_as_its_preempt_channel() {
     assert_eq!(summary["fields"]["channels"], "main+preempt", "{summary}");
     assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
 }
+
+/// A destination that stops reading altogether: backpressure holds the source, but only until the
+/// write stall deadline (`--write-stall-timeout`); then the migration is closed on both sides.
+#[test]
+fn a_destination_that_stops_reading_fails_the_migration_at_the_write_stall_deadline() {
+    let gate: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)> = Default::default();
+    let destination = Destination::start(vec![Behaviour::Gated(std::sync::Arc::clone(&gate))]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--write-stall-timeout",
+        "500",
+    ]);
+    let stream = with_extra_pages(&vector("q72-a64fx.bin"), 16384); // +64 MiB
+    let mut source = connect(daemon.listen);
+    let writer = {
+        let mut source = source.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // Fails once the proxy gives up and closes: that is the point.
+            let _ = source.write_all(&stream);
+        })
+    };
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "failed", "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(
+            "main channel: write to destination: the peer took no bytes for 500 ms (--write-stall-timeout)"
+        ),
+        "{reason}"
+    );
+    read_until_closed(&mut source);
+    writer.join().unwrap();
+    assert_eq!(
+        daemon.metric("migproxy_migrations_total{outcome=\"failed\"}"),
+        Some(1)
+    );
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+}

@@ -24,6 +24,8 @@ use crate::migration::admission::Budgets;
 use crate::migration::postcopy::{load_source_reference, UnrecoverablePostcopy};
 use crate::migration::profile_source::{ProfileSource, RewriteConfig};
 use crate::net::addr::{Address, ListenSpec, Upstream};
+use crate::net::http_client::{FetchBudget, DEFAULT_FETCH_TIMEOUT_MS, DEFAULT_MAX_BODY_BYTES};
+use crate::net::relay::RawRelay;
 use crate::net::tls::{admin_server, pinned_client, ListenerTls, TlsSettings};
 use tokio_rustls::TlsConnector;
 
@@ -35,7 +37,8 @@ pub const DEFAULT_DESCRIPTION_TIMEOUT_MS: u64 = 2000;
 pub const DEFAULT_IDENTIFY_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_MAX_ADMIN_CONNECTIONS: usize = 64;
 pub const DEFAULT_ADMIN_HEADER_TIMEOUT_MS: u64 = 5000;
-const PROFILE_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_WRITE_STALL_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_DIAL_TIMEOUT_MS: u64 = 10_000;
 
 /// The validated configuration of the daemon.
 #[derive(Debug)]
@@ -46,9 +49,14 @@ pub struct RunConfig {
     pub drain_timeout: Duration,
     pub description_timeout: Duration,
     pub identify_timeout: Duration,
+    /// How long a write to a peer may make no progress before the migration is given up.
+    pub write_stall_timeout: Duration,
+    /// How long connecting to the destination (and its TLS handshake) may take.
+    pub dial_timeout: Duration,
     pub log_json: bool,
     pub limits: Limits,
     pub unrecoverable_postcopy: UnrecoverablePostcopy,
+    pub raw_relay: RawRelay,
     pub budgets: Budgets,
     pub admin_limits: AdminLimits,
 }
@@ -195,9 +203,19 @@ impl RunConfig {
             file.as_ref().and_then(|f| f.identify_timeout_ms),
             DEFAULT_IDENTIFY_TIMEOUT_MS,
         );
-        if description_ms == 0 || identify_ms == 0 {
+        let write_stall_ms = pick(
+            args.write_stall_timeout,
+            file.as_ref().and_then(|f| f.write_stall_timeout_ms),
+            DEFAULT_WRITE_STALL_TIMEOUT_MS,
+        );
+        let dial_ms = pick(
+            args.dial_timeout,
+            file.as_ref().and_then(|f| f.dial_timeout_ms),
+            DEFAULT_DIAL_TIMEOUT_MS,
+        );
+        if description_ms == 0 || identify_ms == 0 || write_stall_ms == 0 || dial_ms == 0 {
             return Err(ProxyError::InvalidConfig(
-                "description and identify timeouts must be at least 1 ms".into(),
+                "description, identify, write stall and dial timeouts must be at least 1 ms".into(),
             ));
         }
         let defaults = Limits::default();
@@ -274,6 +292,20 @@ impl RunConfig {
                 })?,
             (None, None) => UnrecoverablePostcopy::default(),
         };
+        let raw_relay = match (
+            args.raw_relay,
+            file.as_ref().and_then(|f| f.raw_relay.as_deref()),
+        ) {
+            (Some(flag), _) => flag,
+            (None, Some(word)) => {
+                <RawRelay as clap::ValueEnum>::from_str(word, false).map_err(|_| {
+                    ProxyError::InvalidConfig(format!(
+                        "raw_relay = {word:?}: expected splice or copy"
+                    ))
+                })?
+            }
+            (None, None) => RawRelay::default(),
+        };
         let count =
             |flag: Option<usize>, from_file: Option<usize>, default: usize, name: &str| match flag
                 .or(from_file)
@@ -314,6 +346,28 @@ impl RunConfig {
                 "admin_header_timeout must be at least 1 ms".into(),
             ));
         }
+        let fetch_ms = pick(
+            args.profile_fetch_timeout,
+            file.as_ref().and_then(|f| f.profile_fetch_timeout_ms),
+            DEFAULT_FETCH_TIMEOUT_MS,
+        );
+        if fetch_ms == 0 {
+            return Err(ProxyError::InvalidConfig(
+                "profile_fetch_timeout must be at least 1 ms".into(),
+            ));
+        }
+        let fetch = FetchBudget {
+            timeout: Duration::from_millis(fetch_ms),
+            max_body: count(
+                args.max_profile,
+                file.as_ref().and_then(|f| f.max_profile_bytes),
+                DEFAULT_MAX_BODY_BYTES,
+                "max_profile",
+            )?,
+        };
+        for listener in &mut listeners {
+            listener.rewrite.fetch = fetch;
+        }
         let admin_tls_dir = args.admin_tls_creds.clone().or_else(|| {
             file.as_ref()
                 .and_then(|f| f.admin_tls_creds.clone().map(PathBuf::from))
@@ -331,6 +385,7 @@ impl RunConfig {
         Ok(RunConfig {
             limits,
             unrecoverable_postcopy,
+            raw_relay,
             budgets,
             admin_limits,
             listeners,
@@ -343,6 +398,8 @@ impl RunConfig {
             )),
             description_timeout: Duration::from_millis(description_ms),
             identify_timeout: Duration::from_millis(identify_ms),
+            write_stall_timeout: Duration::from_millis(write_stall_ms),
+            dial_timeout: Duration::from_millis(dial_ms),
             log_json: args.log_json || file.as_ref().and_then(|f| f.log_json).unwrap_or(false),
         })
     }
@@ -404,7 +461,7 @@ impl ListenerConfig {
                 source,
                 source_reference: None,
                 policy,
-                fetch_timeout: PROFILE_FETCH_TIMEOUT,
+                fetch: FetchBudget::default(),
             },
         })
     }

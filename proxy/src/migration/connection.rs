@@ -34,7 +34,7 @@ use crate::net::addr::{AcceptedInfo, Upstream};
 use crate::net::conn::Conn;
 use crate::net::own_addresses::OwnAddresses;
 use crate::net::prefixed::PrefixedIo;
-use crate::net::relay;
+use crate::net::relay::{self, RawRelay};
 use crate::net::tls::ListenerTls;
 
 /// Everything a listener's connections need.
@@ -44,6 +44,8 @@ pub struct ListenerCtx {
     pub upstream: Upstream,
     pub rewrite: RewriteConfig,
     pub channel: ChannelSettings,
+    /// How multifd, preempt and return-path channels are relayed.
+    pub raw_relay: RawRelay,
     /// How long a new connection may take to send its first 4 bytes.
     pub identify_timeout: Duration,
     pub metrics: Arc<Metrics>,
@@ -233,7 +235,7 @@ async fn identify_and_carry(
         let rewrite = resolve_rewrite(kind, ctx).await?;
         let destination = migration
             .dial
-            .dial(kind, &migration.key.upstream, tls)
+            .dial(kind, &migration.key.upstream, tls, ctx.channel.dial_timeout)
             .await?;
         carry(&migration, kind, source, destination, rewrite.as_ref(), ctx).await?;
         Ok(kind)
@@ -278,12 +280,14 @@ async fn carry(
         )
         .await;
     }
-    relay::relay_channel(
-        source.into_split(),
-        destination.into_split(),
+    relay::relay_raw(
+        ctx.raw_relay,
+        source,
+        destination,
         &migration.state.to_destination(),
         &migration.state.to_source(),
         kind.as_str(),
+        ctx.channel.write_stall_timeout,
     )
     .await
 }

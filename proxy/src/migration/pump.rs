@@ -38,7 +38,7 @@ use crate::error::{ProxyError, Refusal};
 use crate::migration::postcopy::{self, SwitchRecovery, UnrecoverablePostcopy};
 use crate::migration::profile_source::RewriteSetup;
 use crate::migration::rewrite::{
-    fix_subsections, report_removed_subsections, report_rewrites, rewrite_cpus,
+    fix_subsections, report_removed_subsections, report_rewrites, rewrite_cpus, Rewritten,
 };
 use crate::migration::state::MigrationState;
 use crate::migration::write_queue::WriteQueue;
@@ -57,6 +57,10 @@ pub struct ChannelSettings {
     pub description_timeout: Duration,
     /// Rewriting proxies only: postcopy from a source that could not take its guest back.
     pub unrecoverable_postcopy: UnrecoverablePostcopy,
+    /// How long a write to either peer may make no progress (`net::stall`).
+    pub write_stall_timeout: Duration,
+    /// How long connecting to the destination (and its TLS handshake) may take.
+    pub dial_timeout: Duration,
 }
 
 /// Pump one main channel until both directions have ended: `source` and `destination` are the
@@ -84,7 +88,15 @@ where
     };
     // The source blocks on SHUT, PONG and page requests: relay them the moment they arrive.
     let return_path = async {
-        match relay::pump(dest_read, source_write, &state.to_source(), "return path").await {
+        match relay::pump(
+            dest_read,
+            source_write,
+            &state.to_source(),
+            "return path",
+            settings.write_stall_timeout,
+        )
+        .await
+        {
             // QEMU may reset the main connection once the migration is over (seen with TLS):
             // after the whole stream went through, that is a normal end.
             Err(ProxyError::Io { source, .. })
@@ -145,7 +157,11 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             source,
             buffer: BytesMut::with_capacity(READ_BUFFER_BYTES),
             decoder,
-            out: WriteQueue::new(destination, state.to_destination()),
+            out: WriteQueue::new(
+                destination,
+                state.to_destination(),
+                settings.write_stall_timeout,
+            ),
             rewrite,
             state,
             description_timeout: settings.description_timeout,
@@ -200,6 +216,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                     return Err(ProxyError::Refused(Refusal::NoDescription {
                         offset: self.decoder.offset(),
                         waited: self.description_timeout,
+                        last_walk: self.decoder.description_error().map(ToString::to_string),
                     }))
                 }
             }
@@ -240,7 +257,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                         rewrite_cpus(&mut device, setup)?,
                         fix_subsections(&mut device, setup)?,
                     ),
-                    None => (Vec::new(), Vec::new()),
+                    None => (Rewritten::default(), Vec::new()),
                 };
                 self.out.push(device.to_bytes());
                 // Both QEMUs are stopped until the destination has the device state: release
@@ -440,6 +457,8 @@ mod tests {
             limits: Limits::default(),
             description_timeout,
             unrecoverable_postcopy: UnrecoverablePostcopy::Refuse,
+            write_stall_timeout: DEADLINE,
+            dial_timeout: DEADLINE,
         }
     }
 
@@ -602,8 +621,8 @@ mod tests {
         assert_eq!(sending.await??, b"");
         let summary = state.rewrite_summary();
         assert_eq!(summary.cpus_rewritten, 1);
-        assert_eq!(summary.dropped, ["CONTEXTIDR_EL1"]);
-        assert_eq!(summary.filled, ["TCR_EL1"]);
+        assert_eq!(summary.dropped.names(), ["CONTEXTIDR_EL1"]);
+        assert_eq!(summary.filled.names(), ["TCR_EL1"]);
         Ok(())
     }
 
@@ -691,7 +710,7 @@ mod tests {
         });
         let (result, _) = finish(pump).await?;
         match result {
-            Err(ProxyError::Refused(Refusal::NoDescription { offset, waited })) => {
+            Err(ProxyError::Refused(Refusal::NoDescription { offset, waited, .. })) => {
                 assert_eq!(offset, u64::try_from(phase)?);
                 assert_eq!(waited, Duration::from_millis(300));
             }
@@ -770,7 +789,7 @@ mod tests {
         let (result, state, received) = pump_stream(bytes, setup, settings(DEADLINE)).await?;
         result?;
         assert_eq!(received, expected);
-        assert_eq!(state.rewrite_summary().dropped, ["CONTEXTIDR_EL1"]);
+        assert_eq!(state.rewrite_summary().dropped.names(), ["CONTEXTIDR_EL1"]);
         assert!(state.postcopy_advised());
         assert_eq!(state.postcopy_outlook(), "recoverable");
         assert_eq!(state.rewrite_summary().cpus_rewritten, 1);
@@ -852,7 +871,7 @@ mod tests {
         result?;
         assert_eq!(received, expected);
         assert_eq!(state.postcopy_outlook(), "unrecoverable");
-        assert_eq!(state.rewrite_summary().dropped, ["CONTEXTIDR_EL1"]);
+        assert_eq!(state.rewrite_summary().dropped.names(), ["CONTEXTIDR_EL1"]);
         Ok(())
     }
 
@@ -936,6 +955,87 @@ mod tests {
         // Nothing of the package reached the destination.
         assert!(received.len() <= before_package.len(), "{}", received.len());
         assert_eq!(received, before_package[..received.len()]);
+        Ok(())
+    }
+
+    /// A stream at the codec's vCPU budget, each vCPU with `per_vcpu` registers the destination
+    /// lacks, all holding `value`.
+    fn many_vcpus(per_vcpu: u64, value: u64) -> Vec<u8> {
+        let mut builder = before_devices();
+        let registers: Vec<(u64, u64)> = (0..per_vcpu)
+            .map(|n| (0x6030_0000_0013_0000 | n, value))
+            .collect();
+        for vcpu in 0..512 {
+            builder.cpu(vcpu, &registers, 0x11);
+        }
+        builder.finish()
+    }
+
+    async fn pump_many_vcpus(
+        bytes: Vec<u8>,
+    ) -> Result<(Result<(), ProxyError>, MigrationState), Box<dyn std::error::Error>> {
+        let setup = RewriteSetup {
+            dest: Arc::new(profile(&[(SCTLR_EL1, 0x30d0_0980)])?),
+            source: None,
+            source_reference: None,
+            policy: Policy::default(),
+        };
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(1 << 16, Some(setup), settings(DEADLINE));
+        let received = receive_all(destination, 1 << 16);
+        let sending = tokio::spawn(async move {
+            source.write_all(&bytes).await?;
+            source.shutdown().await?;
+            let mut back = Vec::new();
+            source.read_to_end(&mut back).await.map(|_| back)
+        });
+        let finished = finish(pump).await?;
+        received.await?;
+        // The source's end may see the pump close it early (refused): either is fine here.
+        let _ = sending.await?;
+        Ok(finished)
+    }
+
+    #[tokio::test]
+    async fn refusing_512_vcpus_names_them_in_one_bounded_line() -> TestResult {
+        let (result, _) = pump_many_vcpus(many_vcpus(64, 0x42)).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::Registers(summaries))) => {
+                assert_eq!(summaries.len(), 1, "{summaries:?}");
+                assert!(
+                    summaries[0].starts_with("vcpu 0-511 (512 vcpus): "),
+                    "{}",
+                    summaries[0]
+                );
+                assert!(
+                    summaries[0].ends_with("and 56 more refused registers"),
+                    "{}",
+                    summaries[0]
+                );
+                assert!(summaries[0].len() < 2048, "{}", summaries[0].len());
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn rewriting_512_vcpus_keeps_a_bounded_summary() -> TestResult {
+        // Zero: unused since reset, dropped on every vCPU.
+        let (result, state) = pump_many_vcpus(many_vcpus(100, 0)).await?;
+        result?;
+        let summary = state.rewrite_summary();
+        assert_eq!(summary.cpus_rewritten, 512);
+        assert_eq!(summary.dropped.count(), 100);
+        assert_eq!(summary.dropped.names().len(), 64);
+        assert!(
+            summary.dropped.to_string().ends_with(" and 36 more"),
+            "{}",
+            summary.dropped
+        );
         Ok(())
     }
 }
