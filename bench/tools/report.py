@@ -104,7 +104,7 @@ def spread_reason(label, summary, what):
     if summary["n"] < 2:
         return f"{label}: a single {what} repetition (no spread to judge)"
     if summary.get("spread_pct", 0) > MAX_SPREAD_PCT:
-        return f"{label}: {what} repetitions spread {summary['spread_pct']:.0f} % (> {MAX_SPREAD_PCT:.0f} %)"
+        return f"{label}: {what} repetitions spread {summary['spread_pct']:.1f} % (> {MAX_SPREAD_PCT:.0f} %)"
     return None
 
 
