@@ -122,6 +122,11 @@ pub enum Refusal {
     /// (DESIGN.md, "Postcopy").
     #[error("postcopy advised at byte {offset}: {outlook}; refused now, while the source still runs its guest (migrate without postcopy-ram, or start migproxy with --unrecoverable-postcopy allow if switches are rare and you accept that risk)")]
     PostcopyUnrecoverable { offset: u64, outlook: String },
+    /// A rewriting proxy without the source's reference description (DESIGN.md, "How the end of
+    /// the phase is recognised"): refused at the main channel's first bytes, before the
+    /// destination is contacted.
+    #[error("this proxy rewrites but has no reference description of the source, so a guest could end the device phase early with bytes forged in its own state; refused before the destination was contacted, the source keeps running its guest (give --source-reference FILE, file key source_reference, made with `migproxy profile capture --save-reference FILE`; or accept that risk with --unreferenced-device-phase allow)")]
+    UnreferencedDevicePhase,
     /// The source switched to postcopy and its package cannot go through: why, and what the
     /// source does now.
     #[error("postcopy package at byte {offset}: {why}; {outcome}")]

@@ -19,10 +19,12 @@ use migproxy_config::Policy;
 
 use crate::cli::policy::{policy_from_args, policy_from_file};
 use crate::cli::RunArgs;
+use crate::cli::UnreferencedDevicePhase;
 use crate::error::ProxyError;
 use crate::migration::admission::Budgets;
-use crate::migration::postcopy::{load_source_reference, UnrecoverablePostcopy};
+use crate::migration::postcopy::UnrecoverablePostcopy;
 use crate::migration::profile_source::{ProfileSource, RewriteConfig};
+use crate::migration::source_reference::SourceReference;
 use crate::net::addr::{Address, ListenSpec, Upstream};
 use crate::net::tls::{admin_server, pinned_client, ListenerTls, TlsSettings};
 use tokio_rustls::TlsConnector;
@@ -49,6 +51,8 @@ pub struct RunConfig {
     pub log_json: bool,
     pub limits: Limits,
     pub unrecoverable_postcopy: UnrecoverablePostcopy,
+    /// Rewriting listeners without a source reference: refuse their migrations or not.
+    pub unreferenced_device_phase: UnreferencedDevicePhase,
     pub budgets: Budgets,
     pub admin_limits: AdminLimits,
 }
@@ -136,8 +140,9 @@ impl RunConfig {
             listener.rewrite.source_reference = args
                 .source_reference
                 .as_deref()
-                .map(load_source_reference)
-                .transpose()?;
+                .map(SourceReference::load)
+                .transpose()?
+                .map(Arc::new);
             listeners.push(listener.checked()?);
         }
         let file_admin = file.as_ref().and_then(|f| f.admin.clone());
@@ -260,20 +265,18 @@ impl RunConfig {
                 "max_sections",
             )?,
         };
-        let unrecoverable_postcopy = match (
+        let unrecoverable_postcopy = flag_or_file_word(
             args.unrecoverable_postcopy,
             file.as_ref()
                 .and_then(|f| f.unrecoverable_postcopy.as_deref()),
-        ) {
-            (Some(flag), _) => flag,
-            (None, Some(word)) => <UnrecoverablePostcopy as clap::ValueEnum>::from_str(word, false)
-                .map_err(|_| {
-                    ProxyError::InvalidConfig(format!(
-                        "unrecoverable_postcopy = {word:?}: expected refuse or allow"
-                    ))
-                })?,
-            (None, None) => UnrecoverablePostcopy::default(),
-        };
+            "unrecoverable_postcopy",
+        )?;
+        let unreferenced_device_phase = flag_or_file_word(
+            args.unreferenced_device_phase,
+            file.as_ref()
+                .and_then(|f| f.unreferenced_device_phase.as_deref()),
+            "unreferenced_device_phase",
+        )?;
         let count =
             |flag: Option<usize>, from_file: Option<usize>, default: usize, name: &str| match flag
                 .or(from_file)
@@ -331,6 +334,7 @@ impl RunConfig {
         Ok(RunConfig {
             limits,
             unrecoverable_postcopy,
+            unreferenced_device_phase,
             budgets,
             admin_limits,
             listeners,
@@ -345,6 +349,21 @@ impl RunConfig {
             identify_timeout: Duration::from_millis(identify_ms),
             log_json: args.log_json || file.as_ref().and_then(|f| f.log_json).unwrap_or(false),
         })
+    }
+}
+
+/// A `refuse|allow` setting: the flag wins over the file's word, absent both the default.
+fn flag_or_file_word<T: clap::ValueEnum + Default>(
+    flag: Option<T>,
+    word: Option<&str>,
+    key: &str,
+) -> Result<T, ProxyError> {
+    match (flag, word) {
+        (Some(flag), _) => Ok(flag),
+        (None, Some(word)) => T::from_str(word, false).map_err(|_| {
+            ProxyError::InvalidConfig(format!("{key} = {word:?}: expected refuse or allow"))
+        }),
+        (None, None) => Ok(T::default()),
     }
 }
 
@@ -432,8 +451,9 @@ impl ListenerConfig {
         listener.rewrite.source_reference = file
             .source_reference
             .as_deref()
-            .map(|path| load_source_reference(std::path::Path::new(path)))
-            .transpose()?;
+            .map(|path| SourceReference::load(std::path::Path::new(path)))
+            .transpose()?
+            .map(Arc::new);
         listener.checked()
     }
 

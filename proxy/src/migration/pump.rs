@@ -34,6 +34,7 @@ use migproxy_codec::{Frame, Limits, MigCommand, PackageDeviceState, RecordKind, 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::codec::Decoder;
 
+use crate::cli::UnreferencedDevicePhase;
 use crate::error::{ProxyError, Refusal};
 use crate::migration::postcopy::{self, SwitchRecovery, UnrecoverablePostcopy};
 use crate::migration::profile_source::RewriteSetup;
@@ -57,6 +58,9 @@ pub struct ChannelSettings {
     pub description_timeout: Duration,
     /// Rewriting proxies only: postcopy from a source that could not take its guest back.
     pub unrecoverable_postcopy: UnrecoverablePostcopy,
+    /// Rewriting proxies without a source reference: refused before the destination is dialed
+    /// (`connection.rs`), or allowed to end the phase at a candidate.
+    pub unreferenced_device_phase: UnreferencedDevicePhase,
 }
 
 /// Pump one main channel until both directions have ended: `source` and `destination` are the
@@ -138,9 +142,19 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         settings: &ChannelSettings,
     ) -> Self {
         let mut decoder = StreamDecoder::new(settings.limits.clone());
-        // Without a rewrite nothing depends on where the device phase ends, so a guest-forged
-        // ending must not stop the migration (DESIGN.md, "How the end of the phase is recognised").
-        decoder.set_checking_relay(rewrite.is_none());
+        // Where the device phase ends (DESIGN.md, "How the end of the phase is recognised"):
+        // without a rewrite nothing depends on it, so a guest-forged ending must not stop the
+        // migration; a rewrite needs it exact, which the source's reference description makes
+        // it. A rewrite without one ends at the first verified candidate, which only
+        // `--unreferenced-device-phase allow` lets through (`connection.rs` refuses otherwise).
+        match rewrite {
+            None => decoder.set_checking_relay(true),
+            Some(setup) => {
+                if let Some(reference) = &setup.source_reference {
+                    decoder.set_reference_description(reference.layout.clone());
+                }
+            }
+        }
         Forward {
             source,
             buffer: BytesMut::with_capacity(READ_BUFFER_BYTES),
@@ -358,7 +372,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'_, R, W> {
         record: &Bytes,
         setup: &RewriteSetup,
     ) -> Result<(), ProxyError> {
-        let Some(reference) = setup.source_reference.as_deref() else {
+        let Some(reference) = setup
+            .source_reference
+            .as_deref()
+            .map(|r| &r.description[..])
+        else {
             return Err(self.package_refused(
                 record,
                 "its device state has no description and no --source-reference gives its layout"
@@ -425,6 +443,7 @@ mod tests {
 
     use super::*;
     use crate::migration::metrics::Metrics;
+    use crate::migration::source_reference::SourceReference;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -440,7 +459,14 @@ mod tests {
             limits: Limits::default(),
             description_timeout,
             unrecoverable_postcopy: UnrecoverablePostcopy::Refuse,
+            unreferenced_device_phase: UnreferencedDevicePhase::Allow,
         }
+    }
+
+    fn reference_of(description: Vec<u8>) -> Arc<SourceReference> {
+        Arc::new(
+            SourceReference::parse(Bytes::from(description), "test").expect("a valid description"),
+        )
     }
 
     fn state() -> MigrationState {
@@ -845,7 +871,7 @@ mod tests {
         let (bytes, reference, _) = switched_stream(&SOURCE_REGISTERS);
         let (expected, _, _) = switched_stream(&DEST_REGISTERS);
         let mut setup = setup_with_source_version("10.0.7")?;
-        setup.source_reference = Some(Arc::new(Bytes::from(reference)));
+        setup.source_reference = Some(reference_of(reference));
         let mut allowing = settings(DEADLINE);
         allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
         let (result, state, received) = pump_stream(bytes, setup, allowing).await?;
@@ -864,7 +890,7 @@ mod tests {
         two.cpu(0, &SOURCE_REGISTERS, 0x11);
         two.cpu(1, &SOURCE_REGISTERS, 0x11);
         let mut setup = setup_with_source_version("11.1.0")?;
-        setup.source_reference = Some(Arc::new(Bytes::from(two.description().into_bytes())));
+        setup.source_reference = Some(reference_of(two.description().into_bytes()));
         let (result, _, received) = pump_stream(bytes.clone(), setup, settings(DEADLINE)).await?;
         match result {
             Err(ProxyError::Refused(Refusal::PostcopyPackage {
@@ -887,7 +913,7 @@ mod tests {
     ) -> TestResult {
         let (bytes, reference, _) = switched_stream(&SOURCE_REGISTERS);
         let mut setup = setup_with_source_version("10.0.7")?;
-        setup.source_reference = Some(Arc::new(Bytes::from(reference)));
+        setup.source_reference = Some(reference_of(reference));
         setup.policy.on_extra = migproxy_config::OnExtra::Refuse;
         let mut allowing = settings(DEADLINE);
         allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
