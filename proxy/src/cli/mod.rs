@@ -73,6 +73,11 @@ pub struct CaptureArgs {
     /// load. `--from-qmp` reads it from QEMU; a stream does not carry it.
     #[arg(long, value_name = "VERSION")]
     pub qemu_version: Option<String>,
+    /// Also write the stream's device-state description to FILE: captured from a fresh VM of
+    /// the *source's* configuration, it is the `--source-reference` a rewriting `migproxy run`
+    /// needs (with --from-stream or --from-qmp).
+    #[arg(long, value_name = "FILE")]
+    pub save_reference: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

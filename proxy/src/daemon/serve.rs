@@ -153,7 +153,7 @@ pub async fn start(
         if ctx.rewrite.rewrites_unreferenced() {
             match ctx.channel.unreferenced_device_phase {
                 UnreferencedDevicePhase::Refuse => {
-                    tracing::warn!(listen = %ctx.listen, "rewriting without --source-reference: every migration on this listener will be refused at its first bytes (a guest could end the device phase early); give --source-reference FILE (made with `migproxy profile capture --save-reference FILE`) or --unreferenced-device-phase allow")
+                    tracing::warn!(listen = %ctx.listen, "rewriting without --source-reference: every migration on this listener is refused at its first bytes (a guest could end the device phase early); give --source-reference FILE (made with `migproxy profile capture --save-reference FILE`) or --unreferenced-device-phase allow")
                 }
                 UnreferencedDevicePhase::Allow => {
                     tracing::warn!(listen = %ctx.listen, "rewriting without --source-reference (--unreferenced-device-phase allow): a guest that forges the end of the device phase in its own state can fail its own migration; nothing corrupt reaches the destination")

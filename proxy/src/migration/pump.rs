@@ -463,10 +463,8 @@ mod tests {
         }
     }
 
-    fn reference_of(description: Vec<u8>) -> Arc<SourceReference> {
-        Arc::new(
-            SourceReference::parse(Bytes::from(description), "test").expect("a valid description"),
-        )
+    fn reference_of(description: Vec<u8>) -> Result<Arc<SourceReference>, ProxyError> {
+        SourceReference::parse(Bytes::from(description), "test").map(Arc::new)
     }
 
     fn state() -> MigrationState {
@@ -871,7 +869,7 @@ mod tests {
         let (bytes, reference, _) = switched_stream(&SOURCE_REGISTERS);
         let (expected, _, _) = switched_stream(&DEST_REGISTERS);
         let mut setup = setup_with_source_version("10.0.7")?;
-        setup.source_reference = Some(reference_of(reference));
+        setup.source_reference = Some(reference_of(reference)?);
         let mut allowing = settings(DEADLINE);
         allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
         let (result, state, received) = pump_stream(bytes, setup, allowing).await?;
@@ -890,7 +888,7 @@ mod tests {
         two.cpu(0, &SOURCE_REGISTERS, 0x11);
         two.cpu(1, &SOURCE_REGISTERS, 0x11);
         let mut setup = setup_with_source_version("11.1.0")?;
-        setup.source_reference = Some(reference_of(two.description().into_bytes()));
+        setup.source_reference = Some(reference_of(two.description().into_bytes())?);
         let (result, _, received) = pump_stream(bytes.clone(), setup, settings(DEADLINE)).await?;
         match result {
             Err(ProxyError::Refused(Refusal::PostcopyPackage {
@@ -913,7 +911,7 @@ mod tests {
     ) -> TestResult {
         let (bytes, reference, _) = switched_stream(&SOURCE_REGISTERS);
         let mut setup = setup_with_source_version("10.0.7")?;
-        setup.source_reference = Some(reference_of(reference));
+        setup.source_reference = Some(reference_of(reference)?);
         setup.policy.on_extra = migproxy_config::OnExtra::Refuse;
         let mut allowing = settings(DEADLINE);
         allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
