@@ -174,17 +174,10 @@ pub fn migration_through_proxy_rewrites_by(
     Ok((summary, daemon))
 }
 
-/// The proxy arguments that give it a reference description of the source's configuration
-/// (a saved stream of a fresh VM of `source`) and let an older source switch to postcopy.
-pub fn source_reference_args(scenario: &Scenario, source: &VmConfig) -> Result<Vec<String>> {
-    let reference = scenario.dir.join("source-fresh.bin");
-    scenario::save_fresh_stream(source, &reference)?;
-    Ok(vec![
-        "--source-reference".to_owned(),
-        reference.display().to_string(),
-        "--unrecoverable-postcopy".to_owned(),
-        "allow".to_owned(),
-    ])
+/// The proxy argument that lets an older source switch to postcopy (the reference description
+/// that rewrites its package comes with `Scenario::profile_args`).
+pub fn allow_unrecoverable_postcopy_args() -> Vec<String> {
+    vec!["--unrecoverable-postcopy".to_owned(), "allow".to_owned()]
 }
 
 /// Source -> `migproxy run` with `proxy_args` -> destination, switched to postcopy after some

@@ -141,8 +141,14 @@ pub enum Refusal {
     Subsections(Vec<String>),
     /// The device-state phase did not end with a verified description within its deadline,
     /// counted from the phase's first byte (not from the last byte: trickling does not extend it).
-    #[error("at byte {offset}: no verified description within {} ms of the start of the device-state phase (suppress-vmdesc, or a source trickling bytes?); device sections cannot be delimited (--description-timeout)", .waited.as_millis())]
-    NoDescription { offset: u64, waited: Duration },
+    /// `last_candidate`: why the last apparent ending did not verify (a source reference of
+    /// another configuration names the device or vmstate here), if there was one.
+    #[error("at byte {offset}: no verified description within {} ms of the start of the device-state phase (suppress-vmdesc, or a source trickling bytes?); device sections cannot be delimited (--description-timeout){}", .waited.as_millis(), .last_candidate.as_ref().map(|why| format!("; the last apparent ending did not verify: {why}")).unwrap_or_default())]
+    NoDescription {
+        offset: u64,
+        waited: Duration,
+        last_candidate: Option<String>,
+    },
 }
 
 /// Why a migration was given up (not a policy refusal).

@@ -214,6 +214,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                     return Err(ProxyError::Refused(Refusal::NoDescription {
                         offset: self.decoder.offset(),
                         waited: self.description_timeout,
+                        last_candidate: self.decoder.description_error().map(|e| e.to_string()),
                     }))
                 }
             }
@@ -260,6 +261,17 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                 // Both QEMUs are stopped until the destination has the device state: release
                 // it before anything else (logging, metrics) runs.
                 self.out.flush().await?;
+                tracing::info!(
+                    bytes = device.wire_len(),
+                    ending = if device.is_confirmed() {
+                        "exact: the source reference's layout"
+                    } else if self.rewrite.is_none() {
+                        "candidate: checking relay, more bytes would continue the phase"
+                    } else {
+                        "candidate: no source reference (--unreferenced-device-phase allow)"
+                    },
+                    "device state forwarded"
+                );
                 report_rewrites(&rewritten, self.state);
                 report_removed_subsections(&removed, self.state);
             }
@@ -687,6 +699,49 @@ mod tests {
         Ok(())
     }
 
+    /// A source reference of another configuration (two vCPUs, the stream has one): the real
+    /// ending does not have its layout, so nothing ends the phase; the source (with a return
+    /// path it waits after EOF) is refused at the deadline with the mismatch named, and nothing
+    /// of the device phase reached the destination.
+    #[tokio::test]
+    async fn a_reference_of_another_configuration_refuses_naming_the_mismatch() -> TestResult {
+        let bytes = stream(&[(SCTLR_EL1, 0x30d0_0980)]).finish();
+        let mut two = StreamBuilder::new("virt-7.2");
+        two.cpu(0, &[(SCTLR_EL1, 0x30d0_0980)], 1);
+        two.cpu(1, &[(SCTLR_EL1, 0x30d0_0980)], 1);
+        let mut setup = RewriteSetup {
+            dest: Arc::new(Profile::from_vcpus(
+                Accel::Tcg,
+                &[(0, vec![(SCTLR_EL1, 0)])],
+            )?),
+            source: None,
+            source_reference: None,
+            policy: Policy::default(),
+        };
+        setup.source_reference = Some(reference_of(two.description().into_bytes())?);
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(1 << 16, Some(setup), settings(Duration::from_millis(300)));
+        let received = receive_all(destination, 1 << 16);
+        source.write_all(&bytes).await?;
+        let (result, _) = finish(pump).await?;
+        match result {
+            Err(ProxyError::Refused(refusal @ Refusal::NoDescription { .. })) => {
+                let text = refusal.to_string();
+                assert!(
+                    text.contains("layout of the reference description"),
+                    "{text}"
+                );
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(received.await?, bytes[..device_phase_start()]);
+        drop(source);
+        Ok(())
+    }
+
     /// Finding: the description wait used to be reset by any byte, so a source trickling its
     /// device phase kept both QEMUs stopped for as long as it liked. The deadline counts from
     /// the phase's first read.
@@ -715,7 +770,7 @@ mod tests {
         });
         let (result, _) = finish(pump).await?;
         match result {
-            Err(ProxyError::Refused(Refusal::NoDescription { offset, waited })) => {
+            Err(ProxyError::Refused(Refusal::NoDescription { offset, waited, .. })) => {
                 assert_eq!(offset, u64::try_from(phase)?);
                 assert_eq!(waited, Duration::from_millis(300));
             }
