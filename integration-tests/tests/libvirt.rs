@@ -394,14 +394,15 @@ fn dest_prerouting_redirect(s: &mut Scenario, from: &Host, to: &Host) -> Result<
     result
 }
 
-/// deploy/systemd/config.toml with the example profile and admin TLS paths replaced by the fresh
-/// profiles and credentials made here.
+/// deploy/systemd/config.toml with the example profile, reference and admin TLS paths replaced by
+/// the fresh profiles, reference and credentials made here.
 fn shipped_config(s: &mut Scenario, from: &Host, to: &Host) -> Result<std::path::PathBuf> {
     let path = repo_root().join("deploy/systemd/config.toml");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let dest = s.profile(&a64fx(to.version))?;
     let source = s.profile(&a64fx(from.version))?;
+    let reference = s.reference(&a64fx(from.version))?;
     let mut config = text.clone();
     // The admin endpoint serves HTTPS from this directory (server pair, and the CA for profiles).
     let admin_tls = s.dir.join("admin-tls");
@@ -413,6 +414,10 @@ fn shipped_config(s: &mut Scenario, from: &Host, to: &Host) -> Result<std::path:
     config = config.replace(example_admin_tls, &admin_tls.display().to_string());
     for (example, actual) in [
         ("/etc/migproxy/profiles/a64fx-virt-7.2-source.json", &source),
+        (
+            "/etc/migproxy/profiles/a64fx-virt-7.2-source-reference.json",
+            &reference,
+        ),
         ("/etc/migproxy/profiles/a64fx-virt-7.2.json", &dest),
     ] {
         let quoted = format!("\"{example}\"");
@@ -628,7 +633,8 @@ fn proxy_in_port_range_breaks_port_picker(s: &mut Scenario, from: &Host, to: &Ho
     })
 }
 
-/// Both fresh profiles (captured from plain QEMU with the domain's machine, CPU and vCPUs).
+/// Both fresh profiles and the source reference (captured from plain QEMU with the domain's
+/// machine, CPU and vCPUs: the domain adds no device, so its device state has the same layout).
 fn profile_args(s: &mut Scenario, from: &Host, to: &Host) -> Result<Vec<String>> {
     s.profile_args(&a64fx(from.version), &a64fx(to.version))
 }

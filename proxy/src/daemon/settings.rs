@@ -467,3 +467,64 @@ impl ListenerConfig {
         Ok(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn run_config(toml: &str, flags: &[&str]) -> Result<RunConfig, ProxyError> {
+        let dir = std::env::temp_dir().join(format!(
+            "migproxy-settings-{}-{}",
+            std::process::id(),
+            toml.len() + flags.len()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        let listener =
+            "[[listener]]\nlisten = \"tcp:127.0.0.1:0\"\nupstream = \"tcp:127.0.0.1:1\"\n";
+        std::fs::write(&path, format!("{toml}{listener}")).unwrap();
+        let path = path.display().to_string();
+        let mut argv = vec!["migproxy", "run", "--config", &path, "--admin", "none"];
+        argv.extend_from_slice(flags);
+        let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not a run command");
+        };
+        RunConfig::from_args(&args)
+    }
+
+    #[test]
+    fn the_unreferenced_device_phase_refuses_by_default_and_the_file_or_flag_allows_it() {
+        let defaulted = run_config("", &[]).unwrap();
+        assert_eq!(
+            defaulted.unreferenced_device_phase,
+            UnreferencedDevicePhase::Refuse
+        );
+        let allowed = run_config("unreferenced_device_phase = \"allow\"\n", &[]).unwrap();
+        assert_eq!(
+            allowed.unreferenced_device_phase,
+            UnreferencedDevicePhase::Allow
+        );
+        // The flag wins over the file.
+        let flagged = run_config(
+            "unreferenced_device_phase = \"allow\"\n",
+            &["--unreferenced-device-phase", "refuse"],
+        )
+        .unwrap();
+        assert_eq!(
+            flagged.unreferenced_device_phase,
+            UnreferencedDevicePhase::Refuse
+        );
+        let wrong = run_config("unreferenced_device_phase = \"maybe\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            wrong.contains("unreferenced_device_phase = \"maybe\": expected refuse or allow"),
+            "{wrong}"
+        );
+    }
+}
