@@ -56,14 +56,11 @@ impl SourceReference {
         let name = path.display().to_string();
         let invalid =
             |what: String| ProxyError::InvalidConfig(format!("source reference {name}: {what}"));
-        let mut file = File::open(path).map_err(|e| ProxyError::io(format!("open {name}"), e))?;
-        let size = file
-            .metadata()
-            .map_err(|e| ProxyError::io(format!("stat {name}"), e))?
-            .len();
+        let unreadable = |e: std::io::Error| invalid(format!("cannot read it: {e}"));
+        let mut file = File::open(path).map_err(unreadable)?;
+        let size = file.metadata().map_err(unreadable)?.len();
         let mut magic = [0u8; 4];
-        let head = read_up_to(&mut file, &mut magic)
-            .map_err(|e| ProxyError::io(format!("reading {name}"), e))?;
+        let head = read_up_to(&mut file, &mut magic).map_err(unreadable)?;
         let file = std::io::Cursor::new(magic.get(..head).unwrap_or_default().to_vec()).chain(file);
         if head == STREAM_MAGIC.len() && &magic == STREAM_MAGIC {
             if size > MAX_REFERENCE_STREAM_BYTES {
@@ -71,7 +68,8 @@ impl SourceReference {
                     "a saved stream of {size} bytes is over the {MAX_REFERENCE_STREAM_BYTES}-byte budget (save only the description: migproxy profile capture --save-reference)"
                 )));
             }
-            let description = stream_description(file.take(MAX_REFERENCE_STREAM_BYTES), &name)?;
+            let description = stream_description(file.take(MAX_REFERENCE_STREAM_BYTES))
+                .map_err(|why| invalid(format!("a saved stream, but {why}")))?;
             return SourceReference::parse(description, &name);
         }
         if size > MAX_REFERENCE_JSON_BYTES {
@@ -82,7 +80,7 @@ impl SourceReference {
         let mut text = Vec::new();
         file.take(MAX_REFERENCE_JSON_BYTES)
             .read_to_end(&mut text)
-            .map_err(|e| ProxyError::io(format!("reading {name}"), e))?;
+            .map_err(unreadable)?;
         if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(invalid(
                 "neither a saved migration stream (it does not start with QEVM) nor a description JSON object".into(),
@@ -92,8 +90,8 @@ impl SourceReference {
     }
 }
 
-/// The description a saved stream ends with.
-fn stream_description(reader: impl Read, name: &str) -> Result<Bytes, ProxyError> {
+/// The description a saved stream ends with; why there is none, if so.
+fn stream_description(reader: impl Read) -> Result<Bytes, String> {
     let mut decoder = StreamDecoder::new(Limits::default());
     let mut description = None;
     decode_reader::<_, ReadError>(reader, &mut decoder, |_, frame| {
@@ -103,11 +101,12 @@ fn stream_description(reader: impl Read, name: &str) -> Result<Bytes, ProxyError
         Ok(())
     })
     .map_err(|err| match err {
-        ReadError::Decode(err) => ProxyError::Decode(err),
-        ReadError::Io(err) => ProxyError::io(format!("reading {name}"), err),
+        ReadError::Decode(err) => format!("it does not decode: {err}"),
+        ReadError::Io(err) => format!("it cannot be read: {err}"),
     })?;
-    description.ok_or(ProxyError::NoDeviceState {
-        origin: name.to_owned(),
+    description.ok_or_else(|| {
+        "it has no device state with a description (a postcopy stream, or suppress-vmdesc)"
+            .to_owned()
     })
 }
 
@@ -208,6 +207,23 @@ mod tests {
     fn a_truncated_stream_is_an_error_not_a_reference() {
         let stream = small_stream();
         let path = temp_file("cut.bin", stream.get(..stream.len() - 10).unwrap());
-        assert!(SourceReference::load(&path).is_err());
+        let err = SourceReference::load(&path).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err = err.to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(
+            err.contains("a saved stream, but it does not decode"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_file_is_a_configuration_error_naming_it() {
+        let path = std::env::temp_dir().join("migproxy-no-such-reference.json");
+        let err = SourceReference::load(&path).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err = err.to_string();
+        assert!(err.contains("source reference"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
     }
 }
