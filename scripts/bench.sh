@@ -80,6 +80,7 @@ run() {
 missing=()
 command -v socat >/dev/null || missing+=(socat)
 command -v haproxy >/dev/null || missing+=(haproxy)
+command -v valgrind >/dev/null || missing+=(valgrind)
 "$python" -c 'import matplotlib' 2>/dev/null || missing+=(python3-matplotlib)
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
@@ -184,6 +185,11 @@ run "$migbench" switchover --stream "$small" --iterations "$switchover_iter" --l
     --out "$results/switchover.json" \
     --relay "$relay_direct" --relay "$relay_socat" --relay "$relay_haproxy" --relay "$relay_tokio" \
     --relay "$relay_migproxy" --relay "$relay_rewrite" --relay "$relay_rewrite72"
+
+# Instructions per switchover (migproxy under callgrind; report part: bench/tools/report_switchover.py).
+run "$python" "$tools/switchover_instructions.py" --migbench "$migbench" --migproxy "$migproxy" --stream "$small" \
+    --dest-profile "$results/dest-profile.json" --dest-profile-q72 "$results/dest-profile-q72.json" \
+    --work-dir "$results/instructions" --out "$results/switchover-instructions.json"
 
 run "$migbench" scale --stream "$scale_stream" --concurrency "$scale_conc" --reps "$scale_reps" \
     --log-dir "$results/logs" --out "$results/scale.json" \
