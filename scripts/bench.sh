@@ -171,7 +171,10 @@ run "$python" "$tools/qemu_bench.py" warm "${warm_files[@]}" >"$results/warm.jso
 
 # The rewrite path: a destination profile captured from the same stream, so every `cpu`
 # section goes through rewrite + re-encode while the result stays loadable.
-run "$migproxy" profile capture --from-stream "$small" -o "$results/dest-profile.json"
+# Every capture is a `-smp 4` virt-10.0 VM of the same devices (only RAM differs), so the small one's
+# description is the source reference of all of them: a rewriting migproxy needs one.
+run "$migproxy" profile capture --from-stream "$small" -o "$results/dest-profile.json" \
+    --save-reference "$results/source-reference.json"
 # A rewrite that changes bytes: the register profile of a QEMU 7.2 a64fx destination (the acceptance
 # scenario's), with the source's own profile telling which nonzero values are reset defaults.
 run "$migproxy" profile capture --from-stream "$cache/small-4vcpu-q72.bin" -o "$results/dest-profile-q72.json"
@@ -200,8 +203,8 @@ relay_socat="socat=socat -b 1048576 TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr
 relay_haproxy="haproxy=haproxy -db -f $results/haproxy.cfg"
 relay_tokio="tokio-relay=$tokio_relay --listen 127.0.0.1:{listen} --upstream 127.0.0.1:{upstream}"
 relay_migproxy="migproxy=$migproxy run --admin none --listen tcp:127.0.0.1:{listen} --upstream tcp:127.0.0.1:{upstream}"
-relay_rewrite="migproxy-rewrite=$migproxy run --admin none --listen tcp:127.0.0.1:{listen} --upstream tcp:127.0.0.1:{upstream} --dest-profile $results/dest-profile.json"
-relay_rewrite72="migproxy-to-7.2=$migproxy run --admin none --listen tcp:127.0.0.1:{listen} --upstream tcp:127.0.0.1:{upstream} --dest-profile $results/dest-profile-q72.json --source-profile $results/dest-profile.json"
+relay_rewrite="migproxy-rewrite=$migproxy run --admin none --listen tcp:127.0.0.1:{listen} --upstream tcp:127.0.0.1:{upstream} --dest-profile $results/dest-profile.json --source-reference $results/source-reference.json"
+relay_rewrite72="migproxy-to-7.2=$migproxy run --admin none --listen tcp:127.0.0.1:{listen} --upstream tcp:127.0.0.1:{upstream} --dest-profile $results/dest-profile-q72.json --source-profile $results/dest-profile.json --source-reference $results/source-reference.json"
 
 run "$migbench" throughput --stream "$big" --reps "$reps" --warmup "$warmup" --log-dir "$results/logs" --out "$results/throughput.json" \
     --relay "$relay_direct" --relay "$relay_socat" --relay "$relay_haproxy" --relay "$relay_tokio" \
@@ -277,10 +280,13 @@ if "$migbench" multifd-relay --help >/dev/null 2>&1; then
         --out "$results/multifd/multifd-relay.json" --relay "copy=$raw copy" --relay "splice=$raw splice" ||
         { log "multifd part failed (see above)"; mv "$results/multifd" "$results/multifd.failed"; }
 fi
-if [ -f bench/tools/report_switchover.py ]; then
-    mkdir -p "$results/switchover-instructions"
-    # instructions per switchover (report_switchover.py reads its JSON there):
-    : # run ... --out "$results/switchover-instructions/..."
+if [ -f "$tools/switchover_instructions.py" ]; then
+    # Instructions per switchover (migproxy under callgrind; report part: bench/tools/report_switchover.py,
+    # which reads switchover-instructions.json next to switchover.json).
+    run "$python" "$tools/switchover_instructions.py" --migbench "$migbench" --migproxy "$migproxy" --stream "$small" \
+        --dest-profile "$results/dest-profile.json" --dest-profile-q72 "$results/dest-profile-q72.json" \
+        --work-dir "$results/instructions" --out "$results/switchover-instructions.json" ||
+        { log "switchover instructions part failed (see above)"; rm -f "$results/switchover-instructions.json"; }
 fi
 
 # --- 9. report ------------------------------------------------------------------------------

@@ -638,40 +638,51 @@ def chart(results, tp, sw, sc, qemu_rows, png):
     fig.savefig(png, dpi=90)
 
 
-# Parts measured by other scripts: (key = their results subdirectory, module next to this file,
-# title, has a chart). scripts/bench.sh gives each part $RESULTS/<key>/. Each module exposes
-# section(results_dir) -> markdown and targets(results_dir) -> rows; a module that is not in this
-# checkout, raises, or finds no results of this run is reported as not run in this run.
+# Parts measured by other scripts. Each module exposes section(results_dir) -> markdown and
+# targets(results_dir) -> rows. key: where scripts/bench.sh puts the part's results
+# ($RESULTS/<key>/, or $RESULTS itself with `shared`, the part's results file named by `needs`);
+# a module that is not in this checkout, raises, or finds no results of this run is reported as not
+# run in this run. The switchover module's targets are the switchover latency targets this report
+# already judges (with plausibility) from switchover.json, so only its instruction counts are taken.
 PARTS = (
-    ("two-host", "report_two_host", "Two hosts on shaped links (real QEMU guests)", True),
-    ("multifd", "report_multifd", "Multifd raw relay: splice vs copy", False),
-    ("switchover-instructions", "report_switchover", "Switchover: instructions per switchover", False),
+    {"key": "two-host", "module": "report_two_host", "title": "Two hosts on shaped links (real QEMU guests)",
+     "chart": True, "shared": False, "needs": None, "targets": True},
+    {"key": "multifd", "module": "report_multifd", "title": "Multifd raw relay: splice vs copy",
+     "chart": False, "shared": False, "needs": None, "targets": True},
+    {"key": "switchover-instructions", "module": "report_switchover",
+     "title": "Switchover: instructions per switchover", "chart": False, "shared": True,
+     "needs": "switchover-instructions.json", "targets": False, "from": "Instructions counted by"},
 )
 
 
 def optional_parts(results, png):
     """[(key, title, markdown or None, reason when None, target rows, chart file or None)]"""
     parts = []
-    for key, module_name, title, has_chart in PARTS:
-        part_dir = os.path.join(results, key)
-        if os.path.isdir(part_dir + ".failed"):
+    for part in PARTS:
+        key, title = part["key"], part["title"]
+        part_dir = results if part["shared"] else os.path.join(results, key)
+        if os.path.isdir(os.path.join(results, key + ".failed")):
             parts.append((key, title, None, f"its run failed (partial results in `$RESULTS/{key}.failed`)", [], None))
             continue
-        if not os.path.isdir(part_dir) or not os.listdir(part_dir):
+        present = (os.path.exists(os.path.join(part_dir, part["needs"])) if part["needs"]
+                   else os.path.isdir(part_dir) and os.listdir(part_dir))
+        if not present:
             parts.append((key, title, None, "no results in this run", [], None))
             continue
-        chart_png = f"{os.path.splitext(png)[0]}-{key}.png" if has_chart else None
+        chart_png = f"{os.path.splitext(png)[0]}-{key}.png" if part["chart"] else None
         try:
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(part["module"])
         except ImportError as e:
             parts.append((key, title, None, f"its report module is not in this checkout ({e})", [], None))
             continue
         try:
             section = module.section(part_dir)
-            rows = list(module.targets(part_dir) or []) if section else []
+            rows = list(module.targets(part_dir) or []) if section and part["targets"] else []
         except Exception as e:  # a part's failure must not hide the rest of the report
             parts.append((key, title, None, f"no results ({type(e).__name__}: {e})", [], None))
             continue
+        if section and part.get("from") and part["from"] in section:
+            section = section[section.index(part["from"]):]
         if not section or not section.strip():
             parts.append((key, title, None, "no results in this run", [], None))
             continue

@@ -15,6 +15,9 @@
 //!                                     # relayed (splice applies to plain TCP on both sides)
 //! unrecoverable_postcopy = "refuse"   # or "allow": postcopy from a source that cannot take its
 //!                                     # guest back after a refused switch
+//! unreferenced_device_phase = "refuse"  # or "allow": a rewriting listener without
+//!                                     # source_reference recognises the end of the device phase
+//!                                     # without it (a guest can then fail its own migration)
 //! max_migrations = 16                 # budgets: migrations in progress at once,
 //! max_connections_per_source = 64     # open connections from one source host,
 //! max_connections = 1024              # open migration connections in all,
@@ -36,7 +39,8 @@
 //! upstream = "tcp:dest.example:4444"  # or tcp:HOST:FIRST-LAST, original-dst, tproxy
 //! dest_profile = "https://dest.example:9444/profiles/a64fx-7.2"  # a file, https:// or http:// URL
 //! source_profile = "/etc/migproxy/a64fx-10.0.json"              # optional
-//! source_reference = "/etc/migproxy/a64fx-10.0-fresh.bin"        # optional: rewrite postcopy packages
+//! source_reference = "/etc/migproxy/a64fx-10.0-reference.json"  # needed with dest_profile: the
+//!                                     # source's reference description (or a saved fresh stream)
 //! tls_creds = "/etc/pki/qemu"         # optional: TLS on both legs, QEMU's credential layout
 //! tls_verify_peer = true              # default: require the source's client certificate
 //! tls_hostname = "dest.example"       # optional: name in the destination's certificate
@@ -81,6 +85,8 @@ pub struct RunFile {
     pub raw_relay: Option<String>,
     /// `refuse` or `allow`, as `--unrecoverable-postcopy` spells it.
     pub unrecoverable_postcopy: Option<String>,
+    /// `refuse` or `allow`, as `--unreferenced-device-phase` spells it.
+    pub unreferenced_device_phase: Option<String>,
     /// Budgets (README, "Budgets"); absent: the daemon's defaults.
     pub max_migrations: Option<usize>,
     pub max_connections_per_source: Option<usize>,
@@ -116,7 +122,8 @@ pub struct ListenerFile {
     pub dest_profile: Option<String>,
     /// A profile file or an `https://` or `http://` URL.
     pub source_profile: Option<String>,
-    /// A saved stream of a fresh VM of the source's configuration (postcopy packages).
+    /// The source's reference description (JSON) or a saved stream of a fresh VM of the
+    /// source's configuration: the exact end of the device phase, and postcopy packages.
     pub source_reference: Option<String>,
     /// TLS on both legs: a QEMU-style credential directory.
     pub tls_creds: Option<String>,

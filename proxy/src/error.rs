@@ -122,6 +122,11 @@ pub enum Refusal {
     /// (DESIGN.md, "Postcopy").
     #[error("postcopy advised at byte {offset}: {outlook}; refused now, while the source still runs its guest (migrate without postcopy-ram, or start migproxy with --unrecoverable-postcopy allow if switches are rare and you accept that risk)")]
     PostcopyUnrecoverable { offset: u64, outlook: String },
+    /// A rewriting proxy without the source's reference description (DESIGN.md, "How the end of
+    /// the phase is recognised"): refused at the main channel's first bytes, before the
+    /// destination is contacted.
+    #[error("this proxy rewrites but has no reference description of the source, so a guest could end the device phase early with bytes forged in its own state; refused before the destination was contacted, the source keeps running its guest (give --source-reference FILE, file key source_reference, made with `migproxy profile capture --save-reference FILE`; or accept that risk with --unreferenced-device-phase allow)")]
+    UnreferencedDevicePhase,
     /// The source switched to postcopy and its package cannot go through: why, and what the
     /// source does now.
     #[error("postcopy package at byte {offset}: {why}; {outcome}")]
@@ -136,21 +141,14 @@ pub enum Refusal {
     Subsections(Vec<String>),
     /// The device-state phase did not end with a verified description within its deadline,
     /// counted from the phase's first byte (not from the last byte: trickling does not extend it).
-    #[error("at byte {offset}: no verified description within {} ms of the start of the device-state phase (suppress-vmdesc, a description over --max-description, or a source trickling bytes?); device sections cannot be delimited (--description-timeout){}", .waited.as_millis(), last_walk_note(.last_walk))]
+    /// `last_candidate`: why the last apparent ending did not verify (a source reference of
+    /// another configuration names the device or vmstate here), if there was one.
+    #[error("at byte {offset}: no verified description within {} ms of the start of the device-state phase (suppress-vmdesc, a description over --max-description, or a source trickling bytes?); device sections cannot be delimited (--description-timeout){}", .waited.as_millis(), .last_candidate.as_ref().map(|why| format!("; the last apparent ending did not verify: {why}")).unwrap_or_default())]
     NoDescription {
         offset: u64,
         waited: Duration,
-        /// Why the last ending that looked like a description did not verify (a budget such
-        /// as max_cpus is checked there): the likelier cause, when there was one.
-        last_walk: Option<String>,
+        last_candidate: Option<String>,
     },
-}
-
-fn last_walk_note(last_walk: &Option<String>) -> String {
-    match last_walk {
-        Some(why) => format!("; the last candidate ending did not verify: {why}"),
-        None => String::new(),
-    }
 }
 
 /// Why a migration was given up (not a policy refusal).

@@ -74,6 +74,11 @@ pub struct CaptureArgs {
     /// load. `--from-qmp` reads it from QEMU; a stream does not carry it.
     #[arg(long, value_name = "VERSION")]
     pub qemu_version: Option<String>,
+    /// Also write the stream's device-state description to FILE: captured from a fresh VM of
+    /// the *source's* configuration, it is the `--source-reference` a rewriting `migproxy run`
+    /// needs (with --from-stream or --from-qmp).
+    #[arg(long, value_name = "FILE")]
+    pub save_reference: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -127,6 +132,20 @@ pub enum UnrecoverablePostcopy {
     #[default]
     Refuse,
     /// Let it go on; a switch would then be refused at the package and lose the guest.
+    Allow,
+}
+
+/// What a rewriting proxy without a source reference does (`--unreferenced-device-phase`).
+/// Without the source's reference description the end of the device phase is only a candidate
+/// the guest could have forged inside its own state (DESIGN.md, "How the end of the phase is
+/// recognised").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum UnreferencedDevicePhase {
+    /// Refuse every migration at its first bytes, before the destination is contacted.
+    #[default]
+    Refuse,
+    /// End the phase at the first verified candidate: a guest can fail (not corrupt) its own
+    /// migration.
     Allow,
 }
 
@@ -212,10 +231,12 @@ pub struct RunArgs {
     /// A profile of a fresh VM with the source's configuration: a file or an `https://`/`http://` URL.
     #[arg(long, value_name = "PROFILE|URL", env = "MIGPROXY_SOURCE_PROFILE")]
     pub source_profile: Option<String>,
-    /// A saved stream of a fresh VM with the source's configuration (the one a source profile is
-    /// captured from): its description is the layout of a postcopy package's device state, so a
-    /// switch to postcopy can be rewritten (docs/postcopy.md).
-    #[arg(long, value_name = "STREAM", env = "MIGPROXY_SOURCE_REFERENCE")]
+    /// The reference description of a fresh VM with the source's configuration: a saved stream
+    /// of it (the one a source profile is captured from) or the description JSON that
+    /// `migproxy profile capture --save-reference FILE` writes. It makes the end of the device
+    /// phase exact (a guest cannot forge it) and gives a postcopy package its layout. Needed
+    /// by a rewriting proxy unless --unreferenced-device-phase allow.
+    #[arg(long, value_name = "FILE", env = "MIGPROXY_SOURCE_REFERENCE")]
     pub source_reference: Option<PathBuf>,
     /// Admin address serving /metrics, /healthz, /readyz and /profiles/NAME (`none` disables it).
     /// Default: tcp:127.0.0.1:9444.
@@ -282,6 +303,19 @@ pub struct RunArgs {
         env = "MIGPROXY_UNRECOVERABLE_POSTCOPY"
     )]
     pub unrecoverable_postcopy: Option<UnrecoverablePostcopy>,
+    /// With a rewrite but no --source-reference: `refuse` every migration at its first bytes
+    /// (default; the source keeps running its guest, the destination is not contacted) or
+    /// `allow` the end of the device phase to be recognised without a reference. What `allow`
+    /// exposes: a guest that writes a forged ending into its own registers can make the
+    /// migration fail (the proxy closes both sides, the source keeps the guest); nothing
+    /// corrupt reaches the destination. See DESIGN.md.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "refuse|allow",
+        env = "MIGPROXY_UNREFERENCED_DEVICE_PHASE"
+    )]
+    pub unreferenced_device_phase: Option<UnreferencedDevicePhase>,
     /// Largest postcopy PACKAGED blob (checking relay), in bytes (default 256 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_PACKAGED")]
     pub max_packaged: Option<usize>,

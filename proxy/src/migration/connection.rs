@@ -23,7 +23,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::error::ProxyError;
+use crate::cli::UnreferencedDevicePhase;
+use crate::error::{ProxyError, Refusal};
 use crate::migration::admission::{Admission, ConnectionSlot};
 use crate::migration::identify::{self, ChannelKind, FirstBytes};
 use crate::migration::metrics::{Metrics, TurnedAway};
@@ -245,16 +246,31 @@ async fn identify_and_carry(
 
 /// The profiles of a migration are fetched when its main channel arrives, before the destination
 /// is contacted: a host upgraded in place advertises its new register list, and a fetch failure
-/// costs the destination nothing.
+/// costs the destination nothing. A rewrite without the source's reference description is
+/// refused here, at the first bytes, unless `--unreferenced-device-phase allow`: its device
+/// phase could end on a guest-forged description (DESIGN.md, "How the end of the phase is
+/// recognised"), and refusing now costs neither the guest nor the destination anything.
 async fn resolve_rewrite(
     kind: ChannelKind,
     ctx: &ListenerCtx,
 ) -> Result<Option<RewriteSetup>, ProxyError> {
-    if kind == ChannelKind::Main {
-        ctx.rewrite.resolve().await
-    } else {
-        Ok(None)
+    if kind != ChannelKind::Main {
+        return Ok(None);
     }
+    let setup = ctx.rewrite.resolve().await?;
+    if let Some(setup) = &setup {
+        if setup.source_reference.is_none() {
+            match ctx.channel.unreferenced_device_phase {
+                UnreferencedDevicePhase::Refuse => {
+                    return Err(ProxyError::Refused(Refusal::UnreferencedDevicePhase))
+                }
+                UnreferencedDevicePhase::Allow => tracing::warn!(
+                    "rewriting without a source reference (--unreferenced-device-phase allow): a guest can end the device phase early and fail its own migration"
+                ),
+            }
+        }
+    }
+    Ok(setup)
 }
 
 /// Carry one identified channel to its dialed destination: the main channel through the decoder

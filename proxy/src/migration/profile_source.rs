@@ -6,11 +6,10 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-
 use migproxy_config::{Policy, Profile};
 
 use crate::error::{Abort, HttpFailure, ProfileRole, ProxyError};
+use crate::migration::source_reference::SourceReference;
 use crate::net::http_client::{self, FetchBudget};
 use tokio_rustls::TlsConnector;
 
@@ -116,8 +115,9 @@ impl ProfileSource {
 pub struct RewriteConfig {
     pub dest: Option<ProfileSource>,
     pub source: Option<ProfileSource>,
-    /// The description of a fresh VM of the source's configuration (postcopy packages).
-    pub source_reference: Option<Arc<Bytes>>,
+    /// The description of a fresh VM of the source's configuration: the exact end of the device
+    /// phase, and the layout of postcopy packages.
+    pub source_reference: Option<Arc<SourceReference>>,
     pub policy: Policy,
     /// Deadline and size budget of each profile fetch (`--profile-fetch-timeout`,
     /// `--max-profile`).
@@ -129,12 +129,18 @@ pub struct RewriteConfig {
 pub struct RewriteSetup {
     pub dest: Arc<Profile>,
     pub source: Option<Arc<Profile>>,
-    /// The layout of a postcopy package's device state (`RewriteConfig::source_reference`).
-    pub source_reference: Option<Arc<Bytes>>,
+    /// See `RewriteConfig::source_reference`.
+    pub source_reference: Option<Arc<SourceReference>>,
     pub policy: Policy,
 }
 
 impl RewriteConfig {
+    /// It rewrites without the source's reference description: the end of its device phase can
+    /// only be recognised by a candidate the guest could forge.
+    pub fn rewrites_unreferenced(&self) -> bool {
+        self.dest.is_some() && self.source_reference.is_none()
+    }
+
     pub async fn resolve(&self) -> Result<Option<RewriteSetup>, ProxyError> {
         let Some(dest) = &self.dest else {
             return Ok(None);

@@ -34,6 +34,7 @@ use migproxy_codec::{Frame, Limits, MigCommand, PackageDeviceState, RecordKind, 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::codec::Decoder;
 
+use crate::cli::UnreferencedDevicePhase;
 use crate::error::{ProxyError, Refusal};
 use crate::migration::postcopy::{self, SwitchRecovery, UnrecoverablePostcopy};
 use crate::migration::profile_source::RewriteSetup;
@@ -61,6 +62,9 @@ pub struct ChannelSettings {
     pub write_stall_timeout: Duration,
     /// How long connecting to the destination (and its TLS handshake) may take.
     pub dial_timeout: Duration,
+    /// Rewriting proxies without a source reference: refused before the destination is dialed
+    /// (`connection.rs`), or allowed to end the phase at a candidate.
+    pub unreferenced_device_phase: UnreferencedDevicePhase,
 }
 
 /// Pump one main channel until both directions have ended: `source` and `destination` are the
@@ -150,9 +154,19 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         settings: &ChannelSettings,
     ) -> Self {
         let mut decoder = StreamDecoder::new(settings.limits.clone());
-        // Without a rewrite nothing depends on where the device phase ends, so a guest-forged
-        // ending must not stop the migration (DESIGN.md, "How the end of the phase is recognised").
-        decoder.set_checking_relay(rewrite.is_none());
+        // Where the device phase ends (DESIGN.md, "How the end of the phase is recognised"):
+        // without a rewrite nothing depends on it, so a guest-forged ending must not stop the
+        // migration; a rewrite needs it exact, which the source's reference description makes
+        // it. A rewrite without one ends at the first verified candidate, which only
+        // `--unreferenced-device-phase allow` lets through (`connection.rs` refuses otherwise).
+        match rewrite {
+            None => decoder.set_checking_relay(true),
+            Some(setup) => {
+                if let Some(reference) = &setup.source_reference {
+                    decoder.set_reference_description(reference.layout.clone());
+                }
+            }
+        }
         Forward {
             source,
             buffer: BytesMut::with_capacity(READ_BUFFER_BYTES),
@@ -216,7 +230,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                     return Err(ProxyError::Refused(Refusal::NoDescription {
                         offset: self.decoder.offset(),
                         waited: self.description_timeout,
-                        last_walk: self.decoder.description_error().map(ToString::to_string),
+                        last_candidate: self.decoder.description_error().map(|e| e.to_string()),
                     }))
                 }
             }
@@ -263,6 +277,17 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                 // Both QEMUs are stopped until the destination has the device state: release
                 // it before anything else (logging, metrics) runs.
                 self.out.flush().await?;
+                tracing::info!(
+                    bytes = device.wire_len(),
+                    ending = if device.is_confirmed() {
+                        "exact: the source reference's layout"
+                    } else if self.rewrite.is_none() {
+                        "candidate: checking relay, more bytes would continue the phase"
+                    } else {
+                        "candidate: no source reference (--unreferenced-device-phase allow)"
+                    },
+                    "device state forwarded"
+                );
                 report_rewrites(&rewritten, self.state);
                 report_removed_subsections(&removed, self.state);
             }
@@ -375,7 +400,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'_, R, W> {
         record: &Bytes,
         setup: &RewriteSetup,
     ) -> Result<(), ProxyError> {
-        let Some(reference) = setup.source_reference.as_deref() else {
+        let Some(reference) = setup
+            .source_reference
+            .as_deref()
+            .map(|r| &r.description[..])
+        else {
             return Err(self.package_refused(
                 record,
                 "its device state has no description and no --source-reference gives its layout"
@@ -442,6 +471,7 @@ mod tests {
 
     use super::*;
     use crate::migration::metrics::Metrics;
+    use crate::migration::source_reference::SourceReference;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -459,7 +489,12 @@ mod tests {
             unrecoverable_postcopy: UnrecoverablePostcopy::Refuse,
             write_stall_timeout: DEADLINE,
             dial_timeout: DEADLINE,
+            unreferenced_device_phase: UnreferencedDevicePhase::Allow,
         }
+    }
+
+    fn reference_of(description: Vec<u8>) -> Result<Arc<SourceReference>, ProxyError> {
+        SourceReference::parse(Bytes::from(description), "test").map(Arc::new)
     }
 
     fn state() -> MigrationState {
@@ -682,6 +717,49 @@ mod tests {
         Ok(())
     }
 
+    /// A source reference of another configuration (two vCPUs, the stream has one): the real
+    /// ending does not have its layout, so nothing ends the phase; the source (with a return
+    /// path it waits after EOF) is refused at the deadline with the mismatch named, and nothing
+    /// of the device phase reached the destination.
+    #[tokio::test]
+    async fn a_reference_of_another_configuration_refuses_naming_the_mismatch() -> TestResult {
+        let bytes = stream(&[(SCTLR_EL1, 0x30d0_0980)]).finish();
+        let mut two = StreamBuilder::new("virt-7.2");
+        two.cpu(0, &[(SCTLR_EL1, 0x30d0_0980)], 1);
+        two.cpu(1, &[(SCTLR_EL1, 0x30d0_0980)], 1);
+        let mut setup = RewriteSetup {
+            dest: Arc::new(Profile::from_vcpus(
+                Accel::Tcg,
+                &[(0, vec![(SCTLR_EL1, 0)])],
+            )?),
+            source: None,
+            source_reference: None,
+            policy: Policy::default(),
+        };
+        setup.source_reference = Some(reference_of(two.description().into_bytes())?);
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(1 << 16, Some(setup), settings(Duration::from_millis(300)));
+        let received = receive_all(destination, 1 << 16);
+        source.write_all(&bytes).await?;
+        let (result, _) = finish(pump).await?;
+        match result {
+            Err(ProxyError::Refused(refusal @ Refusal::NoDescription { .. })) => {
+                let text = refusal.to_string();
+                assert!(
+                    text.contains("layout of the reference description"),
+                    "{text}"
+                );
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(received.await?, bytes[..device_phase_start()]);
+        drop(source);
+        Ok(())
+    }
+
     /// Finding: the description wait used to be reset by any byte, so a source trickling its
     /// device phase kept both QEMUs stopped for as long as it liked. The deadline counts from
     /// the phase's first read.
@@ -864,7 +942,7 @@ mod tests {
         let (bytes, reference, _) = switched_stream(&SOURCE_REGISTERS);
         let (expected, _, _) = switched_stream(&DEST_REGISTERS);
         let mut setup = setup_with_source_version("10.0.7")?;
-        setup.source_reference = Some(Arc::new(Bytes::from(reference)));
+        setup.source_reference = Some(reference_of(reference)?);
         let mut allowing = settings(DEADLINE);
         allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
         let (result, state, received) = pump_stream(bytes, setup, allowing).await?;
@@ -883,7 +961,7 @@ mod tests {
         two.cpu(0, &SOURCE_REGISTERS, 0x11);
         two.cpu(1, &SOURCE_REGISTERS, 0x11);
         let mut setup = setup_with_source_version("11.1.0")?;
-        setup.source_reference = Some(Arc::new(Bytes::from(two.description().into_bytes())));
+        setup.source_reference = Some(reference_of(two.description().into_bytes())?);
         let (result, _, received) = pump_stream(bytes.clone(), setup, settings(DEADLINE)).await?;
         match result {
             Err(ProxyError::Refused(Refusal::PostcopyPackage {
@@ -906,7 +984,7 @@ mod tests {
     ) -> TestResult {
         let (bytes, reference, _) = switched_stream(&SOURCE_REGISTERS);
         let mut setup = setup_with_source_version("10.0.7")?;
-        setup.source_reference = Some(Arc::new(Bytes::from(reference)));
+        setup.source_reference = Some(reference_of(reference)?);
         setup.policy.on_extra = migproxy_config::OnExtra::Refuse;
         let mut allowing = settings(DEADLINE);
         allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
