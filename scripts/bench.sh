@@ -286,7 +286,8 @@ if [ -f "$tools/switchover_instructions.py" ]; then
     run "$python" "$tools/switchover_instructions.py" --migbench "$migbench" --migproxy "$migproxy" --stream "$small" \
         --dest-profile "$results/dest-profile.json" --dest-profile-q72 "$results/dest-profile-q72.json" \
         --work-dir "$results/instructions" --out "$results/switchover-instructions.json" ||
-        { log "switchover instructions part failed (see above)"; rm -f "$results/switchover-instructions.json"; }
+        { log "switchover instructions part failed (see above)"; mkdir -p "$results/switchover-instructions.failed"
+          mv -f "$results/switchover-instructions.json" "$results/switchover-instructions.failed/" 2>/dev/null || true; }
 fi
 
 # --- 9. report ------------------------------------------------------------------------------
