@@ -8,13 +8,17 @@
 #   scripts/bench-two-host.sh [RESULTS_DIR]          full matrix (~15 min on an idle 2-core machine)
 #   BENCH_QUICK=1 scripts/bench-two-host.sh          1 GiB guest, 1 repetition, smaller matrix (~4 min)
 #
+# The same migration runs through every path in one invocation, one warm-up per configuration (not
+# counted), the order rotated between repetitions.
+#
 # Needs root (network namespaces, tc, nftables). Writes one JSON per run, link.json per link and
 # meta.json into RESULTS_DIR (default: $MIGPROXY_CACHE/twohost/results/DATE); bench/tools/report_two_host.py
 # turns them into the report. Nothing here runs in the test command.
 #
 # Knobs (environment): BENCH_QUICK=1, TWOHOST_RAM_MIB (4096), TWOHOST_REPS (2), TWOHOST_WINDOW_PAGES
 # (8192: the guest's dirtied working set, 32 MiB), TWOHOST_ICOUNT (shift=10,align=on), TWOHOST_LINKS
-# (unshaped,2.5g,10g), MIGPROXY_BIN (use this migproxy instead of building it), QEMU10.
+# (unshaped,2.5g,10g), TWOHOST_PATHS / TWOHOST_MULTIFD (override the per-link matrix, e.g.
+# direct,haproxy / off), MIGPROXY_BIN (use this migproxy instead of building it), QEMU10.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -121,15 +125,16 @@ shape() { # LINK
             tc -n "$src_ns" qdisc del dev "$src_dev" root 2>/dev/null || true
             tc -n "$dst_ns" qdisc del dev "$dst_dev" root 2>/dev/null || true
             return ;;
-        2.5g) rate=2500mbit burst=256kb ;;
-        10g) rate=10gbit burst=1mb ;;
+        2.5g) rate=2500mbit burst=1250kb ;;
+        10g) rate=10gbit burst=5mb ;;
         *) log "unknown link $1 (unshaped, 2.5g, 10g)"; exit 1 ;;
     esac
     for end in "$src_ns:$src_dev" "$dst_ns:$dst_dev"; do
         if [ "$shaping" = netem ]; then
             tc -n "${end%%:*}" qdisc replace dev "${end#*:}" root netem delay 100us rate "$rate" limit 100000
         else
-            # burst: at least a GSO packet (64 KiB) and rate/HZ; limit: 16 MiB of queue, beyond any
+            # burst: 4 ms of the rate (a smaller bucket loses tokens to late qdisc timers on a busy
+            # machine and the link falls short of its rate); limit: 16 MiB of queue, beyond any
             # TCP window TSQ lets a few flows park in the qdisc.
             tc -n "${end%%:*}" qdisc replace dev "${end#*:}" root tbf rate "$rate" burst "$burst" limit 16mb
         fi
@@ -164,16 +169,23 @@ for link in "${link_list[@]}"; do
     "$python" "$tools/two_host.py" measure-link "${common[@]}" --link "$link" --shaping "$shaping" \
         >"$results/link-$link.json"
     log "link $link: $("$python" -c 'import json,sys; r=json.load(sys.stdin); print("%.2f Gbit/s, rtt %.3f ms, drops %s" % (r["gbit_s"], r["rtt_ms_median"], r["drops"]))' <"$results/link-$link.json")"
-    # The matrix per link (see the header): multifd on the shaped links; the source-side transparent
-    # placement everywhere in a full run, on 2.5 Gbit/s in a quick one.
-    paths=direct,migproxy-dst,migproxy-src,haproxy
-    multifd=off
-    [ "$link" != unshaped ] && multifd=off,on
+    # The matrix per link, sized for the time budget (~15 min full, ~4 min quick on an idle machine):
+    # every path without multifd; multifd (4 channels) on the shaped links; the source-side transparent
+    # placement on the shaped links (on 2.5 Gbit/s only in a quick run).
+    case "$link" in
+        unshaped) paths=direct,migproxy-dst,haproxy multifd=off ;;
+        2.5g) paths=direct,migproxy-dst,migproxy-src,haproxy multifd=off,on ;;
+        *) paths=direct,migproxy-dst,migproxy-src,haproxy multifd=off,on ;;
+    esac
     if [ "${BENCH_QUICK:-}" = 1 ]; then
-        [ "$link" != 2.5g ] && paths=direct,migproxy-dst,haproxy
-        [ "$link" = 10g ] && multifd=off
-        [ "$link" = unshaped ] && paths=direct,migproxy-dst
+        case "$link" in
+            unshaped) paths=direct,migproxy-dst ;;
+            2.5g) ;;
+            *) paths=direct,migproxy-dst,haproxy multifd=off ;;
+        esac
     fi
+    paths="${TWOHOST_PATHS:-$paths}"
+    multifd="${TWOHOST_MULTIFD:-$multifd}"
     "$python" "$tools/two_host.py" matrix "${common[@]}" --link "$link" --results "$results" \
         --work "$work/runs" --paths "$paths" --multifd "$multifd" --reps "$reps" --qemu "$qemu" \
         --mem-mib "$ram_mib" --fill "$cache/ram-$ram_mib.fill" --guest "$work/dirty.bin" \
