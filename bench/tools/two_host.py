@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import socket
 import statistics
 import struct
@@ -472,6 +473,13 @@ def cmd_matrix(args):
                     f"stop->resume {result['stop_to_resume_ms']:.2f} ms")
             with open(os.path.join(args.results, f"run-{name}.json"), "w") as f:
                 json.dump(result, f, indent=1)
+            # Keep the QEMU and relay logs with the results (the scratch dir goes with the namespaces).
+            logs = os.path.join(args.results, "logs")
+            os.makedirs(logs, exist_ok=True)
+            for f in ("src.log", "dst.log", f"{path}.log"):
+                p = os.path.join(run_dir, f)
+                if os.path.exists(p) and os.path.getsize(p):
+                    shutil.copyfile(p, os.path.join(logs, f"{name}-{f}"))
     return failures
 
 
