@@ -28,7 +28,8 @@ DOWNTIME_DELTA_TARGET_MS = 1.0
 # Plausibility: a relay cannot beat the direct path by more than noise; repetitions should agree.
 MIN_PLAUSIBLE_RATIO = 0.97
 MAX_SPREAD = 0.10
-METRICS = ("total_time_ms", "downtime_ms", "stop_to_resume_ms", "ram_transferred", "link_tx_bytes", "migproxy_cpu_s")
+METRICS = ("total_time_ms", "downtime_ms", "stop_to_resume_ms", "ram_transferred", "link_tx_bytes", "migproxy_cpu_s",
+           "relay_cpu_s", "source_qemu_cpu_s", "destination_qemu_cpu_s", "machine_busy_cpu_s")
 
 
 def _load(results_dir):
@@ -140,10 +141,19 @@ def section(results_dir):
                          f"**{measured['gbit_s']:.2f} Gbit/s**, round trip (TCP ping-pong) median "
                          f"**{measured['rtt_ms_median']:.3f} ms** (min {measured['rtt_ms_min']:.3f}, max "
                          f"{measured['rtt_ms_max']:.3f}); qdisc drops {measured.get('drops')}; shaping: {how}.")
+            nominal = LINK_BITS_S.get(link)
+            if nominal and measured["gbit_s"] * 1e9 < 0.9 * nominal:
+                unshaped = s["links"].get("unshaped", {}).get("gbit_s")
+                lines.append(f"The probe reached {measured['gbit_s'] * 1e9 / nominal:.0%} of the nominal rate with "
+                             f"{measured.get('drops')} qdisc drops" +
+                             (f"; unshaped, the same probe reached {unshaped:.2f} Gbit/s" if unshaped else "") +
+                             ": where that is close, this machine's CPU (the probe, the sockets), not the qdisc, "
+                             "limits the link.")
             lines.append("")
         lines += ["| multifd | path | runs | total time s | QEMU downtime ms | STOP->RESUME ms | RAM transferred GiB "
-                  "| on the wire GiB | migproxy CPU s | total vs direct | downtime vs direct ms | flags |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| on the wire GiB | migproxy (HAProxy) CPU s | QEMU CPU s src/dst | machine busy CPU s | total vs direct "
+                  "| downtime vs direct ms | flags |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in (e for e in s["configs"] if e["link"] == link):
             st, vs = e["stats"], e["vs_direct"] or {}
             ratio = f"{vs['total_time_ratio']:.3f}x" if "total_time_ratio" in vs else "-"
@@ -153,7 +163,9 @@ def section(results_dir):
                 f"| {e['converged']}/{e['runs']} | {_fmt(st['total_time_ms'], 1000, 2)} "
                 f"| {_fmt(st['downtime_ms'], 1, 0)} | {_fmt(st['stop_to_resume_ms'], 1, 2)} "
                 f"| {_fmt(st['ram_transferred'], 1 << 30, 2)} | {_fmt(st['link_tx_bytes'], 1 << 30, 2)} "
-                f"| {_fmt(st['migproxy_cpu_s'], 1, 2)} | {ratio} | {delta} | {'; '.join(e['flags']) or 'ok'} |")
+                f"| {_fmt(st['migproxy_cpu_s'] or st['relay_cpu_s'], 1, 2)} "
+                f"| {_fmt(st['source_qemu_cpu_s'], 1, 1)} / {_fmt(st['destination_qemu_cpu_s'], 1, 1)} "
+                f"| {_fmt(st['machine_busy_cpu_s'], 1, 1)} | {ratio} | {delta} | {'; '.join(e['flags']) or 'ok'} |")
     lines += ["", "Medians, with (min-max) over the repetitions. Targets (migproxy on the destination host, shaped "
               "links):", "", "| target | value | wanted | status | why |", "|---|---|---|---|---|"]
     for name, value, target, status, why in targets(results_dir):
@@ -188,8 +200,10 @@ def _method(s):
         "Measures: total time and downtime as QEMU's source reports them (`query-migrate`); STOP->RESUME is the "
         "destination's RESUME event timestamp minus the source's STOP event timestamp (QMP timestamps, "
         "microseconds, same clock), the guest's real pause; RAM transferred is `ram.transferred`; on the wire is "
-        "what the source host's veth sent during the migration (RAM, device state and TCP/IP headers); migproxy "
-        "CPU is utime+stime of its process over the migration. A run counts only if it converged and the guest "
+        "what the source host's veth sent during the migration (RAM, device state and TCP/IP headers); relay "
+        "and QEMU CPU are utime+stime of their processes over the migration (from `migrate` to the destination's "
+        "RESUME), machine busy CPU the non-idle time of all CPUs over the same span (/proc/stat): on a 2-core "
+        "machine it shows when the cores, not the link, were the limit. A run counts only if it converged and the guest "
         "counter, read on the destination after the resume, is past the one read on the source before the "
         "migration and still moving. Flagged, never reported as met: a relay faster than 0.97x direct, a total "
         "time below transferred bytes / link rate, a guest that did not dirty, repetitions spreading more than "
