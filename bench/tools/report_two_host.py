@@ -28,6 +28,7 @@ DOWNTIME_DELTA_TARGET_MS = 1.0
 # Plausibility: a relay cannot beat the direct path by more than noise; repetitions should agree.
 MIN_PLAUSIBLE_RATIO = 0.97
 MAX_SPREAD = 0.10
+MAX_BUSY = 0.90
 METRICS = ("total_time_ms", "downtime_ms", "stop_to_resume_ms", "ram_transferred", "link_tx_bytes", "migproxy_cpu_s",
            "relay_cpu_s", "source_qemu_cpu_s", "destination_qemu_cpu_s", "machine_busy_cpu_s")
 
@@ -65,6 +66,7 @@ def summary(results_dir):
             continue
         key = (run["link"], bool(run["multifd"]), run["path"])
         configs.setdefault(key, []).append(run)
+    cpus = meta.get("cpus") or os.cpu_count() or 1
     out = []
     for (link, multifd, path), group in configs.items():
         ok = [r for r in group if r.get("converged")]
@@ -80,6 +82,13 @@ def summary(results_dir):
         if total and total["median"] and (total["max"] - total["min"]) / total["median"] > MAX_SPREAD:
             entry["flags"].append(f"total time spread {(total['max'] - total['min']) / total['median']:.0%} "
                                   f"over {total['n']} runs (> {MAX_SPREAD:.0%})")
+        # A machine whose cores were busy for (nearly) the whole run was the limit, not the link.
+        busy = [r["machine_busy_cpu_s"] / (cpus * r["total_time_ms"] / 1000) for r in ok
+                if r.get("machine_busy_cpu_s") is not None and r.get("total_time_ms")]
+        entry["machine_busy_fraction"] = statistics.median(busy) if busy else None
+        if busy and statistics.median(busy) > MAX_BUSY:
+            entry["flags"].append(f"CPU-bound: all {cpus} cores {statistics.median(busy):.0%} busy during the runs "
+                                  f"(median), the link was not the limit")
         rate = LINK_BITS_S.get(link)
         if rate:
             for r in ok:
@@ -207,7 +216,8 @@ def _method(s):
         "counter, read on the destination after the resume, is past the one read on the source before the "
         "migration and still moving. Flagged, never reported as met: a relay faster than 0.97x direct, a total "
         "time below transferred bytes / link rate, a guest that did not dirty, repetitions spreading more than "
-        "10%.",
+        "10%, a machine whose cores were more than 90% busy during the runs (then the CPU, not the link, set the "
+        "pace).",
     ]
 
 

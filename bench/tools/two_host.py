@@ -317,6 +317,12 @@ def set_multifd(qmp, channels):
     qmp.cmd("migrate-set-parameters", **{"multifd-channels": channels})
 
 
+def _busy_ticks(cpu_line):
+    """Non-idle ticks of all CPUs from /proc/stat's first line (user nice system idle iowait irq softirq)."""
+    fields = [int(v) for v in cpu_line.split()[1:8]]
+    return sum(fields) - fields[3] - fields[4]
+
+
 def one_migration(args, path, multifd, run_dir, qemu_port):
     os.makedirs(run_dir, exist_ok=True)
     src_qmp_path = os.path.join(run_dir, "src.qmp")
@@ -346,6 +352,10 @@ def one_migration(args, path, multifd, run_dir, qemu_port):
         src_qmp.cmd("migrate-set-parameters", **{"max-bandwidth": UNLIMITED_BANDWIDTH})
         hz = os.sysconf("SC_CLK_TCK")
         relay_ticks = proc_cpu_ticks(relay.pid) if relay else None
+        # Where the CPU goes (a 2-core machine runs both QEMUs, the relay and the link's softirqs).
+        qemu_ticks = (proc_cpu_ticks(src.pid), proc_cpu_ticks(dst.pid))
+        with open("/proc/stat") as f:
+            machine_busy = _busy_ticks(f.readline())
         tx_before = link_tx_bytes(args.src_ns, args.src_dev)
         started = time.time()
         src_qmp.cmd("migrate", uri=f"tcp:{args.dst_addr}:{dial_port}")
@@ -376,6 +386,10 @@ def one_migration(args, path, multifd, run_dir, qemu_port):
             result["migproxy_cpu_s" if path.startswith("migproxy") else "relay_cpu_s"] = \
                 (proc_cpu_ticks(relay.pid) - relay_ticks) / hz
         result["link_tx_bytes"] = link_tx_bytes(args.src_ns, args.src_dev) - tx_before
+        result["source_qemu_cpu_s"] = (proc_cpu_ticks(src.pid) - qemu_ticks[0]) / hz
+        result["destination_qemu_cpu_s"] = (proc_cpu_ticks(dst.pid) - qemu_ticks[1]) / hz
+        with open("/proc/stat") as f:
+            result["machine_busy_cpu_s"] = (_busy_ticks(f.readline()) - machine_busy) / hz
         stop_t = src_qmp.event_time("STOP", started)
         resume_t = dst_qmp.event_time("RESUME", started)
         result["destination"] = dst_qmp.cmd("query-migrate")
