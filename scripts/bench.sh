@@ -23,7 +23,7 @@
 #
 # Knobs (environment): BENCH_CACHE, BENCH_RAM_MIB (4096), BENCH_REPS (4), BENCH_SWITCHOVER_ITER (300),
 # BENCH_SCALE_MIB (128), BENCH_SCALE_CONC (1,8,64), BENCH_SCALE_REPS (2), BENCH_QEMU_RAM_MIB (4096),
-# BENCH_QEMU_REPS (3), BENCH_SKIP_QEMU=1, BENCH_NO_DOCS=1 (keep results only), MIGPROXY_BIN (skip
+# BENCH_QEMU_REPS (3), BENCH_SKIP_QEMU=1, BENCH_SKIP_TWO_HOST=1, BENCH_NO_DOCS=1 (keep results only), MIGPROXY_BIN (skip
 # building migproxy, use this binary), QEMU10/QEMU72.
 set -euo pipefail
 
@@ -215,6 +215,12 @@ if [ "${BENCH_SKIP_QEMU:-}" != 1 ]; then
             fi
         done
     done
+fi
+
+# --- 6b. two hosts: network namespaces, shaped links (bench-two-host.sh; report_two_host.py) ----
+if [ "${BENCH_SKIP_TWO_HOST:-}" != 1 ]; then
+    run env MIGPROXY_BIN="$migproxy" QEMU10="$QEMU10" scripts/bench-two-host.sh "$results/two-host" ||
+        log "two-host benchmark failed (see $results/two-host)"
 fi
 
 # --- 7. report ------------------------------------------------------------------------------
