@@ -267,7 +267,7 @@ if [ -x scripts/bench-two-host.sh ] && [ "${BENCH_SKIP_TWO_HOST:-}" != 1 ]; then
     mkdir -p "$results/two-host"
     # A part that fails keeps its partial results under <part>.failed: the report says it failed
     # instead of presenting half a matrix.
-    MIGPROXY_BIN="$migproxy" QEMU10="$QEMU10" run scripts/bench-two-host.sh "$results/two-host" ||
+    run env MIGPROXY_BIN="$migproxy" QEMU10="$QEMU10" scripts/bench-two-host.sh "$results/two-host" ||
         { log "two-host part failed (see above)"; mv "$results/two-host" "$results/two-host.failed"; }
 fi
 if "$migbench" multifd-relay --help >/dev/null 2>&1; then
