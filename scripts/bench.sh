@@ -285,7 +285,7 @@ if [ -f "$tools/switchover_instructions.py" ]; then
     # which reads switchover-instructions.json next to switchover.json).
     run "$python" "$tools/switchover_instructions.py" --migbench "$migbench" --migproxy "$migproxy" --stream "$small" \
         --dest-profile "$results/dest-profile.json" --dest-profile-q72 "$results/dest-profile-q72.json" \
-        --work-dir "$results/instructions" --out "$results/switchover-instructions.json" ||
+        --source-reference "$results/source-reference.json" --work-dir "$results/instructions" --out "$results/switchover-instructions.json" ||
         { log "switchover instructions part failed (see above)"; mkdir -p "$results/switchover-instructions.failed"
           mv -f "$results/switchover-instructions.json" "$results/switchover-instructions.failed/" 2>/dev/null || true; }
 fi
