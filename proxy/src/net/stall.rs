@@ -4,24 +4,45 @@
 //! the deadline (`--write-stall-timeout`): a slow peer that takes a byte now and then is waited
 //! for, a peer that takes nothing for that long is given up on.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io;
+use std::pin::{pin, Pin};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::time::Sleep;
 
 use crate::error::{Abort, ProxyError};
 
 /// Await one write-side operation (`what` names it for the error): its I/O error, or a stall when
-/// it did not finish within `stall`.
+/// it made no progress within `stall`.
+///
+/// The operation is polled before any clock is armed: a write into a socket with room completes
+/// on its first poll, and most do, so a timer registered and cancelled around each of them would
+/// be pure cost. The deadline starts at the first `Pending` (the operation's first poll is
+/// immediate, so that is when the wait starts) and is never reset.
 pub async fn progress<T>(
     stall: Duration,
     what: &str,
     operation: impl Future<Output = io::Result<T>>,
 ) -> Result<T, ProxyError> {
-    match tokio::time::timeout(stall, operation).await {
-        Ok(result) => result.map_err(|e| ProxyError::io(what, e)),
-        Err(_) => Err(ProxyError::Aborted(Abort::WriteStalled {
+    let mut operation = pin!(operation);
+    let mut deadline: Option<Pin<Box<Sleep>>> = None;
+    let outcome = poll_fn(|cx| {
+        if let Poll::Ready(result) = operation.as_mut().poll(cx) {
+            return Poll::Ready(Some(result));
+        }
+        let deadline = deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    match outcome {
+        Some(result) => result.map_err(|e| ProxyError::io(what, e)),
+        None => Err(ProxyError::Aborted(Abort::WriteStalled {
             what: what.to_owned(),
             waited: stall,
         })),
