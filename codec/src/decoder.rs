@@ -854,14 +854,14 @@ impl StreamDecoder {
             // Kept (a reference count, no copy) in case the ending proves false.
             self.released_phase = Some(held.clone());
         }
-        Ok(Step::Frame(Frame::DeviceState(DeviceState::new(
+        Ok(Step::Frame(Frame::DeviceState(Box::new(DeviceState::new(
             held,
             start,
             desc_len_pos,
             layout,
             confirmed,
             &self.limits,
-        ))))
+        )))))
     }
 
     /// Bytes after an unconfirmed ending: it was device data; hold the phase again.

@@ -31,7 +31,9 @@ pub enum Frame {
     /// A piece of a page (or block-migration) payload cut from the read buffer; may be partial.
     Payload { section_id: u32, bytes: Bytes },
     /// The whole held device-state phase (FULL sections, EOF, description), walked and verified.
-    DeviceState(DeviceState),
+    /// Boxed: it comes once per migration, while every page record's frame is moved a few times
+    /// on its way to the write queue; inline it would make each of those moves 200 bytes.
+    DeviceState(Box<DeviceState>),
 }
 
 impl std::fmt::Debug for Frame {

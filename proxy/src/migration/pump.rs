@@ -189,7 +189,17 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
     async fn run(mut self) -> Result<(), ProxyError> {
         loop {
             while let Some(frame) = self.decoder.decode(&mut self.buffer)? {
-                self.forward(frame).await?;
+                match frame {
+                    // Page payloads are most frames: queued here, without building the
+                    // `forward` future for each.
+                    Frame::Payload { bytes, .. } => {
+                        self.out.push(bytes);
+                        if self.out.queued() >= FLUSH_BYTES {
+                            self.out.flush().await?;
+                        }
+                    }
+                    frame => self.forward(frame).await?,
+                }
             }
             match self.read().await? {
                 Read::Bytes => {}
