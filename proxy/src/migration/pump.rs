@@ -190,9 +190,15 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         loop {
             while let Some(frame) = self.decoder.decode(&mut self.buffer)? {
                 match frame {
-                    // Page payloads are most frames: queued here, without building the
-                    // `forward` future for each.
-                    Frame::Payload { bytes, .. } => {
+                    // Page records (header, payload) are most frames, and nothing is noted or
+                    // rewritten for them: queued here, without building the `forward` future
+                    // for each.
+                    Frame::Payload { bytes, .. }
+                    | Frame::Verbatim {
+                        kind: RecordKind::RamRecord { .. },
+                        bytes,
+                        ..
+                    } => {
                         self.out.push(bytes);
                         if self.out.queued() >= FLUSH_BYTES {
                             self.out.flush().await?;
