@@ -37,7 +37,10 @@ use migproxy_codec::{
     DeviceState, Frame, Limits, MigCommand, PackageDeviceState, RecordKind, ReferenceDescription,
     StreamDecoder, StreamEncoder,
 };
-use migproxy_config::{Accel, FillMissing, OnExtra, OnIdMismatch, Policy, Profile, RegId};
+use migproxy_config::{
+    check_subsections, Accel, FillMissing, OnExtra, OnIdMismatch, Policy, Profile, RegId,
+    SourceSubsection,
+};
 use tokio_util::codec::{Decoder, Encoder};
 
 const DEVICE_NAMES: &[&str] = &[
@@ -159,11 +162,13 @@ fn devices(u: &mut Unstructured<'_>, machine: &str) -> Result<(Devices, usize)> 
             let sub_data = bytes(u, 8)?;
             let with_sub = u.arbitrary::<bool>()?;
             let before = b.len() - header_len;
+            // Named like the `cpu` subsections QEMU versions differ in, when the device is `cpu`.
+            let sub_name = *u.choose(&["sub", "wfxt-timer", "irq-line-state", "sve"])?;
             b.device(
                 name,
                 0,
                 &payload,
-                with_sub.then_some(("sub", &sub_data[..])),
+                with_sub.then_some((sub_name, &sub_data[..])),
             );
             if let Some(at) = forged_at {
                 // FULL 04, be32 id, counted name, be32 instance, be32 version.
@@ -380,9 +385,13 @@ fn rewrite_setup(u: &mut Unstructured<'_>) -> Result<Option<RewriteSetup>> {
     } else {
         Accel::Tcg
     };
-    let Ok(dest) = Profile::from_vcpus(accel, &[(0, registers(u)?)]) else {
+    let Ok(mut dest) = Profile::from_vcpus(accel, &[(0, registers(u)?)]) else {
         return Ok(None);
     };
+    // Which `cpu` subsections the destination loads depends on its QEMU version.
+    dest.qemu_version = u
+        .choose(&[None, Some("7.2.0"), Some("10.0.0"), Some("11.1.0")])?
+        .map(String::from);
     let source = if u.arbitrary()? {
         Profile::from_vcpus(accel, &[(0, registers(u)?)]).ok()
     } else {
@@ -450,7 +459,10 @@ fn rewrite_cpus(state: &mut DeviceState, setup: &RewriteSetup) -> Option<Vec<Vec
                 "filled a register the destination lacks"
             );
         }
+        // The operator's view of it must not panic either.
+        let _ = report.to_string();
         if report.is_refused() {
+            let _ = report.refusal_summary();
             return None;
         }
         for id in &source_ids {
@@ -487,17 +499,50 @@ fn rewrite_cpus(state: &mut DeviceState, setup: &RewriteSetup) -> Option<Vec<Vec
     Some(expected)
 }
 
-/// Remove the `cpu` subsections the input picks; return the (instance, name) of those kept, in
-/// stream order (what the rewritten stream must carry).
-fn remove_subsections(u: &mut Unstructured<'_>, state: &mut DeviceState) -> Vec<(u32, String)> {
-    for sub in state.cpu_subsections() {
-        if u.ratio(1, 3).unwrap_or(false) {
-            state
-                .remove_cpu_subsection(sub.instance, &sub.name)
-                .expect("a listed subsection can be removed");
+/// Remove `cpu` subsections as the proxy does (`check_subsections` against the destination
+/// profile: `None` when it refuses) or, half of the time, the ones the input picks; return the
+/// (instance, name) of those kept, in stream order (what the rewritten stream must carry).
+fn remove_subsections(
+    u: &mut Unstructured<'_>,
+    state: &mut DeviceState,
+    dest: &Profile,
+) -> Option<Vec<(u32, String)>> {
+    let subs = state.cpu_subsections();
+    if u.arbitrary().unwrap_or(false) {
+        let mut instances: Vec<u32> = subs.iter().map(|s| s.instance).collect();
+        instances.dedup();
+        for instance in instances {
+            let of_vcpu: Vec<SourceSubsection<'_>> = subs
+                .iter()
+                .filter(|s| s.instance == instance)
+                .map(|s| SourceSubsection {
+                    name: &s.name,
+                    nested: &s.nested,
+                    payload: &s.payload,
+                })
+                .collect();
+            let report = check_subsections(instance, &of_vcpu, dest);
+            let _ = report.to_string();
+            if report.is_refused() {
+                let _ = report.refusal_summary();
+                return None;
+            }
+            for removed in &report.removed {
+                state
+                    .remove_cpu_subsection(instance, &removed.name)
+                    .expect("a subsection the rule removes is there");
+            }
+        }
+    } else {
+        for sub in subs {
+            if u.ratio(1, 3).unwrap_or(false) {
+                state
+                    .remove_cpu_subsection(sub.instance, &sub.name)
+                    .expect("a listed subsection can be removed");
+            }
         }
     }
-    subsections(state)
+    Some(subsections(state))
 }
 
 fn subsections(state: &DeviceState) -> Vec<(u32, String)> {
@@ -625,7 +670,9 @@ fn check_package(
     let Some(expected) = rewrite_cpus(package.device_state(), setup) else {
         return;
     };
-    let kept = remove_subsections(u, package.device_state());
+    let Some(kept) = remove_subsections(u, package.device_state(), &setup.dest) else {
+        return;
+    };
     let Ok(rewritten) = package.to_record() else {
         return;
     };
@@ -803,7 +850,9 @@ fuzz_target!(|data: &[u8]| {
         let Some(expected) = rewrite_cpus(state, setup) else {
             return;
         };
-        let kept = remove_subsections(&mut u, state);
+        let Some(kept) = remove_subsections(&mut u, state, &setup.dest) else {
+            return;
+        };
         let rewritten = encode_all(&frames);
         // With the reference only where the stream had to match it (a damaged description
         // decodes without one).
