@@ -15,9 +15,15 @@ mkdir -p "$corpus/decode" "$corpus/decode_structured" "$corpus/description" "$co
 for i in 1 2 3 4; do
     head -c $((i * 64)) /dev/urandom > "$corpus/decode_structured/seed-$i"
 done
-# The description target: split byte 0 (no device bytes), then a description.
+# The description target: the number of device bytes, the device bytes (after the FULL byte),
+# then the description. First no device bytes; then a section that walks: id 0, "timer",
+# instance 0, version 1, 4 bytes of fields, [a subsection "timer/sub" version 1 of 2 bytes], footer.
 printf '\000{"page_size": 4096, "devices": [{"name": "timer", "instance_id": 0, "version": 1, "fields": [{"name": "data", "size": 4}]}]}' \
     > "$corpus/description/seed-timer"
+printf '\033\000\000\000\000\005timer\000\000\000\000\000\000\000\001\001\002\003\004\176\000\000\000\000{"page_size": 4096, "devices": [{"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 1, "fields": [{"name": "data", "type": "buffer", "size": 4}]}]}' \
+    > "$corpus/description/seed-timer-walks"
+printf '\054\000\000\000\000\005timer\000\000\000\000\000\000\000\001\001\002\003\004\005\011timer/sub\000\000\000\001\007\010\176\000\000\000\000{"page_size": 4096, "devices": [{"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 1, "fields": [{"name": "data", "type": "buffer", "size": 4}], "subsections": [{"vmsd_name": "timer/sub", "version": 1, "fields": [{"name": "data", "type": "buffer", "size": 2}]}]}]}' \
+    > "$corpus/description/seed-timer-subsection"
 sed -n '/^```json$/,/^```$/p' "$here/../README.md" | sed '1d;$d' > "$corpus/profile/seed-readme"
 cp "$here/../deploy/systemd/config.toml" "$corpus/config_toml/seed-deploy"
 for target in decode decode_structured description profile config_toml; do

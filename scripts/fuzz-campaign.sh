@@ -1,8 +1,8 @@
 #!/bin/sh
 # Run a fuzz campaign: every target (or the ones named) for SECONDS each, at the lowest CPU
 # priority, on the corpora kept in the repository (fuzz/corpus/TARGET), then minimise each corpus
-# and append one line per target to fuzz/campaigns.log: date, target, seconds, executions,
-# coverage (libFuzzer "cov"), features ("ft"), corpus size, result. docs/fuzzing.md sums it up.
+# and append one line per target to fuzz/campaigns.log: date, target, seconds, executions, user
+# CPU seconds, coverage (libFuzzer "cov"), features ("ft"), corpus size, result. docs/fuzzing.md sums it up.
 #
 #   scripts/fuzz-campaign.sh SECONDS [TARGET...]
 #   FUZZ_JOBS=2 scripts/fuzz-campaign.sh 3600 decode_structured   # parallel workers
@@ -23,6 +23,12 @@ cd "$repo/fuzz"
 # shellcheck disable=SC2086 # two options
 cargo +nightly fuzz build $build_opts
 logdir=$(mktemp -d)
+# User CPU seconds of this script's finished children: on a shared machine the executions per
+# CPU second say more about a target than those per wall-clock second.
+# `times` must run in this shell (not in a command substitution's subshell): it writes a file.
+children_cpu() {
+    tail -1 "$logdir/times" | awk '{ split($1, t, "m"); sub("s", "", t[2]); print t[1] * 60 + t[2] }'
+}
 for target in $targets; do
     mkdir -p "corpus/$target" "artifacts/$target"
     log="$logdir/$target.log"
@@ -36,11 +42,15 @@ for target in $targets; do
     rm -f fuzz-*.log
     # shellcheck disable=SC2086 # $parallel is empty or two options
     # shellcheck disable=SC2086 # $build_opts holds options
+    times >"$logdir/times"
+    cpu_before=$(children_cpu)
     if ! nice -n 19 cargo +nightly fuzz run $build_opts "$target" "corpus/$target" -- \
         -max_total_time="$seconds" -max_len="$max_len" -print_final_stats=1 $parallel \
         -timeout=10 -rss_limit_mb=2048 -artifact_prefix="artifacts/$target/" >"$log" 2>&1; then
         result="FAILED (see artifacts/$target, log $log)"
     fi
+    times >"$logdir/times"
+    cpu=$(awk -v a="$cpu_before" -v b="$(children_cpu)" 'BEGIN { printf "%d", b - a }')
     # Executions: the sum over workers of their final stats.
     execs=$(cat "$log" fuzz-*.log 2>/dev/null | sed -n 's/^stat::number_of_executed_units: *//p' | awk '{s+=$1} END {print s+0}')
     last=$(cat "$log" fuzz-*.log 2>/dev/null | grep -E '#[0-9]+.*cov: ' | tail -1)
@@ -50,6 +60,6 @@ for target in $targets; do
     # shellcheck disable=SC2086
     nice -n 19 cargo +nightly fuzz cmin $build_opts "$target" "corpus/$target" -- -max_len="$max_len" >/dev/null 2>&1 || true
     size=$(ls "corpus/$target" | wc -l)
-    line="$(date -u +%Y-%m-%dT%H:%MZ) target=$target seconds=$seconds jobs=$jobs sanitizer=$sanitizer execs=$execs cov=${cov:-?} ft=${ft:-?} corpus=$size result=$result"
+    line="$(date -u +%Y-%m-%dT%H:%MZ) target=$target seconds=$seconds jobs=$jobs sanitizer=$sanitizer execs=$execs cpu_seconds=$cpu cov=${cov:-?} ft=${ft:-?} corpus=$size result=$result"
     echo "$line" | tee -a campaigns.log
 done
