@@ -134,7 +134,10 @@ small="$cache/small-4vcpu.bin"
 
 # The rewrite path: a destination profile captured from the same stream, so every `cpu`
 # section goes through rewrite + re-encode while the result stays loadable.
-run "$migproxy" profile capture --from-stream "$small" -o "$results/dest-profile.json"
+# Every capture is a `-smp 4` virt-10.0 VM of the same devices (only RAM differs), so the small one's
+# description is the source reference of all of them: a rewriting migproxy needs one.
+run "$migproxy" profile capture --from-stream "$small" -o "$results/dest-profile.json" \
+    --save-reference "$results/source-reference.json"
 # A rewrite that changes bytes: the register profile of a QEMU 7.2 a64fx destination (the acceptance
 # scenario's), with the source's own profile telling which nonzero values are reset defaults.
 run "$migproxy" profile capture --from-stream "$cache/small-4vcpu-q72.bin" -o "$results/dest-profile-q72.json"
@@ -163,12 +166,18 @@ relay_socat="socat=socat -b 1048576 TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr
 relay_haproxy="haproxy=haproxy -db -f $results/haproxy.cfg"
 relay_tokio="tokio-relay=$tokio_relay --listen 127.0.0.1:{listen} --upstream 127.0.0.1:{upstream}"
 relay_migproxy="migproxy=$migproxy run --admin none --listen tcp:127.0.0.1:{listen} --upstream tcp:127.0.0.1:{upstream}"
-relay_rewrite="migproxy-rewrite=$migproxy run --admin none --listen tcp:127.0.0.1:{listen} --upstream tcp:127.0.0.1:{upstream} --dest-profile $results/dest-profile.json"
-relay_rewrite72="migproxy-to-7.2=$migproxy run --admin none --listen tcp:127.0.0.1:{listen} --upstream tcp:127.0.0.1:{upstream} --dest-profile $results/dest-profile-q72.json --source-profile $results/dest-profile.json"
+relay_rewrite="migproxy-rewrite=$migproxy run --admin none --listen tcp:127.0.0.1:{listen} --upstream tcp:127.0.0.1:{upstream} --dest-profile $results/dest-profile.json --source-reference $results/source-reference.json"
+relay_rewrite72="migproxy-to-7.2=$migproxy run --admin none --listen tcp:127.0.0.1:{listen} --upstream tcp:127.0.0.1:{upstream} --dest-profile $results/dest-profile-q72.json --source-profile $results/dest-profile.json --source-reference $results/source-reference.json"
 
 run "$migbench" throughput --stream "$big" --reps "$reps" --log-dir "$results/logs" --out "$results/throughput.json" \
     --relay "$relay_direct" --relay "$relay_socat" --relay "$relay_haproxy" --relay "$relay_tokio" \
     --relay "$relay_migproxy" --relay "$relay_rewrite" --relay "$relay_rewrite72"
+
+# Multifd: a main channel plus 4 multifd channels through `migproxy run --raw-relay copy|splice`.
+raw="$migproxy run --admin none --listen tcp:127.0.0.1:{listen} --upstream tcp:127.0.0.1:{upstream} --raw-relay"
+run "$migbench" multifd-relay --stream "$small" --payload "$big" --channels 4 --channel-mib "${BENCH_MULTIFD_MIB:-1024}" \
+    --reps "$reps" --log-dir "$results/logs" --out "$results/multifd-relay.json" --relay "copy=$raw copy" --relay "splice=$raw splice"
+run "$python" "$tools/report_multifd.py" "$results"
 
 # --- 5. switchover and scaling --------------------------------------------------------------
 run "$migbench" switchover --stream "$small" --iterations "$switchover_iter" --log-dir "$results/logs" \

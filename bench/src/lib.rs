@@ -6,9 +6,11 @@
 //! (socat, HAProxy, the `tokio-relay` baseline of this crate, or `migproxy run`), and
 //! measures what an operator pays for the relay: throughput, CPU seconds of the relay
 //! process per GiB, its peak RSS, the extra time the device-state tail needs to arrive
-//! (added switchover latency), and how this scales with concurrent migrations.
+//! (added switchover latency), how this scales with concurrent migrations, and what the raw
+//! multifd channels cost (`multifd.rs`).
 
 pub mod error;
+pub mod multifd;
 pub mod procfs;
 pub mod receiver;
 pub mod relay_process;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use migproxy_bench::relay_process::RelaySpec;
-use migproxy_bench::throughput;
+use migproxy_bench::{multifd, throughput};
 
 fn scratch_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("migbench-test-{tag}-{}", std::process::id()));
@@ -79,5 +79,47 @@ fn a_relay_that_never_listens_is_reported() -> Result<(), Box<dyn std::error::Er
         "{:?}",
         broken.errors
     );
+    Ok(())
+}
+
+#[test]
+fn multifd_relay_delivers_the_main_stream_and_every_channel(
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = scratch_dir("multifd");
+    let stream =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../codec/tests/vectors/q72-mfd-main.bin");
+    let payload = dir.join("payload.bin");
+    let data: Vec<u8> = (0..3u32 * 1024 * 1024)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(&payload, &data)?;
+    // tokio-relay dials in accept order, and the main channel reaches the destination before
+    // any multifd channel is opened: the same order migproxy needs.
+    let tokio_relay = env!("CARGO_BIN_EXE_tokio-relay");
+    let relays: Vec<RelaySpec> = vec![format!(
+        "tokio={tokio_relay} --listen 127.0.0.1:{{listen}} --upstream 127.0.0.1:{{upstream}}"
+    )
+    .parse()?];
+    let logs = dir.join("logs");
+    let plan = multifd::Plan {
+        stream: &stream,
+        payload: &payload,
+        channels: 2,
+        channel_bytes: 8 << 20, // more than the payload: it is sent again from its start
+        log_dir: &logs,
+    };
+    let report = multifd::run(&plan, 2, &relays)?;
+    std::fs::remove_dir_all(&dir).ok();
+    let [tokio] = report.relays.as_slice() else {
+        panic!("one relay expected, got {}", report.relays.len());
+    };
+    assert!(tokio.errors.is_empty(), "{:?}", tokio.errors);
+    assert_eq!(tokio.runs.len(), 2);
+    let stream_len = std::fs::metadata(&stream)?.len();
+    for run in &tokio.runs {
+        assert_eq!(run.bytes_received, stream_len + 2 * ((8 << 20) + 64));
+        assert!(run.peak_rss_kib > 1024, "peak rss {}", run.peak_rss_kib);
+        assert!(run.multifd_gib_per_s > 0.0);
+    }
     Ok(())
 }

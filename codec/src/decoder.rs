@@ -817,6 +817,18 @@ impl StreamDecoder {
             }
         };
         self.description_error = None;
+        // Held, the phase is bounded by both budgets together (where the description starts is
+        // only known at a verified ending); from here each is its own budget. A false ending
+        // inside the device state cannot cause this: the real one lies further on.
+        let device_len = desc_len_pos.saturating_sub(1);
+        if device_len > self.limits.max_device_state {
+            return Err(DecodeError::LimitExceeded {
+                offset: start,
+                what: "device-state phase (full sections and eof)".into(),
+                len: u64::try_from(device_len).unwrap_or(u64::MAX),
+                limit: self.limits.max_device_state,
+            });
+        }
         let confirmed = self.reference.is_some();
         self.state = if confirmed || !self.checking_relay {
             State::Done

@@ -100,6 +100,23 @@ impl CpuSlot {
         // Checked when the slot was built: the arrays lie inside the held bytes.
         self.array_len_pos + 4 + 16 * self.count
     }
+
+    /// Bytes a replacement with `registers` registers adds to the output, against the arrays and
+    /// `array_len` numbers as received (`None`: not replaced, 0). What `edits` writes for it.
+    fn growth(&self, registers: Option<usize>) -> i64 {
+        let Some(registers) = registers else {
+            return 0;
+        };
+        let size = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let arrays = size(16)
+            .saturating_mul(size(registers))
+            .saturating_add(4)
+            .saturating_sub(size(self.arrays_end() - self.array_len_pos));
+        let digits = size(registers.to_string().len());
+        self.json_spans.iter().fold(arrays, |growth, span| {
+            growth.saturating_add(digits.saturating_sub(size(span.len())))
+        })
+    }
 }
 
 /// The whole device-state phase, verified against the description.
@@ -114,6 +131,12 @@ pub struct DeviceState {
     desc_len_pos: usize,
     /// `cpus` index by instance (the first section of an instance).
     cpu_index: HashMap<u32, usize>,
+    /// Bytes the replaced cpreg arrays add to the output (negative: remove), kept as each is
+    /// set: the budget check of one vCPU must not re-encode every vCPU before it (quadratic in
+    /// vCPUs at the budgets: 512 x 4096 registers).
+    cpregs_growth: i64,
+    /// Whether any subsection was removed (then the exact output length is computed).
+    subsections_removed: bool,
     /// The ending was confirmed by a reference description.
     confirmed: bool,
     max_cpregs: usize,
@@ -180,6 +203,7 @@ impl DeviceState {
                 message: format!("no subsection {name:?} in this cpu section"),
             })?;
         slot.removed = true;
+        self.subsections_removed = true;
         Ok(())
     }
 
@@ -230,8 +254,18 @@ impl DeviceState {
                 "the description does not give the cpreg arrays' array_len; cannot patch it".into(),
             ));
         }
+        let growth = self
+            .cpregs_growth
+            .saturating_sub(slot.growth(slot.replacement.as_ref().map(Vec::len)))
+            .saturating_add(slot.growth(Some(regs.len())));
         let previous = slot.replacement.replace(regs.to_vec());
-        let output = self.wire_len();
+        let output = if self.subsections_removed {
+            // Rare (an idle subsection removed before the rewrite): the exact length.
+            self.wire_len()
+        } else {
+            let held = i64::try_from(self.held.len()).unwrap_or(i64::MAX);
+            usize::try_from(held.saturating_add(growth)).unwrap_or(usize::MAX)
+        };
         if output > self.max_output {
             if let Some(slot) = self.cpus.get_mut(index) {
                 slot.replacement = previous;
@@ -241,6 +275,7 @@ impl DeviceState {
                 self.max_output
             )));
         }
+        self.cpregs_growth = growth;
         Ok(())
     }
 
@@ -403,6 +438,8 @@ impl DeviceState {
             subsections: layout.subsections,
             desc_len_pos,
             cpu_index,
+            cpregs_growth: 0,
+            subsections_removed: false,
             confirmed,
             max_cpregs: limits.max_cpregs,
             max_output: limits.max_rewrite_output,

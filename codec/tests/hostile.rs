@@ -366,6 +366,56 @@ fn rewrite_output_is_budgeted() {
     assert_eq!(results, [true, false]);
 }
 
+/// The rewrite budget is checked from a running total, not by re-encoding every vCPU for each
+/// one (quadratic at 512 vCPUs x 4096 registers): the total must stay exact, so a budget of
+/// exactly the largest length reached passes, and one byte less refuses the step that reached it.
+#[test]
+fn the_rewrite_budget_is_exact_after_many_replacements() {
+    let input = many_cpus(40, 4);
+    // Growing and shrinking arrays, counts crossing a digit boundary (9 -> 10), one vCPU twice.
+    let steps: Vec<(u32, u64)> = std::iter::once((3, 9))
+        .chain((0..40).map(|cpu| (cpu, u64::from(cpu % 13))))
+        .collect();
+    let apply = |limits: Limits| {
+        let mut outcome = Vec::new();
+        decode_chunked(
+            &input,
+            limits,
+            || usize::MAX,
+            |frame| {
+                if let Frame::DeviceState(state) = frame {
+                    for &(cpu, n) in &steps {
+                        let ok = state.set_cpregs(cpu, &regs(n)).is_ok();
+                        outcome.push((ok, state.wire_len()));
+                    }
+                }
+            },
+        )
+        .unwrap();
+        outcome
+    };
+    let lengths: Vec<usize> = apply(Limits::default())
+        .iter()
+        .map(|(_, len)| *len)
+        .collect();
+    let peak = lengths.iter().copied().max().unwrap();
+    let first_at_peak = lengths.iter().position(|len| *len == peak);
+    let fits = apply(Limits {
+        max_rewrite_output: peak,
+        ..Limits::default()
+    });
+    assert!(fits.iter().all(|(ok, _)| *ok), "{fits:?}");
+    let short = apply(Limits {
+        max_rewrite_output: peak - 1,
+        ..Limits::default()
+    });
+    assert_eq!(
+        short.iter().position(|(ok, _)| !ok),
+        first_at_peak,
+        "{short:?}"
+    );
+}
+
 #[test]
 fn iterable_sections_per_stream_are_budgeted() {
     let mut input = StreamBuilder::new("virt-10.0").into_bytes();

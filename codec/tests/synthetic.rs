@@ -258,6 +258,19 @@ fn lengths_past_limits_are_refused_before_buffering() {
     };
     let err = chunked_error(&input, limits, 1);
     assert!(matches!(err, DecodeError::LimitExceeded { .. }), "{err}");
+
+    // Each budget on its own: a device state over max_device_state is refused even when the
+    // description's budget would leave room for it in the held phase.
+    let limits = Limits {
+        max_device_state: 100,
+        ..Limits::default()
+    };
+    let err = chunked_error(&input, limits, 64);
+    assert!(
+        err.to_string()
+            .contains("device-state phase (full sections and eof) of"),
+        "{err}"
+    );
 }
 
 #[test]

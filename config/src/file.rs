@@ -6,11 +6,18 @@
 //! drain_timeout_secs = 60             # after SIGTERM, how long live migrations may go on
 //! description_timeout_ms = 2000       # silence allowed while the device state waits for its description
 //! identify_timeout_ms = 1000          # a new connection must identify itself within this
+//! write_stall_timeout_ms = 60000      # a peer that takes no bytes this long closes the migration
+//! dial_timeout_ms = 10000             # connecting to the destination, tls handshake included
 //! log_json = false
 //! max_device_state_bytes = 268435456 # decoder limits: max_record_bytes, max_device_state_bytes,
 //!                                     # max_description_bytes, max_packaged_bytes
+//! raw_relay = "splice"                # or "copy": how multifd/preempt/return-path channels are
+//!                                     # relayed (splice applies to plain TCP on both sides)
 //! unrecoverable_postcopy = "refuse"   # or "allow": postcopy from a source that cannot take its
 //!                                     # guest back after a refused switch
+//! unreferenced_device_phase = "refuse"  # or "allow": a rewriting listener without
+//!                                     # source_reference recognises the end of the device phase
+//!                                     # without it (a guest can then fail its own migration)
 //! max_migrations = 16                 # budgets: migrations in progress at once,
 //! max_connections_per_source = 64     # open connections from one source host,
 //! max_connections = 1024              # open migration connections in all,
@@ -18,6 +25,9 @@
 //! admin_header_timeout_ms = 5000      # time an admin client has to send its request headers
 //! admin_tls_creds = "/etc/migproxy/admin-tls"  # optional: serve the admin address over https
 //! profile_ca = "/etc/migproxy/profile-ca.pem"  # the only CA trusted for https:// profile URLs
+//!                                     # (then http:// profile URLs are refused)
+//! profile_fetch_timeout_ms = 5000     # a profile URL must answer in full within this
+//! max_profile_bytes = 16777216        # largest profile body fetched from a URL
 //! max_cpus = 512                      # stream budgets: max_cpus, max_cpregs (per vCPU),
 //!                                     # max_rewrite_output_bytes, max_sections
 //!
@@ -29,7 +39,8 @@
 //! upstream = "tcp:dest.example:4444"  # or tcp:HOST:FIRST-LAST, original-dst, tproxy
 //! dest_profile = "https://dest.example:9444/profiles/a64fx-7.2"  # a file, https:// or http:// URL
 //! source_profile = "/etc/migproxy/a64fx-10.0.json"              # optional
-//! source_reference = "/etc/migproxy/a64fx-10.0-fresh.bin"        # optional: rewrite postcopy packages
+//! source_reference = "/etc/migproxy/a64fx-10.0-reference.json"  # needed with dest_profile: the
+//!                                     # source's reference description (or a saved fresh stream)
 //! tls_creds = "/etc/pki/qemu"         # optional: TLS on both legs, QEMU's credential layout
 //! tls_verify_peer = true              # default: require the source's client certificate
 //! tls_hostname = "dest.example"       # optional: name in the destination's certificate
@@ -60,14 +71,22 @@ pub struct RunFile {
     pub drain_timeout_secs: Option<u64>,
     pub description_timeout_ms: Option<u64>,
     pub identify_timeout_ms: Option<u64>,
+    /// A write to a peer that makes no progress this long closes the migration.
+    pub write_stall_timeout_ms: Option<u64>,
+    /// Connecting to the destination, TLS handshake included.
+    pub dial_timeout_ms: Option<u64>,
     pub log_json: Option<bool>,
     /// Decoder limits in bytes (DESIGN.md, "Everything else streams"); absent: the codec's defaults.
     pub max_record_bytes: Option<usize>,
     pub max_device_state_bytes: Option<usize>,
     pub max_description_bytes: Option<usize>,
     pub max_packaged_bytes: Option<usize>,
+    /// `splice` or `copy`, as `--raw-relay` spells it.
+    pub raw_relay: Option<String>,
     /// `refuse` or `allow`, as `--unrecoverable-postcopy` spells it.
     pub unrecoverable_postcopy: Option<String>,
+    /// `refuse` or `allow`, as `--unreferenced-device-phase` spells it.
+    pub unreferenced_device_phase: Option<String>,
     /// Budgets (README, "Budgets"); absent: the daemon's defaults.
     pub max_migrations: Option<usize>,
     pub max_connections_per_source: Option<usize>,
@@ -78,6 +97,9 @@ pub struct RunFile {
     pub admin_tls_creds: Option<String>,
     /// The only CA trusted for `https://` profile URLs.
     pub profile_ca: Option<String>,
+    /// Deadline and size budget of one profile fetch from a URL.
+    pub profile_fetch_timeout_ms: Option<u64>,
+    pub max_profile_bytes: Option<usize>,
     /// Budgets (counts and bytes; DESIGN.md, "Everything else streams"); absent: the codec's
     /// defaults.
     pub max_cpus: Option<usize>,
@@ -96,11 +118,12 @@ pub struct RunFile {
 pub struct ListenerFile {
     pub listen: String,
     pub upstream: String,
-    /// A profile file or an `http://` URL.
+    /// A profile file or an `https://` or `http://` URL.
     pub dest_profile: Option<String>,
-    /// A profile file or an `http://` URL.
+    /// A profile file or an `https://` or `http://` URL.
     pub source_profile: Option<String>,
-    /// A saved stream of a fresh VM of the source's configuration (postcopy packages).
+    /// The source's reference description (JSON) or a saved stream of a fresh VM of the
+    /// source's configuration: the exact end of the device phase, and postcopy packages.
     pub source_reference: Option<String>,
     /// TLS on both legs: a QEMU-style credential directory.
     pub tls_creds: Option<String>,
@@ -222,5 +245,15 @@ upstream = "original-dst"
         assert_eq!(file.max_cpregs, Some(600));
         assert_eq!(file.max_rewrite_output_bytes, Some(1 << 20));
         assert_eq!(file.max_sections, Some(16));
+    }
+
+    #[test]
+    fn deadlines_and_the_profile_budget_are_read() {
+        let text = "write_stall_timeout_ms = 30000\ndial_timeout_ms = 2000\nprofile_fetch_timeout_ms = 1500\nmax_profile_bytes = 65536\n[[listener]]\nlisten = \"tcp:a:1\"\nupstream = \"tcp:b:2\"\n";
+        let file = RunFile::from_toml(text, "deadlines.toml").unwrap_or_default();
+        assert_eq!(file.write_stall_timeout_ms, Some(30000));
+        assert_eq!(file.dial_timeout_ms, Some(2000));
+        assert_eq!(file.profile_fetch_timeout_ms, Some(1500));
+        assert_eq!(file.max_profile_bytes, Some(65536));
     }
 }

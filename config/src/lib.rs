@@ -10,6 +10,7 @@
 //! - [`subsections`]: which `cpu` subsections each QEMU build loads, removal and refusal;
 //! - [`kvm`]: the filter QEMU applies to `KVM_GET_REG_LIST`, and the aarch64-only capture.
 
+pub mod digest;
 mod error;
 pub mod file;
 pub mod kvm;
@@ -29,6 +30,6 @@ pub use regid::RegId;
 pub use regnames::reg_name;
 pub use rewrite::{
     destination_kernel_note, rewrite, DropReason, Dropped, Filled, IdAction, IdMismatch, KvmDrop,
-    KvmRefusal, Refusal, RefusalReason, Rewrite, RewriteReport,
+    KvmRefusal, Refusal, RefusalDigest, RefusalReason, Rewrite, RewriteReport,
 };
 pub use subsections::{check_subsections, SourceSubsection, SubsectionReport};

@@ -27,6 +27,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use crate::digest::{self, Grouped};
 use crate::policy::{FillMissing, OnExtra, OnIdMismatch, Policy};
 use crate::profile::{Accel, DropRuleKind, Profile, ValueCondition};
 use crate::regid::RegId;
@@ -129,6 +130,10 @@ pub struct RewriteReport {
     pub left_missing: Vec<RegId>,
     /// The source list was not sorted strictly ascending (QEMU always sorts it); it was sorted.
     pub reordered: bool,
+    /// Identification registers the destination profile has no value for on this vCPU.
+    pub uncompared: Vec<RegId>,
+    /// At most three, none naming the vCPU (so identical ones of many vCPUs can be grouped):
+    /// registers filled with vCPU 0's value, registers not compared, a reordered list.
     pub warnings: Vec<String>,
 }
 
@@ -155,11 +160,46 @@ impl RewriteReport {
                 .any(|m| m.action == IdAction::UsedDestination)
     }
 
-    /// One line naming every refused register and why, for logs and error messages.
+    /// One line naming the refused registers and why, for logs and error messages: the first
+    /// [`NAMED_REGISTERS`](crate::digest::NAMED_REGISTERS), then how many more.
     pub fn refusal_summary(&self) -> String {
-        let parts: Vec<String> = self.refused.iter().map(describe_refusal).collect();
-        format!("vcpu {}: {}", self.vcpu, parts.join("; "))
+        format!("vcpu {}: {}", self.vcpu, describe_refusals(&self.refused))
     }
+}
+
+/// The refusals of many vCPUs in a bounded number of lines: vCPUs refused for exactly the same
+/// registers and values share one line (`vcpu 0-511 (512 vcpus): ...`), each line names the first
+/// few registers, and at most [`DESCRIBED_OUTCOMES`](crate::digest::DESCRIBED_OUTCOMES) distinct
+/// refusals are described before the rest are counted.
+#[derive(Debug, Clone, Default)]
+pub struct RefusalDigest {
+    refusals: Grouped<Vec<Refusal>>,
+}
+
+impl RefusalDigest {
+    /// Note one vCPU's report; one that refuses nothing changes nothing.
+    pub fn add(&mut self, report: &RewriteReport) {
+        if report.is_refused() {
+            self.refusals
+                .add_borrowed(report.vcpu, report.refused.as_slice());
+        }
+    }
+
+    pub fn is_refused(&self) -> bool {
+        !self.refusals.is_empty()
+    }
+
+    /// One line per distinct refusal, each naming its vCPUs, then one counting the rest.
+    pub fn summaries(&self) -> Vec<String> {
+        self.refusals.lines(
+            |refused| describe_refusals(refused),
+            "vCPUs refused for other registers",
+        )
+    }
+}
+
+fn describe_refusals(refused: &[Refusal]) -> String {
+    digest::first_few(refused, describe_refusal, "; ", "refused registers")
 }
 
 impl Refusal {
@@ -347,6 +387,8 @@ pub fn rewrite(
         FillMissing::Never => false,
         FillMissing::Auto => dest.accel == Accel::Tcg,
     };
+    // Registers filled with vCPU 0's value: one warning for all of them, not one each.
+    let mut filled_from_vcpu0: Vec<RegId> = Vec::new();
     for reg in dest.present() {
         if seen.contains(&reg.id.0) {
             continue;
@@ -358,16 +400,28 @@ pub fn rewrite(
         let value = match reg.value_for(vcpu) {
             Some(v) => v,
             None => {
-                let v = reg.value.unwrap_or(0);
-                report.warnings.push(format!(
-                    "{}: the destination profile has no value for vcpu {vcpu} (captured with {} vcpus); filled vcpu 0's {v:#x}",
-                    reg.id, dest.vcpus
-                ));
-                v
+                filled_from_vcpu0.push(reg.id);
+                reg.value.unwrap_or(0)
             }
         };
         out.insert(reg.id.0, value);
         report.filled.push(Filled { id: reg.id, value });
+    }
+    if !filled_from_vcpu0.is_empty() {
+        report.warnings.push(format!(
+            "the destination profile (captured with {} vcpus) has no value for this vcpu: filled vcpu 0's value of {} registers: {}",
+            dest.vcpus,
+            filled_from_vcpu0.len(),
+            digest::first_few(&filled_from_vcpu0, RegId::to_string, ", ", "")
+        ));
+    }
+    if !report.uncompared.is_empty() {
+        report.warnings.push(format!(
+            "the destination profile (captured with {} vcpus) has no value for this vcpu: {} identification registers not compared: {}",
+            dest.vcpus,
+            report.uncompared.len(),
+            digest::first_few(&report.uncompared, RegId::to_string, ", ", "")
+        ));
     }
     if !source.windows(2).all(|w| w[0].0 < w[1].0) {
         report.reordered = true;
@@ -450,10 +504,8 @@ fn check_identification(
         return value;
     }
     let Some(dest_value) = dest.value_for(vcpu, id) else {
-        report.warnings.push(format!(
-            "{id}: the destination profile has no value for vcpu {vcpu} (captured with {} vcpus); not compared",
-            dest.vcpus
-        ));
+        // One warning after the loop names them all.
+        report.uncompared.push(id);
         return value;
     };
     if dest_value == value {
@@ -536,6 +588,8 @@ fn check_identification(
     }
 }
 
+#[cfg(test)]
+mod bounds_tests;
 #[cfg(test)]
 mod kvm_tests;
 #[cfg(test)]

@@ -17,6 +17,7 @@
 
 use std::fmt;
 
+use crate::digest::{self, Grouped};
 use crate::profile::{Accel, Profile};
 use crate::regid::RegId;
 
@@ -243,6 +244,26 @@ impl SubsectionReport {
     }
 }
 
+/// The refusals of many vCPUs' subsections in a bounded number of lines: vCPUs refused for the
+/// same subsections share one (see [`crate::digest`]).
+pub fn refusal_summaries<'a>(
+    reports: impl IntoIterator<Item = &'a SubsectionReport>,
+) -> Vec<String> {
+    let mut grouped: Grouped<Vec<RefusedSubsection>> = Grouped::default();
+    for report in reports.into_iter().filter(|r| r.is_refused()) {
+        grouped.add_borrowed(report.vcpu, report.refused.as_slice());
+    }
+    grouped.lines(
+        |refused| {
+            format!(
+                "the destination cannot load subsection {}",
+                digest::first_few(refused, |r| format!("{} ({})", r.name, r.reason), ", ", "")
+            )
+        },
+        "vCPUs refused for other subsections",
+    )
+}
+
 impl fmt::Display for SubsectionReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -445,6 +466,23 @@ mod tests {
         );
         let report = check_subsections(0, &[wfxt(&IDLE[..4])], &dest);
         assert!(report.refusal_summary().contains("4 bytes"), "{report}");
+    }
+
+    #[test]
+    fn the_same_refusal_on_every_vcpu_is_summarised_once() {
+        let dest = profile(Some("10.0.2"), Some(0x1));
+        let reports: Vec<SubsectionReport> = (0..512)
+            .map(|vcpu| check_subsections(vcpu, &[wfxt(&ARMED)], &dest))
+            .collect();
+        let lines = refusal_summaries(&reports);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with(
+                "vcpu 0-511 (512 vcpus): the destination cannot load subsection cpu/wfxt-timer"
+            ),
+            "{}",
+            lines[0]
+        );
     }
 
     #[test]

@@ -113,6 +113,22 @@ pub fn start_proxy(scenario: &Scenario, dest_port: u16, extra: &[String]) -> Res
     )
 }
 
+/// With `--source-reference` among `proxy_args`, the device phase of a precopy migration ended
+/// exactly where the reference's layout says (not at a guest-forgeable candidate).
+pub fn check_device_phase_ending(daemon: &Daemon, proxy_args: &[String]) -> Result<()> {
+    if !proxy_args.iter().any(|arg| arg == "--source-reference") {
+        return Ok(());
+    }
+    for event in daemon.events_named("device state forwarded") {
+        let ending = event_field(&event, "ending");
+        if !ending.starts_with("exact") {
+            bail!("the device phase ended on a {ending:?}, not on the source reference: {event}");
+        }
+        eprintln!("  device phase ending: {ending}");
+    }
+    Ok(())
+}
+
 /// Print the proxy summary and check its outcome.
 pub fn expect_summary(daemon: &Daemon, outcome: &str) -> Result<Value> {
     let summary = daemon.wait_summary(SUMMARY_TIMEOUT)?;
@@ -163,6 +179,7 @@ pub fn migration_through_proxy_rewrites_by(
     scenario::migrate(&mut pair.source, daemon.listen_port)?;
     scenario::assert_migrated(&mut pair.source, &mut pair.dest)?;
     let summary = expect_summary(&daemon, "completed")?;
+    check_device_phase_ending(&daemon, proxy_args)?;
     let rewritten = event_field(&summary, "cpus_rewritten");
     if rewritten != setup.source.smp.to_string() {
         bail!(
@@ -174,17 +191,10 @@ pub fn migration_through_proxy_rewrites_by(
     Ok((summary, daemon))
 }
 
-/// The proxy arguments that give it a reference description of the source's configuration
-/// (a saved stream of a fresh VM of `source`) and let an older source switch to postcopy.
-pub fn source_reference_args(scenario: &Scenario, source: &VmConfig) -> Result<Vec<String>> {
-    let reference = scenario.dir.join("source-fresh.bin");
-    scenario::save_fresh_stream(source, &reference)?;
-    Ok(vec![
-        "--source-reference".to_owned(),
-        reference.display().to_string(),
-        "--unrecoverable-postcopy".to_owned(),
-        "allow".to_owned(),
-    ])
+/// The proxy argument that lets an older source switch to postcopy (the reference description
+/// that rewrites its package comes with `Scenario::profile_args`).
+pub fn allow_unrecoverable_postcopy_args() -> Vec<String> {
+    vec!["--unrecoverable-postcopy".to_owned(), "allow".to_owned()]
 }
 
 /// Source -> `migproxy run` with `proxy_args` -> destination, switched to postcopy after some

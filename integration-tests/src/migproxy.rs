@@ -67,23 +67,31 @@ pub fn run_command(args: &[&str], timeout: Duration) -> Result<Output> {
     }
 }
 
-/// `migproxy profile capture --from-stream STREAM --qemu-version VERSION -o PROFILE`.
-pub fn capture_profile(stream: &Path, qemu_version: &str, profile: &Path) -> Result<()> {
+/// `migproxy profile capture --from-stream STREAM --qemu-version VERSION -o PROFILE
+/// [--save-reference REFERENCE]`.
+pub fn capture_profile(
+    stream: &Path,
+    qemu_version: &str,
+    profile: &Path,
+    reference: Option<&Path>,
+) -> Result<()> {
     let stream_arg = stream.display().to_string();
     let profile_arg = profile.display().to_string();
-    let out = run_command(
-        &[
-            "profile",
-            "capture",
-            "--from-stream",
-            &stream_arg,
-            "--qemu-version",
-            qemu_version,
-            "-o",
-            &profile_arg,
-        ],
-        Duration::from_secs(60),
-    )?;
+    let reference_arg = reference.map(|path| path.display().to_string());
+    let mut args = vec![
+        "profile",
+        "capture",
+        "--from-stream",
+        &stream_arg,
+        "--qemu-version",
+        qemu_version,
+        "-o",
+        &profile_arg,
+    ];
+    if let Some(reference) = &reference_arg {
+        args.extend(["--save-reference", reference.as_str()]);
+    }
+    let out = run_command(&args, Duration::from_secs(60))?;
     if !out.status.success() {
         bail!(
             "migproxy profile capture --from-stream {stream_arg} failed ({}): {}",

@@ -143,11 +143,33 @@ impl Scenario {
     /// vCPU count, captured with `migproxy profile capture --from-stream` (recording the QEMU
     /// version, which decides the subsections it can load). Cached per process.
     pub fn profile(&mut self, config: &VmConfig) -> Result<PathBuf> {
-        fresh_profile(config)
+        fresh_capture(config).map(|fresh| fresh.profile)
     }
 
-    /// The `migproxy run` flags that pass both profiles.
+    /// The reference description of `config` (`profile capture --save-reference`, from the same
+    /// fresh stream as its profile, so it costs no extra VM). Cached per process.
+    pub fn reference(&mut self, config: &VmConfig) -> Result<PathBuf> {
+        fresh_capture(config).map(|fresh| fresh.reference)
+    }
+
+    /// The `migproxy run` flags of the default rewriting path: both profiles and the source's
+    /// reference description (a rewriting proxy without one refuses every migration).
     pub fn profile_args(&mut self, source: &VmConfig, dest: &VmConfig) -> Result<Vec<String>> {
+        let mut args = self.profiles_only_args(source, dest)?;
+        args.extend([
+            "--source-reference".into(),
+            self.reference(source)?.display().to_string(),
+        ]);
+        Ok(args)
+    }
+
+    /// Both profiles and no reference: only for scenarios about a proxy without one, which must
+    /// then say so (`--unreferenced-device-phase allow`) or expect the refusal.
+    pub fn profiles_only_args(
+        &mut self,
+        source: &VmConfig,
+        dest: &VmConfig,
+    ) -> Result<Vec<String>> {
         let source_profile = self.profile(source)?;
         let dest_profile = self.profile(dest)?;
         Ok(vec![
@@ -218,8 +240,16 @@ pub fn assert_source_kept_running(source: &mut Vm) -> Result<Value> {
     Ok(info)
 }
 
-fn profile_cache() -> &'static Mutex<HashMap<String, PathBuf>> {
-    static CACHE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+/// What a fresh VM of one configuration gives the scenarios.
+#[derive(Debug, Clone)]
+pub struct FreshCapture {
+    pub profile: PathBuf,
+    /// Its reference description (`--source-reference` when it is the source).
+    pub reference: PathBuf,
+}
+
+fn profile_cache() -> &'static Mutex<HashMap<String, FreshCapture>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, FreshCapture>>> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
@@ -256,13 +286,26 @@ fn remove_stale_profile_dirs() {
     }
 }
 
-fn fresh_profile(config: &VmConfig) -> Result<PathBuf> {
+/// Profile and reference of a fresh VM of `config`, captured once per process and configuration.
+pub fn fresh_capture(config: &VmConfig) -> Result<FreshCapture> {
+    // Extra arguments can add devices, which changes the reference description.
+    let extra: String = config
+        .extra_args
+        .iter()
+        .map(|arg| {
+            arg.chars()
+                .filter(char::is_ascii_alphanumeric)
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join("_");
     let key = format!(
-        "{}-{}-{}-smp{}",
+        "{}-{}-{}-smp{}{}{extra}",
         config.version.tag(),
         config.machine,
         config.cpu,
-        config.smp
+        config.smp,
+        if extra.is_empty() { "" } else { "-" },
     );
     let cache = profile_cache();
     // Held for the whole capture: two scenarios needing the same profile capture it once.
@@ -274,13 +317,21 @@ fn fresh_profile(config: &VmConfig) -> Result<PathBuf> {
     }
     let dir = profile_dir()?;
     let stream = dir.join(format!("{key}.stream"));
-    let profile = dir.join(format!("{key}.json"));
+    let fresh = FreshCapture {
+        profile: dir.join(format!("{key}.json")),
+        reference: dir.join(format!("{key}.reference.json")),
+    };
     save_fresh_stream(config, &stream)?;
-    migproxy::capture_profile(&stream, config.version.number(), &profile)?;
-    // The stream (mostly zero pages) is not needed once the profile exists.
+    migproxy::capture_profile(
+        &stream,
+        config.version.number(),
+        &fresh.profile,
+        Some(&fresh.reference),
+    )?;
+    // The stream (mostly zero pages) is not needed once profile and reference exist.
     let _ = std::fs::remove_file(&stream);
-    guard.insert(key, profile.clone());
-    Ok(profile)
+    guard.insert(key, fresh.clone());
+    Ok(fresh)
 }
 
 /// Save the outgoing stream of a never-started VM (`-S`, no guest code) with `exec:cat > FILE`.

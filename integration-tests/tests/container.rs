@@ -2,10 +2,12 @@
 //! (`-M virt-7.2 -cpu a64fx -smp 2`, running guest) through `migproxy run` inside the image.
 //!
 //! - The register profiles are captured by the image itself (`profile capture --from-stream -`
-//!   reading a fresh destination stream on stdin), as an operator does on each new host kernel.
+//!   reading a fresh source stream on stdin, which also saves the source reference description
+//!   with `--save-reference`; `--from-qmp` for the destination), as an operator does on each new
+//!   host kernel.
 //! - A "destination host" container serves the destination profile on its admin address
 //!   (`--serve-profile`); the proxy container fetches it from there (`--dest-profile http://...`)
-//!   and gets the source profile as a mounted file.
+//!   and gets the source profile and the source reference as mounted files.
 //! - Both run as the image's default user with host networking and podman's workarounds for this
 //!   machine kind (`--runtime runc`, explicit ulimits); the image's own HEALTHCHECK is answered,
 //!   the migration completes with both vCPUs rewritten, the destination keeps running the guest,
@@ -88,7 +90,7 @@ fn through_container(s: &mut Scenario, mode: Mode) -> Result<()> {
     // Profiles, captured by the image from fresh streams (what an operator runs per host kernel).
     let profiles = s.dir.join("profiles");
     std::fs::create_dir_all(&profiles).context("creating the profile directory")?;
-    capture_profile_from_stream(s, &image, &profiles.join("source.json"), V10)?;
+    capture_profile_from_stream(s, &image, &profiles, "source.json", V10)?;
     capture_profile_from_qmp(s, &image, &profiles.join("dest.json"), V72)?;
     let profiles_mount = format!("{}:/profiles:ro", profiles.display());
 
@@ -142,6 +144,8 @@ fn through_container(s: &mut Scenario, mode: Mode) -> Result<()> {
             format!("MIGPROXY_DEST_PROFILE=http://127.0.0.1:{dest_admin}/profiles/{PROFILE_NAME}"),
             "-e".into(),
             "MIGPROXY_SOURCE_PROFILE=/profiles/source.json".into(),
+            "-e".into(),
+            "MIGPROXY_SOURCE_REFERENCE=/profiles/source-reference.json".into(),
             "-e".into(),
             format!("MIGPROXY_HEALTHCHECK_URL=http://127.0.0.1:{admin}/healthz"),
         ],
@@ -251,20 +255,53 @@ fn find_or_build_image(log: &Path) -> Result<String> {
         .ok_or_else(|| anyhow!("{} printed no IMAGE= line", script.display()))
 }
 
-/// `podman run --rm -i IMAGE profile capture --from-stream - < fresh.stream > PROFILE`, the stream
-/// saved from a fresh, never-started VM of `version`.
+/// `podman run --rm -i IMAGE profile capture --from-stream - --save-reference
+/// /profiles/source-reference.json < fresh.stream > PROFILE`, the stream saved from a fresh,
+/// never-started VM of `version` (the source: its reference description goes next to the
+/// profiles, written as uid 0 into the mounted directory).
 fn capture_profile_from_stream(
     s: &Scenario,
     image: &str,
-    profile: &Path,
+    profiles: &Path,
+    profile: &str,
     version: Version,
 ) -> Result<()> {
     let stream = s.dir.join(&format!("fresh-{}.stream", version.tag()));
     scenario::save_fresh_stream(&a64fx(version), &stream)?;
     let stdin = File::open(&stream).with_context(|| format!("opening {}", stream.display()))?;
-    let podman_args = ["run", "--rm", "-i", "--network", "none"];
-    let command = [image, "profile", "capture", "--from-stream", "-"];
-    capture_in_container(s, &podman_args, &command, stdin, profile, version)
+    let mount = format!("{}:/profiles", profiles.display());
+    let podman_args = [
+        "run",
+        "--rm",
+        "-i",
+        "--network",
+        "none",
+        "--user",
+        "0",
+        "-v",
+        &mount,
+    ];
+    let command = [
+        image,
+        "profile",
+        "capture",
+        "--from-stream",
+        "-",
+        "--save-reference",
+        "/profiles/source-reference.json",
+    ];
+    capture_in_container(
+        s,
+        &podman_args,
+        &command,
+        stdin,
+        &profiles.join(profile),
+        version,
+    )?;
+    if !profiles.join("source-reference.json").is_file() {
+        bail!("profile capture --save-reference wrote no source-reference.json");
+    }
+    Ok(())
 }
 
 /// deploy/README.md section 3: a throwaway `-S` QEMU of `version` with a QMP socket in a directory

@@ -1,12 +1,14 @@
 //! One daemon, real-world disturbances: several migrations at once, a stray connection (a port
-//! probe, a health check) before a migration, and a destination that dies mid-migration.
+//! probe, a health check) before a migration, a destination that dies mid-migration, and a
+//! rewriting daemon started without the source's reference description.
 
 use std::io::Read;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use migproxy_integration_tests::flows::{
-    expect_summary, start_proxy, stray_connection, Pair, Setup, SUMMARY_TIMEOUT,
+    assert_destination_untouched, expect_summary, start_proxy, stray_connection, Pair, Setup,
+    SUMMARY_TIMEOUT,
 };
 use migproxy_integration_tests::migproxy::{event_field, Daemon, SUMMARY};
 use migproxy_integration_tests::ports::{free_port, tcp_uri};
@@ -54,10 +56,12 @@ fn three_migrations_at_once_through_one_daemon() {
             if *rewrite {
                 let dest = s.profile(&setup.dest)?;
                 let source = s.profile(&setup.source)?;
+                let reference = s.reference(&setup.source)?;
                 config.push_str(&format!(
-                    "dest_profile = \"{}\"\nsource_profile = \"{}\"\n",
+                    "dest_profile = \"{}\"\nsource_profile = \"{}\"\nsource_reference = \"{}\"\n",
                     dest.display(),
-                    source.display()
+                    source.display(),
+                    reference.display()
                 ));
             }
             listen_ports.push(listen);
@@ -110,6 +114,41 @@ fn three_migrations_at_once_through_one_daemon() {
             );
         }
         Ok(())
+    });
+}
+
+/// Both profiles but no `--source-reference`: the device phase could only end at a candidate the
+/// guest can forge, so the default refuses the migration at its first bytes. The source keeps
+/// running its guest, the destination is never contacted, and the refusal says how to fix it.
+#[test]
+fn rewriting_without_a_source_reference_is_refused_at_the_first_bytes() {
+    scenario::run("rewriting_without_reference_refused_early", |s| {
+        let setup = Setup::new(a64fx(V10), a64fx(V72));
+        let profiles = s.profiles_only_args(&setup.source, &setup.dest)?;
+        let mut pair = Pair::start(s, &setup, "")?;
+        let daemon = start_proxy(s, pair.dest_port, &profiles)?;
+        daemon.wait_log(
+            "every migration on this listener is refused",
+            SUMMARY_TIMEOUT,
+        )?;
+        scenario::migrate(&mut pair.source, daemon.listen_port)?;
+        scenario::assert_source_kept_running(&mut pair.source)?;
+        let summary = expect_summary(&daemon, "refused")?;
+        let reason = event_field(&summary, "reason");
+        for needed in [
+            "--source-reference",
+            "--save-reference",
+            "--unreferenced-device-phase allow",
+            "before the destination was contacted",
+        ] {
+            if !reason.contains(needed) {
+                bail!("the refusal does not say {needed:?}: {reason}");
+            }
+        }
+        if event_field(&summary, "bytes_to_destination") != "0" {
+            bail!("bytes reached the destination: {summary}");
+        }
+        assert_destination_untouched(&mut pair.dest)
     });
 }
 

@@ -19,8 +19,8 @@
 
 use anyhow::{bail, Result};
 use migproxy_integration_tests::flows::{
-    assert_destination_untouched, expect_summary, migration_through_proxy_rewrites_by,
-    source_reference_args, start_proxy, switch_after_precopy_rounds,
+    allow_unrecoverable_postcopy_args, assert_destination_untouched, expect_summary,
+    migration_through_proxy_rewrites_by, start_proxy, switch_after_precopy_rounds,
     switched_migration_through_proxy, Pair, Setup,
 };
 use migproxy_integration_tests::migproxy::{event_field, Daemon};
@@ -143,6 +143,8 @@ fn postcopy_without_source_profile_refused_at_advise() {
         let args = vec![
             "--dest-profile".to_owned(),
             dest_profile.display().to_string(),
+            "--source-reference".to_owned(),
+            s.reference(&setup.source)?.display().to_string(),
         ];
         refused_at_advise(s, &setup, &args)
     });
@@ -159,21 +161,23 @@ fn postcopy_capable_a64fx_111_to_10_no_switch_by_default() {
 }
 
 /// 11.1 -> 10.0 switched after precopy rounds with a dirtying guest, through a proxy given
-/// `extra` flags: the package is refused with a reason containing `because`, the source fails
-/// the migration and resumes its guest by itself, the destination never runs it.
-fn switch_111_refused(s: &mut Scenario, extra: &[&str], because: &str) -> Result<()> {
+/// `extra` flags after both profiles (and the source reference when `with_reference`): the
+/// package is refused with a reason containing `because`, the source fails the migration and
+/// resumes its guest by itself, the destination never runs it.
+fn switch_111_refused(
+    s: &mut Scenario,
+    with_reference: bool,
+    extra: &[&str],
+    because: &str,
+) -> Result<()> {
     // 4 MiB/s with a 1 ms downtime limit: precopy cannot converge while the guest dirties.
     let setup = postcopy_setup(V111, V10).slow(4 << 20);
-    let mut args = s.profile_args(&setup.source, &setup.dest)?;
-    for flag in extra {
-        args.push(if *flag == "REFERENCE" {
-            let reference = s.dir.join("source-fresh.bin");
-            scenario::save_fresh_stream(&setup.source, &reference)?;
-            reference.display().to_string()
-        } else {
-            (*flag).to_owned()
-        });
-    }
+    let mut args = if with_reference {
+        s.profile_args(&setup.source, &setup.dest)?
+    } else {
+        s.profiles_only_args(&setup.source, &setup.dest)?
+    };
+    args.extend(extra.iter().map(|flag| (*flag).to_owned()));
     let mut pair = Pair::start(s, &setup, "")?;
     let daemon = start_proxy(s, pair.dest_port, &args)?;
     scenario::migrate(&mut pair.source, daemon.listen_port)?;
@@ -198,7 +202,14 @@ fn switch_111_refused(s: &mut Scenario, extra: &[&str], because: &str) -> Result
 #[test]
 fn postcopy_switch_111_to_10_without_reference_refused_source_resumes() {
     scenario::run("postcopy_switch_111_to_10_without_reference_refused", |s| {
-        switch_111_refused(s, &[], "no --source-reference")
+        // The package refusal of a proxy without a reference: such a proxy refuses at the first
+        // bytes by default, so this scenario opts out to reach the package.
+        switch_111_refused(
+            s,
+            false,
+            &["--unreferenced-device-phase", "allow"],
+            "no --source-reference",
+        )
     });
 }
 
@@ -207,11 +218,7 @@ fn postcopy_switch_111_to_10_without_reference_refused_source_resumes() {
 #[test]
 fn postcopy_switch_111_to_10_on_extra_refuse_refused_source_resumes() {
     scenario::run("postcopy_switch_111_to_10_on_extra_refuse", |s| {
-        switch_111_refused(
-            s,
-            &["--source-reference", "REFERENCE", "--on-extra", "refuse"],
-            "vcpu 0",
-        )
+        switch_111_refused(s, true, &["--on-extra", "refuse"], "vcpu 0")
     });
 }
 
@@ -226,7 +233,7 @@ fn switch_completes_rewritten(s: &mut Scenario, from: Version, to: Version) -> R
 /// [`switch_completes_rewritten`] for any setup; returns the summary.
 fn switch_completes_rewritten_with(s: &mut Scenario, setup: Setup) -> Result<Value> {
     let mut args = s.profile_args(&setup.source, &setup.dest)?;
-    args.extend(source_reference_args(s, &setup.source)?);
+    args.extend(allow_unrecoverable_postcopy_args());
     let (summary, daemon) = switched_migration_through_proxy(s, &setup, &args)?;
     // 11.1 takes its guest back after a failed switch; 7.2 and 10.0 do not.
     let outlook = if setup.source.version == V111 {

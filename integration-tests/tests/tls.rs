@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use migproxy_integration_tests::flows::{
-    migration_through_proxy_rewrites, source_reference_args, start_proxy,
+    allow_unrecoverable_postcopy_args, migration_through_proxy_rewrites_by, start_proxy,
     switched_migration_through_proxy, Pair, Setup,
 };
 use migproxy_integration_tests::migproxy::event_field;
@@ -214,7 +214,18 @@ fn tls_migration_succeeds(
             args.extend(["--unrecoverable-postcopy".to_owned(), "allow".to_owned()]);
         }
     }
-    let summary = migration_through_proxy_rewrites(s, &setup, &args)?;
+    let (summary, daemon) = migration_through_proxy_rewrites_by(s, &setup, &args)?;
+    if let Channels::Multifd(count) = channels {
+        // The default raw relay is splice, which needs plain sockets: TLS channels are copied.
+        let used: Vec<String> = daemon
+            .events_named("raw relay")
+            .iter()
+            .map(|event| event_field(event, "relay"))
+            .collect();
+        if used.len() != count as usize || used.iter().any(|relay| relay != "copy") {
+            bail!("expected {count} TLS multifd channels through the copying relay, the daemon used {used:?}");
+        }
+    }
     if matches!(channels, Channels::PostcopyCapable)
         && event_field(&summary, "postcopy") != "unrecoverable"
     {
@@ -253,7 +264,7 @@ fn tls_a64fx_10_to_72_postcopy_switch_package_rewritten() {
             // 4 MiB/s with a 1 ms downtime limit: precopy cannot converge while the guest dirties.
             let setup = tls_setup(V10, V72, &creds, &creds).postcopy().slow(4 << 20);
             let mut args = proxy_args(s, V10, V72, &creds, false)?;
-            args.extend(source_reference_args(s, &a64fx(V10))?);
+            args.extend(allow_unrecoverable_postcopy_args());
             let (summary, _) = switched_migration_through_proxy(s, &setup, &args)?;
             if event_field(&summary, "cpus_rewritten") != "2" {
                 bail!("the package's vCPUs were not rewritten: {summary}");

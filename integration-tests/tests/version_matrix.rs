@@ -19,7 +19,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use migproxy_config::Profile;
 use migproxy_integration_tests::flows::{
-    assert_destination_untouched, check_channels, expect_summary, start_proxy, Pair, Setup,
+    assert_destination_untouched, check_channels, check_device_phase_ending, expect_summary,
+    start_proxy, Pair, Setup,
 };
 use migproxy_integration_tests::migproxy::event_field;
 use migproxy_integration_tests::qemu::Version::{self, V10, V111, V72};
@@ -90,6 +91,7 @@ fn proxied(s: &mut Scenario, setup: &Setup) -> Result<String> {
     scenario::assert_migrated(&mut pair.source, &mut pair.dest)?;
     let summary = expect_summary(&daemon, "completed")?;
     check_channels(&summary, setup)?;
+    check_device_phase_ending(&daemon, &profiles)?;
     // Every cross-version pair here differs in its register lists: every vCPU is rewritten.
     let rewritten = event_field(&summary, "cpus_rewritten");
     if rewritten != setup.source.smp.to_string() {

@@ -122,6 +122,11 @@ pub enum Refusal {
     /// (DESIGN.md, "Postcopy").
     #[error("postcopy advised at byte {offset}: {outlook}; refused now, while the source still runs its guest (migrate without postcopy-ram, or start migproxy with --unrecoverable-postcopy allow if switches are rare and you accept that risk)")]
     PostcopyUnrecoverable { offset: u64, outlook: String },
+    /// A rewriting proxy without the source's reference description (DESIGN.md, "How the end of
+    /// the phase is recognised"): refused at the main channel's first bytes, before the
+    /// destination is contacted.
+    #[error("this proxy rewrites but has no reference description of the source, so a guest could end the device phase early with bytes forged in its own state; refused before the destination was contacted, the source keeps running its guest (give --source-reference FILE, file key source_reference, made with `migproxy profile capture --save-reference FILE`; or accept that risk with --unreferenced-device-phase allow)")]
+    UnreferencedDevicePhase,
     /// The source switched to postcopy and its package cannot go through: why, and what the
     /// source does now.
     #[error("postcopy package at byte {offset}: {why}; {outcome}")]
@@ -136,8 +141,14 @@ pub enum Refusal {
     Subsections(Vec<String>),
     /// The device-state phase did not end with a verified description within its deadline,
     /// counted from the phase's first byte (not from the last byte: trickling does not extend it).
-    #[error("at byte {offset}: no verified description within {} ms of the start of the device-state phase (suppress-vmdesc, or a source trickling bytes?); device sections cannot be delimited (--description-timeout)", .waited.as_millis())]
-    NoDescription { offset: u64, waited: Duration },
+    /// `last_candidate`: why the last apparent ending did not verify (a source reference of
+    /// another configuration names the device or vmstate here), if there was one.
+    #[error("at byte {offset}: no verified description within {} ms of the start of the device-state phase (suppress-vmdesc, a description over --max-description, or a source trickling bytes?); device sections cannot be delimited (--description-timeout){}", .waited.as_millis(), .last_candidate.as_ref().map(|why| format!("; the last apparent ending did not verify: {why}")).unwrap_or_default())]
+    NoDescription {
+        offset: u64,
+        waited: Duration,
+        last_candidate: Option<String>,
+    },
 }
 
 /// Why a migration was given up (not a policy refusal).
@@ -145,6 +156,12 @@ pub enum Refusal {
 pub enum Abort {
     #[error("main channel gone")]
     MainChannelGone,
+    /// A peer took no bytes for the whole stall deadline.
+    #[error("{what}: the peer took no bytes for {} ms (--write-stall-timeout)", .waited.as_millis())]
+    WriteStalled { what: String, waited: Duration },
+    /// The destination did not accept the connection (and complete its TLS handshake) in time.
+    #[error("connecting to {upstream}: not connected within {} ms (--dial-timeout)", .waited.as_millis())]
+    DialTimeout { upstream: String, waited: Duration },
     /// A profile fetched when the migration starts could not be had.
     #[error("{role} profile unavailable: {source}")]
     ProfileUnavailable {
@@ -192,6 +209,10 @@ pub enum HttpFailure {
     Request(#[source] hyper::Error),
     #[error("body: {0}")]
     Body(#[source] BoxError),
+    #[error("body larger than {0} bytes (--max-profile)")]
+    BodyTooLarge(usize),
+    #[error("plain http:// while --profile-ca pins a CA for profile URLs: anyone on the path could choose the registers; use https://")]
+    PlainHttpWithCa,
     #[error("no answer within {} ms", .0.as_millis())]
     Timeout(Duration),
     #[error("status {0}")]

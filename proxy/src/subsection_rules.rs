@@ -3,43 +3,44 @@
 //! `rewrite` and `plan`, so all three do the same.
 
 use migproxy_codec::{CpuSubsection, DeviceState};
-use migproxy_config::{check_subsections, Profile, SourceSubsection, SubsectionReport};
+use std::collections::BTreeMap;
+
+use migproxy_config::{
+    check_subsections, subsections, Profile, SourceSubsection, SubsectionReport,
+};
 
 use crate::error::{ProxyError, Refusal};
 
 /// One report per vCPU that has a subsection to remove or refuse, in instance order.
 pub fn decide(subsections: &[CpuSubsection], dest: &Profile) -> Vec<SubsectionReport> {
-    let mut instances: Vec<u32> = subsections.iter().map(|s| s.instance).collect();
-    instances.dedup();
-    instances
+    // One pass to group them by vCPU: a scan of every subsection per vCPU would be quadratic in
+    // a stream the source shapes.
+    let mut by_vcpu: BTreeMap<u32, Vec<SourceSubsection<'_>>> = BTreeMap::new();
+    for s in subsections {
+        by_vcpu
+            .entry(s.instance)
+            .or_default()
+            .push(SourceSubsection {
+                name: &s.name,
+                nested: &s.nested,
+                payload: &s.payload,
+            });
+    }
+    by_vcpu
         .into_iter()
-        .map(|instance| {
-            let of_vcpu: Vec<SourceSubsection<'_>> = subsections
-                .iter()
-                .filter(|s| s.instance == instance)
-                .map(|s| SourceSubsection {
-                    name: &s.name,
-                    nested: &s.nested,
-                    payload: &s.payload,
-                })
-                .collect();
-            check_subsections(instance, &of_vcpu, dest)
-        })
+        .map(|(instance, of_vcpu)| check_subsections(instance, &of_vcpu, dest))
         .filter(|report| !report.removed.is_empty() || report.is_refused())
         .collect()
 }
 
-/// Refuse (naming every subsection) or remove what the reports allow, before a byte of this
-/// device state reaches the destination.
+/// Refuse (naming the subsections, vCPUs refused alike on one line) or remove what the reports
+/// allow, before a byte of this device state reaches the destination.
 pub fn apply(state: &mut DeviceState, dest: &Profile) -> Result<Vec<SubsectionReport>, ProxyError> {
     let reports = decide(&state.cpu_subsections(), dest);
-    let refused: Vec<String> = reports
-        .iter()
-        .filter(|r| r.is_refused())
-        .map(SubsectionReport::refusal_summary)
-        .collect();
-    if !refused.is_empty() {
-        return Err(ProxyError::Refused(Refusal::Subsections(refused)));
+    if reports.iter().any(SubsectionReport::is_refused) {
+        return Err(ProxyError::Refused(Refusal::Subsections(
+            subsections::refusal_summaries(&reports),
+        )));
     }
     for report in &reports {
         for removed in &report.removed {

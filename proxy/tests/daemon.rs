@@ -373,6 +373,8 @@ fn rewrites_like_the_offline_rewrite_with_a_profile_fetched_from_the_destination
     assert_eq!(body, std::fs::read_to_string(&dest_profile).unwrap());
     assert_eq!(advertiser.get("/profiles/other").0, 404);
     let url = format!("http://{}/profiles/a64fx-7.2", advertiser.admin);
+    // The source stream is a paused VM's: it is its own configuration's reference.
+    let source_reference = format!("{vectors}q10m72-a64fx.bin");
     let daemon = Daemon::start(&[
         "--upstream",
         &destination.upstream(),
@@ -380,6 +382,8 @@ fn rewrites_like_the_offline_rewrite_with_a_profile_fetched_from_the_destination
         &url,
         "--source-profile",
         &source_profile,
+        "--source-reference",
+        &source_reference,
     ]);
     migrate(&daemon, &stream);
     assert!(
@@ -401,11 +405,15 @@ fn postcopy_is_refused_at_advise_when_rewriting() {
     let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
     capture_profile(&format!("{vectors}q72-a64fx.bin"), &[], &dest_profile);
     let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    // The reference of the source's configuration (a paused 7.2 a64fx VM): without one the
+    // migration would be refused even earlier, at its first bytes.
     let daemon = Daemon::start(&[
         "--upstream",
         &destination.upstream(),
         "--dest-profile",
         &dest_profile,
+        "--source-reference",
+        &format!("{vectors}q72-a64fx.bin"),
     ]);
     let stream = vector("q72-postcopy-main.bin");
 
@@ -424,7 +432,8 @@ fn postcopy_is_refused_at_advise_when_rewriting() {
 
 /// `--unrecoverable-postcopy allow`: the ADVISE goes through, and the captured 7.2 stream's switch
 /// is refused at its package (named by its offset), before any of the package reaches the
-/// destination.
+/// destination. The package is refused because no source reference gives its layout, so this
+/// proxy runs without one, which it must say (`--unreferenced-device-phase allow`).
 #[test]
 fn an_allowed_switch_is_refused_at_the_package_when_rewriting() {
     let dir = TempDir::new("postcopy-allow");
@@ -438,6 +447,8 @@ fn an_allowed_switch_is_refused_at_the_package_when_rewriting() {
         "--dest-profile",
         &dest_profile,
         "--unrecoverable-postcopy",
+        "allow",
+        "--unreferenced-device-phase",
         "allow",
     ]);
     let stream = vector("q72-postcopy-main.bin");
@@ -720,4 +731,44 @@ fn a_silent_channel_joins_a_postcopy_migration_as_its_preempt_channel() {
     let summary = daemon.wait_log("migration summary", SECS);
     assert_eq!(summary["fields"]["channels"], "main+preempt", "{summary}");
     assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
+}
+
+/// A destination that stops reading altogether: backpressure holds the source, but only until the
+/// write stall deadline (`--write-stall-timeout`); then the migration is closed on both sides.
+#[test]
+fn a_destination_that_stops_reading_fails_the_migration_at_the_write_stall_deadline() {
+    let gate: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)> = Default::default();
+    let destination = Destination::start(vec![Behaviour::Gated(std::sync::Arc::clone(&gate))]);
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &destination.upstream(),
+        "--write-stall-timeout",
+        "500",
+    ]);
+    let stream = with_extra_pages(&vector("q72-a64fx.bin"), 16384); // +64 MiB
+    let mut source = connect(daemon.listen);
+    let writer = {
+        let mut source = source.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // Fails once the proxy gives up and closes: that is the point.
+            let _ = source.write_all(&stream);
+        })
+    };
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "failed", "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(
+            "main channel: write to destination: the peer took no bytes for 500 ms (--write-stall-timeout)"
+        ),
+        "{reason}"
+    );
+    read_until_closed(&mut source);
+    writer.join().unwrap();
+    assert_eq!(
+        daemon.metric("migproxy_migrations_total{outcome=\"failed\"}"),
+        Some(1)
+    );
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
 }

@@ -54,23 +54,27 @@ fn migrate(daemon: &Daemon, stream: &[u8]) {
     read_until_closed(&mut source);
 }
 
-fn daemon_to(destination: &Destination, profile: &str) -> Daemon {
+/// The daemon towards `destination` with its `profile`; `source_stream` (a fixture is the stream
+/// of a fresh VM) is the source's reference description.
+fn daemon_to(destination: &Destination, profile: &str, source_stream: &str) -> Daemon {
     Daemon::start(&[
         "--upstream",
         &destination.upstream(),
         "--dest-profile",
         profile,
+        "--source-reference",
+        source_stream,
     ])
 }
 
 #[test]
 fn from_6_1_the_daemon_forwards_byte_for_byte() {
     let dir = TempDir::new("kvm-daemon-61");
-    let (stream, _, _) = kernel(&dir, "6.1");
+    let (stream, stream_file, _) = kernel(&dir, "6.1");
     for dest in ["6.12", "7.3"] {
         let (_, _, profile) = kernel(&dir, dest);
         let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-        let daemon = daemon_to(&destination, &profile);
+        let daemon = daemon_to(&destination, &profile, &stream_file);
         migrate(&daemon, &stream);
         assert!(
             destination.wait_received(0, SECS) == stream,
@@ -98,7 +102,7 @@ fn the_upgrade_6_12_to_7_3_is_carried_like_the_offline_rewrite() {
     assert_eq!(stream.len() - expected.len(), 3 * 16);
 
     let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = daemon_to(&destination, &profile);
+    let daemon = daemon_to(&destination, &profile, &stream_file);
     migrate(&daemon, &stream);
     assert!(
         destination.wait_received(0, SECS) == expected,
@@ -137,10 +141,10 @@ fn the_downgrades_are_refused_by_name_and_the_stream_is_cut_short() {
             vec!["CCSIDR[L1 instruction]", "KVM_REG_ARM_PSCI_VERSION 1.3"],
         ),
     ] {
-        let (stream, _, _) = kernel(&dir, src);
+        let (stream, stream_file, _) = kernel(&dir, src);
         let (_, _, profile) = kernel(&dir, dest);
         let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-        let daemon = daemon_to(&destination, &profile);
+        let daemon = daemon_to(&destination, &profile, &stream_file);
         migrate(&daemon, &stream);
         let summary = daemon.wait_log("migration summary", SECS);
         assert_eq!(

@@ -328,3 +328,56 @@ fn a_stalled_tls_handshake_is_closed_at_the_deadline_and_the_real_source_still_m
     let summary = daemon.wait_log("migration summary", SECS);
     assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
 }
+
+/// A destination that accepts the TCP connection and never answers the TLS handshake: the dial
+/// deadline (`--dial-timeout`) ends the migration, the source's connection is closed, and the
+/// daemon does not wait for the kernel to give up.
+#[test]
+fn a_destination_that_never_completes_the_tls_handshake_fails_at_the_dial_deadline() {
+    let pki = TempDir::new("tls-silent-dest");
+    make_pki(&pki);
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = format!("tcp:{}", silent.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        // Accept and hold (never read, never write) until the proxy gives up and closes.
+        let (mut conn, _) = silent.accept().unwrap();
+        let mut sink = Vec::new();
+        let _ = conn.read_to_end(&mut sink);
+    });
+    let creds = pki.0.to_string_lossy().into_owned();
+    let daemon = Daemon::start(&[
+        "--upstream",
+        &upstream,
+        "--tls-creds",
+        &creds,
+        "--tls-hostname",
+        "localhost",
+        "--dial-timeout",
+        "300",
+    ]);
+    let tcp = connect(daemon.listen);
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = rustls::StreamOwned::new(
+        rustls::ClientConnection::new(source_config(&pki, true), name).unwrap(),
+        tcp,
+    );
+    let stream = vector("q72-a64fx.bin");
+    let _ = tls.write_all(&stream[..4096]);
+    let _ = tls.flush();
+    let mut rest = Vec::new();
+    let _ = tls.read_to_end(&mut rest);
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "failed", "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!(
+            "connecting to {upstream}: not connected within 300 ms (--dial-timeout)"
+        )),
+        "{reason}"
+    );
+    assert_eq!(
+        daemon.metric("migproxy_migrations_total{outcome=\"failed\"}"),
+        Some(1)
+    );
+    held.join().unwrap();
+}

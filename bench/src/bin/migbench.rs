@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use migproxy_bench::relay_process::RelaySpec;
-use migproxy_bench::{scale, stream_layout, switchover, throughput, BenchError};
+use migproxy_bench::{multifd, scale, stream_layout, switchover, throughput, BenchError};
 
 #[derive(Debug, Parser)]
 #[command(name = "migbench", about = "Benchmark migration relays on loopback")]
@@ -58,6 +58,22 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// A main channel plus N multifd channels of bulk data: relay CPU per GiB and throughput
+    /// (e.g. `migproxy run --raw-relay copy` against `--raw-relay splice`); relays rotate.
+    MultifdRelay {
+        #[command(flatten)]
+        common: Common,
+        /// Where the multifd channels' bytes come from (default: the stream itself).
+        #[arg(long)]
+        payload: Option<PathBuf>,
+        #[arg(long, default_value_t = 4)]
+        channels: u8,
+        /// Bulk bytes per multifd channel, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        channel_mib: u64,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// Print where the device-state phase of a stream starts.
     Layout { stream: PathBuf },
 }
@@ -97,6 +113,23 @@ fn run(cli: Cli) -> Result<(), BenchError> {
                 &common.relays,
                 &common.log_dir,
             )?;
+            write_json(common.out.as_deref(), &report)
+        }
+        Command::MultifdRelay {
+            common,
+            payload,
+            channels,
+            channel_mib,
+            reps,
+        } => {
+            let plan = multifd::Plan {
+                stream: &common.stream,
+                payload: payload.as_deref().unwrap_or(&common.stream),
+                channels,
+                channel_bytes: channel_mib.saturating_mul(1 << 20),
+                log_dir: &common.log_dir,
+            };
+            let report = multifd::run(&plan, reps, &common.relays)?;
             write_json(common.out.as_deref(), &report)
         }
         Command::Layout { stream } => {

@@ -6,6 +6,7 @@ pub mod policy;
 
 use std::path::PathBuf;
 
+use crate::net::relay::RawRelay;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -73,6 +74,11 @@ pub struct CaptureArgs {
     /// load. `--from-qmp` reads it from QEMU; a stream does not carry it.
     #[arg(long, value_name = "VERSION")]
     pub qemu_version: Option<String>,
+    /// Also write the stream's device-state description to FILE: captured from a fresh VM of
+    /// the *source's* configuration, it is the `--source-reference` a rewriting `migproxy run`
+    /// needs (with --from-stream or --from-qmp).
+    #[arg(long, value_name = "FILE")]
+    pub save_reference: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -126,6 +132,20 @@ pub enum UnrecoverablePostcopy {
     #[default]
     Refuse,
     /// Let it go on; a switch would then be refused at the package and lose the guest.
+    Allow,
+}
+
+/// What a rewriting proxy without a source reference does (`--unreferenced-device-phase`).
+/// Without the source's reference description the end of the device phase is only a candidate
+/// the guest could have forged inside its own state (DESIGN.md, "How the end of the phase is
+/// recognised").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum UnreferencedDevicePhase {
+    /// Refuse every migration at its first bytes, before the destination is contacted.
+    #[default]
+    Refuse,
+    /// End the phase at the first verified candidate: a guest can fail (not corrupt) its own
+    /// migration.
     Allow,
 }
 
@@ -204,16 +224,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR", env = "MIGPROXY_UPSTREAM")]
     pub upstream: Option<String>,
     /// The destination's register profile: a file, an `https://` URL (with --profile-ca) or an
-    /// `http://` URL (unauthenticated: anyone on the path chooses the registers).
+    /// `http://` URL (unauthenticated: anyone on the path chooses the registers; refused when
+    /// --profile-ca is set).
     #[arg(long, value_name = "PROFILE|URL", env = "MIGPROXY_DEST_PROFILE")]
     pub dest_profile: Option<String>,
     /// A profile of a fresh VM with the source's configuration: a file or an `https://`/`http://` URL.
     #[arg(long, value_name = "PROFILE|URL", env = "MIGPROXY_SOURCE_PROFILE")]
     pub source_profile: Option<String>,
-    /// A saved stream of a fresh VM with the source's configuration (the one a source profile is
-    /// captured from): its description is the layout of a postcopy package's device state, so a
-    /// switch to postcopy can be rewritten (docs/postcopy.md).
-    #[arg(long, value_name = "STREAM", env = "MIGPROXY_SOURCE_REFERENCE")]
+    /// The reference description of a fresh VM with the source's configuration: a saved stream
+    /// of it (the one a source profile is captured from) or the description JSON that
+    /// `migproxy profile capture --save-reference FILE` writes. It makes the end of the device
+    /// phase exact (a guest cannot forge it) and gives a postcopy package its layout. Needed
+    /// by a rewriting proxy unless --unreferenced-device-phase allow.
+    #[arg(long, value_name = "FILE", env = "MIGPROXY_SOURCE_REFERENCE")]
     pub source_reference: Option<PathBuf>,
     /// Admin address serving /metrics, /healthz, /readyz and /profiles/NAME (`none` disables it).
     /// Default: tcp:127.0.0.1:9444.
@@ -241,15 +264,34 @@ pub struct RunArgs {
     /// handshake, and then again to send its first bytes), in milliseconds (default 1000).
     #[arg(long, value_name = "MS", env = "MIGPROXY_IDENTIFY_TIMEOUT")]
     pub identify_timeout: Option<u64>,
+    /// How long a write to the source or the destination may make no progress (a peer that
+    /// stopped reading), in milliseconds (default 60000); then the migration is closed.
+    #[arg(long, value_name = "MS", env = "MIGPROXY_WRITE_STALL_TIMEOUT")]
+    pub write_stall_timeout: Option<u64>,
+    /// How long connecting to the destination, TLS handshake included, may take, in milliseconds
+    /// (default 10000).
+    #[arg(long, value_name = "MS", env = "MIGPROXY_DIAL_TIMEOUT")]
+    pub dial_timeout: Option<u64>,
     /// Largest single non-page record accepted, in bytes (default 16 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_RECORD")]
     pub max_record: Option<usize>,
-    /// Largest held device-state phase, in bytes (default 256 MiB).
+    /// Largest device-state phase (full sections and EOF, the description not counted), in
+    /// bytes (default 256 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_DEVICE_STATE")]
     pub max_device_state: Option<usize>,
     /// Largest description JSON, in bytes (default 16 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_DESCRIPTION")]
     pub max_description: Option<usize>,
+    /// How multifd, preempt and return-path channels are relayed: `splice` (default: splice(2)
+    /// through a kernel pipe where both sides are plain TCP, the copying relay under TLS) or
+    /// `copy` (always through a user-space buffer).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "splice|copy",
+        env = "MIGPROXY_RAW_RELAY"
+    )]
+    pub raw_relay: Option<RawRelay>,
     /// With a rewrite, what to do when postcopy is advised by a source that could not take its
     /// guest back after a refused switch (older than QEMU 10.2, no return path, or no source
     /// profile): `refuse` at ADVISE (default; the source keeps running its guest) or `allow`
@@ -261,6 +303,19 @@ pub struct RunArgs {
         env = "MIGPROXY_UNRECOVERABLE_POSTCOPY"
     )]
     pub unrecoverable_postcopy: Option<UnrecoverablePostcopy>,
+    /// With a rewrite but no --source-reference: `refuse` every migration at its first bytes
+    /// (default; the source keeps running its guest, the destination is not contacted) or
+    /// `allow` the end of the device phase to be recognised without a reference. What `allow`
+    /// exposes: a guest that writes a forged ending into its own registers can make the
+    /// migration fail (the proxy closes both sides, the source keeps the guest); nothing
+    /// corrupt reaches the destination. See DESIGN.md.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "refuse|allow",
+        env = "MIGPROXY_UNREFERENCED_DEVICE_PHASE"
+    )]
+    pub unreferenced_device_phase: Option<UnreferencedDevicePhase>,
     /// Largest postcopy PACKAGED blob (checking relay), in bytes (default 256 MiB).
     #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_PACKAGED")]
     pub max_packaged: Option<usize>,
@@ -298,6 +353,14 @@ pub struct RunArgs {
     /// system's roots are never used, so a profile can only come from a server this CA signed.
     #[arg(long, value_name = "FILE", env = "MIGPROXY_PROFILE_CA")]
     pub profile_ca: Option<PathBuf>,
+    /// How long fetching one profile URL may take, connect to last body byte, in milliseconds
+    /// (default 5000). A migration whose profile does not arrive in time is refused before the
+    /// destination is contacted.
+    #[arg(long, value_name = "MS", env = "MIGPROXY_PROFILE_FETCH_TIMEOUT")]
+    pub profile_fetch_timeout: Option<u64>,
+    /// Largest profile body fetched from a URL, in bytes (default 16 MiB).
+    #[arg(long, value_name = "BYTES", env = "MIGPROXY_MAX_PROFILE")]
+    pub max_profile: Option<usize>,
     /// Most migrations in progress at once, over all listeners (default 16).
     #[arg(long, value_name = "N", env = "MIGPROXY_MAX_MIGRATIONS")]
     pub max_migrations: Option<usize>,
@@ -345,4 +408,40 @@ pub struct HealthcheckArgs {
     /// The CA that signed the admin address's certificate, for an `https://` URL.
     #[arg(long, value_name = "FILE", env = "MIGPROXY_HEALTHCHECK_CA")]
     pub ca: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every budget and deadline of `migproxy run` says its default in `--help` (they have no
+    /// clap default: a flag overrides the file, the file the default).
+    #[test]
+    fn run_help_shows_every_budgets_and_deadlines_default() {
+        let cli = Cli::command();
+        let Some(run) = cli.find_subcommand("run") else {
+            panic!("no run subcommand");
+        };
+        let mut checked = 0;
+        for arg in run.get_arguments() {
+            let names = arg.get_value_names().unwrap_or_default();
+            if !names
+                .iter()
+                .any(|n| ["MS", "BYTES", "COUNT", "N", "SECONDS"].contains(&n.as_str()))
+            {
+                continue;
+            }
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(
+                help.contains("(default "),
+                "--{} does not show its default: {help}",
+                arg.get_id()
+            );
+            checked += 1;
+        }
+        // 8 stream budgets, 4 connection budgets, the profile budget, 7 deadlines.
+        assert_eq!(checked, 20);
+    }
 }

@@ -16,7 +16,14 @@ pub fn main(args: &HealthcheckArgs) -> Result<(), ProxyError> {
         .map_err(|e| ProxyError::io("starting the runtime", e))?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let trust = args.ca.as_deref().map(pinned_client).transpose()?;
-    let (status, _) = runtime.block_on(http_client::get(&args.url, timeout, trust.as_ref()))?;
+    let (status, _) = runtime.block_on(http_client::get(
+        &args.url,
+        http_client::FetchBudget {
+            timeout,
+            max_body: http_client::DEFAULT_MAX_BODY_BYTES,
+        },
+        trust.as_ref(),
+    ))?;
     if status == 200 {
         Ok(())
     } else {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cli::RunArgs;
+use crate::cli::UnreferencedDevicePhase;
 use crate::daemon::accept;
 use crate::daemon::admin::{self, AdminState};
 use crate::daemon::settings::RunConfig;
@@ -91,8 +92,12 @@ pub async fn start(
                 limits: config.limits.clone(),
                 description_timeout: config.description_timeout,
                 unrecoverable_postcopy: config.unrecoverable_postcopy,
+                write_stall_timeout: config.write_stall_timeout,
+                dial_timeout: config.dial_timeout,
+                unreferenced_device_phase: config.unreferenced_device_phase,
             },
             identify_timeout: config.identify_timeout,
+            raw_relay: config.raw_relay,
             metrics: Arc::clone(metrics),
             close_all: shutdown.close_all.clone(),
             registry: Registry::default(),
@@ -147,6 +152,16 @@ pub async fn start(
         };
         if ctx.tls.as_ref().is_some_and(|tls| !tls.verify_peer) {
             tracing::warn!(listen = %ctx.listen, "tls without --tls-verify-peer: any client that completes a handshake and sends QEVM reaches the destination authenticated as migproxy");
+        }
+        if ctx.rewrite.rewrites_unreferenced() {
+            match ctx.channel.unreferenced_device_phase {
+                UnreferencedDevicePhase::Refuse => {
+                    tracing::warn!(listen = %ctx.listen, "rewriting without --source-reference: every migration on this listener is refused at its first bytes (a guest could end the device phase early); give --source-reference FILE (made with `migproxy profile capture --save-reference FILE`) or --unreferenced-device-phase allow")
+                }
+                UnreferencedDevicePhase::Allow => {
+                    tracing::warn!(listen = %ctx.listen, "rewriting without --source-reference (--unreferenced-device-phase allow): a guest that forges the end of the device phase in its own state can fail its own migration; nothing corrupt reaches the destination")
+                }
+            }
         }
         if let Some(local) = &local {
             tracing::info!(listen = %local, upstream = %ctx.upstream, %mode, "listening");

@@ -19,11 +19,15 @@ use migproxy_config::Policy;
 
 use crate::cli::policy::{policy_from_args, policy_from_file};
 use crate::cli::RunArgs;
+use crate::cli::UnreferencedDevicePhase;
 use crate::error::ProxyError;
 use crate::migration::admission::Budgets;
-use crate::migration::postcopy::{load_source_reference, UnrecoverablePostcopy};
+use crate::migration::postcopy::UnrecoverablePostcopy;
 use crate::migration::profile_source::{ProfileSource, RewriteConfig};
+use crate::migration::source_reference::SourceReference;
 use crate::net::addr::{Address, ListenSpec, Upstream};
+use crate::net::http_client::{FetchBudget, DEFAULT_FETCH_TIMEOUT_MS, DEFAULT_MAX_BODY_BYTES};
+use crate::net::relay::RawRelay;
 use crate::net::tls::{admin_server, pinned_client, ListenerTls, TlsSettings};
 use tokio_rustls::TlsConnector;
 
@@ -35,7 +39,8 @@ pub const DEFAULT_DESCRIPTION_TIMEOUT_MS: u64 = 2000;
 pub const DEFAULT_IDENTIFY_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_MAX_ADMIN_CONNECTIONS: usize = 64;
 pub const DEFAULT_ADMIN_HEADER_TIMEOUT_MS: u64 = 5000;
-const PROFILE_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_WRITE_STALL_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_DIAL_TIMEOUT_MS: u64 = 10_000;
 
 /// The validated configuration of the daemon.
 #[derive(Debug)]
@@ -46,9 +51,16 @@ pub struct RunConfig {
     pub drain_timeout: Duration,
     pub description_timeout: Duration,
     pub identify_timeout: Duration,
+    /// How long a write to a peer may make no progress before the migration is given up.
+    pub write_stall_timeout: Duration,
+    /// How long connecting to the destination (and its TLS handshake) may take.
+    pub dial_timeout: Duration,
     pub log_json: bool,
     pub limits: Limits,
     pub unrecoverable_postcopy: UnrecoverablePostcopy,
+    pub raw_relay: RawRelay,
+    /// Rewriting listeners without a source reference: refuse their migrations or not.
+    pub unreferenced_device_phase: UnreferencedDevicePhase,
     pub budgets: Budgets,
     pub admin_limits: AdminLimits,
 }
@@ -136,8 +148,9 @@ impl RunConfig {
             listener.rewrite.source_reference = args
                 .source_reference
                 .as_deref()
-                .map(load_source_reference)
-                .transpose()?;
+                .map(SourceReference::load)
+                .transpose()?
+                .map(Arc::new);
             listeners.push(listener.checked()?);
         }
         let file_admin = file.as_ref().and_then(|f| f.admin.clone());
@@ -195,9 +208,19 @@ impl RunConfig {
             file.as_ref().and_then(|f| f.identify_timeout_ms),
             DEFAULT_IDENTIFY_TIMEOUT_MS,
         );
-        if description_ms == 0 || identify_ms == 0 {
+        let write_stall_ms = pick(
+            args.write_stall_timeout,
+            file.as_ref().and_then(|f| f.write_stall_timeout_ms),
+            DEFAULT_WRITE_STALL_TIMEOUT_MS,
+        );
+        let dial_ms = pick(
+            args.dial_timeout,
+            file.as_ref().and_then(|f| f.dial_timeout_ms),
+            DEFAULT_DIAL_TIMEOUT_MS,
+        );
+        if description_ms == 0 || identify_ms == 0 || write_stall_ms == 0 || dial_ms == 0 {
             return Err(ProxyError::InvalidConfig(
-                "description and identify timeouts must be at least 1 ms".into(),
+                "description, identify, write stall and dial timeouts must be at least 1 ms".into(),
             ));
         }
         let defaults = Limits::default();
@@ -260,20 +283,23 @@ impl RunConfig {
                 "max_sections",
             )?,
         };
-        let unrecoverable_postcopy = match (
+        let unrecoverable_postcopy = flag_or_file_word(
             args.unrecoverable_postcopy,
             file.as_ref()
                 .and_then(|f| f.unrecoverable_postcopy.as_deref()),
-        ) {
-            (Some(flag), _) => flag,
-            (None, Some(word)) => <UnrecoverablePostcopy as clap::ValueEnum>::from_str(word, false)
-                .map_err(|_| {
-                    ProxyError::InvalidConfig(format!(
-                        "unrecoverable_postcopy = {word:?}: expected refuse or allow"
-                    ))
-                })?,
-            (None, None) => UnrecoverablePostcopy::default(),
-        };
+            "unrecoverable_postcopy",
+        )?;
+        let unreferenced_device_phase = flag_or_file_word(
+            args.unreferenced_device_phase,
+            file.as_ref()
+                .and_then(|f| f.unreferenced_device_phase.as_deref()),
+            "unreferenced_device_phase",
+        )?;
+        let raw_relay = flag_or_file_word(
+            args.raw_relay,
+            file.as_ref().and_then(|f| f.raw_relay.as_deref()),
+            "raw_relay",
+        )?;
         let count =
             |flag: Option<usize>, from_file: Option<usize>, default: usize, name: &str| match flag
                 .or(from_file)
@@ -314,6 +340,28 @@ impl RunConfig {
                 "admin_header_timeout must be at least 1 ms".into(),
             ));
         }
+        let fetch_ms = pick(
+            args.profile_fetch_timeout,
+            file.as_ref().and_then(|f| f.profile_fetch_timeout_ms),
+            DEFAULT_FETCH_TIMEOUT_MS,
+        );
+        if fetch_ms == 0 {
+            return Err(ProxyError::InvalidConfig(
+                "profile_fetch_timeout must be at least 1 ms".into(),
+            ));
+        }
+        let fetch = FetchBudget {
+            timeout: Duration::from_millis(fetch_ms),
+            max_body: count(
+                args.max_profile,
+                file.as_ref().and_then(|f| f.max_profile_bytes),
+                DEFAULT_MAX_BODY_BYTES,
+                "max_profile",
+            )?,
+        };
+        for listener in &mut listeners {
+            listener.rewrite.fetch = fetch;
+        }
         let admin_tls_dir = args.admin_tls_creds.clone().or_else(|| {
             file.as_ref()
                 .and_then(|f| f.admin_tls_creds.clone().map(PathBuf::from))
@@ -331,6 +379,8 @@ impl RunConfig {
         Ok(RunConfig {
             limits,
             unrecoverable_postcopy,
+            raw_relay,
+            unreferenced_device_phase,
             budgets,
             admin_limits,
             listeners,
@@ -343,8 +393,33 @@ impl RunConfig {
             )),
             description_timeout: Duration::from_millis(description_ms),
             identify_timeout: Duration::from_millis(identify_ms),
+            write_stall_timeout: Duration::from_millis(write_stall_ms),
+            dial_timeout: Duration::from_millis(dial_ms),
             log_json: args.log_json || file.as_ref().and_then(|f| f.log_json).unwrap_or(false),
         })
+    }
+}
+
+/// A `refuse|allow` setting: the flag wins over the file's word, absent both the default.
+fn flag_or_file_word<T: clap::ValueEnum + Default>(
+    flag: Option<T>,
+    word: Option<&str>,
+    key: &str,
+) -> Result<T, ProxyError> {
+    match (flag, word) {
+        (Some(flag), _) => Ok(flag),
+        (None, Some(word)) => T::from_str(word, false).map_err(|_| {
+            let expected: Vec<String> = T::value_variants()
+                .iter()
+                .filter_map(|v| v.to_possible_value())
+                .map(|v| v.get_name().to_owned())
+                .collect();
+            ProxyError::InvalidConfig(format!(
+                "{key} = {word:?}: expected {}",
+                expected.join(" or ")
+            ))
+        }),
+        (None, None) => Ok(T::default()),
     }
 }
 
@@ -404,7 +479,7 @@ impl ListenerConfig {
                 source,
                 source_reference: None,
                 policy,
-                fetch_timeout: PROFILE_FETCH_TIMEOUT,
+                fetch: FetchBudget::default(),
             },
         })
     }
@@ -432,8 +507,9 @@ impl ListenerConfig {
         listener.rewrite.source_reference = file
             .source_reference
             .as_deref()
-            .map(|path| load_source_reference(std::path::Path::new(path)))
-            .transpose()?;
+            .map(|path| SourceReference::load(std::path::Path::new(path)))
+            .transpose()?
+            .map(Arc::new);
         listener.checked()
     }
 
@@ -445,5 +521,66 @@ impl ListenerConfig {
             ));
         }
         Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn run_config(toml: &str, flags: &[&str]) -> Result<RunConfig, ProxyError> {
+        let dir = std::env::temp_dir().join(format!(
+            "migproxy-settings-{}-{}",
+            std::process::id(),
+            toml.len() + flags.len()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        let listener =
+            "[[listener]]\nlisten = \"tcp:127.0.0.1:0\"\nupstream = \"tcp:127.0.0.1:1\"\n";
+        std::fs::write(&path, format!("{toml}{listener}")).unwrap();
+        let path = path.display().to_string();
+        let mut argv = vec!["migproxy", "run", "--config", &path, "--admin", "none"];
+        argv.extend_from_slice(flags);
+        let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not a run command");
+        };
+        RunConfig::from_args(&args)
+    }
+
+    #[test]
+    fn the_unreferenced_device_phase_refuses_by_default_and_the_file_or_flag_allows_it() {
+        let defaulted = run_config("", &[]).unwrap();
+        assert_eq!(
+            defaulted.unreferenced_device_phase,
+            UnreferencedDevicePhase::Refuse
+        );
+        let allowed = run_config("unreferenced_device_phase = \"allow\"\n", &[]).unwrap();
+        assert_eq!(
+            allowed.unreferenced_device_phase,
+            UnreferencedDevicePhase::Allow
+        );
+        // The flag wins over the file.
+        let flagged = run_config(
+            "unreferenced_device_phase = \"allow\"\n",
+            &["--unreferenced-device-phase", "refuse"],
+        )
+        .unwrap();
+        assert_eq!(
+            flagged.unreferenced_device_phase,
+            UnreferencedDevicePhase::Refuse
+        );
+        let wrong = run_config("unreferenced_device_phase = \"maybe\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            wrong.contains("unreferenced_device_phase = \"maybe\": expected refuse or allow"),
+            "{wrong}"
+        );
     }
 }

@@ -23,7 +23,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::error::ProxyError;
+use crate::cli::UnreferencedDevicePhase;
+use crate::error::{ProxyError, Refusal};
 use crate::migration::admission::{Admission, ConnectionSlot};
 use crate::migration::identify::{self, ChannelKind, FirstBytes};
 use crate::migration::metrics::{Metrics, TurnedAway};
@@ -34,7 +35,7 @@ use crate::net::addr::{AcceptedInfo, Upstream};
 use crate::net::conn::Conn;
 use crate::net::own_addresses::OwnAddresses;
 use crate::net::prefixed::PrefixedIo;
-use crate::net::relay;
+use crate::net::relay::{self, RawRelay};
 use crate::net::tls::ListenerTls;
 
 /// Everything a listener's connections need.
@@ -44,6 +45,8 @@ pub struct ListenerCtx {
     pub upstream: Upstream,
     pub rewrite: RewriteConfig,
     pub channel: ChannelSettings,
+    /// How multifd, preempt and return-path channels are relayed.
+    pub raw_relay: RawRelay,
     /// How long a new connection may take to send its first 4 bytes.
     pub identify_timeout: Duration,
     pub metrics: Arc<Metrics>,
@@ -233,7 +236,7 @@ async fn identify_and_carry(
         let rewrite = resolve_rewrite(kind, ctx).await?;
         let destination = migration
             .dial
-            .dial(kind, &migration.key.upstream, tls)
+            .dial(kind, &migration.key.upstream, tls, ctx.channel.dial_timeout)
             .await?;
         carry(&migration, kind, source, destination, rewrite.as_ref(), ctx).await?;
         Ok(kind)
@@ -243,16 +246,31 @@ async fn identify_and_carry(
 
 /// The profiles of a migration are fetched when its main channel arrives, before the destination
 /// is contacted: a host upgraded in place advertises its new register list, and a fetch failure
-/// costs the destination nothing.
+/// costs the destination nothing. A rewrite without the source's reference description is
+/// refused here, at the first bytes, unless `--unreferenced-device-phase allow`: its device
+/// phase could end on a guest-forged description (DESIGN.md, "How the end of the phase is
+/// recognised"), and refusing now costs neither the guest nor the destination anything.
 async fn resolve_rewrite(
     kind: ChannelKind,
     ctx: &ListenerCtx,
 ) -> Result<Option<RewriteSetup>, ProxyError> {
-    if kind == ChannelKind::Main {
-        ctx.rewrite.resolve().await
-    } else {
-        Ok(None)
+    if kind != ChannelKind::Main {
+        return Ok(None);
     }
+    let setup = ctx.rewrite.resolve().await?;
+    if let Some(setup) = &setup {
+        if setup.source_reference.is_none() {
+            match ctx.channel.unreferenced_device_phase {
+                UnreferencedDevicePhase::Refuse => {
+                    return Err(ProxyError::Refused(Refusal::UnreferencedDevicePhase))
+                }
+                UnreferencedDevicePhase::Allow => tracing::warn!(
+                    "rewriting without a source reference (--unreferenced-device-phase allow): a guest can end the device phase early and fail its own migration"
+                ),
+            }
+        }
+    }
+    Ok(setup)
 }
 
 /// Carry one identified channel to its dialed destination: the main channel through the decoder
@@ -278,12 +296,14 @@ async fn carry(
         )
         .await;
     }
-    relay::relay_channel(
-        source.into_split(),
-        destination.into_split(),
+    relay::relay_raw(
+        ctx.raw_relay,
+        source,
+        destination,
         &migration.state.to_destination(),
         &migration.state.to_source(),
         kind.as_str(),
+        ctx.channel.write_stall_timeout,
     )
     .await
 }

@@ -6,6 +6,8 @@
 //! themselves is irrelevant: the channel id in their handshake decides). Nothing is dialed for a
 //! connection that has not identified itself: see `connection.rs`.
 
+use std::time::Duration;
+
 use tokio::sync::{watch, Mutex};
 
 use crate::error::{Abort, ProxyError};
@@ -33,12 +35,14 @@ impl Default for DialOrder {
 
 impl DialOrder {
     /// Connect to `upstream` for one channel (and complete the TLS handshake, when `tls` is
-    /// given), after the main channel.
+    /// given), after the main channel; the connect and handshake together must take at most
+    /// `deadline` (a destination that never answers must not hold the source and the turn).
     pub async fn dial(
         &self,
         kind: ChannelKind,
         upstream: &Address,
         tls: Option<&ListenerTls>,
+        deadline: Duration,
     ) -> Result<Conn, ProxyError> {
         if kind != ChannelKind::Main {
             let mut dialed = self.main_dialed.subscribe();
@@ -48,11 +52,23 @@ impl DialOrder {
                 .map_err(|_| ProxyError::Aborted(Abort::MainChannelGone))?;
         }
         let _turn = self.one_at_a_time.lock().await;
-        let mut conn = dial(upstream).await?;
-        if let Some(tls) = tls {
-            // Handshake inside the turn: the destination orders channels by completed handshake.
-            conn = tls.connect(conn, upstream).await?;
-        }
+        let connect = async {
+            let conn = dial(upstream).await?;
+            match tls {
+                // Handshake inside the turn: the destination orders channels by completed
+                // handshake.
+                Some(tls) => tls.connect(conn, upstream).await,
+                None => Ok(conn),
+            }
+        };
+        let conn = tokio::time::timeout(deadline, connect)
+            .await
+            .map_err(|_| {
+                ProxyError::Aborted(Abort::DialTimeout {
+                    upstream: upstream.to_string(),
+                    waited: deadline,
+                })
+            })??;
         if kind == ChannelKind::Main {
             self.main_dialed.send_replace(true);
         }

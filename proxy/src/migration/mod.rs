@@ -12,5 +12,6 @@ pub mod profile_source;
 pub mod pump;
 pub mod registry;
 pub mod rewrite;
+pub mod source_reference;
 pub mod state;
 pub mod write_queue;

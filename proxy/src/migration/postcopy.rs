@@ -14,21 +14,13 @@
 //!   `--unrecoverable-postcopy allow` lets it go on, saying so in the log and the summary, after
 //!   refusing there what the profiles alone would refuse in the package.
 //!
-//! The package is rewritten with the source's reference description (`load_source_reference`),
+//! The package is rewritten with the source's reference description (`source_reference.rs`),
 //! walked by the codec (`PackageDeviceState`).
 
 use std::fmt;
 
-use std::fs::File;
-use std::path::Path;
-use std::sync::Arc;
-
-use bytes::Bytes;
-use migproxy_codec::offline::decode_reader;
-use migproxy_codec::{DecodeError, Frame, Limits, ReferenceDescription, StreamDecoder};
 use migproxy_config::Profile;
 
-use crate::error::ProxyError;
 use crate::migration::profile_source::RewriteSetup;
 
 pub use crate::cli::UnrecoverablePostcopy;
@@ -104,49 +96,6 @@ impl fmt::Display for SwitchRecovery {
                 "a refusal after a switch to postcopy would leave the guest stopped at the source: {why}"
             ),
         }
-    }
-}
-
-/// The description of a saved stream of a fresh VM of the source's configuration: the layout
-/// of the device state in that source's postcopy packages. Read once at startup.
-pub fn load_source_reference(path: &Path) -> Result<Arc<Bytes>, ProxyError> {
-    let name = path.display().to_string();
-    let file = File::open(path).map_err(|e| ProxyError::io(format!("open {name}"), e))?;
-    let mut decoder = StreamDecoder::new(Limits::default());
-    let mut description = None;
-    decode_reader::<_, ReadError>(file, &mut decoder, |_, frame| {
-        if let Frame::DeviceState(state) = frame {
-            description = Some(Bytes::copy_from_slice(state.description_json()));
-        }
-        Ok(())
-    })
-    .map_err(|err| match err {
-        ReadError::Decode(err) => ProxyError::Decode(err),
-        ReadError::Io(err) => ProxyError::io(format!("reading {name}"), err),
-    })?;
-    let description = description.ok_or(ProxyError::NoDeviceState { origin: name })?;
-    // Parsed now so that a reference that is no description fails at startup.
-    ReferenceDescription::parse(&description).map_err(|mismatch| {
-        ProxyError::InvalidConfig(format!("source reference {}: {mismatch}", path.display()))
-    })?;
-    Ok(Arc::new(description))
-}
-
-/// What reading a saved stream can fail with (`decode_reader` needs both conversions).
-enum ReadError {
-    Decode(DecodeError),
-    Io(std::io::Error),
-}
-
-impl From<DecodeError> for ReadError {
-    fn from(err: DecodeError) -> Self {
-        ReadError::Decode(err)
-    }
-}
-
-impl From<std::io::Error> for ReadError {
-    fn from(err: std::io::Error) -> Self {
-        ReadError::Io(err)
     }
 }
 

@@ -6,13 +6,11 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use std::time::Duration;
-
 use migproxy_config::{Policy, Profile};
 
 use crate::error::{Abort, HttpFailure, ProfileRole, ProxyError};
-use crate::net::http_client;
+use crate::migration::source_reference::SourceReference;
+use crate::net::http_client::{self, FetchBudget};
 use tokio_rustls::TlsConnector;
 
 #[derive(Clone)]
@@ -43,7 +41,8 @@ impl std::fmt::Debug for ProfileSource {
 
 impl ProfileSource {
     /// A file is loaded now (configuration errors surface before binding); a URL is only checked.
-    /// An `https://` URL needs `trust` (the pinned CA); an `http://` URL is accepted with a
+    /// An `https://` URL needs `trust` (the pinned CA); an `http://` URL is refused when a CA is
+    /// pinned (the operator asked for authenticated profiles) and otherwise accepted with a
     /// warning, since anyone on the path can then choose the registers.
     pub fn open(spec: &str, trust: Option<&TlsConnector>) -> Result<ProfileSource, ProxyError> {
         if spec.starts_with("http://") || spec.starts_with("https://") {
@@ -56,6 +55,13 @@ impl ProfileSource {
                 return Err(ProxyError::ProfileUrl {
                     url: spec.to_owned(),
                     failure: HttpFailure::HttpsWithoutCa,
+                });
+            }
+            if parsed.tls_host.is_none() && trust.is_some() {
+                // A pinned CA says profiles must be authenticated: never fetch one without it.
+                return Err(ProxyError::ProfileUrl {
+                    url: spec.to_owned(),
+                    failure: HttpFailure::PlainHttpWithCa,
                 });
             }
             if parsed.tls_host.is_none() {
@@ -82,7 +88,7 @@ impl ProfileSource {
         })
     }
 
-    pub async fn get(&self, timeout: Duration) -> Result<Arc<Profile>, ProxyError> {
+    pub async fn get(&self, budget: FetchBudget) -> Result<Arc<Profile>, ProxyError> {
         match self {
             ProfileSource::File { profile, .. } => Ok(Arc::clone(profile)),
             ProfileSource::Url { url, trust } => {
@@ -90,7 +96,7 @@ impl ProfileSource {
                     url: url.clone(),
                     failure,
                 };
-                let (status, body) = http_client::get(url, timeout, trust.as_ref()).await?;
+                let (status, body) = http_client::get(url, budget, trust.as_ref()).await?;
                 if status != 200 {
                     return Err(failed(HttpFailure::Status(status)));
                 }
@@ -109,10 +115,13 @@ impl ProfileSource {
 pub struct RewriteConfig {
     pub dest: Option<ProfileSource>,
     pub source: Option<ProfileSource>,
-    /// The description of a fresh VM of the source's configuration (postcopy packages).
-    pub source_reference: Option<Arc<Bytes>>,
+    /// The description of a fresh VM of the source's configuration: the exact end of the device
+    /// phase, and the layout of postcopy packages.
+    pub source_reference: Option<Arc<SourceReference>>,
     pub policy: Policy,
-    pub fetch_timeout: Duration,
+    /// Deadline and size budget of each profile fetch (`--profile-fetch-timeout`,
+    /// `--max-profile`).
+    pub fetch: FetchBudget,
 }
 
 /// The profiles of one migration, resolved.
@@ -120,12 +129,18 @@ pub struct RewriteConfig {
 pub struct RewriteSetup {
     pub dest: Arc<Profile>,
     pub source: Option<Arc<Profile>>,
-    /// The layout of a postcopy package's device state (`RewriteConfig::source_reference`).
-    pub source_reference: Option<Arc<Bytes>>,
+    /// See `RewriteConfig::source_reference`.
+    pub source_reference: Option<Arc<SourceReference>>,
     pub policy: Policy,
 }
 
 impl RewriteConfig {
+    /// It rewrites without the source's reference description: the end of its device phase can
+    /// only be recognised by a candidate the guest could forge.
+    pub fn rewrites_unreferenced(&self) -> bool {
+        self.dest.is_some() && self.source_reference.is_none()
+    }
+
     pub async fn resolve(&self) -> Result<Option<RewriteSetup>, ProxyError> {
         let Some(dest) = &self.dest else {
             return Ok(None);
@@ -139,13 +154,13 @@ impl RewriteConfig {
             }
         };
         let dest = dest
-            .get(self.fetch_timeout)
+            .get(self.fetch)
             .await
             .map_err(unavailable(ProfileRole::Destination))?;
         let source = match &self.source {
             Some(source) => Some(
                 source
-                    .get(self.fetch_timeout)
+                    .get(self.fetch)
                     .await
                     .map_err(unavailable(ProfileRole::Source))?,
             ),

@@ -34,11 +34,12 @@ use migproxy_codec::{Frame, Limits, MigCommand, PackageDeviceState, RecordKind, 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::codec::Decoder;
 
+use crate::cli::UnreferencedDevicePhase;
 use crate::error::{ProxyError, Refusal};
 use crate::migration::postcopy::{self, SwitchRecovery, UnrecoverablePostcopy};
 use crate::migration::profile_source::RewriteSetup;
 use crate::migration::rewrite::{
-    fix_subsections, report_removed_subsections, report_rewrites, rewrite_cpus,
+    fix_subsections, report_removed_subsections, report_rewrites, rewrite_cpus, Rewritten,
 };
 use crate::migration::state::MigrationState;
 use crate::migration::write_queue::WriteQueue;
@@ -57,6 +58,13 @@ pub struct ChannelSettings {
     pub description_timeout: Duration,
     /// Rewriting proxies only: postcopy from a source that could not take its guest back.
     pub unrecoverable_postcopy: UnrecoverablePostcopy,
+    /// How long a write to either peer may make no progress (`net::stall`).
+    pub write_stall_timeout: Duration,
+    /// How long connecting to the destination (and its TLS handshake) may take.
+    pub dial_timeout: Duration,
+    /// Rewriting proxies without a source reference: refused before the destination is dialed
+    /// (`connection.rs`), or allowed to end the phase at a candidate.
+    pub unreferenced_device_phase: UnreferencedDevicePhase,
 }
 
 /// Pump one main channel until both directions have ended: `source` and `destination` are the
@@ -84,7 +92,15 @@ where
     };
     // The source blocks on SHUT, PONG and page requests: relay them the moment they arrive.
     let return_path = async {
-        match relay::pump(dest_read, source_write, &state.to_source(), "return path").await {
+        match relay::pump(
+            dest_read,
+            source_write,
+            &state.to_source(),
+            "return path",
+            settings.write_stall_timeout,
+        )
+        .await
+        {
             // QEMU may reset the main connection once the migration is over (seen with TLS):
             // after the whole stream went through, that is a normal end.
             Err(ProxyError::Io { source, .. })
@@ -138,14 +154,28 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         settings: &ChannelSettings,
     ) -> Self {
         let mut decoder = StreamDecoder::new(settings.limits.clone());
-        // Without a rewrite nothing depends on where the device phase ends, so a guest-forged
-        // ending must not stop the migration (DESIGN.md, "How the end of the phase is recognised").
-        decoder.set_checking_relay(rewrite.is_none());
+        // Where the device phase ends (DESIGN.md, "How the end of the phase is recognised"):
+        // without a rewrite nothing depends on it, so a guest-forged ending must not stop the
+        // migration; a rewrite needs it exact, which the source's reference description makes
+        // it. A rewrite without one ends at the first verified candidate, which only
+        // `--unreferenced-device-phase allow` lets through (`connection.rs` refuses otherwise).
+        match rewrite {
+            None => decoder.set_checking_relay(true),
+            Some(setup) => {
+                if let Some(reference) = &setup.source_reference {
+                    decoder.set_reference_description(reference.layout.clone());
+                }
+            }
+        }
         Forward {
             source,
             buffer: BytesMut::with_capacity(READ_BUFFER_BYTES),
             decoder,
-            out: WriteQueue::new(destination, state.to_destination()),
+            out: WriteQueue::new(
+                destination,
+                state.to_destination(),
+                settings.write_stall_timeout,
+            ),
             rewrite,
             state,
             description_timeout: settings.description_timeout,
@@ -200,6 +230,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                     return Err(ProxyError::Refused(Refusal::NoDescription {
                         offset: self.decoder.offset(),
                         waited: self.description_timeout,
+                        last_candidate: self.decoder.description_error().map(|e| e.to_string()),
                     }))
                 }
             }
@@ -240,12 +271,23 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                         rewrite_cpus(&mut device, setup)?,
                         fix_subsections(&mut device, setup)?,
                     ),
-                    None => (Vec::new(), Vec::new()),
+                    None => (Rewritten::default(), Vec::new()),
                 };
                 self.out.push(device.to_bytes());
                 // Both QEMUs are stopped until the destination has the device state: release
                 // it before anything else (logging, metrics) runs.
                 self.out.flush().await?;
+                tracing::info!(
+                    bytes = device.wire_len(),
+                    ending = if device.is_confirmed() {
+                        "exact: the source reference's layout"
+                    } else if self.rewrite.is_none() {
+                        "candidate: checking relay, more bytes would continue the phase"
+                    } else {
+                        "candidate: no source reference (--unreferenced-device-phase allow)"
+                    },
+                    "device state forwarded"
+                );
                 report_rewrites(&rewritten, self.state);
                 report_removed_subsections(&removed, self.state);
             }
@@ -358,7 +400,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'_, R, W> {
         record: &Bytes,
         setup: &RewriteSetup,
     ) -> Result<(), ProxyError> {
-        let Some(reference) = setup.source_reference.as_deref() else {
+        let Some(reference) = setup
+            .source_reference
+            .as_deref()
+            .map(|r| &r.description[..])
+        else {
             return Err(self.package_refused(
                 record,
                 "its device state has no description and no --source-reference gives its layout"
@@ -425,6 +471,7 @@ mod tests {
 
     use super::*;
     use crate::migration::metrics::Metrics;
+    use crate::migration::source_reference::SourceReference;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -440,7 +487,14 @@ mod tests {
             limits: Limits::default(),
             description_timeout,
             unrecoverable_postcopy: UnrecoverablePostcopy::Refuse,
+            write_stall_timeout: DEADLINE,
+            dial_timeout: DEADLINE,
+            unreferenced_device_phase: UnreferencedDevicePhase::Allow,
         }
+    }
+
+    fn reference_of(description: Vec<u8>) -> Result<Arc<SourceReference>, ProxyError> {
+        SourceReference::parse(Bytes::from(description), "test").map(Arc::new)
     }
 
     fn state() -> MigrationState {
@@ -602,8 +656,8 @@ mod tests {
         assert_eq!(sending.await??, b"");
         let summary = state.rewrite_summary();
         assert_eq!(summary.cpus_rewritten, 1);
-        assert_eq!(summary.dropped, ["CONTEXTIDR_EL1"]);
-        assert_eq!(summary.filled, ["TCR_EL1"]);
+        assert_eq!(summary.dropped.names(), ["CONTEXTIDR_EL1"]);
+        assert_eq!(summary.filled.names(), ["TCR_EL1"]);
         Ok(())
     }
 
@@ -663,6 +717,49 @@ mod tests {
         Ok(())
     }
 
+    /// A source reference of another configuration (two vCPUs, the stream has one): the real
+    /// ending does not have its layout, so nothing ends the phase; the source (with a return
+    /// path it waits after EOF) is refused at the deadline with the mismatch named, and nothing
+    /// of the device phase reached the destination.
+    #[tokio::test]
+    async fn a_reference_of_another_configuration_refuses_naming_the_mismatch() -> TestResult {
+        let bytes = stream(&[(SCTLR_EL1, 0x30d0_0980)]).finish();
+        let mut two = StreamBuilder::new("virt-7.2");
+        two.cpu(0, &[(SCTLR_EL1, 0x30d0_0980)], 1);
+        two.cpu(1, &[(SCTLR_EL1, 0x30d0_0980)], 1);
+        let mut setup = RewriteSetup {
+            dest: Arc::new(Profile::from_vcpus(
+                Accel::Tcg,
+                &[(0, vec![(SCTLR_EL1, 0)])],
+            )?),
+            source: None,
+            source_reference: None,
+            policy: Policy::default(),
+        };
+        setup.source_reference = Some(reference_of(two.description().into_bytes())?);
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(1 << 16, Some(setup), settings(Duration::from_millis(300)));
+        let received = receive_all(destination, 1 << 16);
+        source.write_all(&bytes).await?;
+        let (result, _) = finish(pump).await?;
+        match result {
+            Err(ProxyError::Refused(refusal @ Refusal::NoDescription { .. })) => {
+                let text = refusal.to_string();
+                assert!(
+                    text.contains("layout of the reference description"),
+                    "{text}"
+                );
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(received.await?, bytes[..device_phase_start()]);
+        drop(source);
+        Ok(())
+    }
+
     /// Finding: the description wait used to be reset by any byte, so a source trickling its
     /// device phase kept both QEMUs stopped for as long as it liked. The deadline counts from
     /// the phase's first read.
@@ -691,7 +788,7 @@ mod tests {
         });
         let (result, _) = finish(pump).await?;
         match result {
-            Err(ProxyError::Refused(Refusal::NoDescription { offset, waited })) => {
+            Err(ProxyError::Refused(Refusal::NoDescription { offset, waited, .. })) => {
                 assert_eq!(offset, u64::try_from(phase)?);
                 assert_eq!(waited, Duration::from_millis(300));
             }
@@ -770,7 +867,7 @@ mod tests {
         let (result, state, received) = pump_stream(bytes, setup, settings(DEADLINE)).await?;
         result?;
         assert_eq!(received, expected);
-        assert_eq!(state.rewrite_summary().dropped, ["CONTEXTIDR_EL1"]);
+        assert_eq!(state.rewrite_summary().dropped.names(), ["CONTEXTIDR_EL1"]);
         assert!(state.postcopy_advised());
         assert_eq!(state.postcopy_outlook(), "recoverable");
         assert_eq!(state.rewrite_summary().cpus_rewritten, 1);
@@ -845,14 +942,14 @@ mod tests {
         let (bytes, reference, _) = switched_stream(&SOURCE_REGISTERS);
         let (expected, _, _) = switched_stream(&DEST_REGISTERS);
         let mut setup = setup_with_source_version("10.0.7")?;
-        setup.source_reference = Some(Arc::new(Bytes::from(reference)));
+        setup.source_reference = Some(reference_of(reference)?);
         let mut allowing = settings(DEADLINE);
         allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
         let (result, state, received) = pump_stream(bytes, setup, allowing).await?;
         result?;
         assert_eq!(received, expected);
         assert_eq!(state.postcopy_outlook(), "unrecoverable");
-        assert_eq!(state.rewrite_summary().dropped, ["CONTEXTIDR_EL1"]);
+        assert_eq!(state.rewrite_summary().dropped.names(), ["CONTEXTIDR_EL1"]);
         Ok(())
     }
 
@@ -864,7 +961,7 @@ mod tests {
         two.cpu(0, &SOURCE_REGISTERS, 0x11);
         two.cpu(1, &SOURCE_REGISTERS, 0x11);
         let mut setup = setup_with_source_version("11.1.0")?;
-        setup.source_reference = Some(Arc::new(Bytes::from(two.description().into_bytes())));
+        setup.source_reference = Some(reference_of(two.description().into_bytes())?);
         let (result, _, received) = pump_stream(bytes.clone(), setup, settings(DEADLINE)).await?;
         match result {
             Err(ProxyError::Refused(Refusal::PostcopyPackage {
@@ -887,7 +984,7 @@ mod tests {
     ) -> TestResult {
         let (bytes, reference, _) = switched_stream(&SOURCE_REGISTERS);
         let mut setup = setup_with_source_version("10.0.7")?;
-        setup.source_reference = Some(Arc::new(Bytes::from(reference)));
+        setup.source_reference = Some(reference_of(reference)?);
         setup.policy.on_extra = migproxy_config::OnExtra::Refuse;
         let mut allowing = settings(DEADLINE);
         allowing.unrecoverable_postcopy = UnrecoverablePostcopy::Allow;
@@ -936,6 +1033,87 @@ mod tests {
         // Nothing of the package reached the destination.
         assert!(received.len() <= before_package.len(), "{}", received.len());
         assert_eq!(received, before_package[..received.len()]);
+        Ok(())
+    }
+
+    /// A stream at the codec's vCPU budget, each vCPU with `per_vcpu` registers the destination
+    /// lacks, all holding `value`.
+    fn many_vcpus(per_vcpu: u64, value: u64) -> Vec<u8> {
+        let mut builder = before_devices();
+        let registers: Vec<(u64, u64)> = (0..per_vcpu)
+            .map(|n| (0x6030_0000_0013_0000 | n, value))
+            .collect();
+        for vcpu in 0..512 {
+            builder.cpu(vcpu, &registers, 0x11);
+        }
+        builder.finish()
+    }
+
+    async fn pump_many_vcpus(
+        bytes: Vec<u8>,
+    ) -> Result<(Result<(), ProxyError>, MigrationState), Box<dyn std::error::Error>> {
+        let setup = RewriteSetup {
+            dest: Arc::new(profile(&[(SCTLR_EL1, 0x30d0_0980)])?),
+            source: None,
+            source_reference: None,
+            policy: Policy::default(),
+        };
+        let Ends {
+            mut source,
+            destination,
+            pump,
+        } = start(1 << 16, Some(setup), settings(DEADLINE));
+        let received = receive_all(destination, 1 << 16);
+        let sending = tokio::spawn(async move {
+            source.write_all(&bytes).await?;
+            source.shutdown().await?;
+            let mut back = Vec::new();
+            source.read_to_end(&mut back).await.map(|_| back)
+        });
+        let finished = finish(pump).await?;
+        received.await?;
+        // The source's end may see the pump close it early (refused): either is fine here.
+        let _ = sending.await?;
+        Ok(finished)
+    }
+
+    #[tokio::test]
+    async fn refusing_512_vcpus_names_them_in_one_bounded_line() -> TestResult {
+        let (result, _) = pump_many_vcpus(many_vcpus(64, 0x42)).await?;
+        match result {
+            Err(ProxyError::Refused(Refusal::Registers(summaries))) => {
+                assert_eq!(summaries.len(), 1, "{summaries:?}");
+                assert!(
+                    summaries[0].starts_with("vcpu 0-511 (512 vcpus): "),
+                    "{}",
+                    summaries[0]
+                );
+                assert!(
+                    summaries[0].ends_with("and 56 more refused registers"),
+                    "{}",
+                    summaries[0]
+                );
+                assert!(summaries[0].len() < 2048, "{}", summaries[0].len());
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn rewriting_512_vcpus_keeps_a_bounded_summary() -> TestResult {
+        // Zero: unused since reset, dropped on every vCPU.
+        let (result, state) = pump_many_vcpus(many_vcpus(100, 0)).await?;
+        result?;
+        let summary = state.rewrite_summary();
+        assert_eq!(summary.cpus_rewritten, 512);
+        assert_eq!(summary.dropped.count(), 100);
+        assert_eq!(summary.dropped.names().len(), 64);
+        assert!(
+            summary.dropped.to_string().ends_with(" and 36 more"),
+            "{}",
+            summary.dropped
+        );
         Ok(())
     }
 }

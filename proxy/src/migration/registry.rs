@@ -248,8 +248,8 @@ impl Drop for Migration {
             return_path = self.state.has_return_path(),
             postcopy = self.state.postcopy_outlook(),
             cpus_rewritten = summary.cpus_rewritten,
-            dropped = %summary.dropped.join(","),
-            filled = %summary.filled.join(","),
+            dropped = %summary.dropped,
+            filled = %summary.filled,
             subsections_removed = %summary.subsections_removed.join(","),
             "migration summary"
         );

@@ -7,29 +7,116 @@
 //!
 //! Runs while both QEMUs are stopped, so [`rewrite_cpus`] only computes and applies; what was done
 //! is logged and counted by [`report_rewrites`] once the device state has been written.
+//!
+//! A source chooses how many vCPUs and registers its stream has (up to the codec's budgets), so
+//! what is logged is bounded by `migproxy_config::digest`: vCPUs with the same outcome share one
+//! line, a few outcomes are described and the rest counted, register lists name a few and count
+//! the rest. Nothing here keeps a per-vCPU report once the vCPU is done.
 
 use migproxy_codec::DeviceState;
-use migproxy_config::{RewriteReport, SubsectionReport};
+use migproxy_config::digest::{Grouped, NameList};
+use migproxy_config::{RefusalDigest, RegId, RewriteReport, SubsectionReport};
 
 use crate::error::{ProxyError, Refusal};
 use crate::migration::profile_source::RewriteSetup;
 use crate::migration::state::MigrationState;
 use crate::subsection_rules;
 
-/// One vCPU whose cpreg arrays were replaced (or that raised warnings), for the log and metrics.
-#[derive(Debug)]
-pub struct RewrittenCpu {
-    report: RewriteReport,
+/// What one vCPU's rewrite changed; vCPUs changed alike share one log line.
+#[derive(Debug, PartialEq, Eq)]
+struct Change {
+    dropped: Vec<RegId>,
+    filled: Vec<RegId>,
     registers: usize,
 }
 
-/// Replace every vCPU's cpreg arrays with the destination's list; a refusal names the vCPU and
-/// the registers.
+/// What the rewrite of one device state did, for the log and the metrics; its size does not
+/// grow with the number of vCPUs or registers beyond the digest's bounds.
+#[derive(Debug, Default)]
+pub struct Rewritten {
+    changes: Grouped<Change>,
+    warnings: Grouped<String>,
+    pub(crate) cpus_rewritten: u32,
+    pub(crate) registers_dropped: u64,
+    pub(crate) registers_filled: u64,
+    pub(crate) dropped: NameList,
+    pub(crate) filled: NameList,
+}
+
+impl Rewritten {
+    fn note_warnings(&mut self, report: &RewriteReport) {
+        for warning in &report.warnings {
+            self.warnings.add_borrowed(report.vcpu, warning.as_str());
+        }
+    }
+
+    fn note(&mut self, report: &RewriteReport, registers: usize) {
+        self.note_warnings(report);
+        if report.is_unchanged() {
+            return;
+        }
+        self.cpus_rewritten = self.cpus_rewritten.saturating_add(1);
+        self.registers_dropped = self
+            .registers_dropped
+            .saturating_add(count(report.dropped.len()));
+        self.registers_filled = self
+            .registers_filled
+            .saturating_add(count(report.filled.len()));
+        for dropped in &report.dropped {
+            self.dropped.insert(dropped.id);
+        }
+        for filled in &report.filled {
+            self.filled.insert(filled.id);
+        }
+        self.changes.add(
+            report.vcpu,
+            Change {
+                dropped: report.dropped.iter().map(|d| d.id).collect(),
+                filled: report.filled.iter().map(|f| f.id).collect(),
+                registers,
+            },
+        );
+    }
+
+    /// The warning lines, at most `DESCRIBED_OUTCOMES` + 1, each naming its vCPUs.
+    pub fn warning_lines(&self) -> Vec<String> {
+        self.warnings
+            .lines(String::clone, "vCPUs with other warnings (not logged)")
+    }
+}
+
+/// Log what [`rewrite_cpus`] did: one "cpu registers rewritten" event per distinct change with
+/// the counts as fields (`vcpu` is the first vCPU of its group, `vcpus` all of them), then one
+/// counting the vCPUs of changes beyond the described ones.
+fn log_changes(changes: &Grouped<Change>) {
+    for (change, vcpus) in changes.groups() {
+        tracing::info!(
+            vcpu = vcpus.first(),
+            vcpus = %vcpus,
+            dropped = change.dropped.len(),
+            filled = change.filled.len(),
+            registers = change.registers,
+            "cpu registers rewritten"
+        );
+    }
+    let undescribed = changes.undescribed();
+    if !undescribed.is_empty() {
+        tracing::info!(
+            vcpus = %undescribed,
+            "cpu registers rewritten otherwise on more vCPUs (not logged one by one)"
+        );
+    }
+}
+
+/// Replace every vCPU's cpreg arrays with the destination's list. A refusal names the refused
+/// registers and vCPUs, every vCPU's: all are rewritten before it is decided, so the operator
+/// sees the whole problem at once.
 pub fn rewrite_cpus(
     state: &mut DeviceState,
     setup: &RewriteSetup,
-) -> Result<Vec<RewrittenCpu>, ProxyError> {
-    let mut rewritten = Vec::new();
+) -> Result<Rewritten, ProxyError> {
+    let mut rewritten = Rewritten::default();
+    let mut refusals = RefusalDigest::default();
     for cpu in state.cpus() {
         let result = migproxy_config::rewrite(
             cpu.instance,
@@ -38,27 +125,26 @@ pub fn rewrite_cpus(
             setup.source.as_deref(),
             &setup.policy,
         );
-        let report = result.report;
-        if report.is_refused() {
-            for warning in &report.warnings {
-                tracing::warn!(vcpu = cpu.instance, "{warning}");
-            }
-            // The summary already names the vCPU.
-            return Err(ProxyError::Refused(Refusal::Registers(vec![
-                report.refusal_summary()
-            ])));
+        if result.report.is_refused() || refusals.is_refused() {
+            // Refused: nothing is applied any more, only the refusals and warnings collected.
+            refusals.add(&result.report);
+            rewritten.note_warnings(&result.report);
+            continue;
         }
-        if !report.is_unchanged() {
+        if !result.report.is_unchanged() {
             state
                 .set_cpregs(cpu.instance, &result.registers)
                 .map_err(ProxyError::Decode)?;
         }
-        if !report.is_unchanged() || !report.warnings.is_empty() {
-            rewritten.push(RewrittenCpu {
-                report,
-                registers: result.registers.len(),
-            });
+        rewritten.note(&result.report, result.registers.len());
+    }
+    if refusals.is_refused() {
+        for line in rewritten.warning_lines() {
+            tracing::warn!("{line}");
         }
+        return Err(ProxyError::Refused(Refusal::Registers(
+            refusals.summaries(),
+        )));
     }
     Ok(rewritten)
 }
@@ -72,37 +158,45 @@ pub fn fix_subsections(
     subsection_rules::apply(state, &setup.dest)
 }
 
-/// Log what [`fix_subsections`] removed, after the device state has been released.
+/// Log what [`fix_subsections`] removed, after the device state has been released: one line per
+/// distinct removal, naming its vCPUs.
 pub fn report_removed_subsections(reports: &[SubsectionReport], state: &MigrationState) {
+    let mut removals: Grouped<(String, String)> = Grouped::default();
     for report in reports {
         for removed in &report.removed {
-            tracing::info!(
-                vcpu = report.vcpu,
-                subsection = %removed.name,
-                reason = %removed.reason,
-                "cpu subsection removed"
-            );
+            removals.add(report.vcpu, (removed.name.clone(), removed.reason.clone()));
             state.record_removed_subsection(&removed.name);
         }
+    }
+    // The same event as before grouping (docs/profiles.md names it); `vcpu` is the first vCPU
+    // of its group, `vcpus` all of them.
+    for ((name, reason), vcpus) in removals.groups() {
+        tracing::info!(
+            vcpu = vcpus.first(),
+            vcpus = %vcpus,
+            subsection = %name,
+            reason = %reason,
+            "cpu subsection removed"
+        );
+    }
+    let undescribed = removals.undescribed();
+    if !undescribed.is_empty() {
+        tracing::info!(
+            vcpus = %undescribed,
+            "cpu subsections removed otherwise on more vCPUs (not logged one by one)"
+        );
     }
 }
 
 /// Log and count what [`rewrite_cpus`] did, after the device state has been released.
-pub fn report_rewrites(rewritten: &[RewrittenCpu], state: &MigrationState) {
-    for RewrittenCpu { report, registers } in rewritten {
-        for warning in &report.warnings {
-            tracing::warn!(vcpu = report.vcpu, "{warning}");
-        }
-        if report.is_unchanged() {
-            continue;
-        }
-        tracing::info!(
-            vcpu = report.vcpu,
-            dropped = report.dropped.len(),
-            filled = report.filled.len(),
-            registers,
-            "cpu registers rewritten"
-        );
-        state.record_rewrite(report);
+pub fn report_rewrites(rewritten: &Rewritten, state: &MigrationState) {
+    for line in rewritten.warning_lines() {
+        tracing::warn!("{line}");
     }
+    log_changes(&rewritten.changes);
+    state.record_rewrites(rewritten);
+}
+
+fn count(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
 }

@@ -8,17 +8,19 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use migproxy_config::RewriteReport;
+use migproxy_config::digest::NameList;
 use tokio::sync::Notify;
 
 use crate::migration::metrics::Metrics;
+use crate::migration::rewrite::Rewritten;
 
 /// What the rewrite did, for the summary line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RewriteSummary {
     pub cpus_rewritten: u32,
-    pub dropped: Vec<String>,
-    pub filled: Vec<String>,
+    /// Registers dropped on any vCPU, each once; the first few named, the rest counted.
+    pub dropped: NameList,
+    pub filled: NameList,
     /// `cpu` subsections removed because the destination cannot load them (names).
     pub subsections_removed: Vec<String>,
 }
@@ -106,30 +108,25 @@ impl MigrationState {
             .unwrap_or("unknown")
     }
 
-    /// Count one vCPU whose registers were rewritten, and remember the names for the summary.
-    pub fn record_rewrite(&self, report: &RewriteReport) {
+    /// Count the vCPUs whose registers were rewritten, and remember (a bounded list of) the
+    /// names for the summary.
+    pub fn record_rewrites(&self, rewritten: &Rewritten) {
         let metrics = &self.metrics;
-        metrics.cpus_rewritten.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .cpus_rewritten
+            .fetch_add(u64::from(rewritten.cpus_rewritten), Ordering::Relaxed);
         metrics
             .registers_dropped
-            .fetch_add(count(report.dropped.len()), Ordering::Relaxed);
+            .fetch_add(rewritten.registers_dropped, Ordering::Relaxed);
         metrics
             .registers_filled
-            .fetch_add(count(report.filled.len()), Ordering::Relaxed);
+            .fetch_add(rewritten.registers_filled, Ordering::Relaxed);
         if let Ok(mut summary) = self.rewrite_summary.lock() {
-            summary.cpus_rewritten = summary.cpus_rewritten.saturating_add(1);
-            for dropped in &report.dropped {
-                let name = dropped.id.to_string();
-                if !summary.dropped.contains(&name) {
-                    summary.dropped.push(name);
-                }
-            }
-            for filled in &report.filled {
-                let name = filled.id.to_string();
-                if !summary.filled.contains(&name) {
-                    summary.filled.push(name);
-                }
-            }
+            summary.cpus_rewritten = summary
+                .cpus_rewritten
+                .saturating_add(rewritten.cpus_rewritten);
+            summary.dropped.merge(&rewritten.dropped);
+            summary.filled.merge(&rewritten.filled);
         }
     }
 
@@ -148,8 +145,4 @@ impl MigrationState {
             .map(|summary| summary.clone())
             .unwrap_or_default()
     }
-}
-
-fn count(n: usize) -> u64 {
-    u64::try_from(n).unwrap_or(u64::MAX)
 }

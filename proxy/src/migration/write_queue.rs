@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use std::time::Duration;
+
 use crate::error::ProxyError;
+use crate::net::stall;
 
 /// At most this many buffers per vectored write: Linux's IOV_MAX, so a 1 MiB flush of 4 KiB
 /// pages (a header and a payload each) is one writev.
@@ -19,16 +22,20 @@ pub struct WriteQueue<'a, W> {
     chunks: VecDeque<Bytes>,
     queued: usize,
     counters: [&'a AtomicU64; 2],
+    /// How long one write may take nothing (`net::stall`, `--write-stall-timeout`).
+    stall: Duration,
 }
 
 impl<'a, W: AsyncWrite + Unpin> WriteQueue<'a, W> {
-    /// `counters` are advanced by every byte the destination accepted.
-    pub fn new(writer: W, counters: [&'a AtomicU64; 2]) -> WriteQueue<'a, W> {
+    /// `counters` are advanced by every byte the destination accepted; a destination that takes
+    /// nothing for `stall` fails the flush.
+    pub fn new(writer: W, counters: [&'a AtomicU64; 2], stall: Duration) -> WriteQueue<'a, W> {
         WriteQueue {
             writer,
             chunks: VecDeque::new(),
             queued: 0,
             counters,
+            stall,
         }
     }
 
@@ -54,11 +61,12 @@ impl<'a, W: AsyncWrite + Unpin> WriteQueue<'a, W> {
                 .take(MAX_IOVECS)
                 .map(|chunk| IoSlice::new(chunk))
                 .collect();
-            let written = self
-                .writer
-                .write_vectored(&slices)
-                .await
-                .map_err(|e| ProxyError::io("main channel: write to destination", e))?;
+            let written = stall::progress(
+                self.stall,
+                "main channel: write to destination",
+                self.writer.write_vectored(&slices),
+            )
+            .await?;
             drop(slices);
             if written == 0 {
                 return Err(ProxyError::io(
@@ -71,10 +79,12 @@ impl<'a, W: AsyncWrite + Unpin> WriteQueue<'a, W> {
         // A TLS writer may hold encrypted records it could not send yet (the socket was full)
         // until flushed; the last bytes of a migration would wait there while both QEMUs wait
         // for each other. A no-op for plain sockets.
-        self.writer
-            .flush()
-            .await
-            .map_err(|e| ProxyError::io("main channel: flush to destination", e))
+        stall::progress(
+            self.stall,
+            "main channel: flush to destination",
+            self.writer.flush(),
+        )
+        .await
     }
 
     /// Half-close: the destination sees EOF. The peer may already be gone after a complete
@@ -119,7 +129,7 @@ mod tests {
             let mut got = Vec::new();
             reader.read_to_end(&mut got).await.map(|_| got)
         });
-        let mut queue = WriteQueue::new(writer, [&counter, &other]);
+        let mut queue = WriteQueue::new(writer, [&counter, &other], Duration::from_secs(30));
         queue.push(Bytes::from_static(b"header"));
         queue.push(Bytes::new());
         queue.push(Bytes::from_static(b"0123456789abcdef"));
@@ -142,7 +152,11 @@ mod tests {
         let (writer, mut reader) = tokio::io::duplex(1 << 16);
         let counter = AtomicU64::new(0);
         let other = AtomicU64::new(0);
-        let mut queue = WriteQueue::new(tokio::io::BufWriter::new(writer), [&counter, &other]);
+        let mut queue = WriteQueue::new(
+            tokio::io::BufWriter::new(writer),
+            [&counter, &other],
+            Duration::from_secs(30),
+        );
         queue.push(Bytes::from_static(b"QEVM-end"));
         queue.flush().await?;
         let mut got = [0u8; 8];

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -15,8 +15,28 @@ use tokio_rustls::TlsConnector;
 
 use crate::error::{HttpFailure, ProxyError};
 
-/// Profiles are a few tens of KB; anything much larger is not one.
-pub const MAX_BODY_BYTES: usize = 16 << 20;
+/// Profiles are a few tens of KB; anything much larger is not one (`--max-profile`).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
+
+/// What one GET may take: a deadline for the whole exchange (connect, TLS handshake, request,
+/// body) and a size budget for the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchBudget {
+    pub timeout: Duration,
+    pub max_body: usize,
+}
+
+/// `--profile-fetch-timeout`'s default, in milliseconds.
+pub const DEFAULT_FETCH_TIMEOUT_MS: u64 = 5000;
+
+impl Default for FetchBudget {
+    fn default() -> FetchBudget {
+        FetchBudget {
+            timeout: Duration::from_millis(DEFAULT_FETCH_TIMEOUT_MS),
+            max_body: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
 
 /// The parts of an `http://HOST[:PORT]/PATH` URL.
 #[derive(Debug, PartialEq, Eq)]
@@ -74,9 +94,10 @@ impl HttpUrl {
 /// GET `url`; returns the status code and the body. `tls` is required for `https://` URLs.
 pub async fn get(
     url: &str,
-    timeout: Duration,
+    budget: FetchBudget,
     tls: Option<&TlsConnector>,
 ) -> Result<(u16, Bytes), ProxyError> {
+    let FetchBudget { timeout, max_body } = budget;
     let err = |failure: HttpFailure| ProxyError::Http {
         url: url.to_owned(),
         failure,
@@ -87,7 +108,7 @@ pub async fn get(
             .await
             .map_err(|e| err(HttpFailure::Connect(e)))?;
         match &parsed.tls_host {
-            None => exchange(stream, &parsed).await.map_err(err),
+            None => exchange(stream, &parsed, max_body).await.map_err(err),
             Some(host) => {
                 let connector = tls.ok_or_else(|| err(HttpFailure::HttpsWithoutCa))?;
                 let name = ServerName::try_from(host.clone())
@@ -96,7 +117,7 @@ pub async fn get(
                     .connect(name, stream)
                     .await
                     .map_err(|e| err(HttpFailure::Tls(e)))?;
-                exchange(session, &parsed).await.map_err(err)
+                exchange(session, &parsed, max_body).await.map_err(err)
             }
         }
     };
@@ -105,7 +126,7 @@ pub async fn get(
         .map_err(|_| err(HttpFailure::Timeout(timeout)))?
 }
 
-async fn exchange<T>(io: T, url: &HttpUrl) -> Result<(u16, Bytes), HttpFailure>
+async fn exchange<T>(io: T, url: &HttpUrl, max_body: usize) -> Result<(u16, Bytes), HttpFailure>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -122,10 +143,16 @@ where
         .await
         .map_err(HttpFailure::Request)?;
     let status = response.status().as_u16();
-    let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
+    let body = Limited::new(response.into_body(), max_body)
         .collect()
         .await
-        .map_err(HttpFailure::Body)?
+        .map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                HttpFailure::BodyTooLarge(max_body)
+            } else {
+                HttpFailure::Body(e)
+            }
+        })?
         .to_bytes();
     driver.abort();
     Ok((status, body))

@@ -1,5 +1,6 @@
 //! Sockets and bytes, knowing nothing of migrations: QEMU-style addresses, connections and
-//! dialing, bound listeners, TLS credentials, raw relays and a minimal HTTP client.
+//! dialing, bound listeners, TLS credentials, raw relays (copying and splice), write stall deadlines
+//! and a minimal HTTP client.
 
 pub mod addr;
 pub mod conn;
@@ -8,4 +9,6 @@ pub mod listener;
 pub mod own_addresses;
 pub mod prefixed;
 pub mod relay;
+pub mod splice;
+pub mod stall;
 pub mod tls;

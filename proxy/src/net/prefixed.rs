@@ -29,6 +29,11 @@ impl<T> PrefixedIo<T> {
         }
     }
 
+    /// The bytes not yet read again, and the connection (for relays that take the socket itself).
+    pub fn into_parts(self) -> (Bytes, T) {
+        (self.prefix, self.io)
+    }
+
     /// The bytes not yet read again.
     #[cfg(test)]
     pub fn prefix(&self) -> &[u8] {

@@ -1,7 +1,9 @@
 //! Raw byte relays: multifd and preempt channels both ways, and every return path.
 //!
-//! These carry nothing migproxy rewrites (DESIGN.md, "Everything else streams"), so they are
-//! copied as they come, through one 1 MiB buffer per direction (memory stays bounded: a slow
+//! These carry nothing migproxy rewrites (DESIGN.md, "Everything else streams"). Plain TCP on both
+//! sides goes through `splice.rs` (no copy through user space) unless `--raw-relay copy` says
+//! otherwise; everything else (TLS, unix sockets) is copied here as it comes, through one 1 MiB
+//! buffer per direction (memory stays bounded: a slow
 //! reader blocks our write, which stops our read, which fills the kernel buffers, which stops the
 //! sender). EOF is propagated per direction with a half-close, because the source still waits for
 //! the destination's SHUT on the return path after writing its last byte. Nothing here knows what
@@ -9,19 +11,86 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::ProxyError;
+use crate::net::conn::Conn;
+use crate::net::prefixed::PrefixedIo;
+use crate::net::splice;
+use crate::net::stall;
+
+/// How raw channels are relayed (`--raw-relay`, `raw_relay` in the file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RawRelay {
+    /// `splice(2)` through a pipe per direction where both sides are plain TCP; the copying
+    /// relay for everything else.
+    #[default]
+    Splice,
+    /// Always through a user-space buffer (the fallback, and the baseline to measure against).
+    Copy,
+}
+
+impl RawRelay {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RawRelay::Splice => "splice",
+            RawRelay::Copy => "copy",
+        }
+    }
+}
+
+/// Relay a non-main channel both ways with the relay `mode` asks for where it applies.
+pub async fn relay_raw(
+    mode: RawRelay,
+    source: PrefixedIo<Conn>,
+    destination: Conn,
+    to_destination: &[&AtomicU64],
+    to_source: &[&AtomicU64],
+    kind: &str,
+    stall: Duration,
+) -> Result<(), ProxyError> {
+    match (mode, source.into_parts(), destination) {
+        (RawRelay::Splice, (prefix, Conn::Tcp(source)), Conn::Tcp(destination)) => {
+            tracing::info!(relay = RawRelay::Splice.as_str(), "raw relay");
+            splice::splice_channel(
+                source,
+                prefix,
+                destination,
+                to_destination,
+                to_source,
+                kind,
+                stall,
+            )
+            .await
+        }
+        (_, (prefix, source), destination) => {
+            tracing::info!(relay = RawRelay::Copy.as_str(), "raw relay");
+            relay_channel(
+                PrefixedIo::new(prefix, source).into_split(),
+                destination.into_split(),
+                to_destination,
+                to_source,
+                kind,
+                stall,
+            )
+            .await
+        }
+    }
+}
 
 /// Relay buffer per direction.
 pub const RELAY_BUFFER_BYTES: usize = 1 << 20;
 
 /// Copy `reader` to `writer` until EOF, then half-close `writer`. Returns the bytes written.
+/// A `writer` that takes nothing for `stall` ends it (`net::stall`).
 pub async fn pump<R, W>(
     mut reader: R,
     mut writer: W,
     counters: &[&AtomicU64],
     what: &str,
+    stall: Duration,
 ) -> Result<u64, ProxyError>
 where
     R: AsyncRead + Unpin,
@@ -41,16 +110,10 @@ where
             break;
         }
         let chunk = buf.get(..n).unwrap_or_default();
-        writer
-            .write_all(chunk)
-            .await
-            .map_err(|e| ProxyError::io(format!("{what}: write"), e))?;
+        stall::write_all(&mut writer, chunk, stall, &format!("{what}: write")).await?;
         // A TLS writer may keep records it could not send yet until flushed: a return-path
         // message would then wait there until the next one. A no-op for plain sockets.
-        writer
-            .flush()
-            .await
-            .map_err(|e| ProxyError::io(format!("{what}: flush"), e))?;
+        stall::progress(stall, &format!("{what}: flush"), writer.flush()).await?;
         total = add_bytes(total, n, counters);
     }
     // The peer may already be gone after a complete exchange; the data went out.
@@ -58,7 +121,7 @@ where
     Ok(total)
 }
 
-fn add_bytes(total: u64, n: usize, counters: &[&AtomicU64]) -> u64 {
+pub(crate) fn add_bytes(total: u64, n: usize, counters: &[&AtomicU64]) -> u64 {
     let n = u64::try_from(n).unwrap_or(u64::MAX);
     for counter in counters {
         counter.fetch_add(n, Ordering::Relaxed);
@@ -73,6 +136,7 @@ pub async fn relay_channel<SR, SW, DR, DW>(
     to_destination: &[&AtomicU64],
     to_source: &[&AtomicU64],
     kind: &str,
+    stall: Duration,
 ) -> Result<(), ProxyError>
 where
     SR: AsyncRead + Unpin,
@@ -84,8 +148,8 @@ where
     let (dst_read, dst_write) = destination;
     let forward_what = format!("{kind} source->destination");
     let backward_what = format!("{kind} destination->source");
-    let forward = pump(src_read, dst_write, to_destination, &forward_what);
-    let backward = pump(dst_read, src_write, to_source, &backward_what);
+    let forward = pump(src_read, dst_write, to_destination, &forward_what, stall);
+    let backward = pump(dst_read, src_write, to_source, &backward_what, stall);
     let (f, b) = tokio::try_join!(forward, backward)?;
     tracing::debug!(to_destination = f, to_source = b, "channel finished");
     Ok(())
@@ -94,8 +158,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::conn::Conn;
-    use crate::net::prefixed::PrefixedIo;
     use std::sync::Arc;
     use tokio::net::{TcpListener, TcpStream};
 
@@ -119,6 +181,7 @@ mod tests {
                 &[&task_counters.0],
                 &[&task_counters.1],
                 "multifd",
+                std::time::Duration::from_secs(30),
             )
             .await
         });
@@ -154,6 +217,7 @@ mod tests {
             tokio::io::BufWriter::new(source_write),
             &counters,
             "return path",
+            std::time::Duration::from_secs(30),
         );
         let exchange = async {
             destination.write_all(b"SHUT").await?;

@@ -17,6 +17,7 @@ use migproxy_config::{Accel, Profile};
 
 use crate::cli::{AccelArg, CaptureArgs};
 use crate::error::ProxyError;
+use crate::migration::source_reference::SourceReference;
 use crate::offline::input::{Input, StreamCpus};
 use crate::offline::qmp::Qmp;
 
@@ -25,11 +26,17 @@ pub fn capture(args: &CaptureArgs) -> Result<(), ProxyError> {
         AccelArg::Tcg => Accel::Tcg,
         AccelArg::Kvm => Accel::Kvm,
     });
+    if args.save_reference.is_some() && args.from_kvm {
+        return Err(ProxyError::Usage(
+            "--save-reference needs a migration stream (--from-stream or --from-qmp); KVM has no device-state layout to save".into(),
+        ));
+    }
     let mut profile = if let Some(path) = &args.from_stream {
         let stream = Input::open(path)?.read_cpus()?;
+        save_reference(args.save_reference.as_deref(), &stream)?;
         profile_from_stream(&stream, accel_override, "stream")?
     } else if let Some(socket) = &args.from_qmp {
-        capture_from_qmp(socket, accel_override)?
+        capture_from_qmp(socket, accel_override, args.save_reference.as_deref())?
     } else if args.from_kvm {
         let mut profile = migproxy_config::kvm::capture()?;
         if let Some(accel) = accel_override {
@@ -103,6 +110,26 @@ pub(crate) fn profile_from_stream(
     Ok(profile)
 }
 
+/// `--save-reference FILE`: the stream's description, the source reference a rewriting
+/// `migproxy run` needs (`--source-reference`). Checked as a reference before it is written.
+fn save_reference(path: Option<&Path>, stream: &StreamCpus) -> Result<(), ProxyError> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let reference = SourceReference::parse(
+        bytes::Bytes::copy_from_slice(&stream.description),
+        &path.display().to_string(),
+    )?;
+    write_output(Some(path), &reference.description)?;
+    eprintln!(
+        "migproxy: reference description ({} devices, {} bytes) written to {}: give it to the proxy in front of this VM's destination as --source-reference",
+        reference.layout.devices(),
+        reference.description.len(),
+        path.display()
+    );
+    Ok(())
+}
+
 fn write_output(path: Option<&Path>, bytes: &[u8]) -> Result<(), ProxyError> {
     match path {
         None => std::io::stdout()
@@ -121,7 +148,11 @@ fn write_output(path: Option<&Path>, bytes: &[u8]) -> Result<(), ProxyError> {
 /// How long the throwaway QEMU may take to migrate its (mostly zero) RAM to us.
 const QMP_MIGRATE_DEADLINE: Duration = Duration::from_secs(120);
 
-fn capture_from_qmp(socket: &Path, accel_override: Option<Accel>) -> Result<Profile, ProxyError> {
+fn capture_from_qmp(
+    socket: &Path,
+    accel_override: Option<Accel>,
+    reference: Option<&Path>,
+) -> Result<Profile, ProxyError> {
     let mut qmp = Qmp::connect(socket)?;
     let version = qmp.execute("query-version", serde_json::json!({}))?;
     let qemu_version = version.get("qemu").and_then(|q| {
@@ -190,6 +221,7 @@ fn capture_from_qmp(socket: &Path, accel_override: Option<Accel>) -> Result<Prof
         "migproxy: the QEMU behind {} is now in the postmigrate state; shut it down",
         socket.display()
     );
+    save_reference(reference, &stream)?;
     let mut profile = profile_from_stream(&stream, accel_override.or(accel_hint), "qmp")?;
     profile.qemu_version = qemu_version;
     Ok(profile)
@@ -262,6 +294,7 @@ mod tests {
                 registers,
             }],
             subsections: Vec::new(),
+            description: Vec::new(),
         }
     }
 

@@ -85,10 +85,12 @@ impl Input {
         let mut decoder = StreamDecoder::new(Limits::default());
         let mut cpus: Option<Vec<CpuRegisters>> = None;
         let mut subsections = Vec::new();
+        let mut description = Vec::new();
         self.decode(&mut decoder, "read", |_, frame| {
             if let Frame::DeviceState(state) = frame {
                 cpus = Some(state.cpus());
                 subsections = state.cpu_subsections();
+                description = state.description_json().to_vec();
             }
             Ok(())
         })?;
@@ -102,6 +104,7 @@ impl Input {
             info: decoder.info().clone(),
             cpus,
             subsections,
+            description,
         })
     }
 }
@@ -132,6 +135,9 @@ pub struct StreamCpus {
     pub cpus: Vec<CpuRegisters>,
     /// Top-level subsections of the `cpu` sections.
     pub subsections: Vec<CpuSubsection>,
+    /// The description JSON the device state ended with (a reference description when the
+    /// stream is a fresh VM's: `profile capture --save-reference`).
+    pub description: Vec<u8>,
 }
 
 /// The destination profile and, when given, the source's: what `plan` and `rewrite` compare.

@@ -11,7 +11,8 @@ use std::path::Path;
 
 use migproxy_codec::CpuSubsection;
 use migproxy_config::{
-    destination_kernel_note, rewrite, Profile, RefusalReason, RewriteReport, SubsectionReport,
+    destination_kernel_note, rewrite, subsections as subsection_summaries, Profile, RefusalDigest,
+    RefusalReason, RewriteReport, SubsectionReport,
 };
 use serde_json::json;
 
@@ -112,15 +113,12 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
         _ => {}
     }
     if !refused.is_empty() {
-        Err(ProxyError::Refused(Refusal::Registers(
-            refused.iter().map(|r| r.refusal_summary()).collect(),
-        )))
+        let mut digest = RefusalDigest::default();
+        refused.iter().for_each(|r| digest.add(r));
+        Err(ProxyError::Refused(Refusal::Registers(digest.summaries())))
     } else if !refused_subsections.is_empty() {
         Err(ProxyError::Refused(Refusal::Subsections(
-            refused_subsections
-                .iter()
-                .map(|r| r.refusal_summary())
-                .collect(),
+            subsection_summaries::refusal_summaries(refused_subsections.iter().copied()),
         )))
     } else {
         Ok(())

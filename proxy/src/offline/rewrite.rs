@@ -12,7 +12,7 @@ use std::path::Path;
 
 use bytes::BytesMut;
 use migproxy_codec::{Frame, Limits, StreamDecoder};
-use migproxy_config::{rewrite, Rewrite, RewriteReport, SubsectionReport};
+use migproxy_config::{rewrite, RefusalDigest, Rewrite, RewriteReport, SubsectionReport};
 
 use crate::cli::policy::policy_from_args;
 use crate::cli::RewriteArgs;
@@ -76,14 +76,13 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
                         })
                         .collect();
                     reports = rewrites.iter().map(|(_, r)| r.report.clone()).collect();
-                    let refused: Vec<String> = reports
-                        .iter()
-                        .filter(|r| r.is_refused())
-                        .map(RewriteReport::refusal_summary)
-                        .collect();
-                    if !refused.is_empty() {
+                    let mut refused = RefusalDigest::default();
+                    reports.iter().for_each(|r| refused.add(r));
+                    if refused.is_refused() {
                         // Before a byte of device state is written.
-                        return Err(ProxyError::Refused(Refusal::Registers(refused)));
+                        return Err(ProxyError::Refused(Refusal::Registers(
+                            refused.summaries(),
+                        )));
                     }
                     for (instance, new) in &rewrites {
                         if !new.report.is_unchanged() {

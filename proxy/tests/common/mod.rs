@@ -133,6 +133,19 @@ impl Daemon {
         }
     }
 
+    /// How many log events named `message` the daemon has written so far.
+    pub fn count_logs(&self, message: &str) -> usize {
+        let logs = self.logs.0.lock().expect("log lock");
+        logs.iter()
+            .filter(|v| v["fields"]["message"] == message)
+            .count()
+    }
+
+    /// How many log lines the daemon has written so far.
+    pub fn log_count(&self) -> usize {
+        self.logs.0.lock().expect("log lock").len()
+    }
+
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args(["-s", name, &self.pid().to_string()])
