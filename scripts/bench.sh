@@ -23,7 +23,7 @@
 #
 # Knobs (environment): BENCH_CACHE, BENCH_RAM_MIB (4096), BENCH_REPS (4), BENCH_SWITCHOVER_ITER (300),
 # BENCH_SCALE_MIB (128), BENCH_SCALE_CONC (1,8,64), BENCH_SCALE_REPS (2), BENCH_QEMU_RAM_MIB (4096),
-# BENCH_QEMU_REPS (3), BENCH_SKIP_QEMU=1, BENCH_NO_DOCS=1 (keep results only), MIGPROXY_BIN (skip
+# BENCH_QEMU_REPS (3), BENCH_SKIP_QEMU=1, BENCH_SKIP_TWO_HOST=1, BENCH_NO_DOCS=1 (keep results only), MIGPROXY_BIN (skip
 # building migproxy, use this binary), QEMU10/QEMU72.
 set -euo pipefail
 
@@ -80,6 +80,7 @@ run() {
 missing=()
 command -v socat >/dev/null || missing+=(socat)
 command -v haproxy >/dev/null || missing+=(haproxy)
+command -v valgrind >/dev/null || missing+=(valgrind)
 "$python" -c 'import matplotlib' 2>/dev/null || missing+=(python3-matplotlib)
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"
@@ -185,6 +186,11 @@ run "$migbench" switchover --stream "$small" --iterations "$switchover_iter" --l
     --relay "$relay_direct" --relay "$relay_socat" --relay "$relay_haproxy" --relay "$relay_tokio" \
     --relay "$relay_migproxy" --relay "$relay_rewrite" --relay "$relay_rewrite72"
 
+# Instructions per switchover (migproxy under callgrind; report part: bench/tools/report_switchover.py).
+run "$python" "$tools/switchover_instructions.py" --migbench "$migbench" --migproxy "$migproxy" --stream "$small" \
+    --dest-profile "$results/dest-profile.json" --dest-profile-q72 "$results/dest-profile-q72.json" \
+    --work-dir "$results/instructions" --out "$results/switchover-instructions.json"
+
 run "$migbench" scale --stream "$scale_stream" --concurrency "$scale_conc" --reps "$scale_reps" \
     --log-dir "$results/logs" --out "$results/scale.json" \
     --relay "$relay_tokio" --relay "$relay_migproxy" --relay "$relay_rewrite72"
@@ -209,6 +215,12 @@ if [ "${BENCH_SKIP_QEMU:-}" != 1 ]; then
             fi
         done
     done
+fi
+
+# --- 6b. two hosts: network namespaces, shaped links (bench-two-host.sh; report_two_host.py) ----
+if [ "${BENCH_SKIP_TWO_HOST:-}" != 1 ]; then
+    run env MIGPROXY_BIN="$migproxy" QEMU10="$QEMU10" scripts/bench-two-host.sh "$results/two-host" ||
+        log "two-host benchmark failed (see $results/two-host)"
 fi
 
 # --- 7. report ------------------------------------------------------------------------------

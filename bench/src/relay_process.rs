@@ -190,6 +190,24 @@ impl RunningRelay {
         self.kill_tree();
     }
 
+    /// SIGTERM first, so a relay that exits cleanly on it (migproxy drains and exits) can write
+    /// what it keeps until exit (a profiler's output when run under valgrind); SIGKILL to the
+    /// whole tree if it is still there after `grace`.
+    pub fn stop_gracefully(mut self, grace: Duration) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill_tree();
+    }
+
     fn kill_tree(&mut self) {
         // Children first so none is re-parented and left behind; std only sends SIGKILL
         // to the direct child, so descendants are signalled with kill(1).

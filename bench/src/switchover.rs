@@ -20,6 +20,8 @@ use crate::stream_layout::layout_of_file;
 use crate::BenchError;
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a relay may take to exit on SIGTERM (valgrind writing its output) before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RelayLatency {
@@ -127,7 +129,8 @@ pub fn run(
         }
     }
     for process in running.into_iter().flatten() {
-        process.stop();
+        // A relay run under valgrind writes its profile on a clean exit.
+        process.stop_gracefully(STOP_GRACE);
     }
     let relays = relays
         .iter()

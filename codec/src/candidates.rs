@@ -39,32 +39,40 @@ pub(crate) struct CandidateScanner {
 impl CandidateScanner {
     /// Examine the bytes of `held` not seen yet; if a candidate's description ends exactly at
     /// the end of `held`, return the position of its be32 length (EOF + 2).
+    ///
+    /// The new bytes are searched for `{` and NUL with `memchr` (whole words at a time) rather
+    /// than looked at one by one: this runs while both QEMUs are stopped. What a byte-by-byte
+    /// scan would decide is kept exactly: a candidate dies at the first NUL after its `{`, and at
+    /// most [`MAX_ALIVE`] are alive when one is added.
     pub(crate) fn advance(&mut self, held: &[u8], max_description: usize) -> Option<usize> {
-        let new = held.get(self.scanned..).unwrap_or_default();
+        let start = self.scanned;
+        let new = held.get(start..).unwrap_or_default();
         if new.is_empty() {
             // Nothing arrived since the last call: any ending here has been tried already.
             return None;
         }
-        for (offset, &byte) in new.iter().enumerate() {
-            let i = self.scanned + offset;
-            if byte == 0 {
-                // A NUL inside a candidate's text: not JSON.
-                self.alive.retain(|c| c.eof_pos + 6 > i);
+        // Every NUL before `checked` has been applied to `alive`.
+        let mut checked = start;
+        for offset in memchr::memchr_iter(b'{', new) {
+            let i = start + offset;
+            self.kill_after_nul(held.get(checked..i).unwrap_or_default(), checked);
+            checked = i;
+            if i < 6 {
+                continue;
             }
-            if byte == b'{' && i >= 6 {
-                let header = held.get(i - 6..i);
-                if let Some(&[QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION, a, b, c, d]) = header {
-                    let len = u32::from_be_bytes([a, b, c, d]);
-                    let len = usize::try_from(len).unwrap_or(usize::MAX);
-                    if (2..=max_description).contains(&len) && self.alive.len() < MAX_ALIVE {
-                        self.alive.push(Candidate {
-                            eof_pos: i - 6,
-                            end: i + len,
-                        });
-                    }
+            let header = held.get(i - 6..i);
+            if let Some(&[QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION, a, b, c, d]) = header {
+                let len = u32::from_be_bytes([a, b, c, d]);
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                if (2..=max_description).contains(&len) && self.alive.len() < MAX_ALIVE {
+                    self.alive.push(Candidate {
+                        eof_pos: i - 6,
+                        end: i + len,
+                    });
                 }
             }
         }
+        self.kill_after_nul(held.get(checked..).unwrap_or_default(), checked);
         self.examined += new.len() as u64;
         self.scanned = held.len();
         let end = held.len();
@@ -73,6 +81,18 @@ impl CandidateScanner {
             .iter()
             .find(|c| c.end == end)
             .map(|c| c.eof_pos + 2)
+    }
+
+    /// A NUL inside a candidate's text (after its `{`) rules it out: JSON has no NUL byte.
+    /// `bytes` start at held position `at`; only their last NUL matters.
+    fn kill_after_nul(&mut self, bytes: &[u8], at: usize) {
+        if self.alive.is_empty() {
+            return;
+        }
+        if let Some(offset) = memchr::memrchr(0, bytes) {
+            let nul = at + offset;
+            self.alive.retain(|c| c.eof_pos + 6 > nul);
+        }
     }
 
     /// Bytes examined so far.
@@ -84,6 +104,7 @@ impl CandidateScanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::Strategy;
 
     fn with_description(prefix: &[u8], json: &[u8]) -> Vec<u8> {
         let mut v = prefix.to_vec();
@@ -117,5 +138,75 @@ mod tests {
         held.push(b' ');
         assert_eq!(s.advance(&held, 1 << 20), None);
         assert!(s.alive.is_empty());
+    }
+
+    /// The scan as it was written first, one byte at a time: the fast scan must agree with it.
+    fn bytewise(held: &[u8], splits: &[usize], max_description: usize) -> Vec<Option<usize>> {
+        let mut alive: Vec<Candidate> = Vec::new();
+        let mut scanned = 0;
+        let mut results = Vec::new();
+        for &cut in splits.iter().chain([held.len()].iter()) {
+            let cut = cut.min(held.len());
+            if cut <= scanned {
+                results.push(None);
+                continue;
+            }
+            for i in scanned..cut {
+                let byte = held[i];
+                if byte == 0 {
+                    alive.retain(|c| c.eof_pos + 6 > i);
+                }
+                if byte == b'{' && i >= 6 {
+                    if let [QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION, a, b, c, d] = held[i - 6..i] {
+                        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+                        if (2..=max_description).contains(&len) && alive.len() < MAX_ALIVE {
+                            alive.push(Candidate {
+                                eof_pos: i - 6,
+                                end: i + len,
+                            });
+                        }
+                    }
+                }
+            }
+            scanned = cut;
+            alive.retain(|c| c.end >= cut);
+            results.push(alive.iter().find(|c| c.end == cut).map(|c| c.eof_pos + 2));
+        }
+        results
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn agrees_with_the_bytewise_scan(
+            // Few distinct bytes, so headers, braces and NULs meet often.
+            parts in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::collection::vec(proptest::sample::select(vec![0u8, 6, 1, b'{', b'}', b'a']), 0..12),
+                    (0u32..24, proptest::collection::vec(proptest::sample::select(vec![0u8, b'{', b'}', b'x']), 0..24))
+                        .prop_map(|(len, body)| {
+                            let mut v = vec![0u8, 6];
+                            v.extend_from_slice(&len.to_be_bytes());
+                            v.push(b'{');
+                            v.extend_from_slice(&body);
+                            v
+                        }),
+                ],
+                0..16,
+            ),
+            splits in proptest::collection::vec(0usize..400, 0..6),
+        ) {
+            let held: Vec<u8> = parts.concat();
+            let mut splits = splits;
+            splits.sort_unstable();
+            let want = bytewise(&held, &splits, 20);
+            let mut scanner = CandidateScanner::default();
+            let mut got = Vec::new();
+            for &cut in splits.iter().chain([held.len()].iter()) {
+                let cut = cut.min(held.len());
+                got.push(scanner.advance(&held[..cut.max(scanner.scanned)], 20));
+            }
+            proptest::prop_assert_eq!(got, want);
+            proptest::prop_assert_eq!(scanner.examined(), held.len() as u64);
+        }
     }
 }

@@ -305,23 +305,16 @@ impl DeviceState {
                 arrays.put_u64(*value);
             }
             edits.push((slot.array_len_pos..slot.arrays_end(), arrays));
+            let count = regs.len().to_string().into_bytes();
             for span in &slot.json_spans {
-                edits.push((span.clone(), regs.len().to_string().into_bytes()));
+                edits.push((span.clone(), count.clone()));
             }
         }
-        // Slots are in stream order, so each cpu section's subsections are one contiguous run.
-        for items in self
-            .subsections
-            .chunk_by(|a, b| a.json_items == b.json_items)
-            .filter(|items| items.iter().any(|item| item.removed))
-        {
+        for items in self.removal_runs() {
             for item in items.iter().filter(|item| item.removed) {
                 edits.push((item.wire.clone(), Vec::new()));
             }
-            let separator = match items {
-                [first, second, ..] => &self.held[first.json_item.end..second.json_item.start],
-                _ => b", ".as_slice(),
-            };
+            let separator = self.separator(items);
             let kept: Vec<&[u8]> = items
                 .iter()
                 .filter(|item| !item.removed)
@@ -333,16 +326,45 @@ impl DeviceState {
         edits
     }
 
-    /// Bytes `encode` writes.
+    /// Bytes `encode` writes: counted from the edits' sizes without building them (it runs
+    /// after every vCPU's `set_cpregs`, while both QEMUs are stopped).
     pub fn wire_len(&self) -> usize {
         if !self.is_modified() {
             return self.held.len();
         }
         let mut len = self.held.len();
-        for (span, replacement) in self.edits() {
-            len = len - span.len() + replacement.len();
+        for (slot, regs) in self.replaced() {
+            len = len - (slot.arrays_end() - slot.array_len_pos) + 4 + 16 * regs.len();
+            for span in &slot.json_spans {
+                len = len - span.len() + decimal_digits(regs.len());
+            }
+        }
+        for items in self.removal_runs() {
+            for item in items.iter().filter(|item| item.removed) {
+                len -= item.wire.len();
+            }
+            let kept: Vec<&SubsectionSlot> = items.iter().filter(|item| !item.removed).collect();
+            let joined = kept.iter().map(|item| item.json_item.len()).sum::<usize>()
+                + self.separator(items).len() * kept.len().saturating_sub(1);
+            len = len - items[0].json_items.len() + joined;
         }
         len
+    }
+
+    /// The subsection slots of each `cpu` section that has a removed one (stream order, so each
+    /// section's subsections are one contiguous run).
+    fn removal_runs(&self) -> impl Iterator<Item = &[SubsectionSlot]> {
+        self.subsections
+            .chunk_by(|a, b| a.json_items == b.json_items)
+            .filter(|items| items.iter().any(|item| item.removed))
+    }
+
+    /// What separates the items of a description `subsections` array, as received.
+    fn separator(&self, items: &[SubsectionSlot]) -> &[u8] {
+        match items {
+            [first, second, ..] => &self.held[first.json_item.end..second.json_item.start],
+            _ => b", ".as_slice(),
+        }
     }
 
     /// What [`encode`](Self::encode) writes, as one buffer: the received bytes themselves
@@ -410,6 +432,16 @@ impl DeviceState {
     }
 }
 
+/// Length of `n` written in decimal (what an `array_len` number becomes).
+fn decimal_digits(mut n: usize) -> usize {
+    let mut digits = 1;
+    while n >= 10 {
+        n /= 10;
+        digits += 1;
+    }
+    digits
+}
+
 /// The layout the walk found.
 pub(crate) struct Layout {
     sections: Vec<DeviceSection>,
@@ -472,16 +504,17 @@ pub(crate) fn walk(
     let eof_pos = desc_len_pos - 2;
     let at = |pos: usize| base_offset + pos as u64;
     let json_text = &held[json_start..];
-    let desc = json::parse(json_text).map_err(|e| DecodeError::Description {
+    let document = json::parse(json_text).map_err(|e| DecodeError::Description {
         offset: at(json_start + e.pos),
         message: format!("not valid json: {}", e.message),
     })?;
+    let desc = document.root();
     let desc_err = |message: String| DecodeError::Description {
         offset: at(json_start),
         message,
     };
     if let Some(reference) = reference {
-        reference.check(&desc).map_err(|mismatch| {
+        reference.check(desc).map_err(|mismatch| {
             desc_err(format!(
                 "does not have the layout of the reference description: {mismatch}"
             ))
@@ -496,7 +529,8 @@ pub(crate) fn walk(
     let mut cpus = Vec::new();
     let mut subsections = Vec::new();
     let mut pos = 0usize;
-    for (index, device) in devices.iter().enumerate() {
+    let described = devices.len();
+    for (index, device) in devices.enumerate() {
         let dev_name = device.get("name").and_then(Json::as_str);
         let dev_instance = device.get("instance_id").and_then(Json::as_u64);
         let (Some(dev_name), Some(dev_instance)) = (dev_name, dev_instance) else {
@@ -661,7 +695,7 @@ pub(crate) fn walk(
             found: format!(
                 "{} not listed in the description ({} devices described)",
                 record_type_name(found),
-                devices.len()
+                described
             ),
         });
     }
@@ -700,7 +734,7 @@ impl Walker<'_> {
     }
 
     /// Walk one vmstate (fields, then subsections) described by `desc` from `pos`; returns the end.
-    fn vmsd(&mut self, desc: &Json, pos: usize, depth: usize) -> Result<usize, DecodeError> {
+    fn vmsd(&mut self, desc: Json<'_>, pos: usize, depth: usize) -> Result<usize, DecodeError> {
         if depth > 16 {
             return Err(self.err(pos, "subsections nested too deeply".into()));
         }
@@ -782,7 +816,7 @@ impl Walker<'_> {
 }
 
 /// The `vmsd_name` of every subsection nested in `desc`, depth first.
-fn nested_names(desc: &Json, out: &mut Vec<String>) {
+fn nested_names(desc: Json<'_>, out: &mut Vec<String>) {
     for sub in desc
         .get("subsections")
         .and_then(Json::as_array)
@@ -796,7 +830,7 @@ fn nested_names(desc: &Json, out: &mut Vec<String>) {
 }
 
 /// Bytes one description field occupies: size × array_len (compressed arrays) or size.
-fn field_size(field: &Json) -> Option<usize> {
+fn field_size(field: Json<'_>) -> Option<usize> {
     let size = usize::try_from(field.get("size")?.as_u64()?).ok()?;
     match field.get("array_len") {
         Some(n) => size.checked_mul(usize::try_from(n.as_u64()?).ok()?),
@@ -808,7 +842,7 @@ fn field_size(field: &Json) -> Option<usize> {
 /// One `cpu` section as the walk found it.
 struct CpuSection<'a> {
     section: &'a SectionRef,
-    device: &'a Json<'a>,
+    device: Json<'a>,
     payload_start: usize,
     instance: u32,
     version: u32,

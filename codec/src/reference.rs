@@ -58,23 +58,24 @@ impl std::fmt::Display for LayoutMismatch {
 impl ReferenceDescription {
     /// Parse a description JSON text (as QEMU writes it after `QEMU_VM_VMDESCRIPTION`).
     pub fn parse(text: &[u8]) -> Result<Self, LayoutMismatch> {
-        let json = json::parse(text).map_err(|e| {
+        let document = json::parse(text).map_err(|e| {
             LayoutMismatch(format!(
                 "reference description: not valid json at byte {}: {}",
                 e.pos, e.message
             ))
         })?;
-        Self::from_json(&json).map_err(|e| LayoutMismatch(format!("reference description: {e}")))
+        Self::from_json(document.root())
+            .map_err(|e| LayoutMismatch(format!("reference description: {e}")))
     }
 
-    pub(crate) fn from_json(json: &Json<'_>) -> Result<Self, LayoutMismatch> {
+    pub(crate) fn from_json(json: Json<'_>) -> Result<Self, LayoutMismatch> {
         let entries = json
             .get("devices")
             .and_then(Json::as_array)
             .ok_or_else(|| LayoutMismatch("no \"devices\" array".into()))?;
         let mut devices = Vec::with_capacity(entries.len());
         let mut vmsds = HashMap::new();
-        for (index, entry) in entries.iter().enumerate() {
+        for (index, entry) in entries.enumerate() {
             let device = device_of(entry)
                 .ok_or_else(|| LayoutMismatch(format!("device entry {index} is incomplete")))?;
             collect_vmsds(entry, &device.vmsd_name, &mut vmsds, 0)?;
@@ -89,7 +90,7 @@ impl ReferenceDescription {
     }
 
     /// Does the received description (already parsed) have this layout?
-    pub(crate) fn check(&self, received: &Json<'_>) -> Result<(), LayoutMismatch> {
+    pub(crate) fn check(&self, received: Json<'_>) -> Result<(), LayoutMismatch> {
         let other = Self::from_json(received)?;
         if other.devices.len() != self.devices.len() {
             return Err(LayoutMismatch(format!(
@@ -125,7 +126,7 @@ impl ReferenceDescription {
     }
 }
 
-fn device_of(entry: &Json<'_>) -> Option<Device> {
+fn device_of(entry: Json<'_>) -> Option<Device> {
     let name = entry.get("name")?.as_str()?.to_string();
     Some(Device {
         vmsd_name: entry
@@ -140,7 +141,7 @@ fn device_of(entry: &Json<'_>) -> Option<Device> {
 }
 
 fn collect_vmsds(
-    vmsd: &Json<'_>,
+    vmsd: Json<'_>,
     name: &str,
     out: &mut HashMap<String, Vec<Field>>,
     depth: usize,
@@ -149,7 +150,11 @@ fn collect_vmsds(
         return Err(LayoutMismatch("subsections nested too deeply".into()));
     }
     let mut fields = Vec::new();
-    for field in vmsd.get("fields").and_then(Json::as_array).unwrap_or(&[]) {
+    for field in vmsd
+        .get("fields")
+        .and_then(Json::as_array)
+        .unwrap_or_default()
+    {
         let field_name = field.get("name").and_then(Json::as_str).unwrap_or("?");
         let bytes = if matches!(field_name, CPREG_INDEXES_FIELD | CPREG_VALUES_FIELD) {
             None
@@ -186,7 +191,7 @@ fn collect_vmsds(
     for sub in vmsd
         .get("subsections")
         .and_then(Json::as_array)
-        .unwrap_or(&[])
+        .unwrap_or_default()
     {
         let sub_name = sub
             .get("vmsd_name")

@@ -143,3 +143,35 @@ fn removal_combines_with_a_cpreg_rewrite_and_a_middle_subsection() {
         ["cpu/vfp", "cpu/sve", "cpu/irq-line-state"]
     );
 }
+
+#[test]
+fn wire_len_counts_what_encode_writes_after_every_edit() {
+    // `wire_len` adds up the edits' sizes without building them: after each kind of edit it
+    // must still be the length `to_bytes` produces.
+    let input = vector();
+    let (cpus, _, _) = layout(&input);
+    let mut checked = 0;
+    rewrite(&input, |state| {
+        let check = |state: &migproxy_codec::DeviceState| {
+            assert_eq!(state.wire_len(), state.to_bytes().len());
+        };
+        check(state);
+        // 3 digits -> fewer (a shorter array_len number), and a longer list (more digits kept).
+        state.set_cpregs(0, &cpus[0].registers[..7]).unwrap();
+        check(state);
+        let mut longer = cpus[1].registers.clone();
+        longer.push((u64::MAX, 1));
+        state.set_cpregs(1, &longer).unwrap();
+        check(state);
+        state.remove_cpu_subsection(0, "cpu/sve").unwrap();
+        check(state);
+        // Every subsection of vCPU 1: the description's array becomes empty.
+        for name in ["cpu/vfp", "cpu/sve", "cpu/irq-line-state", WFXT] {
+            state.remove_cpu_subsection(1, name).unwrap();
+            check(state);
+        }
+        checked += 1;
+    })
+    .unwrap();
+    assert_eq!(checked, 1);
+}

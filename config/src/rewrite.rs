@@ -24,7 +24,7 @@
 //! The output is sorted strictly ascending by id (QEMU's `cpu_post_load` merges two sorted
 //! lists); when nothing changes it is the input itself.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 
 use crate::digest::{self, Grouped};
@@ -352,14 +352,19 @@ pub fn rewrite(
         source_len: source.len(),
         ..RewriteReport::default()
     };
-    let mut out: BTreeMap<u64, u64> = BTreeMap::new();
+    // QEMU always sends the list sorted strictly ascending; then it has no duplicates, the kept
+    // registers come out sorted and the fills are found by one merge with the destination's
+    // sorted list. This runs at switchover, for every vCPU: no maps, no sets. Only a malformed
+    // (unsorted) list pays for a set of the ids seen.
+    let sorted = source.windows(2).all(|w| w[0].0 < w[1].0);
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(source.len());
     // The KVM rules look at other registers of the same vCPU (CNTP_CTL_EL0, CLIDR_EL1, ...).
     let source_regs = (dest.accel == Accel::Kvm).then(|| SourceRegs::new(source));
-    // Every id the source lists: it runs at switchover, for every vCPU, so no quadratic scans.
+    // Every id an unsorted source lists (no quadratic scans).
     let mut seen: BTreeSet<u64> = BTreeSet::new();
     for &(raw_id, value) in source {
         let id = RegId(raw_id);
-        if !seen.insert(raw_id) {
+        if !sorted && !seen.insert(raw_id) {
             report.refused.push(Refusal {
                 id,
                 value,
@@ -369,7 +374,7 @@ pub fn rewrite(
         }
         if dest.has(id) {
             let kept = check_identification(vcpu, id, value, dest, policy, &mut report);
-            out.insert(raw_id, kept);
+            out.push((raw_id, kept));
         } else {
             let kvm = source_regs.as_ref();
             match drop_decision(vcpu, id, value, dest, source_profile, kvm, policy) {
@@ -377,7 +382,7 @@ pub fn rewrite(
                 Err(reason) => {
                     report.refused.push(Refusal { id, value, reason });
                     // Keep it in the output so a refused rewrite still shows what came in.
-                    out.insert(raw_id, value);
+                    out.push((raw_id, value));
                 }
             }
         }
@@ -387,10 +392,18 @@ pub fn rewrite(
         FillMissing::Never => false,
         FillMissing::Auto => dest.accel == Accel::Tcg,
     };
+    // Both lists sorted: a cursor over the source ids says whether the source has `reg`.
+    let mut source_ids = source.iter().map(|&(id, _)| id).peekable();
     // Registers filled with vCPU 0's value: one warning for all of them, not one each.
     let mut filled_from_vcpu0: Vec<RegId> = Vec::new();
     for reg in dest.present() {
-        if seen.contains(&reg.id.0) {
+        let in_source = if sorted {
+            while source_ids.next_if(|&id| id < reg.id.0).is_some() {}
+            source_ids.peek() == Some(&reg.id.0)
+        } else {
+            seen.contains(&reg.id.0)
+        };
+        if in_source {
             continue;
         }
         if !fill {
@@ -404,7 +417,7 @@ pub fn rewrite(
                 reg.value.unwrap_or(0)
             }
         };
-        out.insert(reg.id.0, value);
+        out.push((reg.id.0, value));
         report.filled.push(Filled { id: reg.id, value });
     }
     if !filled_from_vcpu0.is_empty() {
@@ -423,7 +436,7 @@ pub fn rewrite(
             digest::first_few(&report.uncompared, RegId::to_string, ", ", "")
         ));
     }
-    if !source.windows(2).all(|w| w[0].0 < w[1].0) {
+    if !sorted {
         report.reordered = true;
         report
             .warnings
@@ -432,7 +445,10 @@ pub fn rewrite(
     let registers = if report.is_unchanged() && report.refused.is_empty() {
         source.to_vec()
     } else {
-        out.into_iter().collect()
+        // Two sorted runs (kept, then filled) with distinct ids: the stable sort merges them in
+        // one pass; an unsorted source is sorted here, as QEMU's `cpu_post_load` needs.
+        out.sort_by_key(|&(id, _)| id);
+        out
     };
     report.output_len = registers.len();
     Rewrite { registers, report }

@@ -105,6 +105,7 @@ fn every_stream_budget_fails_the_migration_closed_with_one_line_naming_it() {
     for case in CASES {
         let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
         let upstream = destination.upstream();
+        let reference = format!("{vectors}{}", case.vector);
         let mut args = vec!["--upstream", &upstream, case.flag, case.value];
         if case.rewrite {
             args.extend([
@@ -112,6 +113,9 @@ fn every_stream_budget_fails_the_migration_closed_with_one_line_naming_it() {
                 &dest_profile,
                 "--source-profile",
                 &source_profile,
+                // The stream itself: a saved stream of the source's configuration.
+                "--source-reference",
+                &reference,
             ]);
         }
         // A short description deadline: the budget that shows at it need not wait 2 s.
@@ -213,16 +217,22 @@ fn migrate_many_vcpus(value: u64) -> (Daemon, serde_json::Value, usize) {
         r#"{"format_version": 1, "accel": "tcg", "vcpus": 1, "registers": [{"id": "0x603000000013c080", "value": "0x30d00980"}]}"#,
     )
     .unwrap();
+    // The stream is its own source reference (the same configuration).
+    let stream = many_vcpus(100, value);
+    let reference = dir.file("reference.bin");
+    std::fs::write(&reference, &stream).unwrap();
     let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
     let daemon = Daemon::start(&[
         "--upstream",
         &destination.upstream(),
         "--dest-profile",
         &profile,
+        "--source-reference",
+        &reference,
     ]);
     let before = daemon.log_count();
     let mut source = connect(daemon.listen);
-    let _ = source.write_all(&many_vcpus(100, value));
+    let _ = source.write_all(&stream);
     let _ = source.shutdown(std::net::Shutdown::Write);
     read_until_closed(&mut source);
     let summary = daemon.wait_log("migration summary", SECS);
@@ -289,6 +299,8 @@ fn removing_a_subsection_from_every_vcpu_is_logged_once() {
         &dest_profile,
         "--source-profile",
         &source_profile,
+        "--source-reference",
+        &format!("{vectors}q111m72-a64fx.bin"),
     ]);
     let mut source = connect(daemon.listen);
     source.write_all(&vector("q111m72-a64fx.bin")).unwrap();

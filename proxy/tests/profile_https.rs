@@ -103,9 +103,11 @@ fn advertiser(dir: &TempDir, profile: &str) -> Daemon {
     ])
 }
 
-/// The daemon under test: fetches its destination profile from `url`, trusting only `ca`.
+/// The daemon under test: fetches its destination profile from `url`, trusting only `ca`. The
+/// source's reference is the migrated vector itself (a saved stream of its configuration).
 fn fetcher(destination: &Destination, url: &str, ca: &str, extra: &[&str]) -> Daemon {
     let upstream = destination.upstream();
+    let reference = format!("{}q10m72-a64fx.bin", vectors());
     let mut args = vec![
         "--upstream",
         &upstream,
@@ -113,6 +115,8 @@ fn fetcher(destination: &Destination, url: &str, ca: &str, extra: &[&str]) -> Da
         url,
         "--profile-ca",
         ca,
+        "--source-reference",
+        &reference,
     ];
     args.extend_from_slice(extra);
     Daemon::start(&args)

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""The switchover part of docs/benchmarks.md: the hold's added latency against its tight targets and
+the instructions per switchover (`switchover_instructions.py`), from one scripts/bench.sh results
+directory. Used by report.py through `section(results_dir)` and `targets(results_dir)`.
+
+    report_switchover.py RESULTS_DIR     print the section and the target rows
+"""
+import json
+import os
+import sys
+
+# Added latency vs direct, first tail byte -> destination's last byte, median, milliseconds.
+TARGETS_MS = {
+    "migproxy": ("checking relay", 0.15),
+    "migproxy-to-7.2": ("rewriting 4 vCPUs towards a QEMU 7.2 profile", 0.25),
+}
+WHY = ("the hold walks the whole device state with its description and rewrites every vCPU while "
+       "both QEMUs are stopped; see the instructions per switchover for where the time goes")
+
+
+def _load(results, name):
+    path = os.path.join(results, name)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _added_ms(sw):
+    """Relay name -> added latency vs direct (ms), from the first tail byte."""
+    relays = {r["relay"]["name"]: r for r in sw.get("relays", [])}
+    direct = relays.get("direct")
+    if not direct or not direct["from_tail_start"].get("n"):
+        return {}
+    base = direct["from_tail_start"]["median"]
+    return {name: (r["from_tail_start"]["median"] - base) / 1000
+            for name, r in relays.items() if r["from_tail_start"].get("n")}
+
+
+def targets(results_dir):
+    """[(name, value, target, "met"|"missed", why)] for the switchover latency targets."""
+    sw = _load(results_dir, "switchover.json")
+    rows = []
+    added = _added_ms(sw) if sw else {}
+    for relay, (label, limit) in TARGETS_MS.items():
+        name = f"added switchover latency, {label}"
+        if relay not in added:
+            rows.append((name, "not measured", f"<= {limit} ms", "missed", "no switchover run for this relay"))
+            continue
+        value = added[relay]
+        met = value <= limit
+        rows.append((name, f"{value:.3f} ms vs direct", f"<= {limit} ms", "met" if met else "missed",
+                     "" if met else WHY))
+    return rows
+
+
+def section(results_dir):
+    """Markdown: target rows and the instructions per switchover."""
+    out = ["## Switchover: hold latency targets and instructions\n"]
+    out.append("| target | measured | limit | |")
+    out.append("|---|---|---|---|")
+    for name, value, limit, verdict, why in targets(results_dir):
+        out.append(f"| {name} | {value} | {limit} | {verdict}{': ' + why if why else ''} |")
+    out.append("")
+    instr = _load(results_dir, "switchover-instructions.json")
+    if not instr:
+        out.append("Instructions per switchover: not measured in this run.\n")
+        return "\n".join(out)
+    out.append(f"Instructions counted by `{instr['tool']}` in `migproxy run` while `migbench switchover` "
+               f"drives it: per migration = (total of {instr['few'] + instr['iterations']} iterations - total of "
+               f"{instr['few']}) / {instr['iterations']} (RAM part and tail, start-up and exit cancel out); hold "
+               "path = inclusive instructions of the functions that run while both QEMUs are stopped, per "
+               "iteration.\n")
+    out.append("| relay | instructions per migration | hold path per switchover | by function |")
+    out.append("|---|---|---|---|")
+    for name, r in instr["relays"].items():
+        parts = ", ".join(f"{k.split('::')[-2]}::{k.split('::')[-1]} {v:,}"
+                          for k, v in sorted(r["hold_path_by_function"].items(), key=lambda kv: -kv[1]))
+        out.append(f"| {name} | {r['per_migration']:,} | {r['hold_path']:,} | {parts} |")
+    out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    print(section(sys.argv[1]))

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Instructions per switchover: migproxy under `valgrind --tool=callgrind`, driven by
+`migbench switchover`, for the checking relay and the rewrite towards a QEMU 7.2 profile.
+
+Each relay runs twice, for FEW and for FEW + K iterations (one iteration = one migration: the RAM
+part, then the device-state tail); the difference of the two instruction totals over K is the
+instructions of one migration without the daemon's start-up and exit. The hold path (what runs
+while both QEMUs are stopped: the candidate scan, the walk with the description, the rewrite, the
+re-encode) is the part of that in the functions named in HOLD_PATH, per iteration of the longer run.
+
+    switchover_instructions.py --migbench BIN --migproxy BIN --stream S --dest-profile P
+        --dest-profile-q72 P72 [--iterations K] --work-dir DIR --out FILE.json
+
+Prints nothing but errors; writes JSON:
+    {"iterations": K, "relays": {"migproxy": {"per_migration": N, "hold_path": N, ...}, ...}}
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+FEW = 2
+# Inclusive costs of these functions make up the hold path (none calls another of the list).
+HOLD_PATH = [
+    "migproxy_codec::candidates::CandidateScanner::advance",
+    "migproxy_codec::device_phase::walk",
+    "migproxy::migration::rewrite::rewrite_cpus",
+    "migproxy::migration::rewrite::fix_subsections",
+    "migproxy_codec::device_phase::DeviceState::to_bytes",
+]
+
+
+def run_migbench(args, iterations, tag):
+    relays = {
+        "migproxy": [],
+        "migproxy-to-7.2": ["--dest-profile", args.dest_profile_q72, "--source-profile", args.dest_profile],
+    }
+    outputs = {}
+    command = [args.migbench, "switchover", "--stream", args.stream, "--iterations", str(iterations),
+               "--log-dir", os.path.join(args.work_dir, "logs"),
+               "--out", os.path.join(args.work_dir, f"switchover-{tag}.json")]
+    for name, extra in relays.items():
+        out = os.path.join(args.work_dir, f"callgrind-{tag}-{name}.out")
+        if os.path.exists(out):
+            os.remove(out)
+        outputs[name] = out
+        relay = " ".join(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", args.migproxy,
+                          "run", "--admin", "none", "--listen", "tcp:127.0.0.1:{listen}",
+                          "--upstream", "tcp:127.0.0.1:{upstream}", *extra])
+        command += ["--relay", f"{name}={relay}"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return outputs
+
+
+def totals(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("totals:") or line.startswith("summary:"):
+                return int(line.split()[1])
+    raise SystemExit(f"switchover_instructions: no totals in {path}")
+
+
+def inclusive(path):
+    text = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", path],
+                          check=True, capture_output=True, text=True).stdout
+    found = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*([\d,]+) \([ \d.]+%\)\s+(\S.*)$", line)
+        if not m:
+            continue
+        cost = int(m.group(1).replace(",", ""))
+        for name in HOLD_PATH:
+            # The function's own entry ("file:name [binary]"), not a line inlined into a caller.
+            if re.search(r":" + re.escape(name) + r"(\s|$)", m.group(2)):
+                found[name] = max(found.get(name, 0), cost)
+    return found
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--migbench", required=True)
+    p.add_argument("--migproxy", required=True)
+    p.add_argument("--stream", required=True)
+    p.add_argument("--dest-profile", required=True)
+    p.add_argument("--dest-profile-q72", required=True)
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--work-dir", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    os.makedirs(args.work_dir, exist_ok=True)
+    few = run_migbench(args, FEW, "few")
+    many = run_migbench(args, FEW + args.iterations, "many")
+    relays = {}
+    for name in few:
+        per_migration = (totals(many[name]) - totals(few[name])) / args.iterations
+        hold = inclusive(many[name])
+        relays[name] = {
+            "per_migration": round(per_migration),
+            "hold_path": round(sum(hold.values()) / (FEW + args.iterations)),
+            "hold_path_by_function": {k: round(v / (FEW + args.iterations)) for k, v in hold.items()},
+        }
+    report = {"iterations": args.iterations, "few": FEW, "tool": "valgrind --tool=callgrind",
+              "relays": relays}
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
