@@ -9,7 +9,11 @@ while both QEMUs are stopped: the candidate scan, the walk with the description,
 re-encode) is the part of that in the functions named in HOLD_PATH, per iteration of the longer run.
 
     switchover_instructions.py --migbench BIN --migproxy BIN --stream S --dest-profile P
-        --dest-profile-q72 P72 [--iterations K] --work-dir DIR --out FILE.json
+        --dest-profile-q72 P72 --source-reference R [--iterations K] --work-dir DIR --out FILE.json
+
+A rewriting migproxy needs the source's reference description (R, from `migproxy profile capture
+--save-reference`); without it the rewrite relay refuses every migration. A relay whose runs never
+reached the hold path is an error, not a zero.
 
 Prints nothing but errors; writes JSON:
     {"iterations": K, "relays": {"migproxy": {"per_migration": N, "hold_path": N, ...}, ...}}
@@ -36,7 +40,8 @@ HOLD_PATH = [
 def run_migbench(args, iterations, tag):
     relays = {
         "migproxy": [],
-        "migproxy-to-7.2": ["--dest-profile", args.dest_profile_q72, "--source-profile", args.dest_profile],
+        "migproxy-to-7.2": ["--dest-profile", args.dest_profile_q72, "--source-profile", args.dest_profile,
+                            "--source-reference", args.source_reference],
     }
     outputs = {}
     command = [args.migbench, "switchover", "--stream", args.stream, "--iterations", str(iterations),
@@ -86,6 +91,7 @@ def main():
     p.add_argument("--stream", required=True)
     p.add_argument("--dest-profile", required=True)
     p.add_argument("--dest-profile-q72", required=True)
+    p.add_argument("--source-reference", required=True)
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--work-dir", required=True)
     p.add_argument("--out", required=True)
@@ -97,6 +103,9 @@ def main():
     for name in few:
         per_migration = (totals(many[name]) - totals(few[name])) / args.iterations
         hold = inclusive(many[name])
+        if not hold:
+            sys.exit(f"switchover_instructions: relay {name} never reached the hold path "
+                     f"(see the logs in {args.work_dir}/logs)")
         relays[name] = {
             "per_migration": round(per_migration),
             "hold_path": round(sum(hold.values()) / (FEW + args.iterations)),

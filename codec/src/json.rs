@@ -76,6 +76,18 @@ impl<'a> Document<'a> {
         }
     }
 
+    /// Whether a key is `key`: lengths first, then the bytes (the walk asks for a few keys of
+    /// every object, so this must not cost more than a comparison).
+    fn key_is(&self, s: Str, key: &str) -> bool {
+        match s {
+            Str::Span { start, end } => {
+                end - start == key.len()
+                    && self.text.as_bytes().get(start..end) == Some(key.as_bytes())
+            }
+            Str::Decoded(index) => self.decoded.get(index).is_some_and(|d| d == key),
+        }
+    }
+
     fn str(&self, s: Str) -> &str {
         match s {
             Str::Span { start, end } => self.text.get(start..end).unwrap_or_default(),
@@ -110,7 +122,7 @@ impl<'t> Json<'t> {
                 doc.members
                     .get(first..first + len)?
                     .iter()
-                    .find(|(k, _)| doc.str(*k).as_bytes() == key.as_bytes())
+                    .find(|(k, _)| doc.key_is(*k, key))
                     .map(|&(_, index)| self.at(index))
             }
             _ => None,
