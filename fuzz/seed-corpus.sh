@@ -1,28 +1,29 @@
 #!/bin/sh
-# Seed the fuzz corpora. fuzz/corpus/decode (gitignored: the captured vectors, each prefixed by
-# one byte that chooses the chunk size and mode) is rebuilt from codec/tests/vectors; the other
-# targets' corpora live in the repository (fuzz/corpus/TARGET, minimised after each campaign by
-# scripts/fuzz-campaign.sh) and only get their hand-written seeds added here.
+# Seed the fuzz corpora (they live in the repository, fuzz/corpus/TARGET, minimised after each
+# campaign by scripts/fuzz-campaign.sh); this adds the seeds a fresh corpus starts from:
+# - decode: the captured vectors of codec/tests/vectors cut to their first KiB and to their
+#   device-phase or postcopy-package tails (codec/examples/capture_seeds.rs), and small synthetic
+#   streams (codec/examples/synthetic_seeds.rs), each behind the target's control byte;
+# - decode_structured: a few random inputs (the target builds the stream from any bytes);
+# - description: one description; profile: the README's example; config_toml: the packaged one.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 corpus="$here/corpus"
 mkdir -p "$corpus/decode" "$corpus/decode_structured" "$corpus/description" "$corpus/profile" "$corpus/config_toml"
-for vector in "$here"/../codec/tests/vectors/*.bin; do
-    name=$(basename "$vector" .bin)
-    for split in 0 6 63 134; do
-        { printf "\\$(printf '%03o' "$split")"; cat "$vector"; } > "$corpus/decode/$name-$split"
-    done
-done
-# Small synthetic streams reach the device phase after a few hundred bytes.
+(cd "$here/.." && cargo run -q -p migproxy-codec --example capture_seeds -- "$corpus/decode" codec/tests/vectors/*.bin >/dev/null)
 (cd "$here/.." && cargo run -q -p migproxy-codec --features testing --example synthetic_seeds -- "$corpus/decode")
-# The structure-aware target needs no seeds beyond some bytes to steer it.
 for i in 1 2 3 4; do
     head -c $((i * 64)) /dev/urandom > "$corpus/decode_structured/seed-$i"
 done
-# The description target: split byte 0 (no device bytes), then a description.
+# The description target: the number of device bytes, the device bytes (after the FULL byte),
+# then the description. First no device bytes; then a section that walks: id 0, "timer",
+# instance 0, version 1, 4 bytes of fields, [a subsection "timer/sub" version 1 of 2 bytes], footer.
 printf '\000{"page_size": 4096, "devices": [{"name": "timer", "instance_id": 0, "version": 1, "fields": [{"name": "data", "size": 4}]}]}' \
     > "$corpus/description/seed-timer"
-# The profile format: the README's example; the configuration: the packaged example.
+printf '\033\000\000\000\000\005timer\000\000\000\000\000\000\000\001\001\002\003\004\176\000\000\000\000{"page_size": 4096, "devices": [{"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 1, "fields": [{"name": "data", "type": "buffer", "size": 4}]}]}' \
+    > "$corpus/description/seed-timer-walks"
+printf '\054\000\000\000\000\005timer\000\000\000\000\000\000\000\001\001\002\003\004\005\011timer/sub\000\000\000\001\007\010\176\000\000\000\000{"page_size": 4096, "devices": [{"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 1, "fields": [{"name": "data", "type": "buffer", "size": 4}], "subsections": [{"vmsd_name": "timer/sub", "version": 1, "fields": [{"name": "data", "type": "buffer", "size": 2}]}]}]}' \
+    > "$corpus/description/seed-timer-subsection"
 sed -n '/^```json$/,/^```$/p' "$here/../README.md" | sed '1d;$d' > "$corpus/profile/seed-readme"
 cp "$here/../deploy/systemd/config.toml" "$corpus/config_toml/seed-deploy"
 for target in decode decode_structured description profile config_toml; do

@@ -42,6 +42,7 @@ REQUIRED_TOOLS=(
     "runc                       podman --runtime runc"
     "mmdebstrap                 container-smoke.sh base images"
     "nft                        container_a64fx_10_to_72_nftables_redirect"
+    "valgrind                   bench/tests/harness.rs (instruction counts)"
 )
 
 RUST_COMPONENTS=(rustfmt clippy)

@@ -8,7 +8,7 @@
 #      stops the run here, by name
 #   2. cargo fmt --check, cargo clippy -D warnings
 #   3. unit, property and vector tests of every crate but the end-to-end suite
-#   4. fuzz build (cargo +nightly fuzz build) when fuzz/ exists; aarch64 check of --from-kvm
+#   4. fuzz build and corpus replay (scripts/fuzz-replay.sh) when fuzz/ exists; aarch64 check of --from-kvm
 #   5. build migproxy, then the real-QEMU end-to-end scenarios, one line per scenario
 #
 # Steps after provisioning all run even when one fails, and every test binary runs (--no-fail-fast):
@@ -74,8 +74,8 @@ step "unit, property and vector tests"
 check "unit, property and vector tests" cargo_test --workspace --exclude migproxy-integration-tests
 
 if [ -d fuzz ] && [ "${MIGPROXY_SKIP_FUZZ:-0}" != 1 ]; then
-    step "fuzz build"
-    check "fuzz build" cargo +nightly fuzz build
+    step "fuzz build and corpus replay"
+    check "fuzz build and corpus replay" scripts/fuzz-replay.sh
 fi
 
 step "aarch64 compile check of the KVM capture path (profile capture --from-kvm)"

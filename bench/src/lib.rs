@@ -10,6 +10,7 @@
 //! multifd channels cost (`multifd.rs`).
 
 pub mod error;
+pub mod instructions;
 pub mod multifd;
 pub mod procfs;
 pub mod receiver;

@@ -42,6 +42,8 @@ pub struct Plan<'a> {
     pub channels: u8,
     pub channel_bytes: u64,
     pub log_dir: &'a Path,
+    /// Uncounted runs per relay before the counted ones.
+    pub warmup: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,6 +76,7 @@ pub struct Report {
     pub channels: u8,
     pub channel_bytes: u64,
     pub reps: usize,
+    pub warmup: usize,
     pub loadavg_start: String,
     pub loadavg_end: String,
     pub relays: Vec<RelayResult>,
@@ -225,6 +228,17 @@ pub fn run(plan: &Plan, reps: usize, relays: &[RelaySpec]) -> Result<Report, Ben
     warm_page_cache(plan.payload)?;
     let receiver = Receiver::start()?;
     let loadavg_start = loadavg();
+    for round in 0..plan.warmup {
+        for relay in relays {
+            eprintln!(
+                "migbench: multifd-relay warm-up {} (not counted)",
+                relay.name
+            );
+            if let Err(e) = one_run(relay, plan, &receiver, round) {
+                eprintln!("migbench:   warm-up failed: {e}");
+            }
+        }
+    }
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); relays.len()];
     let mut errors: Vec<Vec<String>> = vec![Vec::new(); relays.len()];
     for rep in 0..reps {
@@ -287,6 +301,7 @@ pub fn run(plan: &Plan, reps: usize, relays: &[RelaySpec]) -> Result<Report, Ben
         channels: plan.channels,
         channel_bytes: plan.channel_bytes,
         reps,
+        warmup: plan.warmup,
         loadavg_start,
         loadavg_end: loadavg(),
         relays,

@@ -75,6 +75,17 @@ impl RelaySpec {
         upstream_port: u16,
         log_dir: &Path,
     ) -> Result<Option<RunningRelay>, BenchError> {
+        self.start_within(upstream_port, log_dir, READY_TIMEOUT)
+    }
+
+    /// [`Self::start`] with its own deadline for listening: a relay under an
+    /// instruction counter (valgrind) starts many times slower than natively.
+    pub fn start_within(
+        &self,
+        upstream_port: u16,
+        log_dir: &Path,
+        ready_timeout: Duration,
+    ) -> Result<Option<RunningRelay>, BenchError> {
         let Some(command) = &self.command else {
             return Ok(None);
         };
@@ -109,7 +120,7 @@ impl RelaySpec {
             .stderr(log_err)
             .spawn()
             .map_err(|e| relay_error(format!("spawn {program}: {e}")))?;
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + ready_timeout;
         while !procfs::is_listening(listen_port) {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(relay_error(format!(
@@ -121,7 +132,7 @@ impl RelaySpec {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(relay_error(format!(
-                    "not listening on {listen_port} after {READY_TIMEOUT:?} (see {})",
+                    "not listening on {listen_port} after {ready_timeout:?} (see {})",
                     log_path.display()
                 )));
             }
@@ -188,6 +199,46 @@ impl RunningRelay {
 
     pub fn stop(mut self) {
         self.kill_tree();
+    }
+
+    /// Asks the relay to exit (SIGTERM) and waits for it, so that a wrapper such as
+    /// valgrind or `perf stat` writes its counts. The signal goes to the deepest processes
+    /// of the tree (the relay under `perf stat` is perf's child; under valgrind it is the
+    /// process itself). A relay that outlives `timeout` is killed and reported.
+    pub fn terminate(mut self, timeout: Duration) -> Result<std::process::ExitStatus, BenchError> {
+        let tree = procfs::tree(self.pid);
+        let targets: Vec<u32> = match tree.get(1..) {
+            Some(rest) if !rest.is_empty() => rest.to_vec(),
+            _ => vec![self.pid],
+        };
+        for pid in targets {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(None) => {
+                    self.kill_tree();
+                    return Err(BenchError::Relay {
+                        name: self.name.clone(),
+                        reason: format!("still running {timeout:?} after SIGTERM; killed"),
+                    });
+                }
+                Err(e) => {
+                    return Err(BenchError::Relay {
+                        name: self.name.clone(),
+                        reason: format!("waiting for exit: {e}"),
+                    })
+                }
+            }
+        }
     }
 
     /// SIGTERM first, so a relay that exits cleanly on it (migproxy drains and exits) can write

@@ -1,6 +1,7 @@
 //! Concurrent migrations through one relay process: aggregate throughput and memory per
 //! migration.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -42,7 +43,18 @@ pub struct Report {
     pub stream: PathBuf,
     pub stream_bytes: u64,
     pub reps: usize,
+    /// Uncounted runs per relay and concurrency before the counted ones.
+    pub warmup: usize,
     pub points: Vec<ScalePoint>,
+}
+
+/// The loopback address migration `k` comes from: 127.1.0.1, 127.1.0.2, ... (one source host
+/// per migration; migproxy allows one migration per source host and destination). Distinct
+/// for the first 62 500 migrations.
+fn source_address(k: usize) -> Ipv4Addr {
+    let third = u8::try_from(k / 250 % 250).unwrap_or(0);
+    let fourth = u8::try_from(k % 250 + 1).unwrap_or(1);
+    Ipv4Addr::new(127, 1, third, fourth)
 }
 
 fn one_run(
@@ -73,12 +85,13 @@ fn one_run(
 
     let barrier = Arc::new(Barrier::new(concurrency + 1));
     let senders: Vec<_> = (0..concurrency)
-        .map(|_| {
+        .map(|k| {
             let barrier = Arc::clone(&barrier);
             let stream = stream.to_path_buf();
+            let source = source_address(k);
             std::thread::spawn(move || -> Result<(), String> {
                 barrier.wait();
-                let mut sender = Sender::connect(target, &stream)?;
+                let mut sender = Sender::connect_from(source, target, &stream)?;
                 sender.send_range(0, stream_bytes)?;
                 sender.finish(TRANSFER_TIMEOUT)
             })
@@ -152,6 +165,7 @@ pub fn run(
     stream: &Path,
     concurrency: &[usize],
     reps: usize,
+    warmup: usize,
     relays: &[RelaySpec],
     log_dir: &Path,
 ) -> Result<Report, BenchError> {
@@ -159,6 +173,14 @@ pub fn run(
     let stream_bytes = setup.stream_bytes;
     let mut points = Vec::new();
     for &n in concurrency {
+        for round in 0..warmup {
+            for relay in relays {
+                eprintln!("migbench: scale x{n} warm-up {} (not counted)", relay.name);
+                if let Err(e) = one_run(relay, &setup, n, round) {
+                    eprintln!("migbench:   warm-up failed: {e}");
+                }
+            }
+        }
         let mut runs: Vec<Vec<ScaleRun>> = vec![Vec::new(); relays.len()];
         let mut errors: Vec<Vec<String>> = vec![Vec::new(); relays.len()];
         for rep in 0..reps {
@@ -214,6 +236,19 @@ pub fn run(
         stream: stream.to_path_buf(),
         stream_bytes,
         reps,
+        warmup,
         points,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_concurrent_migration_has_its_own_source_host() {
+        let all: std::collections::BTreeSet<Ipv4Addr> = (0..1000).map(source_address).collect();
+        assert_eq!(all.len(), 1000);
+        assert!(all.iter().all(|a| a.is_loopback()));
+    }
 }

@@ -6,12 +6,26 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
 /// Longest a single write may block.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn connect_bound(source: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
+    if source == Ipv4Addr::LOCALHOST {
+        return TcpStream::connect((Ipv4Addr::LOCALHOST, port));
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.bind(&SocketAddr::from((source, 0)).into())?;
+    socket.connect(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
+    Ok(socket.into())
+}
 
 /// One source connection.
 pub struct Sender {
@@ -22,9 +36,16 @@ pub struct Sender {
 
 impl Sender {
     pub fn connect(port: u16, path: &Path) -> Result<Sender, String> {
+        Self::connect_from(Ipv4Addr::LOCALHOST, port, path)
+    }
+
+    /// Connects from `source` (any address of 127.0.0.0/8 is loopback): concurrent
+    /// migrations through migproxy must come from different source hosts, as they do in
+    /// production, because it refuses a second migration from one host to one destination.
+    pub fn connect_from(source: Ipv4Addr, port: u16, path: &Path) -> Result<Sender, String> {
         let file = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
-        let stream = TcpStream::connect(("127.0.0.1", port))
-            .map_err(|e| format!("connect to 127.0.0.1:{port}: {e}"))?;
+        let stream = connect_bound(source, port)
+            .map_err(|e| format!("connect {source} -> 127.0.0.1:{port}: {e}"))?;
         // A relay that stops reading must fail the run, not hang the benchmark.
         stream
             .set_write_timeout(Some(WRITE_STALL_TIMEOUT))

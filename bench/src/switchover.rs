@@ -5,7 +5,7 @@
 //! nothing is in flight), then writes the device-state tail (FULL sections, EOF,
 //! description) and half-closes. Latency = destination's last byte - the instant the
 //! source's last write returned. migproxy holds the whole tail until the description
-//! has arrived (design decision 1), so this is where its hold shows.
+//! has arrived (DESIGN.md, "Device state is delimited exactly"), so this is where its hold shows.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -43,6 +43,8 @@ pub struct Report {
     pub device_state_bytes: u64,
     pub vcpus: usize,
     pub iterations: usize,
+    /// Uncounted iterations per relay before the counted ones.
+    pub warmup: usize,
     pub relays: Vec<RelayLatency>,
 }
 
@@ -76,9 +78,11 @@ fn one_iteration(
     Ok((signed(last_byte, last_write), signed(last_byte, tail_start)))
 }
 
+/// `warmup` uncounted iterations per relay, then `iterations` rounds in a rotated order.
 pub fn run(
     stream: &Path,
     iterations: usize,
+    warmup: usize,
     relays: &[RelaySpec],
     log_dir: &Path,
 ) -> Result<Report, BenchError> {
@@ -100,6 +104,17 @@ pub fn run(
         .iter()
         .map(|r| r.start(receiver.port(), log_dir))
         .collect::<Result<_, _>>()?;
+    for (relay, process) in relays.iter().zip(&running) {
+        let target = process.as_ref().map_or(receiver.port(), |p| p.listen_port);
+        for _ in 0..warmup {
+            receiver.discard_stray();
+            if let Err(e) =
+                one_iteration(target, &receiver, stream, layout.device_state_offset, &tail)
+            {
+                eprintln!("migbench: switchover {} warm-up: {e}", relay.name);
+            }
+        }
+    }
     let mut samples = vec![(Vec::new(), Vec::new(), Vec::new()); relays.len()];
     for iteration in 0..iterations {
         for k in 0..relays.len() {
@@ -151,6 +166,7 @@ pub fn run(
         device_state_bytes: layout.tail_len(),
         vcpus: layout.vcpus,
         iterations,
+        warmup,
         relays,
     })
 }

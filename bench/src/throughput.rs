@@ -43,6 +43,8 @@ pub struct Report {
     pub stream: PathBuf,
     pub stream_bytes: u64,
     pub reps: usize,
+    /// Runs per relay before the counted ones (page cache, relay binary, TCP state warm).
+    pub warmup: usize,
     pub clock_ticks_per_second: u64,
     pub relays: Vec<RelayResult>,
 }
@@ -169,13 +171,28 @@ pub fn one_run(relay: &RelaySpec, setup: &Setup, rep: usize) -> Result<Run, Benc
     })
 }
 
+/// `warmup` uncounted runs per relay first, then `reps` rounds in a rotated order.
 pub fn run(
     stream: &Path,
     reps: usize,
+    warmup: usize,
     relays: &[RelaySpec],
     log_dir: &Path,
 ) -> Result<Report, BenchError> {
     let setup = Setup::new(stream, log_dir)?;
+    for round in 0..warmup {
+        for relay in relays {
+            eprintln!(
+                "migbench: throughput warm-up {}/{warmup} {} (not counted)",
+                round + 1,
+                relay.name
+            );
+            if let Err(e) = one_run(relay, &setup, round) {
+                // Not counted either way; a relay that keeps failing shows in the counted runs.
+                eprintln!("migbench:   warm-up failed: {e}");
+            }
+        }
+    }
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); relays.len()];
     let mut errors: Vec<Vec<String>> = vec![Vec::new(); relays.len()];
     for rep in 0..reps {
@@ -229,6 +246,7 @@ pub fn run(
         stream: stream.to_path_buf(),
         stream_bytes: setup.stream_bytes,
         reps,
+        warmup,
         clock_ticks_per_second: setup.hz,
         relays,
     })

@@ -30,7 +30,7 @@ fn tokio_relay_and_direct_deliver_every_byte() -> Result<(), Box<dyn std::error:
         )
         .parse()?,
     ];
-    let report = throughput::run(&stream, 2, &relays, &dir.join("logs"))?;
+    let report = throughput::run(&stream, 2, 1, &relays, &dir.join("logs"))?;
     std::fs::remove_dir_all(&dir).ok();
 
     assert_eq!(report.stream_bytes, data.len() as u64);
@@ -69,7 +69,7 @@ fn a_relay_that_never_listens_is_reported() -> Result<(), Box<dyn std::error::Er
     let stream = dir.join("stream.bin");
     std::fs::write(&stream, vec![1u8; 4096])?;
     let relays: Vec<RelaySpec> = vec!["broken=false".parse()?];
-    let report = throughput::run(&stream, 1, &relays, &dir.join("logs"))?;
+    let report = throughput::run(&stream, 1, 0, &relays, &dir.join("logs"))?;
     std::fs::remove_dir_all(&dir).ok();
     let broken = report.relays.first().ok_or("no result")?;
     assert!(broken.runs.is_empty());
@@ -107,6 +107,7 @@ fn multifd_relay_delivers_the_main_stream_and_every_channel(
         channels: 2,
         channel_bytes: 8 << 20, // more than the payload: it is sent again from its start
         log_dir: &logs,
+        warmup: 0,
     };
     let report = multifd::run(&plan, 2, &relays)?;
     std::fs::remove_dir_all(&dir).ok();
@@ -121,5 +122,35 @@ fn multifd_relay_delivers_the_main_stream_and_every_channel(
         assert!(run.peak_rss_kib > 1024, "peak rss {}", run.peak_rss_kib);
         assert!(run.multifd_gib_per_s > 0.0);
     }
+    Ok(())
+}
+
+#[test]
+fn cachegrind_counts_the_instructions_of_relaying() -> Result<(), Box<dyn std::error::Error>> {
+    use migproxy_bench::instructions::{self, Counter};
+    let dir = scratch_dir("instructions");
+    let stream = dir.join("stream.bin");
+    let data: Vec<u8> = (0..16u32 * 1024 * 1024)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(&stream, &data)?;
+    let tokio_relay = env!("CARGO_BIN_EXE_tokio-relay");
+    let relays: Vec<RelaySpec> = vec![format!(
+        "tokio={tokio_relay} --listen 127.0.0.1:{{listen}} --upstream 127.0.0.1:{{upstream}}"
+    )
+    .parse()?];
+    let report = instructions::run(&stream, 1, Counter::Cachegrind, &relays, &dir.join("logs"))?;
+    std::fs::remove_dir_all(&dir).ok();
+    let tokio = report.relays.first().ok_or("no result")?;
+    assert!(tokio.errors.is_empty(), "{:?}", tokio.errors);
+    let (idle, loaded) = (tokio.idle.first(), tokio.loaded.first());
+    let (Some(&idle), Some(&loaded)) = (idle, loaded) else {
+        panic!("one idle and one loaded count expected: {tokio:?}");
+    };
+    // Start-up alone runs a runtime: hundreds of thousands of instructions at least; relaying
+    // 16 MiB through 1 MiB buffers adds work on top of it.
+    assert!(idle > 100_000, "idle count {idle}");
+    assert!(loaded > idle, "loaded {loaded} <= idle {idle}");
+    assert!(tokio.per_gib.first().is_some_and(|&v| v > 0.0));
     Ok(())
 }

@@ -4,6 +4,8 @@
 Only the Python standard library is used. QMP is spoken directly over the unix socket.
 
   qemu_bench.py fill FILE SIZE_MIB          pre-fill a guest RAM file with non-zero data
+  qemu_bench.py warm FILE...                read files once so measurements find them in the page cache;
+                                            JSON on stdout: bytes, seconds, resident fraction after
   qemu_bench.py capture --out FILE ...      `migrate "exec:cat > FILE"` from a paused guest
   qemu_bench.py migrate [--relay CMD] ...   one QEMU -> QEMU live migration over TCP (through the relay
                                             command, `{listen}`/`{upstream}` = ports), JSON result on stdout
@@ -92,6 +94,33 @@ def fill_file(path, size_mib):
             # vary each MiB a little so that no two pages are identical
             f.write(i.to_bytes(8, "little") + block[8:])
     os.replace(tmp, path)
+
+
+def resident_fraction(path):
+    """Share of the file in the page cache (util-linux `fincore`), None when unknown."""
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", path],
+                             capture_output=True, text=True, timeout=60, check=True).stdout.split()
+        resident, size = int(out[0]), int(out[1])
+        return resident / size if size else None
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def warm_files(paths):
+    """Read every file once: a measurement that reads its input cold pays the disk, not the relay."""
+    report = []
+    for path in paths:
+        start, total = time.monotonic(), 0
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                total += len(chunk)
+        report.append({"file": os.path.basename(path), "bytes": total,
+                       "seconds": round(time.monotonic() - start, 3), "resident": resident_fraction(path)})
+    print(json.dumps(report))
 
 
 def wait_migration(qmp, deadline_s):
@@ -207,6 +236,9 @@ def cmd_migrate(args):
     useful (no firmware) but makes QEMU iterate precopy and stop the VM for the final stage, so
     `downtime` is a real stop-and-copy time."""
     dest_port = free_port()
+    # How much of the source's RAM file the page cache holds right before this run: the
+    # report checks that every counted run started warm.
+    fill_resident = resident_fraction(args.fill) if args.fill else None
     with tempfile.TemporaryDirectory(prefix="migbench-") as tmp:
         src_qmp_path = os.path.join(tmp, "src.qmp")
         dst_qmp_path = os.path.join(tmp, "dst.qmp")
@@ -241,7 +273,8 @@ def cmd_migrate(args):
             info = wait_migration(src_qmp, args.timeout)
             dst_info = wait_migration(dst_qmp, args.timeout)
             dst_status = wait_running(dst_qmp, 10.0)
-            result = {"source": info, "destination": dst_info, "destination_status": dst_status}
+            result = {"source": info, "destination": dst_info, "destination_status": dst_status,
+                      "fill_resident_before": fill_resident}
             if relay:
                 hz = os.sysconf("SC_CLK_TCK")
                 result["relay_cpu_s"] = (proc_cpu_ticks(relay.pid) - cpu_before) / hz
@@ -270,6 +303,8 @@ def main():
     f = sub.add_parser("fill")
     f.add_argument("file")
     f.add_argument("size_mib", type=int)
+    w = sub.add_parser("warm")
+    w.add_argument("files", nargs="+")
     for name in ("capture", "migrate"):
         s = sub.add_parser(name)
         s.add_argument("--qemu", default="/usr/bin/qemu-system-aarch64")
@@ -287,6 +322,8 @@ def main():
     args = p.parse_args()
     if args.command == "fill":
         fill_file(args.file, args.size_mib)
+    elif args.command == "warm":
+        warm_files(args.files)
     elif args.command == "capture":
         cmd_capture(args)
     else:

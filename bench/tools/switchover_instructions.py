@@ -11,10 +11,6 @@ re-encode) is the part of that in the functions named in HOLD_PATH, per iteratio
     switchover_instructions.py --migbench BIN --migproxy BIN --stream S --dest-profile P
         --dest-profile-q72 P72 --source-reference R [--iterations K] --work-dir DIR --out FILE.json
 
-A rewriting migproxy needs the source's reference description (R, from `migproxy profile capture
---save-reference`); without it the rewrite relay refuses every migration. A relay whose runs never
-reached the hold path is an error, not a zero.
-
 Prints nothing but errors; writes JSON:
     {"iterations": K, "relays": {"migproxy": {"per_migration": N, "hold_path": N, ...}, ...}}
 """
@@ -91,6 +87,8 @@ def main():
     p.add_argument("--stream", required=True)
     p.add_argument("--dest-profile", required=True)
     p.add_argument("--dest-profile-q72", required=True)
+    # A rewriting relay ends the device phase on the source's reference layout (README, "The source
+    # reference"); without one it refuses every migration.
     p.add_argument("--source-reference", required=True)
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--work-dir", required=True)

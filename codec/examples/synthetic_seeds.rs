@@ -33,10 +33,11 @@ fn main() -> std::io::Result<()> {
     let dir = std::env::args().nth(1).unwrap_or_else(|| ".".into());
     std::fs::create_dir_all(&dir)?;
     for (i, (regs, fill)) in [(0, 0u8), (3, 7), (40, 0x7e)].into_iter().enumerate() {
-        for split in [0u8, 6, 63] {
-            let mut seed = vec![split];
+        // The `decode` target's control byte: rewriting decoder, or checking relay (bit 7).
+        for control in [0u8, 0x80] {
+            let mut seed = vec![control];
             seed.extend(stream(regs, fill));
-            std::fs::write(format!("{dir}/synthetic-{i}-{split}"), seed)?;
+            std::fs::write(format!("{dir}/synthetic-{i}-{control}"), seed)?;
         }
     }
     Ok(())

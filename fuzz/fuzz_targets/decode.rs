@@ -1,50 +1,230 @@
-//! Fuzz the main-channel decoder: any input, split into chunks chosen by the input itself, must
-//! either decode or fail with a `DecodeError` - never panic, never loop - and whatever decoded
-//! must re-encode to exactly the bytes consumed.
+//! Fuzz the main-channel decoder on raw bytes (seeds: real captures cut to their first KiB and to
+//! their device-phase or package tails, `fuzz/seed-corpus.sh`).
+//!
+//! Input: a control byte (bit 7: checking relay; bits 0-2: how many be16 read sizes follow),
+//! those read sizes, then the stream. The stream is decoded in one piece and in those reads (the
+//! rest in one piece). Checked:
+//! - never a panic or a hang; whatever decoded re-encodes to exactly the bytes consumed;
+//! - split reads give the same result as one piece (a rewriting decoder may only stop earlier,
+//!   at an ending that verified, with `TrailingData`), and the same bytes when it succeeds;
+//! - work per byte is bounded (`DecodeWork`);
+//! - a device state whose first vCPU loses its last register re-encodes to `wire_len()` bytes
+//!   and decodes again with that vCPU's new registers.
 #![no_main]
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use migproxy_codec::{Frame, Limits, StreamDecoder, StreamEncoder};
+use migproxy_codec::{DecodeError, Frame, Limits, StreamDecoder, StreamEncoder};
 use tokio_util::codec::{Decoder, Encoder};
 
-fuzz_target!(|data: &[u8]| {
-    // The first byte picks the chunk size, so the same stream is tried with many splits.
-    let Some((&split, input)) = data.split_first() else {
-        return;
-    };
-    let chunk = usize::from(split % 64) + 1;
-    let limits = Limits {
+fn limits() -> Limits {
+    Limits {
         max_record: 1 << 16,
-        max_device_state: 1 << 20,
-        max_description: 1 << 16,
-        max_packaged: 1 << 16,
-        ..Limits::default()
+        max_device_state: 1 << 17,
+        max_description: 1 << 17,
+        max_packaged: 1 << 17,
+        max_cpus: 16,
+        max_cpregs: 1024,
+        max_rewrite_output: 1 << 18,
+        max_sections: 16,
+    }
+}
+
+struct Decoded {
+    frames: Vec<Frame>,
+    out: Vec<u8>,
+    result: Result<(), String>,
+    trailing: bool,
+    offset: u64,
+    reads: u64,
+    scanned: u64,
+    tried: u64,
+}
+
+fn encode_frame(frame: &Frame, out: &mut BytesMut) {
+    let copy = match frame {
+        Frame::DeviceState(state) => {
+            let before = out.len();
+            state.encode(out);
+            assert_eq!(
+                out.len() - before,
+                state.wire_len(),
+                "wire_len differs from encode"
+            );
+            return;
+        }
+        Frame::Verbatim {
+            kind,
+            section_id,
+            bytes,
+        } => Frame::Verbatim {
+            kind: kind.clone(),
+            section_id: *section_id,
+            bytes: bytes.clone(),
+        },
+        Frame::Payload { section_id, bytes } => Frame::Payload {
+            section_id: *section_id,
+            bytes: bytes.clone(),
+        },
     };
-    let mut decoder = StreamDecoder::new(limits);
-    // The split byte's top bit picks the checking relay (a forged ending does not end the stream).
-    decoder.set_checking_relay(split & 0x80 != 0);
+    StreamEncoder
+        .encode(copy, out)
+        .expect("encoding into memory");
+}
+
+fn decode(input: &[u8], boundaries: &[usize], relay: bool) -> Decoded {
+    let mut decoder = StreamDecoder::new(limits());
+    decoder.set_checking_relay(relay);
     let mut buf = BytesMut::new();
+    let mut frames = Vec::new();
     let mut out = BytesMut::new();
-    for piece in input.chunks(chunk) {
-        buf.extend_from_slice(piece);
+    let mut fed = 0usize;
+    let mut reads = 0u64;
+    let mut result = Ok(());
+    let mut trailing = false;
+    'feed: for &end in boundaries {
+        let end = end.min(input.len());
+        if end <= fed {
+            continue;
+        }
+        buf.extend_from_slice(&input[fed..end]);
+        fed = end;
+        reads += 1;
         loop {
             match decoder.decode(&mut buf) {
-                Ok(Some(mut frame)) => {
-                    if let Frame::DeviceState(state) = &mut frame {
-                        // Exercise the rewrite path with an identity rewrite.
-                        for cpu in state.cpus() {
-                            let _ = state.set_cpregs(cpu.instance, &cpu.registers);
-                        }
-                    }
-                    let _ = StreamEncoder.encode(frame, &mut out);
+                Ok(Some(frame)) => {
+                    encode_frame(&frame, &mut out);
+                    frames.push(frame);
                 }
                 Ok(None) => break,
-                Err(_) => return,
+                Err(err) => {
+                    trailing = matches!(err, DecodeError::TrailingData { .. });
+                    result = Err(err.to_string());
+                    break 'feed;
+                }
             }
         }
     }
-    let consumed = usize::try_from(decoder.offset()).unwrap_or(usize::MAX);
-    assert_eq!(&out[..], &input[..consumed], "re-encoding differs from the input");
-    let _ = decoder.decode_eof(&mut buf);
+    if result.is_ok() {
+        loop {
+            match decoder.decode_eof(&mut buf) {
+                Ok(Some(frame)) => {
+                    encode_frame(&frame, &mut out);
+                    frames.push(frame);
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    trailing = matches!(err, DecodeError::TrailingData { .. });
+                    result = Err(err.to_string());
+                    break;
+                }
+            }
+        }
+    }
+    let work = decoder.work();
+    Decoded {
+        frames,
+        out: out.to_vec(),
+        result,
+        trailing,
+        offset: decoder.offset(),
+        reads,
+        scanned: work.device_phase_bytes_scanned,
+        tried: work.descriptions_tried,
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&control, rest)) = data.split_first() else {
+        return;
+    };
+    let relay = control & 0x80 != 0;
+    let sizes = usize::from(control & 0x07);
+    let Some((sizes, input)) = rest.split_at_checked(sizes * 2) else {
+        return;
+    };
+    let mut boundaries: Vec<usize> = sizes
+        .chunks_exact(2)
+        .scan(0usize, |pos, size| {
+            *pos += usize::from(u16::from_be_bytes([size[0], size[1]])) + 1;
+            Some(*pos)
+        })
+        .collect();
+    boundaries.push(input.len());
+
+    let whole = decode(input, &[input.len()], relay);
+    let split = decode(input, &boundaries, relay);
+    for run in [&whole, &split] {
+        let consumed = usize::try_from(run.offset).unwrap_or(usize::MAX);
+        assert!(consumed <= input.len());
+        assert_eq!(
+            run.out.len(),
+            consumed,
+            "emitted bytes differ from the bytes consumed"
+        );
+        assert!(
+            run.out[..] == input[..consumed],
+            "re-encoding differs from the input"
+        );
+        assert!(
+            run.scanned <= input.len() as u64,
+            "a held byte scanned twice"
+        );
+        assert!(run.tried <= run.reads, "more descriptions tried than reads");
+    }
+    if !relay && split.result != whole.result {
+        assert!(
+            split.trailing,
+            "split reads: {:?}, one piece: {:?}",
+            split.result, whole.result
+        );
+    } else {
+        assert_eq!(split.result, whole.result, "split reads change the result");
+        if whole.result.is_ok() {
+            assert!(split.out == whole.out, "split reads change the bytes");
+        }
+    }
+
+    // A real rewrite: the first vCPU loses its last register; the stream decodes again with it.
+    if whole.result.is_err() {
+        return;
+    }
+    let mut frames = whole.frames;
+    let Some(Frame::DeviceState(state)) = frames
+        .iter_mut()
+        .find(|f| matches!(f, Frame::DeviceState(_)))
+    else {
+        return;
+    };
+    let Some(cpu) = state.cpus().into_iter().next() else {
+        return;
+    };
+    let mut registers = cpu.registers;
+    if registers.pop().is_none() || registers.windows(2).any(|w| w[0].0 >= w[1].0) {
+        return;
+    }
+    if state.set_cpregs(cpu.instance, &registers).is_err() {
+        return;
+    }
+    let mut rewritten = BytesMut::new();
+    for frame in &frames {
+        encode_frame(frame, &mut rewritten);
+    }
+    let again = decode(&rewritten, &[rewritten.len()], true);
+    if let Err(err) = &again.result {
+        panic!("the rewritten stream does not decode: {err}");
+    }
+    let Some(Frame::DeviceState(state)) = again
+        .frames
+        .iter()
+        .find(|f| matches!(f, Frame::DeviceState(_)))
+    else {
+        panic!("the rewritten stream has no device state");
+    };
+    let first = state.cpus().into_iter().next().map(|c| c.registers);
+    assert_eq!(
+        first,
+        Some(registers),
+        "the rewritten stream carries other registers"
+    );
 });

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use migproxy_bench::instructions::{self, Counter};
 use migproxy_bench::relay_process::RelaySpec;
 use migproxy_bench::{multifd, scale, stream_layout, switchover, throughput, BenchError};
 
@@ -40,6 +41,9 @@ enum Command {
         common: Common,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Uncounted runs per relay before the counted ones.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
     },
     /// Added latency of the device-state tail (switchover).
     Switchover {
@@ -47,6 +51,9 @@ enum Command {
         common: Common,
         #[arg(long, default_value_t = 100)]
         iterations: usize,
+        /// Uncounted iterations per relay before the counted ones.
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
     },
     /// Concurrent migrations through one relay process.
     Scale {
@@ -57,6 +64,18 @@ enum Command {
         concurrency: Vec<usize>,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Uncounted runs per relay and concurrency before the counted ones.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+    },
+    /// User-space instructions per GiB relayed, under `perf stat` or valgrind's cachegrind.
+    Instructions {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1)]
+        reps: usize,
+        #[arg(long, value_enum, default_value_t = Counter::Auto)]
+        counter: Counter,
     },
     /// A main channel plus N multifd channels of bulk data: relay CPU per GiB and throughput
     /// (e.g. `migproxy run --raw-relay copy` against `--raw-relay splice`); relays rotate.
@@ -73,6 +92,9 @@ enum Command {
         channel_mib: u64,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Uncounted runs per relay before the counted ones.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
     },
     /// Print where the device-state phase of a stream starts.
     Layout { stream: PathBuf },
@@ -92,24 +114,59 @@ fn write_json(out: Option<&Path>, value: &impl serde::Serialize) -> Result<(), B
 
 fn run(cli: Cli) -> Result<(), BenchError> {
     match cli.command {
-        Command::Throughput { common, reps } => {
-            let report = throughput::run(&common.stream, reps, &common.relays, &common.log_dir)?;
+        Command::Throughput {
+            common,
+            reps,
+            warmup,
+        } => {
+            let report = throughput::run(
+                &common.stream,
+                reps,
+                warmup,
+                &common.relays,
+                &common.log_dir,
+            )?;
             write_json(common.out.as_deref(), &report)
         }
-        Command::Switchover { common, iterations } => {
-            let report =
-                switchover::run(&common.stream, iterations, &common.relays, &common.log_dir)?;
+        Command::Switchover {
+            common,
+            iterations,
+            warmup,
+        } => {
+            let report = switchover::run(
+                &common.stream,
+                iterations,
+                warmup,
+                &common.relays,
+                &common.log_dir,
+            )?;
             write_json(common.out.as_deref(), &report)
         }
         Command::Scale {
             common,
             concurrency,
             reps,
+            warmup,
         } => {
             let report = scale::run(
                 &common.stream,
                 &concurrency,
                 reps,
+                warmup,
+                &common.relays,
+                &common.log_dir,
+            )?;
+            write_json(common.out.as_deref(), &report)
+        }
+        Command::Instructions {
+            common,
+            reps,
+            counter,
+        } => {
+            let report = instructions::run(
+                &common.stream,
+                reps,
+                counter,
                 &common.relays,
                 &common.log_dir,
             )?;
@@ -121,6 +178,7 @@ fn run(cli: Cli) -> Result<(), BenchError> {
             channels,
             channel_mib,
             reps,
+            warmup,
         } => {
             let plan = multifd::Plan {
                 stream: &common.stream,
@@ -128,6 +186,7 @@ fn run(cli: Cli) -> Result<(), BenchError> {
                 channels,
                 channel_bytes: channel_mib.saturating_mul(1 << 20),
                 log_dir: &common.log_dir,
+                warmup,
             };
             let report = multifd::run(&plan, reps, &common.relays)?;
             write_json(common.out.as_deref(), &report)

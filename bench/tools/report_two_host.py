@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""Report of the two-host benchmark (scripts/bench-two-host.sh): tables, targets, a chart.
+
+  section(results_dir) -> str      markdown: per link, every path's total time, downtime, transferred
+                                   bytes, migproxy CPU and ratio vs direct; what the link measured as;
+                                   the method
+  targets(results_dir) -> list     (name, value, target, "met"|"missed"|"implausible", why)
+  summary(results_dir) -> dict     medians, min/max per configuration, ratios vs direct, flags
+  chart(results_dir, out_png)      total time and downtime per configuration, per link
+
+  report_two_host.py RESULTS_DIR   writes RESULTS_DIR/summary.json, prints section() and the targets
+"""
+import glob
+import json
+import os
+import statistics
+import sys
+
+LINK_ORDER = ("2.5g", "10g", "unshaped")
+LINK_NAMES = {"2.5g": "2.5 Gbit/s", "10g": "10 Gbit/s", "unshaped": "unshaped veth"}
+LINK_BITS_S = {"2.5g": 2.5e9, "10g": 10e9}
+PATH_ORDER = ("direct", "migproxy-dst", "migproxy-src", "haproxy")
+PATH_NAMES = {"direct": "direct", "migproxy-dst": "migproxy (destination host)",
+              "migproxy-src": "migproxy (source host, nftables redirect)", "haproxy": "HAProxy (destination host)"}
+# The targets: migproxy on the destination host, on the shaped links.
+TOTAL_RATIO_TARGET = 1.03
+DOWNTIME_DELTA_TARGET_MS = 1.0
+# Plausibility: a relay cannot beat the direct path by more than noise; repetitions should agree.
+MIN_PLAUSIBLE_RATIO = 0.97
+MAX_SPREAD = 0.10
+MAX_BUSY = 0.90
+METRICS = ("total_time_ms", "downtime_ms", "stop_to_resume_ms", "ram_transferred", "link_tx_bytes", "migproxy_cpu_s",
+           "relay_cpu_s", "source_qemu_cpu_s", "destination_qemu_cpu_s", "machine_busy_cpu_s")
+
+
+def _load(results_dir):
+    runs = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "run-*.json"))):
+        with open(path) as f:
+            runs.append(json.load(f))
+    links = {}
+    for path in glob.glob(os.path.join(results_dir, "link-*.json")):
+        with open(path) as f:
+            link = json.load(f)
+        links[link.get("link") or os.path.basename(path)[5:-5]] = link
+    meta = {}
+    meta_path = os.path.join(results_dir, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+    return runs, links, meta
+
+
+def _stats(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summary(results_dir):
+    runs, links, meta = _load(results_dir)
+    configs = {}
+    for run in runs:
+        if run.get("warmup"):
+            continue
+        key = (run["link"], bool(run["multifd"]), run["path"])
+        configs.setdefault(key, []).append(run)
+    cpus = meta.get("cpus") or os.cpu_count() or 1
+    out = []
+    for (link, multifd, path), group in configs.items():
+        ok = [r for r in group if r.get("converged")]
+        entry = {"link": link, "multifd": multifd, "path": path, "runs": len(group), "converged": len(ok),
+                 "errors": [r.get("error") for r in group if r.get("error")],
+                 "stats": {m: _stats([r.get(m) for r in ok]) for m in METRICS}, "flags": []}
+        if len(ok) < len(group):
+            entry["flags"].append(f"{len(group) - len(ok)} of {len(group)} runs did not converge or failed")
+        not_dirtying = [r["name"] for r in ok if not r.get("guest_dirtying")]
+        if not_dirtying:
+            entry["flags"].append(f"guest counter did not advance in {', '.join(not_dirtying)}")
+        total = entry["stats"]["total_time_ms"]
+        if total and total["median"] and (total["max"] - total["min"]) / total["median"] > MAX_SPREAD:
+            entry["flags"].append(f"total time spread {(total['max'] - total['min']) / total['median']:.0%} "
+                                  f"over {total['n']} runs (> {MAX_SPREAD:.0%})")
+        # A machine whose cores were busy for (nearly) the whole run was the limit, not the link.
+        busy = [r["machine_busy_cpu_s"] / (cpus * r["total_time_ms"] / 1000) for r in ok
+                if r.get("machine_busy_cpu_s") is not None and r.get("total_time_ms")]
+        entry["machine_busy_fraction"] = statistics.median(busy) if busy else None
+        if busy and statistics.median(busy) > MAX_BUSY:
+            entry["flags"].append(f"CPU-bound: all {cpus} cores {statistics.median(busy):.0%} busy during the runs "
+                                  f"(median), the link was not the limit")
+        rate = LINK_BITS_S.get(link)
+        if rate:
+            for r in ok:
+                floor_ms = (r.get("ram_transferred") or 0) * 8 / rate * 1000
+                if r.get("total_time_ms") is not None and r["total_time_ms"] < floor_ms:
+                    entry["flags"].append(f"{r['name']}: total time {r['total_time_ms']} ms below transferred "
+                                          f"bytes / link rate = {floor_ms:.0f} ms")
+        out.append(entry)
+    by_key = {(e["link"], e["multifd"], e["path"]): e for e in out}
+    for e in out:
+        direct = by_key.get((e["link"], e["multifd"], "direct"))
+        e["vs_direct"] = None
+        if e["path"] == "direct" or not direct:
+            continue
+        mine, theirs = e["stats"], direct["stats"]
+        vs = {}
+        if mine["total_time_ms"] and theirs["total_time_ms"]:
+            vs["total_time_ratio"] = mine["total_time_ms"]["median"] / theirs["total_time_ms"]["median"]
+            if vs["total_time_ratio"] < MIN_PLAUSIBLE_RATIO:
+                e["flags"].append(f"total time {vs['total_time_ratio']:.3f}x direct (< {MIN_PLAUSIBLE_RATIO})")
+        for m in ("downtime_ms", "stop_to_resume_ms"):
+            if mine[m] and theirs[m]:
+                vs[m.replace("_ms", "_delta_ms")] = mine[m]["median"] - theirs[m]["median"]
+        if mine["ram_transferred"] and theirs["ram_transferred"]:
+            vs["ram_transferred_ratio"] = mine["ram_transferred"]["median"] / theirs["ram_transferred"]["median"]
+        e["vs_direct"] = vs
+        if direct["flags"]:
+            e["flags"].append("direct baseline flagged: " + "; ".join(direct["flags"]))
+    out.sort(key=lambda e: (_index(LINK_ORDER, e["link"]), e["multifd"], _index(PATH_ORDER, e["path"])))
+    return {"configs": out, "links": links, "meta": meta}
+
+
+def _index(order, value):
+    return order.index(value) if value in order else len(order)
+
+
+def _fmt(stat, scale=1.0, digits=1):
+    if not stat:
+        return "-"
+    med = stat["median"] / scale
+    if stat["n"] > 1:
+        return f"{med:.{digits}f} ({stat['min'] / scale:.{digits}f}-{stat['max'] / scale:.{digits}f})"
+    return f"{med:.{digits}f}"
+
+
+def section(results_dir):
+    s = summary(results_dir)
+    meta = s["meta"]
+    lines = ["## Two hosts: real QEMU live migrations over a shaped link", ""]
+    lines += _method(s)
+    for link in sorted({e["link"] for e in s["configs"]}, key=lambda x: _index(LINK_ORDER, x)):
+        measured = s["links"].get(link, {})
+        lines += ["", f"### {LINK_NAMES.get(link, link)}", ""]
+        if measured:
+            shaping = measured.get("shaping")
+            how = {"netem": "tc netem (rate + 0.1 ms per direction)", "tbf": "tc tbf (rate only: this kernel has "
+                   "no netem, so no added delay)", "none": "no qdisc"}.get(shaping, shaping)
+            lines.append(f"Link measured with one TCP stream (3 s) before the runs: "
+                         f"**{measured['gbit_s']:.2f} Gbit/s**, round trip (TCP ping-pong) median "
+                         f"**{measured['rtt_ms_median']:.3f} ms** (min {measured['rtt_ms_min']:.3f}, max "
+                         f"{measured['rtt_ms_max']:.3f}); qdisc drops {measured.get('drops')}; shaping: {how}.")
+            nominal = LINK_BITS_S.get(link)
+            if nominal and measured["gbit_s"] * 1e9 < 0.9 * nominal:
+                unshaped = s["links"].get("unshaped", {}).get("gbit_s")
+                lines.append(f"The probe reached {measured['gbit_s'] * 1e9 / nominal:.0%} of the nominal rate with "
+                             f"{measured.get('drops')} qdisc drops" +
+                             (f"; unshaped, the same probe reached {unshaped:.2f} Gbit/s" if unshaped else "") +
+                             ": where that is close, this machine's CPU (the probe, the sockets), not the qdisc, "
+                             "limits the link.")
+            lines.append("")
+        lines += ["| multifd | path | runs | total time s | QEMU downtime ms | STOP->RESUME ms | RAM transferred GiB "
+                  "| on the wire GiB | migproxy (HAProxy) CPU s | QEMU CPU s src/dst | machine busy CPU s | total vs direct "
+                  "| downtime vs direct ms | flags |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in (e for e in s["configs"] if e["link"] == link):
+            st, vs = e["stats"], e["vs_direct"] or {}
+            ratio = f"{vs['total_time_ratio']:.3f}x" if "total_time_ratio" in vs else "-"
+            delta = f"{vs['stop_to_resume_delta_ms']:+.2f}" if "stop_to_resume_delta_ms" in vs else "-"
+            lines.append(
+                f"| {'4 channels' if e['multifd'] else 'off'} | {PATH_NAMES.get(e['path'], e['path'])} "
+                f"| {e['converged']}/{e['runs']} | {_fmt(st['total_time_ms'], 1000, 2)} "
+                f"| {_fmt(st['downtime_ms'], 1, 0)} | {_fmt(st['stop_to_resume_ms'], 1, 2)} "
+                f"| {_fmt(st['ram_transferred'], 1 << 30, 2)} | {_fmt(st['link_tx_bytes'], 1 << 30, 2)} "
+                f"| {_fmt(st['migproxy_cpu_s'] or st['relay_cpu_s'], 1, 2)} "
+                f"| {_fmt(st['source_qemu_cpu_s'], 1, 1)} / {_fmt(st['destination_qemu_cpu_s'], 1, 1)} "
+                f"| {_fmt(st['machine_busy_cpu_s'], 1, 1)} | {ratio} | {delta} | {'; '.join(e['flags']) or 'ok'} |")
+    lines += ["", "Medians, with (min-max) over the repetitions. Targets (migproxy on the destination host, shaped "
+              "links):", "", "| target | value | wanted | status | why |", "|---|---|---|---|---|"]
+    for name, value, target, status, why in targets(results_dir):
+        lines.append(f"| {name} | {value} | {target} | {status} | {why} |")
+    if meta:
+        lines += ["", f"Run: {meta.get('date')}, {meta.get('qemu')}, {meta.get('migproxy')}, HAProxy "
+                  f"{meta.get('haproxy')}, {meta.get('cpus')} CPUs, kernel {meta.get('kernel')}, wall time "
+                  f"{meta.get('wall_seconds')} s, load average at the end {meta.get('loadavg_at_end')}."]
+    return "\n".join(lines) + "\n"
+
+
+def _method(s):
+    meta = s["meta"]
+    ram = meta.get("ram_mib", 4096)
+    window = meta.get("window_pages", 8192)
+    return [
+        f"Two network namespaces on one machine, a source host and a destination host, joined by a veth pair "
+        f"(a /30), shaped on both ends with tc. Each run starts two fresh QEMU 10.0 (TCG, `-M virt-10.0 -cpu "
+        f"a64fx -smp 4`, {ram} MiB): the source's RAM is a file-backed memory backend pre-filled with non-zero "
+        f"data (`share=off`, so every run starts from the same content) and runs the counting guest "
+        f"(integration-tests/guest/dirty.S) that rewrites a {window * 4 // 1024} MiB working set ({window} pages) "
+        f"over and over; `-icount {meta.get('icount', 'shift=10,align=on')}` paces the guest to a few percent of "
+        f"a CPU so that the link, not this machine's cores, bounds the migration. max-bandwidth is lifted; "
+        f"downtime-limit stays at QEMU's default (300 ms). Paths: direct (source QEMU -> destination QEMU), "
+        f"migproxy on the destination host (`migproxy run` rewriting with a destination profile of the same "
+        f"QEMU, so nothing changes), migproxy on the source host (the guide's nftables redirect, "
+        f"deploy/nftables/redirect.nft, sends the source's connection to `migproxy run --upstream original-dst` "
+        f"running as the exempted uid), HAProxy (TCP mode, splice) on the destination host. One warm-up "
+        f"migration per configuration is not counted; the order of the configurations rotates between "
+        f"repetitions.",
+        "",
+        "Measures: total time and downtime as QEMU's source reports them (`query-migrate`); STOP->RESUME is the "
+        "destination's RESUME event timestamp minus the source's STOP event timestamp (QMP timestamps, "
+        "microseconds, same clock), the guest's real pause; RAM transferred is `ram.transferred`; on the wire is "
+        "what the source host's veth sent during the migration (RAM, device state and TCP/IP headers); relay "
+        "and QEMU CPU are utime+stime of their processes over the migration (from `migrate` to the destination's "
+        "RESUME), machine busy CPU the non-idle time of all CPUs over the same span (/proc/stat): on a 2-core "
+        "machine it shows when the cores, not the link, were the limit. A run counts only if it converged and the guest "
+        "counter, read on the destination after the resume, is past the one read on the source before the "
+        "migration and still moving. Flagged, never reported as met: a relay faster than 0.97x direct, a total "
+        "time below transferred bytes / link rate, a guest that did not dirty, repetitions spreading more than "
+        "10%, a machine whose cores were more than 90% busy during the runs (then the CPU, not the link, set the "
+        "pace).",
+    ]
+
+
+def targets(results_dir):
+    s = summary(results_dir)
+    by_key = {(e["link"], e["multifd"], e["path"]): e for e in s["configs"]}
+    out = []
+    for link in ("2.5g", "10g"):
+        for multifd in (False, True):
+            e = by_key.get((link, multifd, "migproxy-dst"))
+            if not e:
+                continue
+            where = f"{LINK_NAMES[link]}{', multifd' if multifd else ''}"
+            vs = e["vs_direct"] or {}
+            flags = "; ".join(e["flags"])
+            if "total_time_ratio" in vs:
+                value = vs["total_time_ratio"]
+                status = "implausible" if flags else ("met" if value <= TOTAL_RATIO_TARGET else "missed")
+                out.append((f"total time, migproxy on the destination host, {where}", f"{value:.3f}x direct",
+                            f"<= {TOTAL_RATIO_TARGET}x", status, flags or f"median of {e['converged']} runs"))
+            else:
+                out.append((f"total time, migproxy on the destination host, {where}", "-",
+                            f"<= {TOTAL_RATIO_TARGET}x", "missed", "no converged run or no direct baseline"))
+            if "stop_to_resume_delta_ms" in vs:
+                value = vs["stop_to_resume_delta_ms"]
+                status = "implausible" if flags else ("met" if value <= DOWNTIME_DELTA_TARGET_MS else "missed")
+                out.append((f"downtime (STOP->RESUME), migproxy on the destination host, {where}",
+                            f"{value:+.2f} ms vs direct", f"<= +{DOWNTIME_DELTA_TARGET_MS} ms", status,
+                            flags or f"median of {e['converged']} runs"))
+            else:
+                out.append((f"downtime (STOP->RESUME), migproxy on the destination host, {where}", "-",
+                            f"<= +{DOWNTIME_DELTA_TARGET_MS} ms", "missed", "no converged run or no direct baseline"))
+    return out
+
+
+def chart(results_dir, out_png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summary(results_dir)
+    configs = [e for e in s["configs"] if e["stats"]["total_time_ms"]]
+    groups = []
+    for e in configs:
+        g = (e["link"], e["multifd"])
+        if g not in groups:
+            groups.append(g)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(PATH_ORDER)
+    for ax, metric, scale, label in ((axes[0], "total_time_ms", 1000, "total time (s)"),
+                                     (axes[1], "stop_to_resume_ms", 1, "STOP->RESUME downtime (ms)")):
+        for i, path in enumerate(PATH_ORDER):
+            xs, ys, lo, hi = [], [], [], []
+            for gi, g in enumerate(groups):
+                e = next((c for c in configs if (c["link"], c["multifd"]) == g and c["path"] == path), None)
+                st = e and e["stats"][metric]
+                if not st:
+                    continue
+                xs.append(gi + (i - (len(PATH_ORDER) - 1) / 2) * width)
+                ys.append(st["median"] / scale)
+                lo.append((st["median"] - st["min"]) / scale)
+                hi.append((st["max"] - st["median"]) / scale)
+            if xs:
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=PATH_NAMES[path])
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{LINK_NAMES.get(l, l)}\n{'multifd 4' if m else 'single'}" for l, m in groups],
+                           fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Two hosts, real QEMU 10.0 live migration of a dirtying guest (median, min-max)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    results_dir = sys.argv[1]
+    with open(os.path.join(results_dir, "summary.json"), "w") as f:
+        json.dump(summary(results_dir), f, indent=1)
+    print(section(results_dir))
+
+
+if __name__ == "__main__":
+    main()
