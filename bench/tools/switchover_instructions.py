@@ -101,6 +101,9 @@ def main():
     for name in few:
         per_migration = (totals(many[name]) - totals(few[name])) / args.iterations
         hold = inclusive(many[name])
+        if not hold:
+            sys.exit(f"switchover_instructions: relay {name} never reached the hold path "
+                     f"(see the logs in {args.work_dir}/logs)")
         relays[name] = {
             "per_migration": round(per_migration),
             "hold_path": round(sum(hold.values()) / (FEW + args.iterations)),

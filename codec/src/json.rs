@@ -7,12 +7,11 @@
 //! any RFC 8259 text and bounds its nesting depth (the input comes from the network).
 //!
 //! The parse sits on the switchover's critical path (the source is stopped while the held
-//! device state waits for it), so strings borrow from the text unless they contain an escape
-//! (QEMU's writer never escapes a vmstate name), and integers are read digit by digit instead of
-//! through `str::parse`: a 4-vCPU description has ~2,300 strings that would otherwise each be an
-//! allocation.
+//! device state waits for it), so it does constant, small work per byte and per token: strings
+//! and keys are spans of the text (only a string with an escape, which QEMU's writer never
+//! produces for a vmstate name, is decoded into a side table), string ends are found with
+//! `memchr`, integers are read in place, and every node is a small `Copy` value in one vector.
 
-use std::borrow::Cow;
 use std::ops::Range;
 
 const MAX_DEPTH: usize = 64;
@@ -23,23 +22,35 @@ const MAX_DEPTH: usize = 64;
 /// QEMUs wait; here it is a handful.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Document<'a> {
-    nodes: Vec<Node<'a>>,
+    /// The text, known to be UTF-8 (string spans index it).
+    text: &'a str,
+    nodes: Vec<Node>,
     /// Node indices of array items, each array's items contiguous.
     items: Vec<u32>,
     /// Object members (key, node index), each object's members contiguous.
-    members: Vec<(Cow<'a, str>, u32)>,
+    members: Vec<(Str, u32)>,
+    /// Decoded strings that had an escape (rare), indexed by [`Str::Decoded`].
+    decoded: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum Node<'a> {
+/// A string value or key: a span of the text, or (escaped in the text) a decoded copy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Str {
+    Span { start: usize, end: usize },
+    Decoded(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Node {
     Null,
     Bool(bool),
     /// An integer that fits u64 (`None` for negative, fractional or huge numbers) and its span.
     Number {
         value: Option<u64>,
-        span: Range<usize>,
+        start: usize,
+        end: usize,
     },
-    String(Cow<'a, str>),
+    String(Str),
     /// `items[first..first + len]`.
     Array {
         first: usize,
@@ -50,7 +61,8 @@ enum Node<'a> {
     Object {
         first: usize,
         len: usize,
-        span: Range<usize>,
+        start: usize,
+        end: usize,
     },
 }
 
@@ -63,6 +75,25 @@ impl<'a> Document<'a> {
             index: self.nodes.len().saturating_sub(1),
         }
     }
+
+    /// Whether a key is `key`: lengths first, then the bytes (the walk asks for a few keys of
+    /// every object, so this must not cost more than a comparison).
+    fn key_is(&self, s: Str, key: &str) -> bool {
+        match s {
+            Str::Span { start, end } => {
+                end - start == key.len()
+                    && self.text.as_bytes().get(start..end) == Some(key.as_bytes())
+            }
+            Str::Decoded(index) => self.decoded.get(index).is_some_and(|d| d == key),
+        }
+    }
+
+    fn str(&self, s: Str) -> &str {
+        match s {
+            Str::Span { start, end } => self.text.get(start..end).unwrap_or_default(),
+            Str::Decoded(index) => self.decoded.get(index).map_or("", String::as_str),
+        }
+    }
 }
 
 /// One value of a [`Document`] (a cheap handle).
@@ -73,8 +104,8 @@ pub(crate) struct Json<'t> {
 }
 
 impl<'t> Json<'t> {
-    fn node(&self) -> Option<&'t Node<'t>> {
-        self.doc.nodes.get(self.index)
+    fn node(&self) -> Option<Node> {
+        self.doc.nodes.get(self.index).copied()
     }
 
     fn at(&self, index: u32) -> Json<'t> {
@@ -86,27 +117,28 @@ impl<'t> Json<'t> {
 
     pub(crate) fn get(&self, key: &str) -> Option<Json<'t>> {
         match self.node()? {
-            Node::Object { first, len, .. } => self
-                .doc
-                .members
-                .get(*first..first + len)?
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|&(_, index)| self.at(index)),
+            Node::Object { first, len, .. } => {
+                let doc = self.doc;
+                doc.members
+                    .get(first..first + len)?
+                    .iter()
+                    .find(|(k, _)| doc.key_is(*k, key))
+                    .map(|&(_, index)| self.at(index))
+            }
             _ => None,
         }
     }
 
     pub(crate) fn as_u64(self) -> Option<u64> {
         match self.node()? {
-            Node::Number { value, .. } => *value,
+            Node::Number { value, .. } => value,
             _ => None,
         }
     }
 
     pub(crate) fn as_str(self) -> Option<&'t str> {
         match self.node()? {
-            Node::String(s) => Some(s),
+            Node::String(s) => Some(self.doc.str(s)),
             _ => None,
         }
     }
@@ -115,7 +147,7 @@ impl<'t> Json<'t> {
         match self.node()? {
             Node::Array { first, len } => Some(Items {
                 doc: Some(self.doc),
-                indices: self.doc.items.get(*first..first + len)?.iter(),
+                indices: self.doc.items.get(first..first + len)?.iter(),
             }),
             _ => None,
         }
@@ -124,7 +156,7 @@ impl<'t> Json<'t> {
     /// The text span of a number or an object.
     pub(crate) fn span(self) -> Option<Range<usize>> {
         match self.node()? {
-            Node::Number { span, .. } | Node::Object { span, .. } => Some(span.clone()),
+            Node::Number { start, end, .. } | Node::Object { start, end, .. } => Some(start..end),
             _ => None,
         }
     }
@@ -171,13 +203,14 @@ pub(crate) fn parse(text: &[u8]) -> Result<Document<'_>, JsonError> {
     })?;
     let mut p = Parser {
         text,
-        utf8,
         pos: 0,
         doc: Document {
+            text: utf8,
             // QEMU's description: about one value per 12 bytes, a quarter of them object members.
             nodes: Vec::with_capacity(text.len() / 12),
-            items: Vec::new(),
-            members: Vec::with_capacity(text.len() / 48),
+            items: Vec::with_capacity(text.len() / 48),
+            members: Vec::with_capacity(text.len() / 16),
+            decoded: Vec::new(),
         },
         pending_items: Vec::new(),
         pending_members: Vec::new(),
@@ -193,17 +226,15 @@ pub(crate) fn parse(text: &[u8]) -> Result<Document<'_>, JsonError> {
 
 struct Parser<'a> {
     text: &'a [u8],
-    /// `text`, known to be UTF-8.
-    utf8: &'a str,
     pos: usize,
     doc: Document<'a>,
     /// Items and members of the containers being parsed (innermost last): moved to the
     /// document, contiguous, when their container closes.
     pending_items: Vec<u32>,
-    pending_members: Vec<(Cow<'a, str>, u32)>,
+    pending_members: Vec<(Str, u32)>,
 }
 
-impl<'a> Parser<'a> {
+impl Parser<'_> {
     fn err(&self, message: &'static str) -> JsonError {
         JsonError {
             pos: self.pos,
@@ -211,26 +242,19 @@ impl<'a> Parser<'a> {
         }
     }
 
+    #[inline]
     fn peek(&self) -> Option<u8> {
         self.text.get(self.pos).copied()
     }
 
+    #[inline]
     fn skip_ws(&mut self) {
         while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             self.pos += 1;
         }
     }
 
-    fn expect(&mut self, byte: u8, message: &'static str) -> Result<(), JsonError> {
-        if self.peek() == Some(byte) {
-            self.pos += 1;
-            Ok(())
-        } else {
-            Err(self.err(message))
-        }
-    }
-
-    fn literal(&mut self, word: &[u8], value: Node<'a>) -> Result<u32, JsonError> {
+    fn literal(&mut self, word: &[u8], value: Node) -> Result<u32, JsonError> {
         let end = self.pos.saturating_add(word.len());
         if self.text.get(self.pos..end) == Some(word) {
             self.pos = end;
@@ -241,7 +265,8 @@ impl<'a> Parser<'a> {
     }
 
     /// Add a complete value to the document; its index.
-    fn push(&mut self, node: Node<'a>) -> Result<u32, JsonError> {
+    #[inline]
+    fn push(&mut self, node: Node) -> Result<u32, JsonError> {
         let index = u32::try_from(self.doc.nodes.len())
             .map_err(|_| self.err("json has too many values"))?;
         self.doc.nodes.push(node);
@@ -285,7 +310,10 @@ impl<'a> Parser<'a> {
                 }
                 let key = self.string()?;
                 self.skip_ws();
-                self.expect(b':', "expected ':'")?;
+                if self.peek() != Some(b':') {
+                    return Err(self.err("expected ':'"));
+                }
+                self.pos += 1;
                 self.skip_ws();
                 let value = self.value(depth + 1)?;
                 self.pending_members.push((key, value));
@@ -299,13 +327,16 @@ impl<'a> Parser<'a> {
         }
         self.pos += 1;
         let first = self.doc.members.len();
-        let members = self.pending_members.drain(pending..);
-        let len = members.len();
-        self.doc.members.extend(members);
+        let len = self.pending_members.len() - pending;
+        self.doc
+            .members
+            .extend_from_slice(self.pending_members.get(pending..).unwrap_or_default());
+        self.pending_members.truncate(pending);
         self.push(Node::Object {
             first,
             len,
-            span: start..self.pos,
+            start,
+            end: self.pos,
         })
     }
 
@@ -328,9 +359,11 @@ impl<'a> Parser<'a> {
         }
         self.pos += 1;
         let first = self.doc.items.len();
-        let items = self.pending_items.drain(pending..);
-        let len = items.len();
-        self.doc.items.extend(items);
+        let len = self.pending_items.len() - pending;
+        self.doc
+            .items
+            .extend_from_slice(self.pending_items.get(pending..).unwrap_or_default());
+        self.pending_items.truncate(pending);
         self.push(Node::Array { first, len })
     }
 
@@ -346,28 +379,29 @@ impl<'a> Parser<'a> {
         Ok(value)
     }
 
-    fn string(&mut self) -> Result<Cow<'a, str>, JsonError> {
+    #[inline]
+    fn string(&mut self) -> Result<Str, JsonError> {
         self.pos += 1;
         let start = self.pos;
-        // Fast path: no escape before the closing quote, so the text itself is the string.
-        let text = self.text;
-        let plain_end = text
-            .get(start..)
-            .and_then(|rest| {
-                rest.iter()
-                    .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-            })
-            .map(|n| start + n);
-        if let Some(end) = plain_end {
-            if text.get(end) == Some(&b'"') {
-                self.pos = end + 1;
-                return self
-                    .utf8
-                    .get(start..end)
-                    .map(Cow::Borrowed)
-                    .ok_or_else(|| self.err("string is not utf-8"));
+        // Fast path: the first quote, backslash or control character is the closing quote, so
+        // the text itself is the string. Names are short (a few words), so the scan looks at
+        // eight bytes per step in a register rather than calling a vectorised search.
+        if let Some(n) = first_special(self.text.get(start..).unwrap_or_default()) {
+            if self.text.get(start + n) == Some(&b'"') {
+                self.pos = start + n + 1;
+                return Ok(Str::Span {
+                    start,
+                    end: start + n,
+                });
             }
         }
+        self.escaped_string()
+    }
+
+    /// The general case from the string's first byte: escapes decoded, errors at their byte.
+    #[cold]
+    #[inline(never)]
+    fn escaped_string(&mut self) -> Result<Str, JsonError> {
         let mut out: Vec<u8> = Vec::new();
         loop {
             let byte = self.peek().ok_or_else(|| self.err("unterminated string"))?;
@@ -399,18 +433,23 @@ impl<'a> Parser<'a> {
                 _ => out.push(byte),
             }
         }
-        String::from_utf8(out)
-            .map(Cow::Owned)
-            .map_err(|_| self.err("string is not utf-8"))
+        let decoded = String::from_utf8(out).map_err(|_| self.err("string is not utf-8"))?;
+        self.doc.decoded.push(decoded);
+        Ok(Str::Decoded(self.doc.decoded.len() - 1))
     }
 
-    fn number(&mut self) -> Result<Node<'a>, JsonError> {
+    fn number(&mut self) -> Result<Node, JsonError> {
         let start = self.pos;
         if self.peek() == Some(b'-') {
             self.pos += 1;
         }
         let digits_start = self.pos;
-        while matches!(self.peek(), Some(b'0'..=b'9')) {
+        // Integer digits accumulate as they are scanned (None once past u64).
+        let mut value = Some(0u64);
+        while let Some(digit @ b'0'..=b'9') = self.peek() {
+            value = value
+                .and_then(|v| v.checked_mul(10))
+                .and_then(|v| v.checked_add(u64::from(digit - b'0')));
             self.pos += 1;
         }
         let digits = self.pos - digits_start;
@@ -436,21 +475,50 @@ impl<'a> Parser<'a> {
                 self.pos += 1;
             }
         }
-        let span = start..self.pos;
-        // Only non-negative integers get a value; the digits were checked above.
+        // Only non-negative integers get a value.
         let value = if integer && digits_start == start {
-            self.text
-                .get(span.clone())
-                .unwrap_or_default()
-                .iter()
-                .try_fold(0u64, |acc, &digit| {
-                    acc.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
-                })
+            value
         } else {
             None
         };
-        Ok(Node::Number { value, span })
+        Ok(Node::Number {
+            value,
+            start,
+            end: self.pos,
+        })
     }
+}
+
+/// Offset of the first `"`, `\\` or control character (below 0x20) in `bytes`.
+#[inline]
+fn first_special(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut chunks = bytes.chunks_exact(8);
+    let mut offset = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        // A byte's high bit is set where it is below 0x20 / equal to `"` / equal to `\\`
+        // (exact for the lowest such byte, which is all that is used).
+        let quote = x ^ (ONES * u64::from(b'"'));
+        let backslash = x ^ (ONES * u64::from(b'\\'));
+        let found = ((x.wrapping_sub(ONES * 0x20))
+            | (quote.wrapping_sub(ONES) & !quote)
+            | (backslash.wrapping_sub(ONES) & !backslash))
+            & !x
+            & HIGHS;
+        if found != 0 {
+            return Some(offset + usize::try_from(found.trailing_zeros() / 8).unwrap_or(0));
+        }
+        offset += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map(|n| offset + n)
 }
 
 #[cfg(test)]
@@ -477,5 +545,52 @@ mod tests {
         assert!(parse(deep.as_bytes()).is_err());
         assert!(parse(b"{\"a\":1} x").is_err());
         assert!(parse(b"{\"a\":\x00}").is_err());
+    }
+
+    #[test]
+    fn first_special_matches_a_byte_by_byte_scan() {
+        let naive = |bytes: &[u8]| {
+            bytes
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        };
+        // Every position within and across the 8-byte steps, every kind of special byte, and
+        // bytes that a wrong bit trick would confuse with them (0x20, 0x21, 0x23, 0x5b, 0x5d,
+        // 0x7f, 0x80, 0xa2, 0xdc, 0xff).
+        let specials = [b'"', b'\\', 0x00, 0x01, 0x1f];
+        let fillers = [
+            b'a', 0x20, 0x21, 0x23, 0x5b, 0x5d, 0x7f, 0x80, 0xa2, 0xdc, 0xff,
+        ];
+        for len in 0..20 {
+            for &filler in &fillers {
+                let plain = vec![filler; len];
+                assert_eq!(first_special(&plain), naive(&plain));
+                for at in 0..len {
+                    for &special in &specials {
+                        let mut bytes = plain.clone();
+                        bytes[at] = special;
+                        assert_eq!(first_special(&bytes), Some(at));
+                        // A second special byte after the first must not move the answer.
+                        if let Some(last) = bytes.last_mut() {
+                            *last = b'"';
+                        }
+                        assert_eq!(first_special(&bytes), Some(at), "{bytes:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn escaped_strings_decode_and_errors_keep_their_positions() {
+        let doc = parse(br#"{"k\u0041": "a\nb", "plain": "p"}"#).unwrap();
+        assert_eq!(doc.root().get("kA").and_then(Json::as_str), Some("a\nb"));
+        assert_eq!(doc.root().get("plain").and_then(Json::as_str), Some("p"));
+        let err = parse(b"[\"ab\x01\"]").unwrap_err();
+        assert_eq!((err.pos, err.message), (5, "control character in string"));
+        let err = parse(b"[\"ab\\q\"]").unwrap_err();
+        assert_eq!((err.pos, err.message), (6, "invalid escape"));
+        let err = parse(b"[\"abcdefghijk").unwrap_err();
+        assert_eq!((err.pos, err.message), (13, "unterminated string"));
     }
 }

@@ -30,6 +30,6 @@ pub use regid::RegId;
 pub use regnames::reg_name;
 pub use rewrite::{
     destination_kernel_note, rewrite, DropReason, Dropped, Filled, IdAction, IdMismatch, KvmDrop,
-    KvmRefusal, Refusal, RefusalDigest, RefusalReason, Rewrite, RewriteReport,
+    KvmRefusal, Refusal, RefusalDigest, RefusalReason, Rewrite, RewritePlan, RewriteReport,
 };
 pub use subsections::{check_subsections, SourceSubsection, SubsectionReport};

@@ -29,7 +29,7 @@ use std::fmt;
 
 use crate::digest::{self, Grouped};
 use crate::policy::{FillMissing, OnExtra, OnIdMismatch, Policy};
-use crate::profile::{Accel, DropRuleKind, Profile, ValueCondition};
+use crate::profile::{Accel, DropRuleKind, Profile, ProfileRegister, ValueCondition};
 use crate::regid::RegId;
 
 mod kvm_rules;
@@ -347,111 +347,200 @@ pub fn rewrite(
     source_profile: Option<&Profile>,
     policy: &Policy,
 ) -> Rewrite {
-    let mut report = RewriteReport {
-        vcpu,
-        source_len: source.len(),
-        ..RewriteReport::default()
-    };
-    // QEMU always sends the list sorted strictly ascending; then it has no duplicates, the kept
-    // registers come out sorted and the fills are found by one merge with the destination's
-    // sorted list. This runs at switchover, for every vCPU: no maps, no sets. Only a malformed
-    // (unsorted) list pays for a set of the ids seen.
-    let sorted = source.windows(2).all(|w| w[0].0 < w[1].0);
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(source.len());
-    // The KVM rules look at other registers of the same vCPU (CNTP_CTL_EL0, CLIDR_EL1, ...).
-    let source_regs = (dest.accel == Accel::Kvm).then(|| SourceRegs::new(source));
-    // Every id an unsorted source lists (no quadratic scans).
-    let mut seen: BTreeSet<u64> = BTreeSet::new();
-    for &(raw_id, value) in source {
-        let id = RegId(raw_id);
-        if !sorted && !seen.insert(raw_id) {
-            report.refused.push(Refusal {
-                id,
-                value,
-                reason: RefusalReason::Duplicate,
-            });
-            continue;
+    let ids: Vec<u64> = source.iter().map(|&(id, _)| id).collect();
+    RewritePlan::new(&ids, dest).apply(vcpu, source, dest, source_profile, policy)
+}
+
+/// What one source position is to the destination: decided by the id alone.
+#[derive(Clone, Copy, Debug)]
+enum Slot<'p> {
+    /// An id listed earlier (only in an unsorted list): refused as a duplicate.
+    Duplicate,
+    /// The destination has it and nothing to compare: the value is copied.
+    Copied,
+    /// The destination has it and its value is compared (an identification register, or on KVM
+    /// a firmware register or CCSIDR entry) against this destination entry.
+    Compared(&'p ProfileRegister),
+    /// The destination lacks it: dropped or refused by its value.
+    Extra,
+}
+
+/// The part of a rewrite that depends only on the source's id list and the destination: which
+/// positions are kept, compared or extra, and which destination registers the source lacks.
+/// All vCPUs of a VM list the same ids, so one plan serves them all ([`RewritePlan::serves`]);
+/// applying it per vCPU reads the values by position.
+#[derive(Clone, Debug)]
+pub struct RewritePlan<'p> {
+    ids: Vec<u64>,
+    sorted: bool,
+    slots: Vec<Slot<'p>>,
+    /// Present destination registers the source lacks, in id order.
+    missing: Vec<&'p ProfileRegister>,
+}
+
+impl<'p> RewritePlan<'p> {
+    /// The plan for a source listing `ids` (in its order) against `dest`.
+    pub fn new(ids: &[u64], dest: &'p Profile) -> RewritePlan<'p> {
+        // QEMU always sends the list sorted strictly ascending; then it has no duplicates and the
+        // missing registers are found by one merge with the destination's sorted list. Only a
+        // malformed (unsorted) list pays for a set of the ids seen.
+        let sorted = ids.windows(2).all(|w| w[0] < w[1]);
+        let kvm = dest.accel == Accel::Kvm;
+        let mut seen: BTreeSet<u64> = BTreeSet::new();
+        let slots = ids
+            .iter()
+            .map(|&raw_id| {
+                if !sorted && !seen.insert(raw_id) {
+                    return Slot::Duplicate;
+                }
+                let id = RegId(raw_id);
+                match dest.entry(id).filter(|r| r.is_present()) {
+                    None => Slot::Extra,
+                    Some(entry) => {
+                        let compared = id.is_identification()
+                            || (kvm && (id.is_firmware() || id.ccsidr_selector().is_some()));
+                        if compared {
+                            Slot::Compared(entry)
+                        } else {
+                            Slot::Copied
+                        }
+                    }
+                }
+            })
+            .collect();
+        // Both lists sorted: a cursor over the source ids says whether the source has `reg`.
+        let mut source_ids = ids.iter().copied().peekable();
+        let missing = dest
+            .present()
+            .filter(|reg| {
+                let in_source = if sorted {
+                    while source_ids.next_if(|&id| id < reg.id.0).is_some() {}
+                    source_ids.peek() == Some(&reg.id.0)
+                } else {
+                    seen.contains(&reg.id.0)
+                };
+                !in_source
+            })
+            .collect();
+        RewritePlan {
+            ids: ids.to_vec(),
+            sorted,
+            slots,
+            missing,
         }
-        if dest.has(id) {
-            let kept = check_identification(vcpu, id, value, dest, policy, &mut report);
-            out.push((raw_id, kept));
-        } else {
-            let kvm = source_regs.as_ref();
-            match drop_decision(vcpu, id, value, dest, source_profile, kvm, policy) {
-                Ok(reason) => report.dropped.push(Dropped { id, value, reason }),
-                Err(reason) => {
-                    report.refused.push(Refusal { id, value, reason });
-                    // Keep it in the output so a refused rewrite still shows what came in.
-                    out.push((raw_id, value));
+    }
+
+    /// Whether this plan was made for exactly this source list's ids (compared in full).
+    pub fn serves(&self, source: &[(u64, u64)]) -> bool {
+        self.ids.len() == source.len()
+            && self
+                .ids
+                .iter()
+                .zip(source)
+                .all(|(&planned, &(id, _))| planned == id)
+    }
+
+    /// Rewrite one vCPU whose list has this plan's ids ([`RewritePlan::serves`]; otherwise the
+    /// lists are compared position by position up to the shorter one, which callers avoid).
+    pub fn apply(
+        &self,
+        vcpu: u32,
+        source: &[(u64, u64)],
+        dest: &Profile,
+        source_profile: Option<&Profile>,
+        policy: &Policy,
+    ) -> Rewrite {
+        let mut report = RewriteReport {
+            vcpu,
+            source_len: source.len(),
+            ..RewriteReport::default()
+        };
+        let sorted = self.sorted;
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(source.len() + self.missing.len());
+        // The KVM rules look at other registers of the same vCPU (CNTP_CTL_EL0, CLIDR_EL1, ...).
+        let source_regs = (dest.accel == Accel::Kvm).then(|| SourceRegs::new(source, sorted));
+        for (&(raw_id, value), slot) in source.iter().zip(&self.slots) {
+            let id = RegId(raw_id);
+            match *slot {
+                Slot::Duplicate => report.refused.push(Refusal {
+                    id,
+                    value,
+                    reason: RefusalReason::Duplicate,
+                }),
+                Slot::Copied => out.push((raw_id, value)),
+                Slot::Compared(entry) => {
+                    let kept =
+                        check_identification(vcpu, id, value, entry, dest, policy, &mut report);
+                    out.push((raw_id, kept));
+                }
+                Slot::Extra => {
+                    let kvm = source_regs.as_ref();
+                    match drop_decision(vcpu, id, value, dest, source_profile, kvm, policy) {
+                        Ok(reason) => report.dropped.push(Dropped { id, value, reason }),
+                        Err(reason) => {
+                            report.refused.push(Refusal { id, value, reason });
+                            // Keep it in the output so a refused rewrite still shows what came in.
+                            out.push((raw_id, value));
+                        }
+                    }
                 }
             }
         }
-    }
-    let fill = match policy.fill_missing {
-        FillMissing::Always => true,
-        FillMissing::Never => false,
-        FillMissing::Auto => dest.accel == Accel::Tcg,
-    };
-    // Both lists sorted: a cursor over the source ids says whether the source has `reg`.
-    let mut source_ids = source.iter().map(|&(id, _)| id).peekable();
-    // Registers filled with vCPU 0's value: one warning for all of them, not one each.
-    let mut filled_from_vcpu0: Vec<RegId> = Vec::new();
-    for reg in dest.present() {
-        let in_source = if sorted {
-            while source_ids.next_if(|&id| id < reg.id.0).is_some() {}
-            source_ids.peek() == Some(&reg.id.0)
-        } else {
-            seen.contains(&reg.id.0)
+        let fill = match policy.fill_missing {
+            FillMissing::Always => true,
+            FillMissing::Never => false,
+            FillMissing::Auto => dest.accel == Accel::Tcg,
         };
-        if in_source {
-            continue;
-        }
-        if !fill {
-            report.left_missing.push(reg.id);
-            continue;
-        }
-        let value = match reg.value_for(vcpu) {
-            Some(v) => v,
-            None => {
-                filled_from_vcpu0.push(reg.id);
-                reg.value.unwrap_or(0)
+        // Registers filled with vCPU 0's value: one warning for all of them, not one each.
+        let mut filled_from_vcpu0: Vec<RegId> = Vec::new();
+        for reg in &self.missing {
+            if !fill {
+                report.left_missing.push(reg.id);
+                continue;
             }
+            let value = match reg.value_for(vcpu) {
+                Some(v) => v,
+                None => {
+                    filled_from_vcpu0.push(reg.id);
+                    reg.value.unwrap_or(0)
+                }
+            };
+            out.push((reg.id.0, value));
+            report.filled.push(Filled { id: reg.id, value });
+        }
+        if !filled_from_vcpu0.is_empty() {
+            report.warnings.push(format!(
+                "the destination profile (captured with {} vcpus) has no value for this vcpu: filled vcpu 0's value of {} registers: {}",
+                dest.vcpus,
+                filled_from_vcpu0.len(),
+                digest::first_few(&filled_from_vcpu0, RegId::to_string, ", ", "")
+            ));
+        }
+        if !report.uncompared.is_empty() {
+            report.warnings.push(format!(
+                "the destination profile (captured with {} vcpus) has no value for this vcpu: {} identification registers not compared: {}",
+                dest.vcpus,
+                report.uncompared.len(),
+                digest::first_few(&report.uncompared, RegId::to_string, ", ", "")
+            ));
+        }
+        if !sorted {
+            report.reordered = true;
+            report
+                .warnings
+                .push("the source list was not sorted by id; sorted it".into());
+        }
+        let registers = if report.is_unchanged() && report.refused.is_empty() {
+            source.to_vec()
+        } else {
+            // Two sorted runs (kept, then filled) with distinct ids: the stable sort merges them
+            // in one pass; an unsorted source is sorted here, as QEMU's `cpu_post_load` needs.
+            out.sort_by_key(|&(id, _)| id);
+            out
         };
-        out.push((reg.id.0, value));
-        report.filled.push(Filled { id: reg.id, value });
+        report.output_len = registers.len();
+        Rewrite { registers, report }
     }
-    if !filled_from_vcpu0.is_empty() {
-        report.warnings.push(format!(
-            "the destination profile (captured with {} vcpus) has no value for this vcpu: filled vcpu 0's value of {} registers: {}",
-            dest.vcpus,
-            filled_from_vcpu0.len(),
-            digest::first_few(&filled_from_vcpu0, RegId::to_string, ", ", "")
-        ));
-    }
-    if !report.uncompared.is_empty() {
-        report.warnings.push(format!(
-            "the destination profile (captured with {} vcpus) has no value for this vcpu: {} identification registers not compared: {}",
-            dest.vcpus,
-            report.uncompared.len(),
-            digest::first_few(&report.uncompared, RegId::to_string, ", ", "")
-        ));
-    }
-    if !sorted {
-        report.reordered = true;
-        report
-            .warnings
-            .push("the source list was not sorted by id; sorted it".into());
-    }
-    let registers = if report.is_unchanged() && report.refused.is_empty() {
-        source.to_vec()
-    } else {
-        // Two sorted runs (kept, then filled) with distinct ids: the stable sort merges them in
-        // one pass; an unsorted source is sorted here, as QEMU's `cpu_post_load` needs.
-        out.sort_by_key(|&(id, _)| id);
-        out
-    };
-    report.output_len = registers.len();
-    Rewrite { registers, report }
 }
 
 /// `Ok(reason)` to drop a register the destination lacks, `Err(reason)` to refuse.
@@ -461,7 +550,7 @@ fn drop_decision(
     value: u64,
     dest: &Profile,
     source_profile: Option<&Profile>,
-    kvm: Option<&SourceRegs>,
+    kvm: Option<&SourceRegs<'_>>,
     policy: &Policy,
 ) -> Result<DropReason, RefusalReason> {
     if policy.allow_drop.contains(&id) {
@@ -504,22 +593,19 @@ fn drop_decision(
 }
 
 /// Compare an identification register (or, on KVM, a CCSIDR entry or firmware register) both
-/// sides have; returns the value to send.
+/// sides have (`entry` is the destination's); returns the value to send.
 fn check_identification(
     vcpu: u32,
     id: RegId,
     value: u64,
+    entry: &ProfileRegister,
     dest: &Profile,
     policy: &Policy,
     report: &mut RewriteReport,
 ) -> u64 {
     let kvm = dest.accel == Accel::Kvm;
     let firmware = kvm && id.is_firmware();
-    let cache = kvm && id.ccsidr_selector().is_some();
-    if !id.is_identification() && !firmware && !cache {
-        return value;
-    }
-    let Some(dest_value) = dest.value_for(vcpu, id) else {
+    let Some(dest_value) = entry.value_for(vcpu) else {
         // One warning after the loop names them all.
         report.uncompared.push(id);
         return value;
@@ -544,7 +630,7 @@ fn check_identification(
         }
         return value;
     }
-    let mask = dest.writable_mask(id);
+    let mask = entry.writable_mask;
     let (action, refusal) = match policy.on_id_mismatch {
         OnIdMismatch::Refuse => (
             IdAction::Refused,

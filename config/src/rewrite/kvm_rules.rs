@@ -157,16 +157,32 @@ pub enum KvmRefusal {
     CacheLineBelowDestination { dest_min_log2: u8 },
 }
 
-/// The source vCPU's registers by id, for rules that depend on another register.
-pub(super) struct SourceRegs(BTreeMap<u64, u64>);
+/// The source vCPU's registers by id, for rules that depend on another register. QEMU's list is
+/// sorted, so it is searched in place (built per vCPU at switchover, it must cost nothing); only
+/// a malformed unsorted list is put into a map (the last value of a duplicated id wins).
+pub(super) enum SourceRegs<'a> {
+    Sorted(&'a [(u64, u64)]),
+    Unsorted(BTreeMap<u64, u64>),
+}
 
-impl SourceRegs {
-    pub(super) fn new(source: &[(u64, u64)]) -> SourceRegs {
-        SourceRegs(source.iter().copied().collect())
+impl<'a> SourceRegs<'a> {
+    pub(super) fn new(source: &'a [(u64, u64)], sorted: bool) -> SourceRegs<'a> {
+        if sorted {
+            SourceRegs::Sorted(source)
+        } else {
+            SourceRegs::Unsorted(source.iter().copied().collect())
+        }
     }
 
     fn get(&self, id: u64) -> Option<u64> {
-        self.0.get(&id).copied()
+        match self {
+            SourceRegs::Sorted(source) => source
+                .binary_search_by_key(&id, |&(reg, _)| reg)
+                .ok()
+                .and_then(|i| source.get(i))
+                .map(|&(_, value)| value),
+            SourceRegs::Unsorted(map) => map.get(&id).copied(),
+        }
     }
 }
 
@@ -175,7 +191,7 @@ impl SourceRegs {
 pub(super) fn extra_register(
     id: RegId,
     value: u64,
-    source: &SourceRegs,
+    source: &SourceRegs<'_>,
 ) -> Option<Result<KvmDrop, KvmRefusal>> {
     if let Some(gated) = FEATURE_GATED.iter().find(|g| g.id == id.0) {
         let id_value = source.get(gated.id_reg)?;

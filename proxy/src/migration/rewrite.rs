@@ -15,7 +15,7 @@
 
 use migproxy_codec::DeviceState;
 use migproxy_config::digest::{Grouped, NameList};
-use migproxy_config::{RefusalDigest, RegId, RewriteReport, SubsectionReport};
+use migproxy_config::{RefusalDigest, RegId, RewritePlan, RewriteReport, SubsectionReport};
 
 use crate::error::{ProxyError, Refusal};
 use crate::migration::profile_source::RewriteSetup;
@@ -117,14 +117,25 @@ pub fn rewrite_cpus(
 ) -> Result<Rewritten, ProxyError> {
     let mut rewritten = Rewritten::default();
     let mut refusals = RefusalDigest::default();
+    // All vCPUs normally list the same ids: the merge with the destination's list is planned
+    // once and applied to each by position; a vCPU with another list gets its own plan.
+    let mut plan: Option<RewritePlan<'_>> = None;
     for cpu in state.cpus() {
-        let result = migproxy_config::rewrite(
+        let planned = match plan.take() {
+            Some(planned) if planned.serves(&cpu.registers) => planned,
+            _ => {
+                let ids: Vec<u64> = cpu.registers.iter().map(|&(id, _)| id).collect();
+                RewritePlan::new(&ids, &setup.dest)
+            }
+        };
+        let result = planned.apply(
             cpu.instance,
             &cpu.registers,
             &setup.dest,
             setup.source.as_deref(),
             &setup.policy,
         );
+        plan = Some(planned);
         if result.report.is_refused() || refusals.is_refused() {
             // Refused: nothing is applied any more, only the refusals and warnings collected.
             refusals.add(&result.report);
