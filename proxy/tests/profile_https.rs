@@ -191,52 +191,57 @@ fn a_profile_fetched_over_https_with_the_pinned_ca_rewrites_the_migration() {
     assert_eq!(destination.accepted(), 1);
 }
 
-#[test]
-fn a_server_certificate_from_another_ca_fails_the_fetch_before_the_destination_is_dialed() {
-    let dir = TempDir::new("https-other-ca");
-    let pinned = Ca::new("profile CA");
-    write_server_cert(&dir, &Ca::new("another CA"), ServerCert::Good);
+/// The profile server presents `cert` signed by `signer`; the fetcher pins `pinned` (or the
+/// signer's CA when `None`): the fetch must fail with `problem`, before the destination is dialed.
+fn fetch_with_bad_certificate(
+    name: &str,
+    signer: &Ca,
+    pinned: Option<&Ca>,
+    cert: ServerCert,
+    problem: &str,
+) {
+    let dir = TempDir::new(name);
+    write_server_cert(&dir, signer, cert);
     let advertiser = advertiser(&dir, &dest_profile(&dir));
     let url = format!(
         "https://localhost:{}/profiles/a64fx-7.2",
         advertiser.admin.port()
     );
     let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = fetcher(&destination, &url, &pinned.write_ca(&dir), &[]);
-    assert_fetch_refused(&daemon, &destination, &url, "UnknownIssuer");
+    let ca = pinned.unwrap_or(signer).write_ca(&dir);
+    let daemon = fetcher(&destination, &url, &ca, &[]);
+    assert_fetch_refused(&daemon, &destination, &url, problem);
+}
+
+#[test]
+fn a_server_certificate_from_another_ca_fails_the_fetch_before_the_destination_is_dialed() {
+    fetch_with_bad_certificate(
+        "https-other-ca",
+        &Ca::new("another CA"),
+        Some(&Ca::new("profile CA")),
+        ServerCert::Good,
+        "UnknownIssuer",
+    );
 }
 
 #[test]
 fn an_expired_server_certificate_fails_the_fetch_before_the_destination_is_dialed() {
-    let dir = TempDir::new("https-expired");
-    let ca = Ca::new("profile CA");
-    write_server_cert(&dir, &ca, ServerCert::Expired);
-    let advertiser = advertiser(&dir, &dest_profile(&dir));
-    let url = format!(
-        "https://localhost:{}/profiles/a64fx-7.2",
-        advertiser.admin.port()
+    fetch_with_bad_certificate(
+        "https-expired",
+        &Ca::new("profile CA"),
+        None,
+        ServerCert::Expired,
+        "xpired",
     );
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = fetcher(&destination, &url, &ca.write_ca(&dir), &[]);
-    assert_fetch_refused(&daemon, &destination, &url, "xpired");
 }
 
 #[test]
 fn a_server_certificate_for_another_host_fails_the_fetch_before_the_destination_is_dialed() {
-    let dir = TempDir::new("https-other-host");
-    let ca = Ca::new("profile CA");
-    write_server_cert(&dir, &ca, ServerCert::OtherHost);
-    let advertiser = advertiser(&dir, &dest_profile(&dir));
-    let url = format!(
-        "https://localhost:{}/profiles/a64fx-7.2",
-        advertiser.admin.port()
-    );
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = fetcher(&destination, &url, &ca.write_ca(&dir), &[]);
-    assert_fetch_refused(
-        &daemon,
-        &destination,
-        &url,
+    fetch_with_bad_certificate(
+        "https-other-host",
+        &Ca::new("profile CA"),
+        None,
+        ServerCert::OtherHost,
         "certificate not valid for name \"localhost\"",
     );
 }

@@ -646,12 +646,7 @@ mod tests {
             (TCR_EL1, 0),
         ];
         let expected = stream(&expected_cpu).finish();
-        let setup = RewriteSetup {
-            dest: Arc::new(profile(&dest_registers)?),
-            source: None,
-            source_reference: None,
-            policy: Policy::default(),
-        };
+        let setup = dest_only_setup(&dest_registers)?;
         // A 64-byte pipe read 16 bytes at a time: every write the pump makes is partial.
         let Ends {
             mut source,
@@ -680,12 +675,7 @@ mod tests {
     #[tokio::test]
     async fn a_refusal_names_the_register_and_holds_back_the_device_state() -> TestResult {
         let bytes = stream(&[(SCTLR_EL1, 0x30d0_0980), (CONTEXTIDR_EL1, 0x42)]).finish();
-        let setup = RewriteSetup {
-            dest: Arc::new(profile(&[(SCTLR_EL1, 0x30d0_0980)])?),
-            source: None,
-            source_reference: None,
-            policy: Policy::default(),
-        };
+        let setup = dest_only_setup(&[(SCTLR_EL1, 0x30d0_0980)])?;
         let Ends {
             mut source,
             destination,
@@ -836,6 +826,16 @@ mod tests {
     /// The source's registers and the destination's: CONTEXTIDR_EL1 (0) is dropped.
     const SOURCE_REGISTERS: [(u64, u64); 2] = [(SCTLR_EL1, 0x30d0_0980), (CONTEXTIDR_EL1, 0)];
     const DEST_REGISTERS: [(u64, u64); 1] = [(SCTLR_EL1, 0x30d0_0980)];
+
+    /// Rewriting towards `dest` alone: no source profile, no reference, the default policy.
+    fn dest_only_setup(dest: &[(u64, u64)]) -> Result<RewriteSetup, Box<dyn std::error::Error>> {
+        Ok(RewriteSetup {
+            dest: Arc::new(profile(dest)?),
+            source: None,
+            source_reference: None,
+            policy: Policy::default(),
+        })
+    }
 
     fn setup_with_source_version(
         version: &str,
@@ -1068,12 +1068,7 @@ mod tests {
     async fn pump_many_vcpus(
         bytes: Vec<u8>,
     ) -> Result<(Result<(), ProxyError>, MigrationState), Box<dyn std::error::Error>> {
-        let setup = RewriteSetup {
-            dest: Arc::new(profile(&[(SCTLR_EL1, 0x30d0_0980)])?),
-            source: None,
-            source_reference: None,
-            policy: Policy::default(),
-        };
+        let setup = dest_only_setup(&[(SCTLR_EL1, 0x30d0_0980)])?;
         let Ends {
             mut source,
             destination,
