@@ -188,6 +188,8 @@ pub struct StreamDecoder {
     released_phase: Option<Bytes>,
     phase: Option<BytesMut>,
     released: usize,
+    /// Consecutive page records come as one frame (see `set_coalesce_ram_records`).
+    coalesce_ram_records: bool,
 }
 
 impl StreamDecoder {
@@ -214,6 +216,7 @@ impl StreamDecoder {
             released_phase: None,
             phase: None,
             released: 0,
+            coalesce_ram_records: false,
         }
     }
 
@@ -236,6 +239,17 @@ impl StreamDecoder {
     /// forged description cannot be taken back); `DeviceState::is_confirmed` says which it got.
     pub fn set_checking_relay(&mut self, relay: bool) {
         self.checking_relay = relay;
+    }
+
+    /// For a connection that forwards RAM as it is: consecutive page records (ZERO, PAGE, XBZRLE,
+    /// COMPRESS_PAGE: header and payload) come as one `RecordKind::RamRecords` frame, one slice
+    /// of the read buffer, instead of a frame per header and per payload. Every header is still
+    /// parsed and checked exactly as it is without this (each one once), and the bytes are the
+    /// same; only the cut differs: a bulk RAM phase is then a few frames per read instead of two
+    /// per page, which is most of the work of relaying it. A record that is not a page record, or
+    /// does not parse, ends the run and is decoded on its own (so errors keep their offsets).
+    pub fn set_coalesce_ram_records(&mut self, coalesce: bool) {
+        self.coalesce_ram_records = coalesce;
     }
 
     /// While holding the device phase: why the bytes that last looked like a complete
@@ -595,6 +609,14 @@ impl StreamDecoder {
         };
         match record {
             RamRecord::Page {
+                head,
+                payload,
+                block_len,
+                ..
+            } if self.coalesce_ram_records => {
+                Ok(self.ram_run(src, section, head, payload, block_len))
+            }
+            RamRecord::Page {
                 flags,
                 head,
                 payload,
@@ -630,6 +652,67 @@ impl StreamDecoder {
                 Ok(self.emit(src, 8, RecordKind::RamRecord { flags }, Some(section)))
             }
         }
+    }
+
+    /// A run of page records starting with one whose header (`head` bytes, then `payload` bytes,
+    /// in a block of `block_len` bytes) has been parsed: the records that follow it in `src` join
+    /// the run while they parse as page records, the last one possibly with only part of its
+    /// payload (the rest then streams as `Payload`). Each header is parsed once: a record that
+    /// ends the run (another kind, an error, an incomplete header) is left for `ram_record`,
+    /// which parses it again as the first of the next call: at most one header per call.
+    fn ram_run(
+        &mut self,
+        src: &mut BytesMut,
+        section: u32,
+        mut head: usize,
+        mut payload: usize,
+        mut block_len: u64,
+    ) -> Step {
+        let mut pos = 0usize;
+        let mut records = 0u64;
+        let mut partial = None;
+        loop {
+            records += 1;
+            let record_end = pos.saturating_add(head).saturating_add(payload);
+            if record_end > src.len() {
+                // Its header is complete (parsed), its payload still arriving.
+                partial = Some(record_end - src.len());
+                pos = src.len();
+                break;
+            }
+            pos = record_end;
+            let ctx = RamContext {
+                page_size: self.page_size,
+                blocks: &self.ram_blocks,
+                current_block_len: Some(block_len),
+                mapped_ram: self.mapped_ram,
+            };
+            let Some(rest) = src.get(pos..) else {
+                break;
+            };
+            match ram::parse_record(rest, &ctx) {
+                Ok(Some(RamRecord::Page {
+                    head: next_head,
+                    payload: next_payload,
+                    block_len: next_block_len,
+                    ..
+                })) => {
+                    head = next_head;
+                    payload = next_payload;
+                    block_len = next_block_len;
+                }
+                _ => break,
+            }
+        }
+        self.current_block_len = Some(block_len);
+        if let Some(remaining) = partial {
+            self.state = State::Payload {
+                section,
+                remaining,
+                then: AfterPayload::Ram,
+            };
+        }
+        self.emit(src, pos, RecordKind::RamRecords { records }, Some(section))
     }
 
     /// The MEM_SIZE block list: entries until their used_length values add up to the total.

@@ -86,6 +86,11 @@ pub enum RecordKind {
     RamRecord {
         flags: u64,
     },
+    /// `records` consecutive page records, headers and payloads, the last payload possibly in
+    /// part (its rest follows as `Payload`): only with `StreamDecoder::set_coalesce_ram_records`.
+    RamRecords {
+        records: u64,
+    },
     IterableChunk,
     SectionFooter,
     Eof,

@@ -154,6 +154,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         settings: &ChannelSettings,
     ) -> Self {
         let mut decoder = StreamDecoder::new(settings.limits.clone());
+        // RAM goes through as it came: runs of page records are one slice each, not a frame
+        // per header and per payload.
+        decoder.set_coalesce_ram_records(true);
         // Where the device phase ends (DESIGN.md, "How the end of the phase is recognised"):
         // without a rewrite nothing depends on it, so a guest-forged ending must not stop the
         // migration; a rewrite needs it exact, which the source's reference description makes
@@ -190,12 +193,12 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         loop {
             while let Some(frame) = self.decoder.decode(&mut self.buffer)? {
                 match frame {
-                    // Page records (header, payload) are most frames, and nothing is noted or
-                    // rewritten for them: queued here, without building the `forward` future
-                    // for each.
+                    // Page records (runs of them, or a payload still arriving) are most frames,
+                    // and nothing is noted or rewritten for them: queued here, without building
+                    // the `forward` future for each.
                     Frame::Payload { bytes, .. }
                     | Frame::Verbatim {
-                        kind: RecordKind::RamRecord { .. },
+                        kind: RecordKind::RamRecord { .. } | RecordKind::RamRecords { .. },
                         bytes,
                         ..
                     } => {
