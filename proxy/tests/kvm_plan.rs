@@ -163,8 +163,10 @@ fn plan_decides_every_kernel_pair_by_the_kvm_rules() {
                 ("from-stream", &dst.stream_profile),
                 ("from-kvm", &dst.kvm_profile),
             ] {
+                // Every register's decision, not the digest.
                 let out = migproxy(&[
                     "plan",
+                    "--all",
                     "--source",
                     text(&src.stream),
                     "--dest-profile",

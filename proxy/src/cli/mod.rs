@@ -182,9 +182,13 @@ pub struct PlanArgs {
     /// A profile of a fresh VM with the source's configuration.
     #[arg(long, value_name = "PROFILE")]
     pub source_profile: Option<PathBuf>,
-    /// Print the plan as JSON.
+    /// Print the plan as JSON (complete: every register of every vCPU).
     #[arg(long)]
     pub json: bool,
+    /// Print every register of every vCPU; by default vCPUs with the same plan share one block
+    /// and each list names its first registers and counts the rest.
+    #[arg(long)]
+    pub all: bool,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -201,6 +205,10 @@ pub struct RewriteArgs {
     /// A profile of a fresh VM with the source's configuration.
     #[arg(long, value_name = "PROFILE")]
     pub source_profile: Option<PathBuf>,
+    /// Report every register of every vCPU; by default vCPUs rewritten alike share one block
+    /// and each list names its first registers and counts the rest.
+    #[arg(long)]
+    pub all: bool,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }

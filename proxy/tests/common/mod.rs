@@ -455,3 +455,39 @@ pub fn with_extra_pages(stream: &[u8], pages: usize) -> Vec<u8> {
     out.extend_from_slice(&stream[insert_at..]);
     out
 }
+
+/// A stream of `vcpus` vCPUs, each with vCPU 0's registers of the real capture `stream`
+/// (edited by `change` per vCPU), on the capture's machine type: a many-vCPU stream whose
+/// registers a real QEMU sent.
+pub fn repeated_vcpu(
+    stream: &[u8],
+    vcpus: u32,
+    change: impl Fn(u32, &mut Vec<(u64, u64)>),
+) -> Vec<u8> {
+    use migproxy_codec::testing::{RamRecord, StreamBuilder};
+    use migproxy_codec::{offline, DecodeError, Frame, Limits, StreamDecoder};
+    let mut decoder = StreamDecoder::new(Limits::default());
+    let mut registers = None;
+    offline::decode_reader(
+        stream,
+        &mut decoder,
+        |_, frame| -> Result<(), DecodeError> {
+            if let Frame::DeviceState(state) = frame {
+                registers = state.cpus().into_iter().next().map(|cpu| cpu.registers);
+            }
+            Ok(())
+        },
+    )
+    .expect("decoding the vector");
+    let registers = registers.expect("a vCPU in the vector");
+    let machine = decoder.info().machine.clone().expect("a machine type");
+    let mut builder = StreamBuilder::new(&machine);
+    builder.ram_start(1 << 20);
+    builder.ram_section(true, &[RamRecord::Zero]);
+    for vcpu in 0..vcpus {
+        let mut own = registers.clone();
+        change(vcpu, &mut own);
+        builder.cpu(vcpu, &own, 0x11);
+    }
+    builder.finish()
+}
