@@ -1,4 +1,4 @@
-//! The offline reports stay bounded however many vCPUs a stream has: `plan` and `rewrite` print
+//! The offline reports stay bounded however many vCPUs a stream has: `inspect`, `plan` and `rewrite` print
 //! a digest by default (vCPUs with the same outcome share one block, lists name their first
 //! registers and count the rest), every register of every vCPU with `--all`, and `plan --json`
 //! stays complete with each warning naming its vCPU. The streams are a real QEMU 10.0 capture's
@@ -252,5 +252,47 @@ fn plan_json_is_complete_and_its_warnings_name_the_vcpu() {
             .count(),
         1,
         "{text}"
+    );
+}
+
+/// `inspect` lists one register list for alike vCPUs and only the differences of the others;
+/// `--all` every section and every register of every vCPU.
+#[test]
+fn inspect_digests_alike_vcpus_and_all_lists_every_register() {
+    const DBGVCR: u64 = 0x4020_0000_200e_0380;
+    let many = ManyVcpus::new("inspect-digest", |vcpu, registers| {
+        if vcpu == 7 {
+            let reg = registers.iter_mut().find(|(id, _)| *id == DBGVCR).unwrap();
+            reg.1 = 0x77;
+        }
+    });
+    let digest = run(&["inspect", &many.stream]);
+    let text = stdout(&digest);
+    assert_eq!(digest.status.code(), Some(0), "{}", stderr(&digest));
+    println!("{text}");
+    let lines = text.lines().count();
+    // A head, ~10 section lines, the RAM table and one list of 261 registers.
+    assert!(lines < 261 + 60, "{lines} lines");
+    assert!(
+        text.contains("\nvcpu 0-6,8-511 (511 vcpus), section version 22: 261 registers\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "\nvcpu 7, section version 22: 261 registers, 1 differ from vcpu 0:\n  \
+             0x40200000200e0380   DBGVCR                   0x77\n"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("(512 sections)"), "{text}");
+
+    let all = run(&["inspect", "--all", &many.stream]);
+    let text = stdout(&all);
+    assert_eq!(all.status.code(), Some(0), "{}", stderr(&all));
+    assert_eq!(text.matches("\n  0x").count(), 512 * 261);
+    assert!(text.contains("\ncpu 511 (section version 22): 261 registers\n"));
+    println!(
+        "inspect of {VCPUS} vCPUs: {lines} lines by default, {} with --all",
+        text.lines().count()
     );
 }

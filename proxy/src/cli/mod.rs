@@ -41,9 +41,13 @@ pub enum Command {
 pub struct InspectArgs {
     /// The stream file, or `-` for standard input.
     pub file: PathBuf,
-    /// Print JSON instead of a readable summary.
+    /// Print JSON instead of a readable summary (complete: every register of every vCPU).
     #[arg(long)]
     pub json: bool,
+    /// Print every section and every register of every vCPU; by default alike sections share a
+    /// line, alike vCPUs one register list, and other vCPUs show only where they differ.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Subcommand)]
