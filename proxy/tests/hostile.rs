@@ -233,3 +233,45 @@ fn the_admin_server_closes_partial_requests_and_caps_its_connections() {
         .unwrap_or(0);
     assert!(refused >= 1, "{metrics}");
 }
+
+/// A peer connecting in a loop and closing at once: every connection is counted, but the log
+/// gets a bounded number of lines per window (one saying the budget ran out), not one each.
+#[test]
+fn a_connection_flood_is_counted_but_logged_a_bounded_number_of_times() {
+    const FLOOD: u64 = 300;
+    const LINES_PER_WINDOW: usize = 16;
+    const WINDOW: Duration = Duration::from_secs(10);
+    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let start = std::time::Instant::now();
+    for _ in 0..FLOOD {
+        // Closed before identifying itself: a stray.
+        drop(connect(daemon.listen));
+    }
+    // Each is a stray, or turned away at accept while the earlier ones still held the host's
+    // connection budget.
+    let counted = || {
+        daemon
+            .metric("migproxy_connections_total{kind=\"stray\"}")
+            .unwrap_or(0)
+            + turned_away(&daemon, "max_connections_per_source").unwrap_or(0)
+    };
+    wait_until("every connection counted", SECS, || {
+        (counted() == FLOOD).then_some(())
+    });
+    // The bound follows from how many windows the flood spanned (not an assertion on time).
+    let windows = usize::try_from(start.elapsed().as_secs() / WINDOW.as_secs()).unwrap() + 1;
+    let lines = daemon.count_logs("stray connection closed, destination not contacted")
+        + daemon.count_logs(
+            "connection refused: budget exceeded (--max-connections-per-source): closed, destination not contacted",
+        );
+    assert!(
+        lines <= LINES_PER_WINDOW * windows,
+        "{lines} lines for {FLOOD} connections over {windows} windows"
+    );
+    daemon.wait_log(
+        "too many turned-away connections to log one by one: further ones are counted, not logged, for the rest of this 10s window",
+        SECS,
+    );
+    assert_eq!(destination.accepted(), 0);
+}
