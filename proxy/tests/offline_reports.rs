@@ -38,11 +38,8 @@ struct ManyVcpus {
 impl ManyVcpus {
     fn new(name: &str, change: impl Fn(u32, &mut Vec<(u64, u64)>)) -> ManyVcpus {
         let dir = TempDir::new(name);
-        let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
-        let dest = dir.file("dest72.json");
-        let source = dir.file("src10.json");
-        capture_profile(&format!("{vectors}q72-a64fx.bin"), &[], &dest);
-        capture_profile(&format!("{vectors}q10m72-a64fx.bin"), &[], &source);
+        let dest = vector_profile(&dir, "q72-a64fx.bin", &[], "dest72.json");
+        let source = vector_profile(&dir, "q10m72-a64fx.bin", &[], "src10.json");
         let stream = dir.file("many.bin");
         std::fs::write(
             &stream,
@@ -58,33 +55,35 @@ impl ManyVcpus {
     }
 
     fn plan(&self, extra: &[&str]) -> Output {
-        let mut args = vec![
-            "plan",
-            "--source",
-            &self.stream,
-            "--dest-profile",
-            &self.dest,
-            "--source-profile",
-            &self.source,
-        ];
-        args.extend_from_slice(extra);
-        run(&args)
+        self.run(&["plan", "--source", &self.stream], extra)
     }
 
     fn rewrite(&self, output: &str, extra: &[&str]) -> Output {
-        let output = self.dir.file(output);
-        let mut args = vec![
-            "rewrite",
-            &self.stream,
-            &output,
+        self.run(&["rewrite", &self.stream, &self.dir.file(output)], extra)
+    }
+
+    /// `migproxy HEAD... --dest-profile D --source-profile S EXTRA...`
+    fn run(&self, head: &[&str], extra: &[&str]) -> Output {
+        let mut args = head.to_vec();
+        args.extend([
             "--dest-profile",
             &self.dest,
             "--source-profile",
             &self.source,
-        ];
+        ]);
         args.extend_from_slice(extra);
         run(&args)
     }
+}
+
+/// The readable plan of `out`, which must have exited with `code`, within the digest's bound.
+fn digest(out: &Output, code: i32) -> String {
+    let text = stdout(out);
+    assert_eq!(out.status.code(), Some(code), "{text}{}", stderr(out));
+    println!("{text}");
+    let lines = text.lines().count();
+    assert!(lines <= MAX_DIGEST_LINES, "{lines} lines:\n{text}");
+    text
 }
 
 fn stdout(out: &Output) -> String {
@@ -98,12 +97,8 @@ fn stderr(out: &Output) -> String {
 #[test]
 fn plan_digests_512_alike_vcpus_and_all_lists_every_register() {
     let many = ManyVcpus::new("plan-digest", |_, _| {});
-    let digest = many.plan(&[]);
-    let text = stdout(&digest);
-    assert_eq!(digest.status.code(), Some(0), "{text}{}", stderr(&digest));
-    println!("{text}");
+    let text = digest(&many.plan(&[]), 0);
     let lines = text.lines().count();
-    assert!(lines <= MAX_DIGEST_LINES, "{lines} lines:\n{text}");
     assert!(
         text.contains("\nvcpu 0-511 (512 vcpus): 261 -> 248 registers: 16 dropped, 3 filled"),
         "{text}"
@@ -148,11 +143,7 @@ fn plan_names_each_distinct_refusal_exactly_and_counts_the_rest() {
         }
     });
     let out = many.plan(&[]);
-    let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(3), "{text}{}", stderr(&out));
-    println!("{text}");
-    let lines = text.lines().count();
-    assert!(lines <= MAX_DIGEST_LINES, "{lines} lines:\n{text}");
+    let text = digest(&out, 3);
     assert!(
         text.contains("\nvcpu 0-99 (100 vcpus): 261 -> 248 registers: 16 dropped"),
         "{text}"
