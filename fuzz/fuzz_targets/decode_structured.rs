@@ -684,17 +684,7 @@ fuzz_target!(|data: &[u8]| {
 
     // Re-encoding equals the input consumed, in both.
     for run in [&whole, &split] {
-        let consumed = usize::try_from(run.offset).unwrap_or(usize::MAX);
-        assert!(consumed <= input.len());
-        assert_eq!(
-            run.out.len(),
-            consumed,
-            "emitted bytes differ from the bytes consumed"
-        );
-        assert!(
-            run.out[..] == input[..consumed],
-            "re-encoding differs from the input"
-        );
+        run.assert_reencodes_what_it_consumed(&input);
         // Constant work per received byte.
         assert!(run.work.device_phase_bytes_scanned <= input.len() as u64);
         assert!(

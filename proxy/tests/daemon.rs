@@ -138,10 +138,7 @@ fn a_missing_description_fails_closed_after_the_deadline() {
         received.len() < cut,
         "held device state was released without a description"
     );
-    let summary = daemon.wait_log("migration summary", SECS);
-    assert_eq!(summary["fields"]["outcome"], "refused", "{summary}");
-    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("description"), "{reason}");
+    assert_summary(&daemon, "refused", "description");
 }
 
 /// The description deadline runs from the device phase's first byte, not from the last byte:
@@ -647,10 +644,7 @@ fn decoder_limits_are_configurable_and_fail_closed() {
     let _ = source.write_all(&stream);
     read_until_closed(&mut source);
     assert!(destination.wait_received(0, SECS).len() < stream.len());
-    let summary = daemon.wait_log("migration summary", SECS);
-    assert_eq!(summary["fields"]["outcome"], "failed", "{summary}");
-    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("limit"), "{reason}");
+    assert_summary(&daemon, "failed", "limit");
 }
 
 #[test]

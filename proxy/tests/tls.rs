@@ -133,6 +133,19 @@ fn source_config(dir: &TempDir, client_cert: bool) -> Arc<rustls::ClientConfig> 
     })
 }
 
+/// What the destination received on its first connection, and whether the proxy showed it a
+/// client certificate, once something arrived.
+fn first_forwarded(received: &Received) -> (Vec<u8>, bool) {
+    wait_until("the destination to finish", SECS, || {
+        received
+            .lock()
+            .unwrap()
+            .first()
+            .cloned()
+            .filter(|(data, _)| !data.is_empty())
+    })
+}
+
 fn assert_never_dialed(received: &Received) {
     assert_eq!(
         received.lock().unwrap().len(),
@@ -204,14 +217,7 @@ fn tls_on_both_legs_relays_the_stream_and_refuses_plaintext() {
     let stream = vector("q72-a64fx.bin");
 
     tls_source(&pki, daemon.listen, &stream);
-    let (got, client_cert) = wait_until("the destination to finish", SECS, || {
-        received
-            .lock()
-            .unwrap()
-            .first()
-            .cloned()
-            .filter(|(data, _)| !data.is_empty())
-    });
+    let (got, client_cert) = first_forwarded(&received);
     assert!(got == stream, "forwarded plaintext differs");
     assert!(
         client_cert,
@@ -306,14 +312,7 @@ fn a_stalled_tls_handshake_is_closed_at_the_deadline_and_the_real_source_still_m
 
     let stream = vector("q72-a64fx.bin");
     tls_source(&pki, daemon.listen, &stream);
-    let (got, _) = wait_until("the destination to finish", SECS, || {
-        received
-            .lock()
-            .unwrap()
-            .first()
-            .cloned()
-            .filter(|(data, _)| !data.is_empty())
-    });
+    let (got, _) = first_forwarded(&received);
     assert!(got == stream, "forwarded plaintext differs");
     let summary = daemon.wait_log("migration summary", SECS);
     assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");

@@ -22,6 +22,23 @@ pub struct Decoded {
     pub work: DecodeWork,
 }
 
+impl Decoded {
+    /// What the decoder emitted re-encodes to exactly the bytes of `input` it consumed.
+    pub fn assert_reencodes_what_it_consumed(&self, input: &[u8]) {
+        let consumed = usize::try_from(self.offset).unwrap_or(usize::MAX);
+        assert!(consumed <= input.len());
+        assert_eq!(
+            self.out.len(),
+            consumed,
+            "emitted bytes differ from the bytes consumed"
+        );
+        assert!(
+            self.out[..] == input[..consumed],
+            "re-encoding differs from the input"
+        );
+    }
+}
+
 /// Re-encode `frame` unchanged onto `out`; a device state must take exactly `wire_len()` bytes.
 pub fn encode_frame(frame: &Frame, out: &mut BytesMut) {
     let copy = match frame {

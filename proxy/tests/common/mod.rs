@@ -382,6 +382,15 @@ pub fn description_offset(stream: &[u8]) -> usize {
         .expect("stream ends with a description")
 }
 
+/// Wait for the migration summary: its outcome must be `outcome` and its reason mention
+/// `reason_has`.
+pub fn assert_summary(daemon: &Daemon, outcome: &str, reason_has: &str) {
+    let summary = daemon.wait_log("migration summary", Duration::from_secs(20));
+    assert_eq!(summary["fields"]["outcome"], outcome, "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(reason_has), "{reason}");
+}
+
 /// Push a whole stream as a source, half-close, and return what came back on the return path.
 pub fn migrate(daemon: &Daemon, stream: &[u8]) -> Vec<u8> {
     let mut source = connect(daemon.listen);
