@@ -80,6 +80,19 @@ fn stray_connections_never_reach_the_destination() {
     assert_eq!(destination.accepted(), 1);
 }
 
+/// A stream (16 MiB of RAM pages) that the kernel buffers between the proxy and a destination
+/// cannot hold, so a destination that dies after 64 KiB dies while it still flows. A captured
+/// stream of a few hundred KB fits in them: the proxy can write all of it before the
+/// destination's reset arrives, and then waits, as it must, for a source that sends nothing more.
+fn larger_than_the_socket_buffers() -> Vec<u8> {
+    use migproxy_codec::testing::StreamBuilder;
+    let mut builder = StreamBuilder::new("virt-7.2");
+    builder.ram_start(64 << 20);
+    builder.ram_pages(4096, |index, page| page.fill(index.to_le_bytes()[0] | 1));
+    builder.cpu(0, &[(0x6030_0000_0013_c080, 0x30d0_0980)], 0x11);
+    builder.finish()
+}
+
 #[test]
 fn destination_dying_mid_stream_closes_the_source_and_the_daemon_keeps_serving() {
     let destination = Destination::start(vec![
@@ -87,16 +100,16 @@ fn destination_dying_mid_stream_closes_the_source_and_the_daemon_keeps_serving()
         Behaviour::ReadAll { reply: Vec::new() },
     ]);
     let daemon = Daemon::to(&destination, &[]);
-    let stream = vector("q72-a64fx.bin");
 
     let mut source = connect(daemon.listen);
     // The write may fail once the proxy has closed us: that is the expected outcome.
-    let _ = source.write_all(&stream);
+    let _ = source.write_all(&larger_than_the_socket_buffers());
     read_until_closed(&mut source);
     assert!(destination.wait_received(0, SECS).len() <= 64 * 1024);
     let summary = daemon.wait_log("migration summary", SECS);
     assert_eq!(summary["fields"]["outcome"], "failed", "{summary}");
 
+    let stream = vector("q72-a64fx.bin");
     migrate(&daemon, &stream);
     assert_eq!(destination.wait_received(1, SECS), stream);
 }

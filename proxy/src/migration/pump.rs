@@ -9,7 +9,9 @@
 //!
 //! The pump owns its read loop: decode every frame the buffer holds, write them, then read again
 //! (compare mini-redis `Connection::read_frame`). Page payloads are `Bytes` cut from the read
-//! buffer and written as they are (vectored, no copy into an encoder buffer); only the held
+//! buffer and written as they are (vectored, no copy into an encoder buffer); consecutive page
+//! records, headers and payloads, come as one such slice (`set_coalesce_ram_records`: each header
+//! still parsed and checked), so bulk RAM is a few buffers per read, not two per page; only the held
 //! device-state phase is re-encoded. A write waits for the destination, and nothing is read
 //! meanwhile: a slow destination slows the source down instead of growing memory (backpressure).
 //!
