@@ -16,6 +16,7 @@
 //! walk would have to reach past the guest's bytes to the real EOF.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::json::{self, Json};
 use crate::wire::{CPREG_INDEXES_FIELD, CPREG_VALUES_FIELD};
@@ -40,17 +41,18 @@ struct Device {
 /// How deep subsections may nest.
 const MAX_SUBSECTION_DEPTH: usize = 16;
 
-/// The layout a received description must have.
+/// The layout a received description must have. Shared, not copied, by every migration's decoder
+/// (a clone is three reference counts).
 #[derive(Debug, Clone)]
 pub struct ReferenceDescription {
-    devices: Vec<Device>,
+    devices: Arc<[Device]>,
     /// Field list of every vmstate (device or subsection) by vmsd name. Ordered, so that when
     /// several vmstates differ the error names the same one every time (a `HashMap`'s random order
     /// named a different one from run to run: found by the `decode_structured` fuzz target).
-    vmsds: BTreeMap<String, Vec<Field>>,
+    vmsds: Arc<BTreeMap<String, Vec<Field>>>,
     /// The fields of every device's vmstate, in device order (what the in-place check compares a
     /// device with, without a lookup by name).
-    device_fields: Vec<Vec<Field>>,
+    device_fields: Arc<[Vec<Field>]>,
 }
 
 /// Why a description does not have the reference's layout (or is no description at all).
@@ -94,8 +96,8 @@ impl ReferenceDescription {
             .map(|device| vmsds.get(&device.vmsd_name).cloned().unwrap_or_default())
             .collect();
         Ok(ReferenceDescription {
-            devices,
-            vmsds,
+            devices: devices.into(),
+            vmsds: Arc::new(vmsds),
             device_fields,
         })
     }
@@ -128,7 +130,7 @@ impl ReferenceDescription {
             return false;
         }
         entries
-            .zip(self.devices.iter().zip(&self.device_fields))
+            .zip(self.devices.iter().zip(self.device_fields.iter()))
             .all(|(entry, (want, want_fields))| {
                 let Some(name) = entry.get("name").and_then(Json::as_str) else {
                     return false;
@@ -186,7 +188,7 @@ impl ReferenceDescription {
                 self.devices.len()
             )));
         }
-        for (index, (got, want)) in other.devices.iter().zip(&self.devices).enumerate() {
+        for (index, (got, want)) in other.devices.iter().zip(self.devices.iter()).enumerate() {
             if got != want {
                 return Err(LayoutMismatch(format!(
                     "device {index} is \"{}\" instance {} version {:?}, the reference has \"{}\" instance {} version {:?}",
@@ -194,7 +196,7 @@ impl ReferenceDescription {
                 )));
             }
         }
-        for (name, fields) in &other.vmsds {
+        for (name, fields) in other.vmsds.iter() {
             match self.vmsds.get(name) {
                 Some(want) if want == fields => {}
                 Some(_) => {
