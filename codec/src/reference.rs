@@ -16,6 +16,7 @@
 //! walk would have to reach past the guest's bytes to the real EOF.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::json::{self, Json};
 use crate::wire::{CPREG_INDEXES_FIELD, CPREG_VALUES_FIELD};
@@ -37,14 +38,21 @@ struct Device {
     vmsd_name: String,
 }
 
-/// The layout a received description must have.
+/// How deep subsections may nest.
+const MAX_SUBSECTION_DEPTH: usize = 16;
+
+/// The layout a received description must have. Shared, not copied, by every migration's decoder
+/// (a clone is three reference counts).
 #[derive(Debug, Clone)]
 pub struct ReferenceDescription {
-    devices: Vec<Device>,
+    devices: Arc<[Device]>,
     /// Field list of every vmstate (device or subsection) by vmsd name. Ordered, so that when
     /// several vmstates differ the error names the same one every time (a `HashMap`'s random order
     /// named a different one from run to run: found by the `decode_structured` fuzz target).
-    vmsds: BTreeMap<String, Vec<Field>>,
+    vmsds: Arc<BTreeMap<String, Vec<Field>>>,
+    /// The fields of every device's vmstate, in device order (what the in-place check compares a
+    /// device with, without a lookup by name).
+    device_fields: Arc<[Vec<Field>]>,
 }
 
 /// Why a description does not have the reference's layout (or is no description at all).
@@ -83,7 +91,15 @@ impl ReferenceDescription {
             collect_vmsds(entry, &device.vmsd_name, &mut vmsds, 0)?;
             devices.push(device);
         }
-        Ok(ReferenceDescription { devices, vmsds })
+        let device_fields = devices
+            .iter()
+            .map(|device| vmsds.get(&device.vmsd_name).cloned().unwrap_or_default())
+            .collect();
+        Ok(ReferenceDescription {
+            devices: devices.into(),
+            vmsds: Arc::new(vmsds),
+            device_fields,
+        })
     }
 
     /// Number of devices the reference lists.
@@ -92,7 +108,80 @@ impl ReferenceDescription {
     }
 
     /// Does the received description (already parsed) have this layout?
+    ///
+    /// This runs on every migration while both QEMUs are stopped, so the answer "yes" is found by
+    /// comparing the received description in place against the layout read at start-up
+    /// ([`Self::matches`]: no strings copied, no map built). Only a description that does not
+    /// match is read again the slow way, which names the first mismatch exactly as before.
     pub(crate) fn check(&self, received: Json<'_>) -> Result<(), LayoutMismatch> {
+        if self.matches(received) {
+            // Debug builds and the fuzz targets check the fast answer against the slow one.
+            debug_assert_eq!(self.first_mismatch(received), Ok(()));
+            return Ok(());
+        }
+        self.first_mismatch(received)
+    }
+
+    /// In-place comparison: `true` only if [`Self::first_mismatch`] would find none (every
+    /// condition it checks is checked here; any doubt answers `false` and leaves the naming to it).
+    fn matches(&self, received: Json<'_>) -> bool {
+        let Some(entries) = received.get("devices").and_then(Json::as_array) else {
+            return false;
+        };
+        if entries.len() != self.devices.len() {
+            return false;
+        }
+        entries
+            .zip(self.devices.iter().zip(self.device_fields.iter()))
+            .all(|(entry, (want, want_fields))| {
+                let Some(name) = entry.get("name").and_then(Json::as_str) else {
+                    return false;
+                };
+                let vmsd_name = entry
+                    .get("vmsd_name")
+                    .and_then(Json::as_str)
+                    .unwrap_or(name);
+                name == want.name
+                    && vmsd_name == want.vmsd_name
+                    && entry.get("instance_id").and_then(Json::as_u64) == Some(want.instance)
+                    && entry.get("version").and_then(Json::as_u64) == want.version
+                    && self.vmsd_matches(entry, want_fields, 0)
+            })
+    }
+
+    /// Whether one received vmstate has the fields `want` (the reference's for its name), and each
+    /// of its subsections the fields the reference has for that subsection's name.
+    fn vmsd_matches(&self, vmsd: Json<'_>, want: &[Field], depth: usize) -> bool {
+        if depth > MAX_SUBSECTION_DEPTH {
+            return false;
+        }
+        let fields = vmsd
+            .get("fields")
+            .and_then(Json::as_array)
+            .unwrap_or_default();
+        if fields.len() != want.len()
+            || !fields
+                .zip(want)
+                .all(|(field, want)| field_matches(field, want))
+        {
+            return false;
+        }
+        vmsd.get("subsections")
+            .and_then(Json::as_array)
+            .unwrap_or_default()
+            .all(|sub| {
+                let Some(name) = sub.get("vmsd_name").and_then(Json::as_str) else {
+                    return false;
+                };
+                self.vmsds
+                    .get(name)
+                    .is_some_and(|want| self.vmsd_matches(sub, want, depth + 1))
+            })
+    }
+
+    /// The slow check: the received layout collected like the reference's, then compared; names
+    /// the first difference.
+    fn first_mismatch(&self, received: Json<'_>) -> Result<(), LayoutMismatch> {
         let other = Self::from_json(received)?;
         if other.devices.len() != self.devices.len() {
             return Err(LayoutMismatch(format!(
@@ -101,7 +190,7 @@ impl ReferenceDescription {
                 self.devices.len()
             )));
         }
-        for (index, (got, want)) in other.devices.iter().zip(&self.devices).enumerate() {
+        for (index, (got, want)) in other.devices.iter().zip(self.devices.iter()).enumerate() {
             if got != want {
                 return Err(LayoutMismatch(format!(
                     "device {index} is \"{}\" instance {} version {:?}, the reference has \"{}\" instance {} version {:?}",
@@ -109,7 +198,7 @@ impl ReferenceDescription {
                 )));
             }
         }
-        for (name, fields) in &other.vmsds {
+        for (name, fields) in other.vmsds.iter() {
             match self.vmsds.get(name) {
                 Some(want) if want == fields => {}
                 Some(_) => {
@@ -126,6 +215,38 @@ impl ReferenceDescription {
         }
         Ok(())
     }
+}
+
+/// Whether a received field is `want`: same name, same bytes (both cpreg arrays, or both sized).
+fn field_matches(field: Json<'_>, want: &Field) -> bool {
+    let name = field_name(field);
+    if name != want.name {
+        return false;
+    }
+    if is_cpreg_array(name) {
+        want.bytes.is_none()
+    } else {
+        field_bytes(field).is_some_and(|bytes| want.bytes == Some(bytes))
+    }
+}
+
+fn field_name<'t>(field: Json<'t>) -> &'t str {
+    field.get("name").and_then(Json::as_str).unwrap_or("?")
+}
+
+/// The cpreg arrays' length is the stream's own, not part of the layout.
+fn is_cpreg_array(field_name: &str) -> bool {
+    matches!(field_name, CPREG_INDEXES_FIELD | CPREG_VALUES_FIELD)
+}
+
+/// size × array_len (array_len 1 when absent); `None` if either is not a u64 or it overflows.
+fn field_bytes(field: Json<'_>) -> Option<u64> {
+    let size = field.get("size").and_then(Json::as_u64)?;
+    let count = match field.get("array_len") {
+        Some(n) => n.as_u64()?,
+        None => 1,
+    };
+    size.checked_mul(count)
 }
 
 fn device_of(entry: Json<'_>) -> Option<Device> {
@@ -148,7 +269,7 @@ fn collect_vmsds(
     out: &mut BTreeMap<String, Vec<Field>>,
     depth: usize,
 ) -> Result<(), LayoutMismatch> {
-    if depth > 16 {
+    if depth > MAX_SUBSECTION_DEPTH {
         return Err(LayoutMismatch("subsections nested too deeply".into()));
     }
     let mut fields = Vec::new();
@@ -157,24 +278,15 @@ fn collect_vmsds(
         .and_then(Json::as_array)
         .unwrap_or_default()
     {
-        let field_name = field.get("name").and_then(Json::as_str).unwrap_or("?");
-        let bytes = if matches!(field_name, CPREG_INDEXES_FIELD | CPREG_VALUES_FIELD) {
+        let field_name = field_name(field);
+        let bytes = if is_cpreg_array(field_name) {
             None
         } else {
-            let size = field.get("size").and_then(Json::as_u64);
-            let count = match field.get("array_len") {
-                Some(n) => n.as_u64(),
-                None => Some(1),
-            };
-            Some(
-                size.zip(count)
-                    .and_then(|(s, n)| s.checked_mul(n))
-                    .ok_or_else(|| {
-                        LayoutMismatch(format!(
-                            "field \"{field_name}\" of \"{name}\" has no valid size"
-                        ))
-                    })?,
-            )
+            Some(field_bytes(field).ok_or_else(|| {
+                LayoutMismatch(format!(
+                    "field \"{field_name}\" of \"{name}\" has no valid size"
+                ))
+            })?)
         };
         fields.push(Field {
             name: field_name.to_string(),
@@ -211,6 +323,63 @@ mod tests {
     const REFERENCE: &str = r#"{"devices": [{"name": "cpu", "instance_id": 0, "version": 22, "fields": [{"name": "a", "size": 4}], "subsections": [{"vmsd_name": "cpu/irq-line-state", "fields": [{"name": "b", "size": 4}]}]}]}"#;
     /// Both vmstates' fields differ from the reference.
     const BOTH_DIFFER: &str = r#"{"devices": [{"name": "cpu", "instance_id": 0, "version": 22, "fields": [{"name": "a", "size": 8}], "subsections": [{"vmsd_name": "cpu/irq-line-state", "fields": [{"name": "b", "size": 8}]}]}]}"#;
+
+    /// A reference with two devices, one sharing its vmstate, subsections nested two deep.
+    const LAYOUT: &str = concat!(
+        r#"{"devices": [{"name": "cpu", "instance_id": 0, "version": 22, "fields": [{"name": "a", "size": 4}, {"name": "cpreg_vmstate_indexes", "size": 8, "array_len": 3}, {"name": "v", "size": 2, "array_len": 3}], "#,
+        r#""subsections": [{"vmsd_name": "cpu/irq-line-state", "fields": [{"name": "b", "size": 4}], "subsections": [{"vmsd_name": "cpu/deep", "fields": []}]}, {"vmsd_name": "cpu/other", "fields": [{"name": "c", "size": 1}]}]}, "#,
+        r#"{"name": "cpu", "instance_id": 1, "version": 22, "fields": [{"name": "a", "size": 4}, {"name": "cpreg_vmstate_indexes", "size": 8, "array_len": 5}, {"name": "v", "size": 2, "array_len": 3}]}, "#,
+        r#"{"name": "gic", "instance_id": 0, "vmsd_name": "arm_gic", "fields": [{"name": "g", "size": 16}]}]}"#
+    );
+
+    /// The in-place check accepts exactly what the slow one accepts, and a refusal names the same
+    /// mismatch as before (the slow check names it).
+    #[test]
+    fn the_in_place_check_agrees_with_the_slow_one() {
+        let reference =
+            ReferenceDescription::parse(LAYOUT.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let variants: Vec<(String, bool)> = vec![
+            (LAYOUT.to_string(), true),
+            // A subsection the source did not send this time: still the same layout.
+            (LAYOUT.replace(r#", {"vmsd_name": "cpu/other", "fields": [{"name": "c", "size": 1}]}"#, ""), true),
+            // The cpreg arrays' length is the stream's own.
+            (LAYOUT.replace(r#""array_len": 5"#, r#""array_len": 7"#), true),
+            (LAYOUT.replace(r#""size": 16"#, r#""size": 15"#), false),
+            (LAYOUT.replace(r#""size": 2, "array_len": 3}], "subsections""#, r#""size": 2, "array_len": 4}], "subsections""#), false),
+            (LAYOUT.replace(r#""cpu/deep""#, r#""cpu/deeper""#), false),
+            (LAYOUT.replace(r#""vmsd_name": "cpu/deep", "#, ""), false),
+            (LAYOUT.replace(r#""instance_id": 1"#, r#""instance_id": 2"#), false),
+            (LAYOUT.replacen(r#""version": 22, "#, "", 1), false),
+            (LAYOUT.replacen(r#""version": 22"#, r#""version": 23"#, 1), false),
+            (LAYOUT.replacen(r#""version": 22"#, r#""version": "22""#, 1), false),
+            (LAYOUT.replace(r#""vmsd_name": "arm_gic", "#, ""), false),
+            (LAYOUT.replace(r#"{"name": "c", "size": 1}"#, r#"{"name": "c", "size": 1}, {"name": "d", "size": 1}"#), false),
+            (LAYOUT.replace(r#"{"name": "g", "size": 16}"#, r#"{"name": "g", "size": 16, "array_len": "x"}"#), false),
+            (LAYOUT.replace(r#"{"name": "g", "size": 16}"#, r#"{"size": 16}"#), false),
+            (LAYOUT.replace(r#"{"name": "cpu", "instance_id": 1"#, r#"{"name": "cpu""#), false),
+            (LAYOUT.replace(r#", {"name": "gic", "instance_id": 0, "vmsd_name": "arm_gic", "fields": [{"name": "g", "size": 16}]}"#, ""), false),
+            // A device the reference does not have.
+            (
+                format!(
+                    r#"{}, {{"name": "x", "instance_id": 0, "fields": []}}]}}"#,
+                    LAYOUT.strip_suffix("]}").unwrap_or(LAYOUT)
+                ),
+                false,
+            ),
+            (r#"{"devices": {}}"#.to_string(), false),
+        ];
+        for (index, (text, accepted)) in variants.into_iter().enumerate() {
+            // Every variant but the first must have changed the layout text.
+            assert_eq!(index == 0, text == LAYOUT, "variant {index} did not apply");
+            let document =
+                json::parse(text.as_bytes()).unwrap_or_else(|e| panic!("{}: {text}", e.message));
+            let received = document.root();
+            let slow = reference.first_mismatch(received);
+            assert_eq!(slow.is_ok(), accepted, "{slow:?}: {text}");
+            assert_eq!(reference.matches(received), accepted, "{text}");
+            assert_eq!(reference.check(received), slow, "{text}");
+        }
+    }
 
     #[test]
     fn the_same_mismatch_is_named_every_time() {
