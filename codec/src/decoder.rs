@@ -52,6 +52,7 @@ use crate::block;
 use crate::candidates::CandidateScanner;
 use crate::command::{self, MigCommand};
 use crate::configuration::ConfigurationParser;
+use crate::description_cache::DescriptionCache;
 use crate::device_phase::{self, DeviceState};
 use crate::error::{DecodeError, SectionRef};
 use crate::frame::{Frame, RecordKind, StreamInfo};
@@ -146,6 +147,9 @@ pub struct DecodeWork {
     pub device_phase_bytes_scanned: u64,
     /// Descriptions parsed and walked (candidate endings tried).
     pub descriptions_tried: u64,
+    /// Of those that were accepted, how many reused the description cache's parse (the same
+    /// text as the cached one: not parsed again).
+    pub descriptions_reused: u64,
     /// Configuration elements (machine name, subsection headers, capabilities) parsed.
     pub configuration_elements: u64,
 }
@@ -180,6 +184,8 @@ pub struct StreamDecoder {
     work: DecodeWork,
     /// Endings of the device phase must have this layout (see `reference`).
     reference: Option<ReferenceDescription>,
+    /// The listener's last accepted description, parsed (see `description_cache.rs`).
+    description_cache: Option<DescriptionCache>,
     /// Checking relay: an unconfirmed ending does not end the stream (see `set_checking_relay`).
     checking_relay: bool,
     /// The device phase as released so far when a released ending turned out to be false: the
@@ -212,6 +218,7 @@ impl StreamDecoder {
             description_error: None,
             work: DecodeWork::default(),
             reference: None,
+            description_cache: None,
             checking_relay: false,
             released_phase: None,
             phase: None,
@@ -224,6 +231,12 @@ impl StreamDecoder {
     /// `ReferenceDescription`): the ending is then exact, whatever the guest wrote into its state.
     pub fn set_reference_description(&mut self, reference: ReferenceDescription) {
         self.reference = Some(reference);
+    }
+
+    /// Reuse (and update) `cache`'s parsed description when a description is byte-for-byte the
+    /// cached one. Changes nothing that is accepted or refused, only what is recomputed.
+    pub fn set_description_cache(&mut self, cache: DescriptionCache) {
+        self.description_cache = Some(cache);
     }
 
     /// For a connection that forwards the device state unchanged (no rewrite): an ending that
@@ -891,9 +904,15 @@ impl StreamDecoder {
             start,
             desc_len_pos,
             self.reference.as_ref(),
+            self.description_cache.as_ref(),
             &self.limits,
         ) {
-            Ok(layout) => layout,
+            Ok((layout, reused)) => {
+                if reused {
+                    self.work.descriptions_reused += 1;
+                }
+                layout
+            }
             Err(err) => {
                 self.description_error = Some(err);
                 return Ok(Step::NeedMore);

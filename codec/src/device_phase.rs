@@ -24,6 +24,7 @@ use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::description_cache::DescriptionCache;
 use crate::error::{DecodeError, SectionRef};
 use crate::json::{self, Json};
 use crate::limits::Limits;
@@ -493,33 +494,68 @@ impl DeviceState {
 }
 
 /// Walk `held` (which ends with a complete description whose be32 length is at `desc_len_pos`).
+/// With a cache, a description byte-for-byte equal to the cached one is not parsed (nor checked
+/// against `reference`, if the cached one was) again (see `description_cache.rs` for why that is
+/// the same answer); a description whose walk succeeds replaces the cached one. Also says whether
+/// the cached description was reused.
 pub(crate) fn walk(
     held: &[u8],
     base_offset: u64,
     desc_len_pos: usize,
     reference: Option<&ReferenceDescription>,
+    cache: Option<&DescriptionCache>,
+    limits: &Limits,
+) -> Result<(Layout, bool), DecodeError> {
+    let json_start = desc_len_pos + 4;
+    let at = |pos: usize| base_offset + pos as u64;
+    let json_text = &held[json_start..];
+    let cached = cache.and_then(|cache| cache.lookup(json_text));
+    let (document, checked) = match cached
+        .as_deref()
+        .and_then(|entry| Some((entry.document(json_text)?, entry.checked_for(reference))))
+    {
+        Some(hit) => hit,
+        None => (
+            json::parse(json_text).map_err(|e| DecodeError::Description {
+                offset: at(json_start + e.pos),
+                message: format!("not valid json: {}", e.message),
+            })?,
+            false,
+        ),
+    };
+    if let Some(reference) = reference.filter(|_| !checked) {
+        reference
+            .check(document.root())
+            .map_err(|mismatch| DecodeError::Description {
+                offset: at(json_start),
+                message: format!(
+                    "does not have the layout of the reference description: {mismatch}"
+                ),
+            })?;
+    }
+    let layout = walk_described(held, base_offset, desc_len_pos, document.root(), limits)?;
+    let reused = cached.is_some();
+    if let Some(cache) = cache.filter(|_| !(reused && checked)) {
+        cache.store(json_text, document.into_shape(), reference);
+    }
+    Ok((layout, reused))
+}
+
+/// The walk proper: the device state in `held` against the parsed description `desc`.
+fn walk_described(
+    held: &[u8],
+    base_offset: u64,
+    desc_len_pos: usize,
+    desc: Json<'_>,
     limits: &Limits,
 ) -> Result<Layout, DecodeError> {
     let json_start = desc_len_pos + 4;
     let eof_pos = desc_len_pos - 2;
     let at = |pos: usize| base_offset + pos as u64;
-    let json_text = &held[json_start..];
-    let document = json::parse(json_text).map_err(|e| DecodeError::Description {
-        offset: at(json_start + e.pos),
-        message: format!("not valid json: {}", e.message),
-    })?;
-    let desc = document.root();
     let desc_err = |message: String| DecodeError::Description {
         offset: at(json_start),
         message,
     };
-    if let Some(reference) = reference {
-        reference.check(desc).map_err(|mismatch| {
-            desc_err(format!(
-                "does not have the layout of the reference description: {mismatch}"
-            ))
-        })?;
-    }
     let devices = desc
         .get("devices")
         .and_then(Json::as_array)

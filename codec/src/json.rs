@@ -12,6 +12,7 @@
 //! produces for a vmstate name, is decoded into a side table), string ends are found with
 //! `memchr`, integers are read in place, and every node is a small `Copy` value in one vector.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 const MAX_DEPTH: usize = 64;
@@ -20,10 +21,22 @@ const MAX_DEPTH: usize = 64;
 /// members of every object lie contiguously in two more. A 4-vCPU description has ~1,500 objects
 /// and arrays; as a tree of their own vectors that was as many allocations (and frees) while both
 /// QEMUs wait; here it is a handful.
+///
+/// The document is a [`Shape`] (owned, and nothing in it but positions into the text and the
+/// rare decoded string) paired with the text it was parsed from. A shape depends only on the
+/// bytes of its text, so it is valid for any text byte-for-byte equal to that one: the
+/// description cache (`description_cache.rs`) keeps one and pairs it with the next migration's
+/// identical description instead of parsing it again.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Document<'a> {
     /// The text, known to be UTF-8 (string spans index it).
     text: &'a str,
+    shape: Cow<'a, Shape>,
+}
+
+/// The text-independent part of a parsed [`Document`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(crate) struct Shape {
     nodes: Vec<Node>,
     /// Node indices of array items, each array's items contiguous.
     items: Vec<u32>,
@@ -67,12 +80,27 @@ enum Node {
 }
 
 impl<'a> Document<'a> {
+    /// `shape` paired with `text`. The shape must have been parsed from a text byte-for-byte
+    /// equal to `text` (the caller compares them); `None` if `text` is not UTF-8, which such a
+    /// text cannot be.
+    pub(crate) fn with_shape(text: &'a [u8], shape: &'a Shape) -> Option<Document<'a>> {
+        Some(Document {
+            text: std::str::from_utf8(text).ok()?,
+            shape: Cow::Borrowed(shape),
+        })
+    }
+
+    /// The shape, for a cache to keep.
+    pub(crate) fn into_shape(self) -> Shape {
+        self.shape.into_owned()
+    }
+
     /// The top-level value.
     pub(crate) fn root(&self) -> Json<'_> {
         // The root is the last node pushed: containers are pushed once complete.
         Json {
             doc: self,
-            index: self.nodes.len().saturating_sub(1),
+            index: self.shape.nodes.len().saturating_sub(1),
         }
     }
 
@@ -84,14 +112,14 @@ impl<'a> Document<'a> {
                 end - start == key.len()
                     && self.text.as_bytes().get(start..end) == Some(key.as_bytes())
             }
-            Str::Decoded(index) => self.decoded.get(index).is_some_and(|d| d == key),
+            Str::Decoded(index) => self.shape.decoded.get(index).is_some_and(|d| d == key),
         }
     }
 
     fn str(&self, s: Str) -> &str {
         match s {
             Str::Span { start, end } => self.text.get(start..end).unwrap_or_default(),
-            Str::Decoded(index) => self.decoded.get(index).map_or("", String::as_str),
+            Str::Decoded(index) => self.shape.decoded.get(index).map_or("", String::as_str),
         }
     }
 }
@@ -105,7 +133,7 @@ pub(crate) struct Json<'t> {
 
 impl<'t> Json<'t> {
     fn node(&self) -> Option<Node> {
-        self.doc.nodes.get(self.index).copied()
+        self.doc.shape.nodes.get(self.index).copied()
     }
 
     fn at(&self, index: u32) -> Json<'t> {
@@ -119,7 +147,8 @@ impl<'t> Json<'t> {
         match self.node()? {
             Node::Object { first, len, .. } => {
                 let doc = self.doc;
-                doc.members
+                doc.shape
+                    .members
                     .get(first..first + len)?
                     .iter()
                     .find(|(k, _)| doc.key_is(*k, key))
@@ -147,7 +176,7 @@ impl<'t> Json<'t> {
         match self.node()? {
             Node::Array { first, len } => Some(Items {
                 doc: Some(self.doc),
-                indices: self.doc.items.get(first..first + len)?.iter(),
+                indices: self.doc.shape.items.get(first..first + len)?.iter(),
             }),
             _ => None,
         }
@@ -204,8 +233,7 @@ pub(crate) fn parse(text: &[u8]) -> Result<Document<'_>, JsonError> {
     let mut p = Parser {
         text,
         pos: 0,
-        doc: Document {
-            text: utf8,
+        doc: Shape {
             // QEMU's description: about one value per 12 bytes, a quarter of them object members.
             nodes: Vec::with_capacity(text.len() / 12),
             items: Vec::with_capacity(text.len() / 48),
@@ -221,13 +249,16 @@ pub(crate) fn parse(text: &[u8]) -> Result<Document<'_>, JsonError> {
     if p.pos != text.len() {
         return Err(p.err("trailing characters after the json value"));
     }
-    Ok(p.doc)
+    Ok(Document {
+        text: utf8,
+        shape: Cow::Owned(p.doc),
+    })
 }
 
 struct Parser<'a> {
     text: &'a [u8],
     pos: usize,
-    doc: Document<'a>,
+    doc: Shape,
     /// Items and members of the containers being parsed (innermost last): moved to the
     /// document, contiguous, when their container closes.
     pending_items: Vec<u32>,

@@ -52,6 +52,7 @@ mod candidates;
 mod command;
 mod configuration;
 mod decoder;
+mod description_cache;
 mod device_phase;
 mod encoder;
 mod error;
@@ -71,6 +72,7 @@ pub mod wire;
 
 pub use command::command_name;
 pub use decoder::{DecodeWork, StreamDecoder};
+pub use description_cache::DescriptionCache;
 pub use device_phase::{CpuRegisters, CpuSubsection, DeviceSection, DeviceState};
 pub use encoder::StreamEncoder;
 pub use error::{DecodeError, SectionRef};

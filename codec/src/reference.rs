@@ -102,6 +102,14 @@ impl ReferenceDescription {
         })
     }
 
+    /// Whether `other` is this reference (a clone of it), not merely an equal one: what a
+    /// cached check result is tied to.
+    pub(crate) fn is_same(&self, other: &ReferenceDescription) -> bool {
+        Arc::ptr_eq(&self.devices, &other.devices)
+            && Arc::ptr_eq(&self.vmsds, &other.vmsds)
+            && Arc::ptr_eq(&self.device_fields, &other.device_fields)
+    }
+
     /// Number of devices the reference lists.
     pub fn devices(&self) -> usize {
         self.devices.len()

@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use migproxy_codec::DescriptionCache;
+
 use crate::cli::RunArgs;
 use crate::cli::UnreferencedDevicePhase;
 use crate::daemon::accept;
@@ -85,6 +87,19 @@ pub async fn start(
     let own = Arc::new(OwnAddresses::default());
     let mut bound = Vec::new();
     for listener in &config.listeners {
+        let description_cache = DescriptionCache::new();
+        if let Some(reference) = &listener.rewrite.source_reference {
+            // A rewriting relay's source normally sends the reference's own description: its
+            // first migration already reuses the parse (and the check against the reference).
+            description_cache
+                .seed(&reference.description, &reference.layout)
+                .map_err(|mismatch| {
+                    ProxyError::InvalidConfig(format!(
+                        "source reference of listener {}: {mismatch}",
+                        listener.listen
+                    ))
+                })?;
+        }
         let ctx = Arc::new(ListenerCtx {
             listen: listener.listen.to_string(),
             upstream: listener.upstream.clone(),
@@ -96,6 +111,7 @@ pub async fn start(
                 write_stall_timeout: config.write_stall_timeout,
                 dial_timeout: config.dial_timeout,
                 unreferenced_device_phase: config.unreferenced_device_phase,
+                description_cache,
             },
             identify_timeout: config.identify_timeout,
             raw_relay: config.raw_relay,

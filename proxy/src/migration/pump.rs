@@ -32,7 +32,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use migproxy_codec::{Frame, Limits, MigCommand, PackageDeviceState, RecordKind, StreamDecoder};
+use migproxy_codec::{
+    DescriptionCache, Frame, Limits, MigCommand, PackageDeviceState, RecordKind, StreamDecoder,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::codec::Decoder;
 
@@ -67,6 +69,9 @@ pub struct ChannelSettings {
     /// Rewriting proxies without a source reference: refused before the destination is dialed
     /// (`connection.rs`), or allowed to end the phase at a candidate.
     pub unreferenced_device_phase: UnreferencedDevicePhase,
+    /// The listener's last accepted description, parsed: a migration whose description is
+    /// byte-for-byte the same does not parse it again (seeded with the source reference's).
+    pub description_cache: DescriptionCache,
 }
 
 /// Pump one main channel until both directions have ended: `source` and `destination` are the
@@ -145,6 +150,8 @@ struct Forward<'a, R, W> {
     /// When the held device phase must have ended: set at the phase's first read.
     description_deadline: Option<tokio::time::Instant>,
     flagged_no_return_path: bool,
+    /// The decoder's count of reused descriptions at the last device state (for the log).
+    descriptions_reused: u64,
 }
 
 impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
@@ -159,6 +166,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         // RAM goes through as it came: runs of page records are one slice each, not a frame
         // per header and per payload.
         decoder.set_coalesce_ram_records(true);
+        decoder.set_description_cache(settings.description_cache.clone());
         // Where the device phase ends (DESIGN.md, "How the end of the phase is recognised"):
         // without a rewrite nothing depends on it, so a guest-forged ending must not stop the
         // migration; a rewrite needs it exact, which the source's reference description makes
@@ -188,6 +196,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             limits: settings.limits.clone(),
             description_deadline: None,
             flagged_no_return_path: false,
+            descriptions_reused: 0,
         }
     }
 
@@ -298,6 +307,12 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                 // Both QEMUs are stopped until the destination has the device state: release
                 // it before anything else (logging, metrics) runs.
                 self.out.flush().await?;
+                let reused = self.decoder.work().descriptions_reused;
+                tracing::debug!(
+                    reused = reused > self.descriptions_reused,
+                    "description: the cached parse reused (byte-for-byte the cached text) or parsed"
+                );
+                self.descriptions_reused = reused;
                 tracing::info!(
                     bytes = device.wire_len(),
                     ending = if device.is_confirmed() {
@@ -511,6 +526,7 @@ mod tests {
             write_stall_timeout: DEADLINE,
             dial_timeout: DEADLINE,
             unreferenced_device_phase: UnreferencedDevicePhase::Allow,
+            description_cache: DescriptionCache::new(),
         }
     }
 
