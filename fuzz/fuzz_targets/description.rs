@@ -4,24 +4,36 @@
 //! fixed stream prefix (header, RAM START/END), followed by EOF, VMDESCRIPTION and the text's
 //! length, and decoded whole. The text is also parsed as a reference description and, when
 //! that works, the stream is decoded again with it. Nothing may panic; what decodes must
-//! re-encode (identity rewrite) to the input.
+//! re-encode (identity rewrite) to the input. Each decode runs three times: without a description
+//! cache, and twice with one cache (a miss, then a hit if the first was accepted, or with the
+//! reference, a cache seeded with the text); all three must end the same way.
 #![no_main]
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use migproxy_codec::testing::{RamRecord, StreamBuilder};
 use migproxy_codec::wire::*;
-use migproxy_codec::{Frame, Limits, ReferenceDescription, StreamDecoder, StreamEncoder};
+use migproxy_codec::{
+    DescriptionCache, Frame, Limits, ReferenceDescription, StreamDecoder, StreamEncoder,
+};
 use tokio_util::codec::{Decoder, Encoder};
 
-fn decode(input: &[u8], reference: Option<ReferenceDescription>) {
+/// How a decode ended: the error's text, or nothing (it re-encoded to the input).
+fn decode(
+    input: &[u8],
+    reference: Option<&ReferenceDescription>,
+    cache: Option<&DescriptionCache>,
+) -> Option<String> {
     let mut decoder = StreamDecoder::new(Limits {
         max_description: 1 << 16,
         max_device_state: 1 << 16,
         ..Limits::default()
     });
     if let Some(reference) = reference {
-        decoder.set_reference_description(reference);
+        decoder.set_reference_description(reference.clone());
+    }
+    if let Some(cache) = cache {
+        decoder.set_description_cache(cache.clone());
     }
     let mut buf = BytesMut::from(input);
     let mut out = BytesMut::new();
@@ -34,13 +46,15 @@ fn decode(input: &[u8], reference: Option<ReferenceDescription>) {
                     }
                     let _ = state.description_json();
                 }
-                StreamEncoder.encode(frame, &mut out).expect("encoding into memory");
+                StreamEncoder
+                    .encode(frame, &mut out)
+                    .expect("encoding into memory");
             }
             Ok(None) => {
                 assert_eq!(&out[..], input, "re-encoding differs");
-                return;
+                return None;
             }
-            Err(_) => return,
+            Err(err) => return Some(err.to_string()),
         }
     }
 }
@@ -59,9 +73,33 @@ fuzz_target!(|data: &[u8]| {
     input.extend_from_slice(&[QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION]);
     input.extend_from_slice(&(json.len() as u32).to_be_bytes());
     input.extend_from_slice(json);
-    decode(&input, None);
+    let plain = decode(&input, None, None);
+    let cache = DescriptionCache::new();
+    assert_eq!(
+        decode(&input, None, Some(&cache)),
+        plain,
+        "first with a cache"
+    );
+    assert_eq!(
+        decode(&input, None, Some(&cache)),
+        plain,
+        "again with the cache"
+    );
     if let Ok(reference) = ReferenceDescription::parse(json) {
         let _ = reference.devices();
-        decode(&input, Some(reference));
+        let plain = decode(&input, Some(&reference), None);
+        let seeded = DescriptionCache::new();
+        if seeded.seed(json, &reference).is_ok() {
+            assert_eq!(
+                decode(&input, Some(&reference), Some(&seeded)),
+                plain,
+                "seeded"
+            );
+        }
+        assert_eq!(
+            decode(&input, Some(&reference), Some(&cache)),
+            plain,
+            "cache of no reference"
+        );
     }
 });

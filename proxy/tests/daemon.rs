@@ -53,6 +53,64 @@ fn checking_relay_forwards_a_real_stream_unchanged_and_metrics_show_it() {
     assert_eq!(daemon.get("/readyz").0, 200);
 }
 
+/// The `description` field of every "device state forwarded" event so far, in order.
+fn descriptions(daemon: &Daemon, migrations: usize) -> Vec<String> {
+    let forwarded = "device state forwarded";
+    wait_until("device states forwarded", SECS, || {
+        (daemon.count_logs(forwarded) >= migrations).then_some(())
+    });
+    (0..migrations)
+        .map(|n| {
+            // The n-th event: wait_event finds the first that `accept`s, so count them off.
+            let seen = std::cell::Cell::new(0);
+            let event = daemon.wait_event(forwarded, SECS, |_| {
+                seen.set(seen.get() + 1);
+                seen.get() == n + 1
+            });
+            event["fields"]["description"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn a_checking_relay_reuses_the_description_from_its_second_migration_on() {
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &[]);
+    let stream = vector("q10-a64fx.bin");
+    for index in 0..3 {
+        migrate(&daemon, &stream);
+        assert_eq!(destination.wait_received(index, SECS), stream);
+    }
+    // A different configuration (7.2) parses, and its description replaces the cached one.
+    let other = vector("q72-a64fx.bin");
+    migrate(&daemon, &other);
+    assert_eq!(destination.wait_received(3, SECS), other);
+    migrate(&daemon, &stream);
+    assert_eq!(destination.wait_received(4, SECS), stream);
+    assert_eq!(
+        descriptions(&daemon, 5),
+        ["parsed", "reused", "reused", "parsed", "parsed"]
+    );
+}
+
+#[test]
+fn a_rewriting_relay_reuses_the_source_references_description_from_its_first_migration() {
+    let reference = vector_path("q72-a64fx.bin");
+    let (_dir, destination, daemon) =
+        rewriting_for_72("reuse", &["--source-reference", &reference]);
+    let stream = vector("q72-a64fx.bin");
+    for index in 0..2 {
+        migrate(&daemon, &stream);
+        destination.wait_received(index, SECS);
+    }
+    assert_eq!(descriptions(&daemon, 2), ["reused", "reused"]);
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
+}
+
 #[test]
 fn stray_connections_never_reach_the_destination() {
     let destination = Destination::reading();

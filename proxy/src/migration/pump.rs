@@ -307,14 +307,18 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                 // Both QEMUs are stopped until the destination has the device state: release
                 // it before anything else (logging, metrics) runs.
                 self.out.flush().await?;
+                // Whether the listener's cached description was reused (the same text as the
+                // last accepted one, or the source reference's): see `description_cache.rs`.
                 let reused = self.decoder.work().descriptions_reused;
-                tracing::debug!(
-                    reused = reused > self.descriptions_reused,
-                    "description: the cached parse reused (byte-for-byte the cached text) or parsed"
-                );
+                let description = if reused > self.descriptions_reused {
+                    "reused"
+                } else {
+                    "parsed"
+                };
                 self.descriptions_reused = reused;
                 tracing::info!(
                     bytes = device.wire_len(),
+                    description,
                     ending = if device.is_confirmed() {
                         "exact: the source reference's layout"
                     } else if self.rewrite.is_none() {
