@@ -46,6 +46,8 @@ window_pages="${TWOHOST_WINDOW_PAGES:-8192}"
 icount="${TWOHOST_ICOUNT:-shift=10,align=on}"
 links="${TWOHOST_LINKS:-unshaped,1g,2.5g,10g}"
 delay_us="${TWOHOST_DELAY_US:-200}"
+dst_prealloc="${TWOHOST_DST_PREALLOC:-}"
+[ "$dst_prealloc" = 0 ] && dst_prealloc=
 qemu="${QEMU10:-/usr/bin/qemu-system-aarch64}"
 cache="${MIGPROXY_CACHE:-$HOME/.cache/migproxy}/twohost"
 results="${1:-$cache/results/$(date -u +%Y%m%dT%H%M%SZ)}"
@@ -142,7 +144,7 @@ log "link shaping with $shaping"
 if [ "$shaping" != netem ]; then
     cp "$delay_line_built" "$work/delay-line"
     "$python" "$tools/two_host.py" delay-line --binary "$work/delay-line" --in-dev "$dst_tun" \
-        --out-dev "$src_tun" --delay-us "$delay_us" --stats "$work/delay-line.json" 2>"$work/delay-line.log" &
+        --out-dev "$src_tun" --delay-us "$delay_us" --spin-us "${TWOHOST_DELAY_SPIN_US:-10}" --stats "$work/delay-line.json" 2>"$work/delay-line.log" &
     delay_line_pid=$!
     for _ in $(seq 100); do
         ip link show "$src_tun" >/dev/null 2>&1 && ip link show "$dst_tun" >/dev/null 2>&1 && break
@@ -239,8 +241,8 @@ for link in "${link_list[@]}"; do
         --mem-mib "$ram_mib" --fill "$ram_file" --guest "$work/dirty.bin" \
         --window-pages "$window_pages" --icount "$icount" --migproxy "$migproxy" \
         --dest-profile "$work/dest-profile.json" --source-reference "$work/reference.bin" \
-        --nft-template "$root/deploy/nftables/redirect.nft" ${delay_line_pid:+--delay-line-pid "$delay_line_pid"} ||
-        failed=1
+        --nft-template "$root/deploy/nftables/redirect.nft" ${delay_line_pid:+--delay-line-pid "$delay_line_pid"} \
+        ${dst_prealloc:+--dst-prealloc} || failed=1
     # The delay line's counters so far (cumulative; written by it once a second).
     if [ -n "$delay_line_pid" ]; then sleep 1.2; cp "$work/delay-line.json" "$results/delay-line-after-$link.json"; fi
 done
@@ -252,7 +254,7 @@ cat >"$results/meta.json" <<EOF
  "date": "$(date -u +%Y-%m-%dT%H:%MZ)", "cpus": $(nproc), "kernel": "$(uname -r)",
  "loadavg_at_end": "$(cut -d' ' -f1-3 /proc/loadavg)", "ram_mib": $ram_mib, "reps": $reps,
  "window_pages": $window_pages, "icount": "$icount", "links": "$links", "quick": "${BENCH_QUICK:-0}",
- "shaping": "$shaping", "delay_us": $delay_us, "commit": "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"}
+ "shaping": "$shaping", "delay_us": $delay_us, "dst_prealloc": ${dst_prealloc:+true}${dst_prealloc:-false}, "commit": "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"}
 EOF
 "$python" "$tools/report_two_host.py" "$results" >"$results/report.md" || failed=1
 log "results in $results; wall time $((ended_epoch - started_epoch)) s"

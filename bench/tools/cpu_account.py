@@ -76,6 +76,11 @@ def account(before, after, wall_s):
         cpu_s = (a["ticks"] - b["ticks"]) / HZ
         ours += cpu_s
         threads = {t: (ticks - b["threads"].get(t, 0)) / HZ for t, ticks in a["threads"].items()}
+        # A thread that ended before the second snapshot (the source's migration thread does, at
+        # completion) is only in the process's total.
+        exited = cpu_s - sum(threads.values())
+        if exited > 0:
+            threads["(threads that ended)"] = exited
         processes[name] = {"cpu_s": cpu_s, "threads": {t: s for t, s in sorted(threads.items(), key=lambda x: -x[1])
                                                        if s > 0}}
     cores = []

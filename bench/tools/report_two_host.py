@@ -114,6 +114,7 @@ def summary(results_dir):
     for (link, multifd, path), group in configs.items():
         ok = [r for r in group if r.get("converged")]
         entry = {"link": link, "multifd": multifd, "path": path, "runs": len(group), "converged": len(ok),
+                 "runs_ok": ok,
                  "errors": [r.get("error") for r in group if r.get("error")],
                  "stats": {m: _stats([r.get(m) for r in ok]) for m in METRICS}, "flags": []}
         if len(ok) < len(group):
@@ -253,6 +254,7 @@ def section(results_dir):
                 f"| {_fmt(st['delay_line_cpu_s'], 1, 2)} | {_fmt(st['others_cpu_s'], 1, 1)} "
                 f"| {_fmt(st['retrans_segs'], 1, 0)} | {ratio} | {delta} "
                 f"| {'; '.join(e['flags']) or ('link-limited' if e.get('link_limited') else 'ok')} |")
+    lines += _cpu_breakdown(s)
     lines += ["", "Medians, with (min-max) over the repetitions. Targets (migproxy on the destination host, shaped "
               "links):", "", "| target | value | wanted | status | why |", "|---|---|---|---|---|"]
     for name, value, target, status, why in targets(results_dir):
@@ -263,6 +265,44 @@ def section(results_dir):
                   f"{meta.get('haproxy')}, {meta.get('cpus')} CPUs, kernel {meta.get('kernel')}, wall time "
                   f"{meta.get('wall_seconds')} s, load average at the end {meta.get('loadavg_at_end')}."]
     return "\n".join(lines) + "\n"
+
+
+def _cpu_breakdown(s):
+    """Where the CPU went in the direct runs without multifd (the baseline every relay is compared
+    with): per QEMU thread, the delay line, softirq and everything else, medians over the repetitions."""
+    out = ["", "Where the CPU went, direct migration without multifd (CPU seconds over the migration, median "
+           "of the repetitions; the source's migration thread ends with the migration and is counted under "
+           "\"threads that ended\"):", "", "| link | total s | source QEMU threads | destination QEMU threads "
+           "| delay line | softirq (all cores) | other | cores busy |", "|---|---|---|---|---|---|---|---|"]
+    rows = 0
+    for e in s["configs"]:
+        runs = [r for r in e.get("runs_ok", []) if r.get("cpu")]
+        if e["path"] != "direct" or e["multifd"] or not runs:
+            continue
+
+        def med(get):
+            values = [v for v in (get(r) for r in runs) if v is not None]
+            return statistics.median(values) if values else None
+
+        def threads(name):
+            names = {t for r in runs for t in r["cpu"]["processes"].get(name, {}).get("threads", {})}
+            parts = []
+            for t in names:
+                v = med(lambda r, t=t: r["cpu"]["processes"].get(name, {}).get("threads", {}).get(t, 0.0))
+                if v and v >= 0.05:
+                    parts.append((v, t))
+            return ", ".join(f"{t} {v:.1f}" for v, t in sorted(parts, reverse=True)) or "-"
+
+        line = med(lambda r: r["cpu"]["processes"].get("delay_line", {}).get("cpu_s"))
+        cores = [med(lambda r, i=i: r["cpu"]["cores"][i]["busy"] if len(r["cpu"]["cores"]) > i else None)
+                 for i in range(max(len(r["cpu"]["cores"]) for r in runs))]
+        out.append(f"| {LINK_NAMES.get(e['link'], e['link'])} | {med(lambda r: r['total_time_ms'] / 1000):.1f} "
+                   f"| {threads('source_qemu')} | {threads('destination_qemu')} "
+                   f"| {'-' if line is None else f'{line:.2f}'} | {med(lambda r: r['cpu']['machine']['softirq']):.1f} "
+                   f"| {med(lambda r: r['cpu']['others_cpu_s']):.1f} "
+                   f"| {' / '.join('-' if c is None else f'{c:.0%}' for c in cores)} |")
+        rows += 1
+    return out if rows else []
 
 
 def _method(s):

@@ -233,9 +233,9 @@ def cmd_delay_line(args):
     os.close(into)
     os.close(out_of)
     # Real-time priority: on a machine whose two cores run both QEMUs, a normal thread wakes up
-    # hundreds of microseconds late; a SCHED_FIFO one preempts them (it spins only 30 us per packet).
+    # hundreds of microseconds late; a SCHED_FIFO one preempts them (it spins at most --spin-us per packet).
     argv = ["chrt", "--fifo", str(args.rt_priority), args.binary, "--delay-us", str(args.delay_us),
-            "--stats", args.stats]
+            "--spin-us", str(args.spin_us), "--stats", args.stats]
     os.execvp("chrt", argv)
 
 
@@ -247,7 +247,7 @@ def link_tx_bytes(ns, dev):
     return json.loads(out)[0]["stats64"]["tx"]["bytes"]
 
 
-def qemu_argv(args, qmp_path, source):
+def qemu_argv(args, qmp_path, source, prealloc=False):
     argv = [args.qemu, "-M", args.machine, "-cpu", args.cpu, "-smp", str(args.smp), "-m", f"{args.mem_mib}M",
             "-nodefaults", "-nographic", "-display", "none", "-qmp", f"unix:{qmp_path},server=on,wait=off",
             # Single-threaded TCG whose virtual clock the host clock paces (align=on sleeps when the guest
@@ -262,7 +262,12 @@ def qemu_argv(args, qmp_path, source):
                  "-machine", "memory-backend=mem0",
                  "-device", f"loader,file={args.guest},addr={GUEST_LOAD_ADDR:#x},cpu-num=0"]
     else:
-        argv += ["-object", f"memory-backend-ram,id=mem0,size={args.mem_mib}M", "-machine", "memory-backend=mem0",
+        # prealloc: the destination faults its RAM in before the migration instead of during it
+        # (page faults and zeroing on the loading thread, which competes with everything else for
+        # two cores); what a production destination with preallocated (huge) pages does.
+        argv += ["-object", f"memory-backend-ram,id=mem0,size={args.mem_mib}M{',prealloc=on' if prealloc else ''}",
+                 "-machine",
+                 "memory-backend=mem0",
                  "-incoming", "defer"]
     return argv
 
@@ -383,7 +388,8 @@ def one_migration(args, path, multifd, run_dir, qemu_port):
     os.makedirs(run_dir, exist_ok=True)
     src_qmp_path = os.path.join(run_dir, "src.qmp")
     dst_qmp_path = os.path.join(run_dir, "dst.qmp")
-    dst = start_in(args.dst_ns, qemu_argv(args, dst_qmp_path, source=False), os.path.join(run_dir, "dst.log"))
+    dst = start_in(args.dst_ns, qemu_argv(args, dst_qmp_path, source=False, prealloc=args.dst_prealloc),
+                   os.path.join(run_dir, "dst.log"))
     src = start_in(args.src_ns, qemu_argv(args, src_qmp_path, source=True), os.path.join(run_dir, "src.log"))
     src_qmp = dst_qmp = relay = None
     cleanup = lambda: None  # noqa: E731
@@ -534,7 +540,7 @@ def cmd_matrix(args):
                 result = one_migration(args, path, multifd, run_dir, qemu_port)
             except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
                 result = {"path": path, "multifd": multifd, "converged": False, "error": str(e)}
-            result.update({"link": args.link, "rep": rep, "warmup": kind == "warmup", "mem_mib": args.mem_mib,
+            result.update({"link": args.link, "rep": rep, "dst_prealloc": args.dst_prealloc, "warmup": kind == "warmup", "mem_mib": args.mem_mib,
                            "icount": args.icount, "window_pages": args.window_pages,
                            "loadavg": open("/proc/loadavg").read().split()[:3], "name": name})
             if "error" in result:
@@ -586,7 +592,8 @@ def main():
     s.add_argument("--out-dev", required=True)
     s.add_argument("--delay-us", type=int, required=True)
     s.add_argument("--stats", required=True)
-    s.add_argument("--rt-priority", type=int, default=10, help="SCHED_FIFO priority (0: none)")
+    s.add_argument("--rt-priority", type=int, default=10, help="SCHED_FIFO priority")
+    s.add_argument("--spin-us", type=int, default=10, help="spin this long before each deadline")
     s = sub.add_parser("reference")
     s.add_argument("--out", required=True)
     add_qemu_args(s)
@@ -601,7 +608,7 @@ def main():
         s.add_argument("--dst-addr", required=True)
         if name == "measure-link":
             s.add_argument("--link", required=True)
-            s.add_argument("--shaping", required=True, help="netem (rate + delay) or tbf (rate only)")
+            s.add_argument("--shaping", required=True, help="netem (rate + delay) or tbf+delay-line (rate; the reverse direction through the delay line)")
             s.add_argument("--port", type=int, default=5201)
             s.add_argument("--seconds", type=float, default=3)
             s.add_argument("--pings", type=int, default=200)
@@ -627,6 +634,7 @@ def main():
             s.add_argument("--source-reference", required=True)
             s.add_argument("--nft-template", required=True)
             s.add_argument("--delay-line-pid", type=int, help="the delay line's process (its CPU is accounted)")
+            s.add_argument("--dst-prealloc", action="store_true", help="destination RAM preallocated (prealloc=on)")
     args = p.parse_args()
     if args.command == "probe-sink":
         cmd_probe_sink(args)

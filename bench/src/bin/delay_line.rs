@@ -26,7 +26,7 @@ struct Cli {
     #[arg(long)]
     delay_us: u64,
     /// Spin (instead of sleeping) this long before each deadline, microseconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 10)]
     spin_us: u64,
     /// Packets held at most; arrivals beyond it are dropped and counted.
     #[arg(long, default_value_t = 4096)]
