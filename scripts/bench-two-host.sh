@@ -159,6 +159,9 @@ if [ "$shaping" != netem ]; then
     done
     ip link set "$dst_tun" netns "$dst_ns"
     ip link set "$src_tun" netns "$src_ns"
+    # IPv4 only: IPv6 would send router solicitations through the line before both ends are up.
+    ip netns exec "$dst_ns" sysctl -qw "net.ipv6.conf.$dst_tun.disable_ipv6=1" 2>/dev/null || true
+    ip netns exec "$src_ns" sysctl -qw "net.ipv6.conf.$src_tun.disable_ipv6=1" 2>/dev/null || true
     ip -n "$dst_ns" link set "$dst_tun" up
     ip -n "$src_ns" link set "$src_tun" up
     # The source host receives the destination's packets on src_tun while its route to the
@@ -262,7 +265,7 @@ cat >"$results/meta.json" <<EOF
  "date": "$(date -u +%Y-%m-%dT%H:%MZ)", "cpus": $(nproc), "kernel": "$(uname -r)",
  "loadavg_at_end": "$(cut -d' ' -f1-3 /proc/loadavg)", "ram_mib": $ram_mib, "reps": $reps,
  "window_pages": $window_pages, "icount": "$icount", "links": "$links", "quick": "${BENCH_QUICK:-0}",
- "shaping": "$shaping", "delay_us": $delay_us, "dst_prealloc": $([ -n "$dst_prealloc" ] && echo true || echo false), "commit": "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"}
+ "shaping": "$shaping", "delay_us": $delay_us, "dst_prealloc": $([ -n "$dst_prealloc" ] && echo true || echo false), "commit": "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)"}
 EOF
 "$python" "$tools/report_two_host.py" "$results" >"$results/report.md" || failed=1
 log "results in $results; wall time $((ended_epoch - started_epoch)) s"
