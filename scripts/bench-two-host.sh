@@ -139,10 +139,10 @@ for ns in "$src_ns" "$dst_ns"; do ip -n "$ns" link set lo up; done
 ip -n "$src_ns" link set "$src_dev" up
 ip -n "$dst_ns" link set "$dst_dev" up
 
-# tc on both ends. With sch_netem: half the round trip per direction plus the rate, and a queue big
-# enough that TCP's window, not the qdisc, fills (drops are measured with the link). A kernel without
-# netem (no CONFIG_NET_SCH_NETEM) cannot delay packets at all: then tbf shapes the rate alone and the
-# link records that its round trip is the bare veth's (link-LINK.json "shaping").
+# With sch_netem: rate and half the round trip per direction on both ends, and a queue big enough
+# that TCP's window, not the qdisc, fills. A kernel without netem (no CONFIG_NET_SCH_NETEM, nor fq or
+# etf to pace by departure time) cannot delay a packet in a qdisc: then tbf shapes the data direction
+# and the reverse direction goes through the delay line (link-LINK.json "shaping": tbf+delay-line).
 shaping="netem"
 tc -n "$src_ns" qdisc add dev "$src_dev" root netem delay 100us 2>/dev/null || shaping="tbf+delay-line"
 tc -n "$src_ns" qdisc del dev "$src_dev" root 2>/dev/null || true
@@ -150,7 +150,8 @@ log "link shaping with $shaping"
 if [ "$shaping" != netem ]; then
     cp "$delay_line_built" "$work/delay-line"
     "$python" "$tools/two_host.py" delay-line --binary "$work/delay-line" --in-dev "$dst_tun" \
-        --out-dev "$src_tun" --delay-us "$delay_us" --spin-us "${TWOHOST_DELAY_SPIN_US:-10}" --stats "$work/delay-line.json" 2>"$work/delay-line.log" &
+        --out-dev "$src_tun" --delay-us "$delay_us" --spin-us "${TWOHOST_DELAY_SPIN_US:-10}" \
+        --stats "$work/delay-line.json" 2>"$work/delay-line.log" &
     delay_line_pid=$!
     for _ in $(seq 100); do
         ip link show "$src_tun" >/dev/null 2>&1 && ip link show "$dst_tun" >/dev/null 2>&1 && break
@@ -265,7 +266,8 @@ cat >"$results/meta.json" <<EOF
  "date": "$(date -u +%Y-%m-%dT%H:%MZ)", "cpus": $(nproc), "kernel": "$(uname -r)",
  "loadavg_at_end": "$(cut -d' ' -f1-3 /proc/loadavg)", "ram_mib": $ram_mib, "reps": $reps,
  "window_pages": $window_pages, "icount": "$icount", "links": "$links", "quick": "${BENCH_QUICK:-0}",
- "shaping": "$shaping", "delay_us": $delay_us, "dst_prealloc": $([ -n "$dst_prealloc" ] && echo true || echo false), "commit": "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)"}
+ "shaping": "$shaping", "delay_us": $delay_us, "dst_prealloc": $([ -n "$dst_prealloc" ] && echo true || echo false),
+ "commit": "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)"}
 EOF
 "$python" "$tools/report_two_host.py" "$results" >"$results/report.md" || failed=1
 log "results in $results; wall time $((ended_epoch - started_epoch)) s"

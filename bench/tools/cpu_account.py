@@ -86,8 +86,8 @@ def account(before, after, wall_s):
         exited = cpu_s - sum(threads.values())
         if exited > 0:
             threads["(threads that ended)"] = exited
-        processes[name] = {"cpu_s": cpu_s, "user_s": user_s, "system_s": system_s, "threads": {t: s for t, s in sorted(threads.items(), key=lambda x: -x[1])
-                                                       if s > 0}}
+        busiest_first = {t: v for t, v in sorted(threads.items(), key=lambda x: -x[1]) if v > 0}
+        processes[name] = {"cpu_s": cpu_s, "user_s": user_s, "system_s": system_s, "threads": busiest_first}
     cores = []
     machine = dict.fromkeys(STAT_FIELDS, 0.0)
     for core in sorted(after["cores"], key=lambda c: int(c[3:])):

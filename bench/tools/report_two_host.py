@@ -140,6 +140,8 @@ def summary(results_dir):
             entry["link_limited_why"] = [f"{r['name']}: {why}" for r, (_, why) in zip(ok, verdicts)]
             if not entry["link_limited"]:
                 entry["flags"].append("; ".join(why for v, why in verdicts if not v))
+        elif not LINK_BITS_S.get(link):
+            entry["flags"].append("no link rate (unshaped): the machine, not a link, sets the pace")
         elif busy and statistics.median(busy) > MAX_CORE_BUSY:
             # Runs recorded before the per-core accounting: the machine-wide figure is all there is.
             entry["flags"].append(f"CPU-bound: all {cpus} cores {statistics.median(busy):.0%} busy during the runs "
@@ -217,20 +219,21 @@ def section(results_dir):
                          f"max {measured['rtt_ms_max']:.3f}); qdisc drops {measured.get('drops')}; shaping: {how}.")
             ping, bulk = measured.get("ping_tcp"), measured.get("bulk_tcp")
             if ping and bulk:
+                queue = " (with the tbf queue it filled)" if shaping not in ("none", None) else ""
                 lines.append(f"The kernel's round trip (tcp_info): ping-pong connection smoothed "
                              f"**{ping['rtt_ms']:.3f} ms**, minimum {ping['min_rtt_ms']:.3f} ms; bulk stream minimum "
-                             f"{bulk['min_rtt_ms']:.3f} ms, smoothed {bulk['rtt_ms']:.3f} ms at its end (with the tbf "
-                             f"queue it filled), {bulk['total_retrans']} retransmitted segments.")
+                             f"{bulk['min_rtt_ms']:.3f} ms, smoothed {bulk['rtt_ms']:.3f} ms at its end{queue}, "
+                             f"{bulk['total_retrans']} retransmitted segments.")
             cpu = measured.get("cpu") or {}
             line_cpu = cpu.get("processes", {}).get("delay_line")
-            if line_cpu and cpu.get("wall_s"):
+            if line_cpu and cpu.get("wall_s") and measured.get("delay_us"):
                 lines.append(f"The delay line used {line_cpu['cpu_s']:.2f} CPU s in the {cpu['wall_s']:.1f} s of the "
                              f"probe ({line_cpu['cpu_s'] / cpu['wall_s']:.1%} of one core), of which "
                              f"{line_cpu.get('user_s', 0):.2f} s its own user time; the rest is system time, mostly "
                              f"the source host's TCP receiving each ACK it writes and sending the data that ACK "
                              f"lets out (work the softirq does on a real link).")
             counters = s["delay_line"].get(link)
-            if counters:
+            if counters and measured.get("delay_us"):
                 lines.append(f"Delay line counters after this link's runs (cumulative since the start): "
                              f"{counters['forwarded']} packets forwarded, {counters['dropped_queue_full']} dropped "
                              f"(queue full), {counters['write_errors']} write errors, lateness past the deadline "
@@ -336,7 +339,8 @@ def _method(s):
         f"(integration-tests/guest/dirty.S) that rewrites a {window * 4 // 1024} MiB working set ({window} pages) "
         f"over and over; `-icount {meta.get('icount', 'shift=10,align=on')}` paces the guest to a few percent of "
         f"a CPU so that the link, not this machine's cores, bounds the migration. The destination's RAM is "
-        f"{'preallocated (`prealloc=on`, before the migration starts' if meta.get('dst_prealloc') else 'not preallocated (faulted in during the migration'}: "
+        + ("preallocated (`prealloc=on`, before the migration starts: " if meta.get("dst_prealloc")
+           else "not preallocated (faulted in during the migration: ") +
         f"faulting 4 GiB in on the loading thread cost 5-7 s of system time and held a 2.5 Gbit/s link to "
         f"75-80 % of its rate). max-bandwidth is lifted; "
         f"downtime-limit stays at QEMU's default (300 ms). Paths: direct (source QEMU -> destination QEMU), "
@@ -385,17 +389,24 @@ def targets(results_dir):
             if "total_time_ratio" in vs:
                 value = vs["total_time_ratio"]
                 status = "implausible" if flags else ("met" if value <= TOTAL_RATIO_TARGET else "missed")
+                why = "; ".join(w for w in e.get("link_limited_why", []))
                 out.append((f"total time, migproxy on the destination host, {where}", f"{value:.3f}x direct",
-                            f"<= {TOTAL_RATIO_TARGET}x", status, flags or f"median of {e['converged']} runs"))
+                            f"<= {TOTAL_RATIO_TARGET}x", status,
+                            flags or f"median of {e['converged']} runs; {why or 'link-limited'}"))
             else:
                 out.append((f"total time, migproxy on the destination host, {where}", "-",
                             f"<= {TOTAL_RATIO_TARGET}x", "missed", "no converged run or no direct baseline"))
             if "stop_to_resume_delta_ms" in vs:
                 value = vs["stop_to_resume_delta_ms"]
                 status = "implausible" if flags else ("met" if value <= DOWNTIME_DELTA_TARGET_MS else "missed")
+                # The pause depends on how much the guest dirtied in the last round, which varies from
+                # run to run: the ranges tell whether a difference of a few ms is more than that.
+                direct = by_key.get((link, multifd, "direct"))
+                ranges = "; ".join(f"{who} {_fmt(x['stats']['stop_to_resume_ms'], 1, 1)} ms"
+                                   for who, x in (("direct", direct), ("migproxy", e)) if x)
                 out.append((f"downtime (STOP->RESUME), migproxy on the destination host, {where}",
                             f"{value:+.2f} ms vs direct", f"<= +{DOWNTIME_DELTA_TARGET_MS} ms", status,
-                            flags or f"median of {e['converged']} runs"))
+                            flags or f"median of {e['converged']} runs ({ranges})"))
             else:
                 out.append((f"downtime (STOP->RESUME), migproxy on the destination host, {where}", "-",
                             f"<= +{DOWNTIME_DELTA_TARGET_MS} ms", "missed", "no converged run or no direct baseline"))

@@ -608,7 +608,8 @@ def main():
         s.add_argument("--dst-addr", required=True)
         if name == "measure-link":
             s.add_argument("--link", required=True)
-            s.add_argument("--shaping", required=True, help="netem (rate + delay) or tbf+delay-line (rate; the reverse direction through the delay line)")
+            s.add_argument("--shaping", required=True,
+                           help="netem (rate + delay) or tbf+delay-line (rate; the way back through the delay line)")
             s.add_argument("--port", type=int, default=5201)
             s.add_argument("--seconds", type=float, default=3)
             s.add_argument("--pings", type=int, default=200)
