@@ -16,6 +16,7 @@ pub mod multifd;
 pub mod procfs;
 pub mod receiver;
 pub mod relay_process;
+pub mod rounds;
 pub mod scale;
 pub mod sender;
 pub mod stats;

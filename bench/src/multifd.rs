@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::receiver::{Connection, Receiver};
 use crate::relay_process::RelaySpec;
+use crate::rounds::{rotate, Outcomes};
 use crate::sender::Sender;
 use crate::stats::{summarize, Summary};
 use crate::stream_layout::layout_of_file;
@@ -228,59 +229,27 @@ pub fn run(plan: &Plan, reps: usize, relays: &[RelaySpec]) -> Result<Report, Ben
     warm_page_cache(plan.payload)?;
     let receiver = Receiver::start()?;
     let loadavg_start = loadavg();
-    for round in 0..plan.warmup {
-        for relay in relays {
-            eprintln!(
-                "migbench: multifd-relay warm-up {} (not counted)",
-                relay.name
-            );
-            if let Err(e) = one_run(relay, plan, &receiver, round) {
-                eprintln!("migbench:   warm-up failed: {e}");
-            }
-        }
-    }
-    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); relays.len()];
-    let mut errors: Vec<Vec<String>> = vec![Vec::new(); relays.len()];
-    for rep in 0..reps {
-        // Rotate the order so that no relay always runs first while the machine's load drifts.
-        for k in 0..relays.len() {
-            let index = (rep + k) % relays.len();
-            let Some(relay) = relays.get(index) else {
-                continue;
-            };
-            eprintln!(
-                "migbench: multifd-relay rep {}/{reps} {}",
-                rep + 1,
-                relay.name
-            );
-            match one_run(relay, plan, &receiver, rep) {
-                Ok(run) => {
-                    eprintln!(
-                        "migbench:   {:.3} GiB/s, cpu {:.2} s = {:.3} s/GiB, peak rss {} KiB, load {}",
-                        run.multifd_gib_per_s,
-                        run.relay_cpu_s,
-                        run.cpu_s_per_gib,
-                        run.peak_rss_kib,
-                        run.loadavg
-                    );
-                    if let Some(slot) = runs.get_mut(index) {
-                        slot.push(run);
-                    }
-                }
-                Err(e) => {
-                    eprintln!("migbench:   failed: {e}");
-                    if let Some(slot) = errors.get_mut(index) {
-                        slot.push(e.to_string());
-                    }
-                }
-            }
-        }
-    }
+    let outcomes = rotate(
+        "multifd-relay",
+        relays,
+        plan.warmup,
+        reps,
+        |relay, rep| one_run(relay, plan, &receiver, rep),
+        |run| {
+            format!(
+                "{:.3} GiB/s, cpu {:.2} s = {:.3} s/GiB, peak rss {} KiB, load {}",
+                run.multifd_gib_per_s,
+                run.relay_cpu_s,
+                run.cpu_s_per_gib,
+                run.peak_rss_kib,
+                run.loadavg
+            )
+        },
+    );
     let relays = relays
         .iter()
-        .zip(runs)
-        .zip(errors)
-        .map(|((relay, runs), errors)| {
+        .zip(outcomes)
+        .map(|(relay, Outcomes { runs, errors })| {
             let pick = |f: fn(&Run) -> f64| -> Option<Summary> {
                 let values: Vec<f64> = runs.iter().map(f).collect();
                 (!values.is_empty()).then(|| summarize(&values))

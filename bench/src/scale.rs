@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::relay_process::RelaySpec;
+use crate::rounds::{rotate, Outcomes};
 use crate::sender::Sender;
 use crate::stats::{summarize, Summary};
 use crate::throughput::{Setup, TRANSFER_TIMEOUT};
@@ -173,44 +174,21 @@ pub fn run(
     let stream_bytes = setup.stream_bytes;
     let mut points = Vec::new();
     for &n in concurrency {
-        for round in 0..warmup {
-            for relay in relays {
-                eprintln!("migbench: scale x{n} warm-up {} (not counted)", relay.name);
-                if let Err(e) = one_run(relay, &setup, n, round) {
-                    eprintln!("migbench:   warm-up failed: {e}");
-                }
-            }
-        }
-        let mut runs: Vec<Vec<ScaleRun>> = vec![Vec::new(); relays.len()];
-        let mut errors: Vec<Vec<String>> = vec![Vec::new(); relays.len()];
-        for rep in 0..reps {
-            for k in 0..relays.len() {
-                let index = (rep + k) % relays.len();
-                let Some(relay) = relays.get(index) else {
-                    continue;
-                };
-                eprintln!("migbench: scale x{n} rep {}/{reps} {}", rep + 1, relay.name);
-                match one_run(relay, &setup, n, rep) {
-                    Ok(run) => {
-                        eprintln!(
-                            "migbench:   {:.3} GiB/s aggregate, peak rss {:?} KiB",
-                            run.aggregate_gib_per_s, run.peak_rss_kib
-                        );
-                        if let Some(slot) = runs.get_mut(index) {
-                            slot.push(run);
-                        }
-                    }
-                    Err(e) => {
-                        eprintln!("migbench:   failed: {e}");
-                        if let Some(slot) = errors.get_mut(index) {
-                            slot.push(e.to_string());
-                        }
-                    }
-                }
-            }
-        }
+        let outcomes = rotate(
+            &format!("scale x{n}"),
+            relays,
+            warmup,
+            reps,
+            |relay, rep| one_run(relay, &setup, n, rep),
+            |run| {
+                format!(
+                    "{:.3} GiB/s aggregate, peak rss {:?} KiB",
+                    run.aggregate_gib_per_s, run.peak_rss_kib
+                )
+            },
+        );
         let total_gib = stream_bytes as f64 * n as f64 / GIB;
-        for ((relay, runs), errors) in relays.iter().zip(runs).zip(errors) {
+        for (relay, Outcomes { runs, errors }) in relays.iter().zip(outcomes) {
             let pick = |f: &dyn Fn(&ScaleRun) -> Option<f64>| -> Option<Summary> {
                 let values: Vec<f64> = runs.iter().filter_map(f).collect();
                 (!values.is_empty()).then(|| summarize(&values))

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::receiver::Receiver;
 use crate::relay_process::RelaySpec;
+use crate::rounds::{rotate, Outcomes};
 use crate::sender::Sender;
 use crate::stats::{summarize, Summary};
 use crate::stream_layout::layout_of_file;
@@ -180,54 +181,23 @@ pub fn run(
     log_dir: &Path,
 ) -> Result<Report, BenchError> {
     let setup = Setup::new(stream, log_dir)?;
-    for round in 0..warmup {
-        for relay in relays {
-            eprintln!(
-                "migbench: throughput warm-up {}/{warmup} {} (not counted)",
-                round + 1,
-                relay.name
-            );
-            if let Err(e) = one_run(relay, &setup, round) {
-                // Not counted either way; a relay that keeps failing shows in the counted runs.
-                eprintln!("migbench:   warm-up failed: {e}");
-            }
-        }
-    }
-    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); relays.len()];
-    let mut errors: Vec<Vec<String>> = vec![Vec::new(); relays.len()];
-    for rep in 0..reps {
-        // Rotate the order each repetition so that no relay always runs first (or right
-        // after the same neighbour) while the machine's load drifts.
-        for k in 0..relays.len() {
-            let index = (rep + k) % relays.len();
-            let Some(relay) = relays.get(index) else {
-                continue;
-            };
-            eprintln!("migbench: throughput rep {}/{reps} {}", rep + 1, relay.name);
-            match one_run(relay, &setup, rep) {
-                Ok(run) => {
-                    eprintln!(
-                        "migbench:   {:.3} GiB/s, cpu {:?} s, peak rss {:?} KiB",
-                        run.gib_per_s, run.relay_cpu_s, run.peak_rss_kib
-                    );
-                    if let Some(slot) = runs.get_mut(index) {
-                        slot.push(run);
-                    }
-                }
-                Err(e) => {
-                    eprintln!("migbench:   failed: {e}");
-                    if let Some(slot) = errors.get_mut(index) {
-                        slot.push(e.to_string());
-                    }
-                }
-            }
-        }
-    }
+    let outcomes = rotate(
+        "throughput",
+        relays,
+        warmup,
+        reps,
+        |relay, rep| one_run(relay, &setup, rep),
+        |run| {
+            format!(
+                "{:.3} GiB/s, cpu {:?} s, peak rss {:?} KiB",
+                run.gib_per_s, run.relay_cpu_s, run.peak_rss_kib
+            )
+        },
+    );
     let relays = relays
         .iter()
-        .zip(runs)
-        .zip(errors)
-        .map(|((relay, runs), errors)| {
+        .zip(outcomes)
+        .map(|(relay, Outcomes { runs, errors })| {
             let pick = |f: fn(&Run) -> Option<f64>| -> Option<Summary> {
                 let values: Vec<f64> = runs.iter().filter_map(f).collect();
                 (!values.is_empty()).then(|| summarize(&values))

@@ -14,8 +14,11 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use migproxy_codec::{DecodeError, Frame, Limits, StreamDecoder, StreamEncoder};
-use tokio_util::codec::{Decoder, Encoder};
+use migproxy_codec::{Frame, Limits, StreamDecoder};
+
+mod feed;
+
+use feed::{encode_frame, Decoded};
 
 fn limits() -> Limits {
     Limits {
@@ -30,108 +33,10 @@ fn limits() -> Limits {
     }
 }
 
-struct Decoded {
-    frames: Vec<Frame>,
-    out: Vec<u8>,
-    result: Result<(), String>,
-    trailing: bool,
-    offset: u64,
-    reads: u64,
-    scanned: u64,
-    tried: u64,
-}
-
-fn encode_frame(frame: &Frame, out: &mut BytesMut) {
-    let copy = match frame {
-        Frame::DeviceState(state) => {
-            let before = out.len();
-            state.encode(out);
-            assert_eq!(
-                out.len() - before,
-                state.wire_len(),
-                "wire_len differs from encode"
-            );
-            return;
-        }
-        Frame::Verbatim {
-            kind,
-            section_id,
-            bytes,
-        } => Frame::Verbatim {
-            kind: kind.clone(),
-            section_id: *section_id,
-            bytes: bytes.clone(),
-        },
-        Frame::Payload { section_id, bytes } => Frame::Payload {
-            section_id: *section_id,
-            bytes: bytes.clone(),
-        },
-    };
-    StreamEncoder
-        .encode(copy, out)
-        .expect("encoding into memory");
-}
-
 fn decode(input: &[u8], boundaries: &[usize], relay: bool) -> Decoded {
     let mut decoder = StreamDecoder::new(limits());
     decoder.set_checking_relay(relay);
-    let mut buf = BytesMut::new();
-    let mut frames = Vec::new();
-    let mut out = BytesMut::new();
-    let mut fed = 0usize;
-    let mut reads = 0u64;
-    let mut result = Ok(());
-    let mut trailing = false;
-    'feed: for &end in boundaries {
-        let end = end.min(input.len());
-        if end <= fed {
-            continue;
-        }
-        buf.extend_from_slice(&input[fed..end]);
-        fed = end;
-        reads += 1;
-        loop {
-            match decoder.decode(&mut buf) {
-                Ok(Some(frame)) => {
-                    encode_frame(&frame, &mut out);
-                    frames.push(frame);
-                }
-                Ok(None) => break,
-                Err(err) => {
-                    trailing = matches!(err, DecodeError::TrailingData { .. });
-                    result = Err(err.to_string());
-                    break 'feed;
-                }
-            }
-        }
-    }
-    if result.is_ok() {
-        loop {
-            match decoder.decode_eof(&mut buf) {
-                Ok(Some(frame)) => {
-                    encode_frame(&frame, &mut out);
-                    frames.push(frame);
-                }
-                Ok(None) => break,
-                Err(err) => {
-                    trailing = matches!(err, DecodeError::TrailingData { .. });
-                    result = Err(err.to_string());
-                    break;
-                }
-            }
-        }
-    }
-    let work = decoder.work();
-    Decoded {
-        frames,
-        out: out.to_vec(),
-        result,
-        trailing,
-        offset: decoder.offset(),
-        reads,
-        scanned: work.device_phase_bytes_scanned,
-        tried: work.descriptions_tried,
-    }
+    feed::decode(input, boundaries, decoder, encode_frame)
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -155,22 +60,15 @@ fuzz_target!(|data: &[u8]| {
     let whole = decode(input, &[input.len()], relay);
     let split = decode(input, &boundaries, relay);
     for run in [&whole, &split] {
-        let consumed = usize::try_from(run.offset).unwrap_or(usize::MAX);
-        assert!(consumed <= input.len());
-        assert_eq!(
-            run.out.len(),
-            consumed,
-            "emitted bytes differ from the bytes consumed"
-        );
+        run.assert_reencodes_what_it_consumed(input);
         assert!(
-            run.out[..] == input[..consumed],
-            "re-encoding differs from the input"
-        );
-        assert!(
-            run.scanned <= input.len() as u64,
+            run.work.device_phase_bytes_scanned <= input.len() as u64,
             "a held byte scanned twice"
         );
-        assert!(run.tried <= run.reads, "more descriptions tried than reads");
+        assert!(
+            run.work.descriptions_tried <= run.reads,
+            "more descriptions tried than reads"
+        );
     }
     if !relay && split.result != whole.result {
         assert!(

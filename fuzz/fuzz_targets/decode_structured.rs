@@ -35,13 +35,16 @@ use migproxy_codec::testing::{RamRecord, StreamBuilder};
 use migproxy_codec::wire::*;
 use migproxy_codec::{
     DeviceState, Frame, Limits, MigCommand, PackageDeviceState, RecordKind, ReferenceDescription,
-    StreamDecoder, StreamEncoder,
+    StreamDecoder,
 };
 use migproxy_config::{
     check_subsections, Accel, FillMissing, OnExtra, OnIdMismatch, Policy, Profile, RegId,
     SourceSubsection,
 };
-use tokio_util::codec::{Decoder, Encoder};
+
+mod feed;
+
+use feed::Decoded;
 
 const DEVICE_NAMES: &[&str] = &[
     "timer",
@@ -287,19 +290,6 @@ enum Mode {
 }
 
 /// What one decode of the stream produced.
-struct Decoded {
-    frames: Vec<Frame>,
-    /// Every frame re-encoded unchanged.
-    out: Vec<u8>,
-    result: std::result::Result<(), String>,
-    /// `TrailingData` (the stream went on after the device state ended).
-    trailing: bool,
-    done: bool,
-    offset: u64,
-    reads: u64,
-    work: migproxy_codec::DecodeWork,
-}
-
 fn decoder(mode: Mode, reference: Option<&ReferenceDescription>) -> StreamDecoder {
     let mut decoder = StreamDecoder::new(limits());
     match mode {
@@ -315,61 +305,8 @@ fn decoder(mode: Mode, reference: Option<&ReferenceDescription>) -> StreamDecode
 }
 
 /// Decode `input` fed up to each of `boundaries` in turn (ascending; the input's end last).
-fn decode(input: &[u8], boundaries: &[usize], mut decoder: StreamDecoder) -> Decoded {
-    let mut buf = BytesMut::new();
-    let mut frames = Vec::new();
-    let mut out = BytesMut::new();
-    let mut fed = 0usize;
-    let mut reads = 0u64;
-    let mut result = Ok(());
-    let mut trailing = false;
-    let mut keep = |frame: Frame, out: &mut BytesMut| {
-        encode_frame(&frame, out);
-        frames.push(frame);
-    };
-    'feed: for &end in boundaries {
-        let end = end.min(input.len());
-        if end <= fed {
-            continue;
-        }
-        buf.extend_from_slice(&input[fed..end]);
-        fed = end;
-        reads += 1;
-        loop {
-            match decoder.decode(&mut buf) {
-                Ok(Some(frame)) => keep(frame, &mut out),
-                Ok(None) => break,
-                Err(err) => {
-                    trailing = matches!(err, migproxy_codec::DecodeError::TrailingData { .. });
-                    result = Err(err.to_string());
-                    break 'feed;
-                }
-            }
-        }
-    }
-    if result.is_ok() {
-        loop {
-            match decoder.decode_eof(&mut buf) {
-                Ok(Some(frame)) => keep(frame, &mut out),
-                Ok(None) => break,
-                Err(err) => {
-                    trailing = matches!(err, migproxy_codec::DecodeError::TrailingData { .. });
-                    result = Err(err.to_string());
-                    break;
-                }
-            }
-        }
-    }
-    Decoded {
-        frames,
-        out: out.to_vec(),
-        result,
-        trailing,
-        done: decoder.is_done(),
-        offset: decoder.offset(),
-        reads,
-        work: decoder.work(),
-    }
+fn decode(input: &[u8], boundaries: &[usize], decoder: StreamDecoder) -> Decoded {
+    feed::decode(input, boundaries, decoder, encode_frame)
 }
 
 /// The rewrite's inputs, drawn from the input.
@@ -555,40 +492,17 @@ fn subsections(state: &DeviceState) -> Vec<(u32, String)> {
 
 /// One frame written back as the proxy writes it (frames are not `Clone`: the byte frames go
 /// through `StreamEncoder` as cheap copies of their `Bytes`).
+/// Re-encode `frame` unchanged; a device state's `to_bytes` must give the same bytes.
 fn encode_frame(frame: &Frame, out: &mut BytesMut) {
-    let copy = match frame {
-        Frame::DeviceState(state) => {
-            let before = out.len();
-            state.encode(out);
-            assert_eq!(
-                out.len() - before,
-                state.wire_len(),
-                "wire_len differs from encode"
-            );
-            assert_eq!(
-                state.to_bytes()[..],
-                out[before..],
-                "to_bytes differs from encode"
-            );
-            return;
-        }
-        Frame::Verbatim {
-            kind,
-            section_id,
-            bytes,
-        } => Frame::Verbatim {
-            kind: kind.clone(),
-            section_id: *section_id,
-            bytes: bytes.clone(),
-        },
-        Frame::Payload { section_id, bytes } => Frame::Payload {
-            section_id: *section_id,
-            bytes: bytes.clone(),
-        },
-    };
-    StreamEncoder
-        .encode(copy, out)
-        .expect("encoding into memory");
+    let before = out.len();
+    feed::encode_frame(frame, out);
+    if let Frame::DeviceState(state) = frame {
+        assert_eq!(
+            state.to_bytes()[..],
+            out[before..],
+            "to_bytes differs from encode"
+        );
+    }
 }
 
 fn encode_all(frames: &[Frame]) -> Vec<u8> {
@@ -770,17 +684,7 @@ fuzz_target!(|data: &[u8]| {
 
     // Re-encoding equals the input consumed, in both.
     for run in [&whole, &split] {
-        let consumed = usize::try_from(run.offset).unwrap_or(usize::MAX);
-        assert!(consumed <= input.len());
-        assert_eq!(
-            run.out.len(),
-            consumed,
-            "emitted bytes differ from the bytes consumed"
-        );
-        assert!(
-            run.out[..] == input[..consumed],
-            "re-encoding differs from the input"
-        );
+        run.assert_reencodes_what_it_consumed(&input);
         // Constant work per received byte.
         assert!(run.work.device_phase_bytes_scanned <= input.len() as u64);
         assert!(

@@ -97,15 +97,12 @@ const CASES: &[Case] = &[
 #[test]
 fn every_stream_budget_fails_the_migration_closed_with_one_line_naming_it() {
     let dir = TempDir::new("budgets");
-    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
-    let dest_profile = dir.file("dest72.json");
-    let source_profile = dir.file("src10.json");
-    capture_profile(&format!("{vectors}q72-a64fx.bin"), &[], &dest_profile);
-    capture_profile(&format!("{vectors}q10m72-a64fx.bin"), &[], &source_profile);
+    let dest_profile = vector_profile(&dir, "q72-a64fx.bin", &[], "dest72.json");
+    let source_profile = vector_profile(&dir, "q10m72-a64fx.bin", &[], "src10.json");
     for case in CASES {
-        let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+        let destination = Destination::reading();
         let upstream = destination.upstream();
-        let reference = format!("{vectors}{}", case.vector);
+        let reference = vector_path(case.vector);
         let mut args = vec!["--upstream", &upstream, case.flag, case.value];
         if case.rewrite {
             args.extend([
@@ -164,17 +161,18 @@ fn every_stream_budget_fails_the_migration_closed_with_one_line_naming_it() {
 /// connection over the total is closed at accept and counted by its reason.
 #[test]
 fn connections_over_the_total_budget_are_refused_by_name() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--max-connections",
-        "2",
-        "--max-connections-per-source",
-        "10",
-        "--identify-timeout",
-        "10000",
-    ]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(
+        &destination,
+        &[
+            "--max-connections",
+            "2",
+            "--max-connections-per-source",
+            "10",
+            "--identify-timeout",
+            "10000",
+        ],
+    );
     // Two connections that have not identified themselves yet hold the budget.
     let _first = connect(daemon.listen);
     let _second = connect(daemon.listen);
@@ -221,20 +219,13 @@ fn migrate_many_vcpus(value: u64) -> (Daemon, serde_json::Value, usize) {
     let stream = many_vcpus(100, value);
     let reference = dir.file("reference.bin");
     std::fs::write(&reference, &stream).unwrap();
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--dest-profile",
-        &profile,
-        "--source-reference",
-        &reference,
-    ]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(
+        &destination,
+        &["--dest-profile", &profile, "--source-reference", &reference],
+    );
     let before = daemon.log_count();
-    let mut source = connect(daemon.listen);
-    let _ = source.write_all(&stream);
-    let _ = source.shutdown(std::net::Shutdown::Write);
-    read_until_closed(&mut source);
+    migrate_refusable(&daemon, &stream);
     let summary = daemon.wait_log("migration summary", SECS);
     (daemon, summary, before)
 }
@@ -278,34 +269,31 @@ fn rewriting_512_vcpus_logs_a_bounded_number_of_lines() {
 #[test]
 fn removing_a_subsection_from_every_vcpu_is_logged_once() {
     let dir = TempDir::new("wfxt-once");
-    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
-    let dest_profile = dir.file("dest10.json");
-    let source_profile = dir.file("src111.json");
-    capture_profile(
-        &format!("{vectors}q10m72-a64fx.bin"),
+    let dest_profile = vector_profile(
+        &dir,
+        "q10m72-a64fx.bin",
         &["--qemu-version", "10.0.2"],
-        &dest_profile,
+        "dest10.json",
     );
-    capture_profile(
-        &format!("{vectors}q111m72-a64fx.bin"),
+    let source_profile = vector_profile(
+        &dir,
+        "q111m72-a64fx.bin",
         &["--qemu-version", "11.1.0"],
-        &source_profile,
+        "src111.json",
     );
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--dest-profile",
-        &dest_profile,
-        "--source-profile",
-        &source_profile,
-        "--source-reference",
-        &format!("{vectors}q111m72-a64fx.bin"),
-    ]);
-    let mut source = connect(daemon.listen);
-    source.write_all(&vector("q111m72-a64fx.bin")).unwrap();
-    source.shutdown(std::net::Shutdown::Write).unwrap();
-    read_until_closed(&mut source);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(
+        &destination,
+        &[
+            "--dest-profile",
+            &dest_profile,
+            "--source-profile",
+            &source_profile,
+            "--source-reference",
+            &vector_path("q111m72-a64fx.bin"),
+        ],
+    );
+    migrate(&daemon, &vector("q111m72-a64fx.bin"));
     let summary = daemon.wait_log("migration summary", SECS);
     assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
     assert_eq!(

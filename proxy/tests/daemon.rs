@@ -13,21 +13,13 @@ use common::*;
 
 const SECS: Duration = Duration::from_secs(20);
 
-/// Push a whole stream as a source, half-close, and return what came back on the return path.
-fn migrate(daemon: &Daemon, stream: &[u8]) -> Vec<u8> {
-    let mut source = connect(daemon.listen);
-    source.write_all(stream).expect("source write");
-    source.shutdown(Shutdown::Write).expect("half-close");
-    read_until_closed(&mut source)
-}
-
 #[test]
 fn checking_relay_forwards_a_real_stream_unchanged_and_metrics_show_it() {
     let reply = vector("q10-rp-main.d2s");
     let destination = Destination::start(vec![Behaviour::ReadAll {
         reply: reply.clone(),
     }]);
-    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let daemon = Daemon::to(&destination, &[]);
     let stream = vector("q10-rp-main.bin");
 
     let back = migrate(&daemon, &stream);
@@ -63,13 +55,8 @@ fn checking_relay_forwards_a_real_stream_unchanged_and_metrics_show_it() {
 
 #[test]
 fn stray_connections_never_reach_the_destination() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--identify-timeout",
-        "300",
-    ]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &["--identify-timeout", "300"]);
     // A port probe that sends nothing, and a client that speaks the wrong protocol.
     let mut silent = connect(daemon.listen);
     let mut garbage = connect(daemon.listen);
@@ -99,7 +86,7 @@ fn destination_dying_mid_stream_closes_the_source_and_the_daemon_keeps_serving()
         Behaviour::DieAfter(64 * 1024),
         Behaviour::ReadAll { reply: Vec::new() },
     ]);
-    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let daemon = Daemon::to(&destination, &[]);
     let stream = vector("q72-a64fx.bin");
 
     let mut source = connect(daemon.listen);
@@ -116,8 +103,8 @@ fn destination_dying_mid_stream_closes_the_source_and_the_daemon_keeps_serving()
 
 #[test]
 fn source_dying_mid_stream_closes_the_destination_and_the_daemon_keeps_serving() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &[]);
     let stream = vector("q72-a64fx.bin");
     let half = stream.len() / 2;
 
@@ -136,13 +123,8 @@ fn source_dying_mid_stream_closes_the_destination_and_the_daemon_keeps_serving()
 
 #[test]
 fn a_missing_description_fails_closed_after_the_deadline() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--description-timeout",
-        "300",
-    ]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &["--description-timeout", "300"]);
     let stream = vector("q72-a64fx.bin");
     let cut = description_offset(&stream);
 
@@ -156,10 +138,7 @@ fn a_missing_description_fails_closed_after_the_deadline() {
         received.len() < cut,
         "held device state was released without a description"
     );
-    let summary = daemon.wait_log("migration summary", SECS);
-    assert_eq!(summary["fields"]["outcome"], "refused", "{summary}");
-    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("description"), "{reason}");
+    assert_summary(&daemon, "refused", "description");
 }
 
 /// The description deadline runs from the device phase's first byte, not from the last byte:
@@ -172,13 +151,8 @@ fn a_device_phase_that_trickles_in_longer_than_the_deadline_is_refused_at_the_de
     let cut = description_offset(&stream);
     let device_start = cut.saturating_sub(8 * 1024);
     for (deadline_ms, outcome) in [("300", "refused"), ("60000", "completed")] {
-        let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-        let daemon = Daemon::start(&[
-            "--upstream",
-            &destination.upstream(),
-            "--description-timeout",
-            deadline_ms,
-        ]);
+        let destination = Destination::reading();
+        let daemon = Daemon::to(&destination, &["--description-timeout", deadline_ms]);
         let mut source = connect(daemon.listen);
         source.write_all(&stream[..device_start]).unwrap();
         for piece in stream[device_start..].chunks(1024) {
@@ -211,13 +185,8 @@ fn a_device_phase_that_trickles_in_longer_than_the_deadline_is_refused_at_the_de
 
 #[test]
 fn sigterm_lets_a_live_migration_finish_then_exits_zero() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let mut daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--drain-timeout",
-        "20",
-    ]);
+    let destination = Destination::reading();
+    let mut daemon = Daemon::to(&destination, &["--drain-timeout", "20"]);
     let stream = vector("q72-a64fx.bin");
     let half = stream.len() / 2;
 
@@ -247,13 +216,8 @@ fn sigterm_lets_a_live_migration_finish_then_exits_zero() {
 
 #[test]
 fn sigterm_closes_migrations_still_running_at_the_drain_deadline() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let mut daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--drain-timeout",
-        "1",
-    ]);
+    let destination = Destination::reading();
+    let mut daemon = Daemon::to(&destination, &["--drain-timeout", "1"]);
     let stream = vector("q72-a64fx.bin");
 
     let mut source = connect(daemon.listen);
@@ -312,8 +276,8 @@ fn invalid_configuration_fails_before_binding_with_exit_2() {
 
 #[test]
 fn healthcheck_reports_the_daemon_state() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &[]);
     let healthcheck = |url: String| {
         std::process::Command::new(env!("CARGO_BIN_EXE_migproxy"))
             .args(["healthcheck", "--url", &url])
@@ -341,15 +305,12 @@ fn healthcheck_reports_the_daemon_state() {
 #[test]
 fn rewrites_like_the_offline_rewrite_with_a_profile_fetched_from_the_destination_daemon() {
     let dir = TempDir::new("rewrite");
-    let dest_profile = dir.file("dest72.json");
-    let source_profile = dir.file("src10.json");
-    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
-    capture_profile(&format!("{vectors}q72-a64fx.bin"), &[], &dest_profile);
-    capture_profile(&format!("{vectors}q10m72-a64fx.bin"), &[], &source_profile);
+    let dest_profile = vector_profile(&dir, "q72-a64fx.bin", &[], "dest72.json");
+    let source_profile = vector_profile(&dir, "q10m72-a64fx.bin", &[], "src10.json");
     let expected_file = dir.file("expected.bin");
     migproxy(&[
         "rewrite",
-        &format!("{vectors}q10m72-a64fx.bin"),
+        &vector_path("q10m72-a64fx.bin"),
         &expected_file,
         "--dest-profile",
         &dest_profile,
@@ -361,7 +322,7 @@ fn rewrites_like_the_offline_rewrite_with_a_profile_fetched_from_the_destination
     assert_ne!(expected, stream);
 
     // The destination host's daemon advertises its profile; the source side fetches it per migration.
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let destination = Destination::reading();
     let advertiser = Daemon::start(&[
         "--upstream",
         "tcp:127.0.0.1:1",
@@ -374,17 +335,18 @@ fn rewrites_like_the_offline_rewrite_with_a_profile_fetched_from_the_destination
     assert_eq!(advertiser.get("/profiles/other").0, 404);
     let url = format!("http://{}/profiles/a64fx-7.2", advertiser.admin);
     // The source stream is a paused VM's: it is its own configuration's reference.
-    let source_reference = format!("{vectors}q10m72-a64fx.bin");
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--dest-profile",
-        &url,
-        "--source-profile",
-        &source_profile,
-        "--source-reference",
-        &source_reference,
-    ]);
+    let source_reference = vector_path("q10m72-a64fx.bin");
+    let daemon = Daemon::to(
+        &destination,
+        &[
+            "--dest-profile",
+            &url,
+            "--source-profile",
+            &source_profile,
+            "--source-reference",
+            &source_reference,
+        ],
+    );
     migrate(&daemon, &stream);
     assert!(
         destination.wait_received(0, SECS) == expected,
@@ -398,23 +360,26 @@ fn rewrites_like_the_offline_rewrite_with_a_profile_fetched_from_the_destination
     assert_eq!(daemon.metric("migproxy_cpus_rewritten_total"), Some(2));
 }
 
+/// A daemon rewriting for the 7.2 a64fx profile (captured from the real 7.2 stream) towards a
+/// reading destination, with `args`; the directory holds the profile.
+fn rewriting_for_72(name: &str, args: &[&str]) -> (TempDir, Destination, Daemon) {
+    let dir = TempDir::new(name);
+    let dest_profile = vector_profile(&dir, "q72-a64fx.bin", &[], "dest72.json");
+    let destination = Destination::reading();
+    let mut all = vec!["--dest-profile", dest_profile.as_str()];
+    all.extend_from_slice(args);
+    let daemon = Daemon::to(&destination, &all);
+    (dir, destination, daemon)
+}
+
 #[test]
 fn postcopy_is_refused_at_advise_when_rewriting() {
-    let dir = TempDir::new("postcopy");
-    let dest_profile = dir.file("dest72.json");
-    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
-    capture_profile(&format!("{vectors}q72-a64fx.bin"), &[], &dest_profile);
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
     // The reference of the source's configuration (a paused 7.2 a64fx VM): without one the
     // migration would be refused even earlier, at its first bytes.
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--dest-profile",
-        &dest_profile,
-        "--source-reference",
-        &format!("{vectors}q72-a64fx.bin"),
-    ]);
+    let (_dir, destination, daemon) = rewriting_for_72(
+        "postcopy",
+        &["--source-reference", &vector_path("q72-a64fx.bin")],
+    );
     let stream = vector("q72-postcopy-main.bin");
 
     let mut source = connect(daemon.listen);
@@ -436,21 +401,15 @@ fn postcopy_is_refused_at_advise_when_rewriting() {
 /// proxy runs without one, which it must say (`--unreferenced-device-phase allow`).
 #[test]
 fn an_allowed_switch_is_refused_at_the_package_when_rewriting() {
-    let dir = TempDir::new("postcopy-allow");
-    let dest_profile = dir.file("dest72.json");
-    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
-    capture_profile(&format!("{vectors}q72-a64fx.bin"), &[], &dest_profile);
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--dest-profile",
-        &dest_profile,
-        "--unrecoverable-postcopy",
-        "allow",
-        "--unreferenced-device-phase",
-        "allow",
-    ]);
+    let (_dir, destination, daemon) = rewriting_for_72(
+        "postcopy-allow",
+        &[
+            "--unrecoverable-postcopy",
+            "allow",
+            "--unreferenced-device-phase",
+            "allow",
+        ],
+    );
     let stream = vector("q72-postcopy-main.bin");
     // Where the package starts: `08 0007 0004` after the RAM the source sent before switching.
     let package = stream
@@ -482,25 +441,28 @@ fn an_allowed_switch_is_refused_at_the_package_when_rewriting() {
 #[test]
 fn a_real_package_is_rewritten_with_the_source_reference() {
     let dir = TempDir::new("postcopy-reference");
-    let dest_profile = dir.file("dest10.json");
-    let source_profile = dir.file("source72.json");
-    let vectors = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/");
-    let fresh72 = format!("{vectors}q72-a64fx.bin");
-    capture_profile(&format!("{vectors}q10m72-a64fx.bin"), &[], &dest_profile);
-    capture_profile(&fresh72, &["--qemu-version", "7.2.22"], &source_profile);
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--dest-profile",
-        &dest_profile,
-        "--source-profile",
-        &source_profile,
-        "--source-reference",
-        &fresh72,
-        "--unrecoverable-postcopy",
-        "allow",
-    ]);
+    let dest_profile = vector_profile(&dir, "q10m72-a64fx.bin", &[], "dest10.json");
+    let source_profile = vector_profile(
+        &dir,
+        "q72-a64fx.bin",
+        &["--qemu-version", "7.2.22"],
+        "source72.json",
+    );
+    let fresh72 = vector_path("q72-a64fx.bin");
+    let destination = Destination::reading();
+    let daemon = Daemon::to(
+        &destination,
+        &[
+            "--dest-profile",
+            &dest_profile,
+            "--source-profile",
+            &source_profile,
+            "--source-reference",
+            &fresh72,
+            "--unrecoverable-postcopy",
+            "allow",
+        ],
+    );
     let stream = vector("q72-postcopy-main.bin");
     let package = stream
         .windows(5)
@@ -519,8 +481,8 @@ fn a_real_package_is_rewritten_with_the_source_reference() {
 
 #[test]
 fn postcopy_passes_a_checking_relay() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &[]);
     let stream = vector("q72-postcopy-main.bin");
     migrate(&daemon, &stream);
     assert!(destination.wait_received(0, SECS) == stream);
@@ -528,13 +490,8 @@ fn postcopy_passes_a_checking_relay() {
 
 #[test]
 fn the_main_channel_reaches_the_destination_first_even_when_multifd_identifies_first() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--identify-timeout",
-        "3000",
-    ]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &["--identify-timeout", "3000"]);
     let stream = vector("q72-mfd-main.bin");
     let multifd = |id: u8| {
         let mut handshake = vec![0x11, 0x22, 0x33, 0x44, 0, 0, 0, 1];
@@ -582,7 +539,7 @@ fn the_main_channel_reaches_the_destination_first_even_when_multifd_identifies_f
 fn a_slow_destination_slows_the_source_instead_of_filling_memory() {
     let gate: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)> = Default::default();
     let destination = Destination::start(vec![Behaviour::Gated(std::sync::Arc::clone(&gate))]);
-    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let daemon = Daemon::to(&destination, &[]);
     let stream = std::sync::Arc::new(with_extra_pages(&vector("q72-a64fx.bin"), 16384)); // +64 MiB
     let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut source = connect(daemon.listen);
@@ -644,7 +601,7 @@ fn a_config_file_runs_several_listeners_over_tcp_and_unix() {
         conn.read_to_end(&mut data).unwrap();
         data
     });
-    let tcp_destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let tcp_destination = Destination::reading();
     let config = dir.file("migproxy.toml");
     std::fs::write(
         &config,
@@ -677,35 +634,23 @@ fn a_config_file_runs_several_listeners_over_tcp_and_unix() {
 
 #[test]
 fn decoder_limits_are_configurable_and_fail_closed() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--max-device-state",
-        "1000",
-        "--max-description",
-        "1000",
-    ]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(
+        &destination,
+        &["--max-device-state", "1000", "--max-description", "1000"],
+    );
     let stream = vector("q72-a64fx.bin");
     let mut source = connect(daemon.listen);
     let _ = source.write_all(&stream);
     read_until_closed(&mut source);
     assert!(destination.wait_received(0, SECS).len() < stream.len());
-    let summary = daemon.wait_log("migration summary", SECS);
-    assert_eq!(summary["fields"]["outcome"], "failed", "{summary}");
-    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("limit"), "{reason}");
+    assert_summary(&daemon, "failed", "limit");
 }
 
 #[test]
 fn a_silent_channel_joins_a_postcopy_migration_as_its_preempt_channel() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--identify-timeout",
-        "300",
-    ]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &["--identify-timeout", "300"]);
     let stream = vector("q72-postcopy-main.bin");
     let head = 64 * 1024; // well past POSTCOPY_ADVISE, which comes right after the configuration
 
@@ -739,12 +684,7 @@ fn a_silent_channel_joins_a_postcopy_migration_as_its_preempt_channel() {
 fn a_destination_that_stops_reading_fails_the_migration_at_the_write_stall_deadline() {
     let gate: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)> = Default::default();
     let destination = Destination::start(vec![Behaviour::Gated(std::sync::Arc::clone(&gate))]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--write-stall-timeout",
-        "500",
-    ]);
+    let daemon = Daemon::to(&destination, &["--write-stall-timeout", "500"]);
     let stream = with_extra_pages(&vector("q72-a64fx.bin"), 16384); // +64 MiB
     let mut source = connect(daemon.listen);
     let writer = {

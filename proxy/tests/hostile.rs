@@ -29,12 +29,6 @@ fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
     stream
 }
 
-fn turned_away(daemon: &Daemon, reason: &str) -> Option<u64> {
-    daemon.metric(&format!(
-        "migproxy_turned_away_total{{reason=\"{reason}\"}}"
-    ))
-}
-
 /// Finding 1: with `tproxy` (and `original-dst`), a connection made straight to the listener
 /// resolves its destination to the listener itself; migproxy used to dial itself, hop after hop,
 /// until no file descriptor was left. Now it is closed before anything is dialed.
@@ -51,7 +45,7 @@ fn a_connection_straight_to_an_interception_listener_is_not_forwarded_to_itself(
             Some(0),
             "{mode}: a migration started towards our own listener"
         );
-        let refused = turned_away(&daemon, "self_loop").unwrap_or(0)
+        let refused = daemon.turned_away("self_loop").unwrap_or(0)
             + daemon
                 .metric("migproxy_connections_total{kind=\"stray\"}")
                 .unwrap_or(0);
@@ -59,7 +53,7 @@ fn a_connection_straight_to_an_interception_listener_is_not_forwarded_to_itself(
         if mode == "tproxy" {
             // tproxy always knows the local address; original-dst may lack conntrack here and
             // then fails earlier, as "no original destination".
-            assert_eq!(turned_away(&daemon, "self_loop"), Some(1));
+            assert_eq!(daemon.turned_away("self_loop"), Some(1));
         }
     }
 }
@@ -97,8 +91,8 @@ fn a_fixed_upstream_naming_our_own_listener_is_refused_at_startup() {
 /// main channel is refused while the first is open, and the first completes untouched.
 #[test]
 fn a_second_main_channel_from_the_same_host_does_not_take_over_the_first_migration() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &[]);
     let stream = vector("q72-a64fx.bin");
 
     let mut real = connect(daemon.listen);
@@ -115,7 +109,7 @@ fn a_second_main_channel_from_the_same_host_does_not_take_over_the_first_migrati
         1,
         "the second main channel was dialed"
     );
-    assert_eq!(turned_away(&daemon, "migration_in_progress"), Some(1));
+    assert_eq!(daemon.turned_away("migration_in_progress"), Some(1));
 
     real.write_all(&stream[4096..]).unwrap();
     real.shutdown(Shutdown::Write).unwrap();
@@ -129,22 +123,23 @@ fn a_second_main_channel_from_the_same_host_does_not_take_over_the_first_migrati
 /// progress; a refusal names the budget, the destination never sees the refused connection.
 #[test]
 fn connections_and_migrations_over_their_budgets_are_refused_by_name() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--identify-timeout",
-        "60000",
-        "--max-connections-per-source",
-        "2",
-        "--max-migrations",
-        "1",
-    ]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(
+        &destination,
+        &[
+            "--identify-timeout",
+            "60000",
+            "--max-connections-per-source",
+            "2",
+            "--max-migrations",
+            "1",
+        ],
+    );
     // A flood of silent connections from one host: the third is closed at once.
     let _held = [connect(daemon.listen), connect(daemon.listen)];
     let mut third = connect(daemon.listen);
     read_until_closed(&mut third);
-    assert_eq!(turned_away(&daemon, "max_connections_per_source"), Some(1));
+    assert_eq!(daemon.turned_away("max_connections_per_source"), Some(1));
     daemon.wait_log("connection refused: budget exceeded (--max-connections-per-source): closed, destination not contacted", SECS);
 
     // One migration in progress from 127.0.0.2; a second one from 127.0.0.3 is refused.
@@ -157,7 +152,7 @@ fn connections_and_migrations_over_their_budgets_are_refused_by_name() {
     let mut second = connect_from([127, 0, 0, 3], daemon.listen);
     second.write_all(MAIN_HEADER).unwrap();
     read_until_closed(&mut second);
-    assert_eq!(turned_away(&daemon, "max_migrations"), Some(1));
+    assert_eq!(daemon.turned_away("max_migrations"), Some(1));
     assert_eq!(destination.accepted(), 1);
 
     first.write_all(&stream[4096..]).unwrap();
@@ -171,13 +166,8 @@ fn connections_and_migrations_over_their_budgets_are_refused_by_name() {
 /// header deadline, and connections over the cap are closed at accept.
 #[test]
 fn the_admin_server_closes_partial_requests_and_caps_its_connections() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let timed = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--admin-header-timeout",
-        "300",
-    ]);
+    let destination = Destination::reading();
+    let timed = Daemon::to(&destination, &["--admin-header-timeout", "300"]);
     let mut partial: Vec<TcpStream> = (0..10)
         .map(|_| {
             let mut c = connect(timed.admin);
@@ -191,14 +181,15 @@ fn the_admin_server_closes_partial_requests_and_caps_its_connections() {
     }
     assert_eq!(timed.get("/healthz").0, 200);
 
-    let capped = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--max-admin-connections",
-        "2",
-        "--admin-header-timeout",
-        "60000",
-    ]);
+    let capped = Daemon::to(
+        &destination,
+        &[
+            "--max-admin-connections",
+            "2",
+            "--admin-header-timeout",
+            "60000",
+        ],
+    );
     let mut held: Vec<TcpStream> = (0..2)
         .map(|_| {
             let mut c = connect(capped.admin);
@@ -232,4 +223,48 @@ fn the_admin_server_closes_partial_requests_and_caps_its_connections() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     assert!(refused >= 1, "{metrics}");
+}
+
+/// A peer connecting in a loop and closing at once: every connection is counted, but the log
+/// gets a bounded number of lines per window (one saying the budget ran out), not one each.
+#[test]
+fn a_connection_flood_is_counted_but_logged_a_bounded_number_of_times() {
+    const FLOOD: u64 = 300;
+    const LINES_PER_WINDOW: usize = 16;
+    const WINDOW: Duration = Duration::from_secs(10);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &[]);
+    let start = std::time::Instant::now();
+    for _ in 0..FLOOD {
+        // Closed before identifying itself: a stray.
+        drop(connect(daemon.listen));
+    }
+    // Each is a stray, or turned away at accept while the earlier ones still held the host's
+    // connection budget.
+    let counted = || {
+        daemon
+            .metric("migproxy_connections_total{kind=\"stray\"}")
+            .unwrap_or(0)
+            + daemon
+                .turned_away("max_connections_per_source")
+                .unwrap_or(0)
+    };
+    wait_until("every connection counted", SECS, || {
+        (counted() == FLOOD).then_some(())
+    });
+    // The bound follows from how many windows the flood spanned (not an assertion on time).
+    let windows = usize::try_from(start.elapsed().as_secs() / WINDOW.as_secs()).unwrap() + 1;
+    let lines = daemon.count_logs("stray connection closed, destination not contacted")
+        + daemon.count_logs(
+            "connection refused: budget exceeded (--max-connections-per-source): closed, destination not contacted",
+        );
+    assert!(
+        lines <= LINES_PER_WINDOW * windows,
+        "{lines} lines for {FLOOD} connections over {windows} windows"
+    );
+    daemon.wait_log(
+        "too many turned-away connections to log one by one: further ones are counted, not logged, for the rest of this 10s window",
+        SECS,
+    );
+    assert_eq!(destination.accepted(), 0);
 }

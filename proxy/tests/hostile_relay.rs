@@ -116,8 +116,8 @@ fn profile_and_reference(dir: &TempDir) -> Captured {
 
 #[test]
 fn a_forged_ending_in_guest_bytes_does_not_stop_a_checking_relay() {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&["--upstream", &destination.upstream()]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &[]);
     let (stream, forged_end) = stream_with_forged_ending();
     send_pausing_at_the_forged_ending(&daemon, &stream, forged_end);
     assert_eq!(
@@ -135,15 +135,16 @@ fn with_a_source_reference_a_forged_ending_does_not_stop_a_rewriting_relay() {
     let captured = profile_and_reference(&dir);
     // Both forms of a reference: a saved fresh stream, and the description alone.
     for reference in [&captured.fresh_stream, &captured.reference_json] {
-        let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-        let daemon = Daemon::start(&[
-            "--upstream",
-            &destination.upstream(),
-            "--dest-profile",
-            &captured.profile,
-            "--source-reference",
-            reference,
-        ]);
+        let destination = Destination::reading();
+        let daemon = Daemon::to(
+            &destination,
+            &[
+                "--dest-profile",
+                &captured.profile,
+                "--source-reference",
+                reference,
+            ],
+        );
         let (stream, forged_end) = stream_with_forged_ending();
         send_pausing_at_the_forged_ending(&daemon, &stream, forged_end);
         let summary = daemon.wait_log("migration summary", SECS);
@@ -164,13 +165,8 @@ fn with_a_source_reference_a_forged_ending_does_not_stop_a_rewriting_relay() {
 fn without_a_source_reference_a_rewriting_relay_refuses_at_the_first_bytes() {
     let dir = TempDir::new("forged-unreferenced");
     let profile = profile_and_reference(&dir).profile;
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--dest-profile",
-        &profile,
-    ]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &["--dest-profile", &profile]);
     let warning = daemon.wait_log(UNREFERENCED_WARNING, SECS);
     assert_eq!(warning["level"], "WARN", "{warning}");
     let (stream, _) = stream_with_forged_ending();
@@ -196,15 +192,16 @@ fn without_a_source_reference_a_rewriting_relay_refuses_at_the_first_bytes() {
 fn with_the_opt_out_a_forged_ending_still_fails_a_rewriting_relay_and_nothing_else() {
     let dir = TempDir::new("forged-allowed");
     let profile = profile_and_reference(&dir).profile;
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
-    let daemon = Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--dest-profile",
-        &profile,
-        "--unreferenced-device-phase",
-        "allow",
-    ]);
+    let destination = Destination::reading();
+    let daemon = Daemon::to(
+        &destination,
+        &[
+            "--dest-profile",
+            &profile,
+            "--unreferenced-device-phase",
+            "allow",
+        ],
+    );
     let (stream, forged_end) = stream_with_forged_ending();
     send_pausing_at_the_forged_ending(&daemon, &stream, forged_end);
     // What the flag accepts: the guest's forged ending ends the phase, the bytes after it are

@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::Shutdown;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -46,25 +44,18 @@ fn kernel(dir: &TempDir, series: &str) -> (Vec<u8>, String, String) {
 }
 
 /// Push a whole stream through the daemon as a source would.
-fn migrate(daemon: &Daemon, stream: &[u8]) {
-    let mut source = connect(daemon.listen);
-    // A refusing daemon closes the source early: a failed write is part of the outcome.
-    let _ = source.write_all(stream);
-    let _ = source.shutdown(Shutdown::Write);
-    read_until_closed(&mut source);
-}
-
 /// The daemon towards `destination` with its `profile`; `source_stream` (a fixture is the stream
 /// of a fresh VM) is the source's reference description.
 fn daemon_to(destination: &Destination, profile: &str, source_stream: &str) -> Daemon {
-    Daemon::start(&[
-        "--upstream",
-        &destination.upstream(),
-        "--dest-profile",
-        profile,
-        "--source-reference",
-        source_stream,
-    ])
+    Daemon::to(
+        destination,
+        &[
+            "--dest-profile",
+            profile,
+            "--source-reference",
+            source_stream,
+        ],
+    )
 }
 
 #[test]
@@ -73,9 +64,9 @@ fn from_6_1_the_daemon_forwards_byte_for_byte() {
     let (stream, stream_file, _) = kernel(&dir, "6.1");
     for dest in ["6.12", "7.3"] {
         let (_, _, profile) = kernel(&dir, dest);
-        let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+        let destination = Destination::reading();
         let daemon = daemon_to(&destination, &profile, &stream_file);
-        migrate(&daemon, &stream);
+        migrate_refusable(&daemon, &stream);
         assert!(
             destination.wait_received(0, SECS) == stream,
             "6.1 -> {dest}: not forwarded byte for byte"
@@ -101,9 +92,9 @@ fn the_upgrade_6_12_to_7_3_is_carried_like_the_offline_rewrite() {
     let expected = std::fs::read(&expected_file).unwrap();
     assert_eq!(stream.len() - expected.len(), 3 * 16);
 
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let destination = Destination::reading();
     let daemon = daemon_to(&destination, &profile, &stream_file);
-    migrate(&daemon, &stream);
+    migrate_refusable(&daemon, &stream);
     assert!(
         destination.wait_received(0, SECS) == expected,
         "proxy output differs from migproxy rewrite"
@@ -143,9 +134,9 @@ fn the_downgrades_are_refused_by_name_and_the_stream_is_cut_short() {
     ] {
         let (stream, stream_file, _) = kernel(&dir, src);
         let (_, _, profile) = kernel(&dir, dest);
-        let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+        let destination = Destination::reading();
         let daemon = daemon_to(&destination, &profile, &stream_file);
-        migrate(&daemon, &stream);
+        migrate_refusable(&daemon, &stream);
         let summary = daemon.wait_log("migration summary", SECS);
         assert_eq!(
             summary["fields"]["outcome"], "refused",

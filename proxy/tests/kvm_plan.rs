@@ -163,8 +163,10 @@ fn plan_decides_every_kernel_pair_by_the_kvm_rules() {
                 ("from-stream", &dst.stream_profile),
                 ("from-kvm", &dst.kvm_profile),
             ] {
+                // Every register's decision, not the digest.
                 let out = migproxy(&[
                     "plan",
+                    "--all",
                     "--source",
                     text(&src.stream),
                     "--dest-profile",
@@ -227,7 +229,7 @@ fn check_rewrite(dir: &Path, src: &Kernel, dst: &Kernel, profile: &Path, code: i
     } else {
         // 6.12 -> 7.3: three registers of 16 bytes (id + value) fewer, in both arrays.
         assert_eq!(input.len() - output.len(), 3 * 16, "rewrite {pair}");
-        let inspect = migproxy(&["inspect", text(&out_path)]);
+        let inspect = migproxy(&["inspect", "--all", text(&out_path)]);
         let listing = String::from_utf8_lossy(&inspect.stdout);
         assert!(listing.contains("255 registers"), "{pair}: {listing}");
         for gone in ["TCR2_EL1", "PIRE0_EL1", "PIR_EL1 "] {

@@ -10,7 +10,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,15 +79,9 @@ fn write_server_cert(dir: &TempDir, ca: &Ca, kind: ServerCert) {
     std::fs::write(dir.file("server-key.pem"), key.serialize_pem()).unwrap();
 }
 
-fn vectors() -> String {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/tests/vectors/").to_owned()
-}
-
 /// The 7.2 destination profile, captured from the real 7.2 stream.
 fn dest_profile(dir: &TempDir) -> String {
-    let path = dir.file("dest72.json");
-    capture_profile(&format!("{}q72-a64fx.bin", vectors()), &[], &path);
-    path
+    vector_profile(dir, "q72-a64fx.bin", &[], "dest72.json")
 }
 
 /// A migproxy whose admin address serves `profile` over HTTPS with `dir`'s server certificate.
@@ -107,7 +101,7 @@ fn advertiser(dir: &TempDir, profile: &str) -> Daemon {
 /// source's reference is the migrated vector itself (a saved stream of its configuration).
 fn fetcher(destination: &Destination, url: &str, ca: &str, extra: &[&str]) -> Daemon {
     let upstream = destination.upstream();
-    let reference = format!("{}q10m72-a64fx.bin", vectors());
+    let reference = vector_path("q10m72-a64fx.bin");
     let mut args = vec![
         "--upstream",
         &upstream,
@@ -122,19 +116,10 @@ fn fetcher(destination: &Destination, url: &str, ca: &str, extra: &[&str]) -> Da
     Daemon::start(&args)
 }
 
-/// Send a real stream as a source and wait until the proxy closes the connection.
-fn migrate(daemon: &Daemon, stream: &[u8]) {
-    let mut source = connect(daemon.listen);
-    // The proxy may close the connection before it has read everything: that is the point.
-    let _ = source.write_all(stream);
-    let _ = source.shutdown(Shutdown::Write);
-    read_until_closed(&mut source);
-}
-
 /// The migration summary of a migration that could not have its profile: failed, naming the URL
 /// and `problem`, and the destination never contacted.
 fn assert_fetch_refused(daemon: &Daemon, destination: &Destination, url: &str, problem: &str) {
-    migrate(daemon, &vector("q10m72-a64fx.bin"));
+    migrate_refusable(daemon, &vector("q10m72-a64fx.bin"));
     let summary = daemon.wait_log("migration summary", SECS);
     let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
     assert_eq!(summary["fields"]["outcome"], "failed", "{summary}");
@@ -168,20 +153,15 @@ fn a_profile_fetched_over_https_with_the_pinned_ca_rewrites_the_migration() {
         "https://localhost:{}/profiles/a64fx-7.2",
         advertiser.admin.port()
     );
-    let source_profile = dir.file("src10.json");
-    capture_profile(
-        &format!("{}q10m72-a64fx.bin", vectors()),
-        &[],
-        &source_profile,
-    );
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let source_profile = vector_profile(&dir, "q10m72-a64fx.bin", &[], "src10.json");
+    let destination = Destination::reading();
     let daemon = fetcher(
         &destination,
         &url,
         &ca.write_ca(&dir),
         &["--source-profile", &source_profile],
     );
-    migrate(&daemon, &vector("q10m72-a64fx.bin"));
+    migrate_refusable(&daemon, &vector("q10m72-a64fx.bin"));
     let summary = daemon.wait_log("migration summary", SECS);
     assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
     assert_eq!(summary["fields"]["cpus_rewritten"], 2, "{summary}");
@@ -207,7 +187,7 @@ fn fetch_with_bad_certificate(
         "https://localhost:{}/profiles/a64fx-7.2",
         advertiser.admin.port()
     );
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let destination = Destination::reading();
     let ca = pinned.unwrap_or(signer).write_ca(&dir);
     let daemon = fetcher(&destination, &url, &ca, &[]);
     assert_fetch_refused(&daemon, &destination, &url, problem);
@@ -349,7 +329,7 @@ fn misbehaving_server(name: &str, answer: Answer, extra: &[&str], problem: &str)
     write_server_cert(&dir, &ca, ServerCert::Good);
     let server = https_server(&dir, answer);
     let url = format!("https://localhost:{}/profiles/a64fx-7.2", server.port());
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let destination = Destination::reading();
     let daemon = fetcher(&destination, &url, &ca.write_ca(&dir), extra);
     assert_fetch_refused(&daemon, &destination, &url, problem);
 }

@@ -31,7 +31,7 @@ fn a_stalled_multifd_destination_stalls_the_source(relay: &str) {
         Behaviour::ReadAll { reply: Vec::new() },
         Behaviour::Gated(Arc::clone(&gate)),
     ]);
-    let daemon = Daemon::start(&["--upstream", &destination.upstream(), "--raw-relay", relay]);
+    let daemon = Daemon::to(&destination, &["--raw-relay", relay]);
     let stream = vector("q72-mfd-main.bin");
     // The main channel opens the migration (its RAM part only: the device phase has a deadline).
     let mut main = connect(daemon.listen);
@@ -116,7 +116,7 @@ fn copy_a_stalled_multifd_destination_stalls_the_source_not_memory() {
 /// The relay used for one multifd channel of a short migration through a daemon whose
 /// configuration file says `file_setting` (a line, or nothing) and whose flags are `flags`.
 fn relay_used(file_setting: &str, flags: &[&str]) -> String {
-    let destination = Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }]);
+    let destination = Destination::reading();
     let dir = TempDir::new("raw-relay");
     let config = dir.file("run.toml");
     std::fs::write(

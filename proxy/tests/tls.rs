@@ -133,15 +133,46 @@ fn source_config(dir: &TempDir, client_cert: bool) -> Arc<rustls::ClientConfig> 
     })
 }
 
+/// What the destination received on its first connection, and whether the proxy showed it a
+/// client certificate, once something arrived.
+fn first_forwarded(received: &Received) -> (Vec<u8>, bool) {
+    wait_until("the destination to finish", SECS, || {
+        received
+            .lock()
+            .unwrap()
+            .first()
+            .cloned()
+            .filter(|(data, _)| !data.is_empty())
+    })
+}
+
+fn assert_never_dialed(received: &Received) {
+    assert_eq!(
+        received.lock().unwrap().len(),
+        0,
+        "the destination was dialed"
+    );
+}
+
+/// A TLS session to the proxy as a source opens it: trusting the CA, naming `localhost`, with
+/// its client certificate when `client_cert`; the handshake runs with the first write.
+fn source_session(
+    dir: &TempDir,
+    proxy: SocketAddr,
+    client_cert: bool,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let tcp = connect(proxy);
+    let name = ServerName::try_from("localhost").unwrap();
+    rustls::StreamOwned::new(
+        rustls::ClientConnection::new(source_config(dir, client_cert), name).unwrap(),
+        tcp,
+    )
+}
+
 /// A source QEMU stand-in: TLS client that trusts the CA, shows its client certificate, sends
 /// `stream`, closes with close_notify.
 fn tls_source(dir: &TempDir, proxy: SocketAddr, stream: &[u8]) {
-    let config = source_config(dir, true);
-    let tcp = TcpStream::connect(proxy).unwrap();
-    tcp.set_read_timeout(Some(SECS)).unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    let mut tls =
-        rustls::StreamOwned::new(rustls::ClientConnection::new(config, name).unwrap(), tcp);
+    let mut tls = source_session(dir, proxy, true);
     tls.write_all(stream).unwrap();
     tls.conn.send_close_notify();
     tls.flush().unwrap();
@@ -186,14 +217,7 @@ fn tls_on_both_legs_relays_the_stream_and_refuses_plaintext() {
     let stream = vector("q72-a64fx.bin");
 
     tls_source(&pki, daemon.listen, &stream);
-    let (got, client_cert) = wait_until("the destination to finish", SECS, || {
-        received
-            .lock()
-            .unwrap()
-            .first()
-            .cloned()
-            .filter(|(data, _)| !data.is_empty())
-    });
+    let (got, client_cert) = first_forwarded(&received);
     assert!(got == stream, "forwarded plaintext differs");
     assert!(
         client_cert,
@@ -213,12 +237,6 @@ fn tls_on_both_legs_relays_the_stream_and_refuses_plaintext() {
     assert_eq!(received.lock().unwrap().len(), 1);
 }
 
-fn turned_away(daemon: &Daemon, reason: &str) -> Option<u64> {
-    daemon.metric(&format!(
-        "migproxy_turned_away_total{{reason=\"{reason}\"}}"
-    ))
-}
-
 /// Finding 2: without `--tls-verify-peer`, any ClientHello used to make migproxy dial the
 /// destination and authenticate there with its own client certificate. Verifying the source is
 /// now the default: a source without a certificate fails its handshake and the destination is
@@ -230,12 +248,7 @@ fn a_source_without_a_certificate_never_reaches_the_destination_by_default() {
         daemon,
         received,
     } = TlsRig::start("tls-nocert", &[]);
-    let tcp = connect(daemon.listen);
-    let name = ServerName::try_from("localhost").unwrap();
-    let mut tls = rustls::StreamOwned::new(
-        rustls::ClientConnection::new(source_config(&pki, false), name).unwrap(),
-        tcp,
-    );
+    let mut tls = source_session(&pki, daemon.listen, false);
     // TLS 1.3: the client's handshake "completes" before the server has judged it; the refusal
     // shows as the connection closing, and nothing reaching the destination.
     let _ = tls.write_all(b"QEVM\x00\x00\x00\x03");
@@ -243,12 +256,8 @@ fn a_source_without_a_certificate_never_reaches_the_destination_by_default() {
     let mut rest = Vec::new();
     let _ = tls.read_to_end(&mut rest);
     daemon.wait_log("tls handshake with the source failed (no or untrusted client certificate?): closed, destination not contacted", SECS);
-    assert_eq!(turned_away(&daemon, "tls_handshake"), Some(1));
-    assert_eq!(
-        received.lock().unwrap().len(),
-        0,
-        "the destination was dialed"
-    );
+    assert_eq!(daemon.turned_away("tls_handshake"), Some(1));
+    assert_never_dialed(&received);
 }
 
 /// Finding 2, opted out: with `--tls-no-verify-peer` a completed handshake alone is still not
@@ -264,12 +273,7 @@ fn without_verification_a_handshake_that_sends_no_qevm_never_reaches_the_destina
         &["--tls-no-verify-peer", "--identify-timeout", "300"],
     );
     for probe in [&b""[..], b"GET / HTTP/1.0\r\n\r\n"] {
-        let tcp = connect(daemon.listen);
-        let name = ServerName::try_from("localhost").unwrap();
-        let mut tls = rustls::StreamOwned::new(
-            rustls::ClientConnection::new(source_config(&pki, false), name).unwrap(),
-            tcp,
-        );
+        let mut tls = source_session(&pki, daemon.listen, false);
         tls.write_all(probe).unwrap();
         tls.flush().unwrap();
         let mut rest = Vec::new();
@@ -279,11 +283,7 @@ fn without_verification_a_handshake_that_sends_no_qevm_never_reaches_the_destina
         daemon.metric("migproxy_connections_total{kind=\"stray\"}"),
         Some(2)
     );
-    assert_eq!(
-        received.lock().unwrap().len(),
-        0,
-        "the destination was dialed"
-    );
+    assert_never_dialed(&received);
 }
 
 /// Finding 3: the source's handshake had no deadline after its ClientHello; a stalled handshake
@@ -307,23 +307,12 @@ fn a_stalled_tls_handshake_is_closed_at_the_deadline_and_the_real_source_still_m
     let mut stalled = connect(daemon.listen);
     stalled.write_all(&hello).unwrap();
     read_until_closed(&mut stalled);
-    assert_eq!(turned_away(&daemon, "tls_handshake"), Some(1));
-    assert_eq!(
-        received.lock().unwrap().len(),
-        0,
-        "the destination was dialed"
-    );
+    assert_eq!(daemon.turned_away("tls_handshake"), Some(1));
+    assert_never_dialed(&received);
 
     let stream = vector("q72-a64fx.bin");
     tls_source(&pki, daemon.listen, &stream);
-    let (got, _) = wait_until("the destination to finish", SECS, || {
-        received
-            .lock()
-            .unwrap()
-            .first()
-            .cloned()
-            .filter(|(data, _)| !data.is_empty())
-    });
+    let (got, _) = first_forwarded(&received);
     assert!(got == stream, "forwarded plaintext differs");
     let summary = daemon.wait_log("migration summary", SECS);
     assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
@@ -355,12 +344,7 @@ fn a_destination_that_never_completes_the_tls_handshake_fails_at_the_dial_deadli
         "--dial-timeout",
         "300",
     ]);
-    let tcp = connect(daemon.listen);
-    let name = ServerName::try_from("localhost").unwrap();
-    let mut tls = rustls::StreamOwned::new(
-        rustls::ClientConnection::new(source_config(&pki, true), name).unwrap(),
-        tcp,
-    );
+    let mut tls = source_session(&pki, daemon.listen, true);
     let stream = vector("q72-a64fx.bin");
     let _ = tls.write_all(&stream[..4096]);
     let _ = tls.flush();

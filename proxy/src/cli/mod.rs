@@ -41,9 +41,13 @@ pub enum Command {
 pub struct InspectArgs {
     /// The stream file, or `-` for standard input.
     pub file: PathBuf,
-    /// Print JSON instead of a readable summary.
+    /// Print JSON instead of a readable summary (complete: every register of every vCPU).
     #[arg(long)]
     pub json: bool,
+    /// Print every section and every register of every vCPU; by default alike sections share a
+    /// line, alike vCPUs one register list, and other vCPUs show only where they differ.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -182,9 +186,13 @@ pub struct PlanArgs {
     /// A profile of a fresh VM with the source's configuration.
     #[arg(long, value_name = "PROFILE")]
     pub source_profile: Option<PathBuf>,
-    /// Print the plan as JSON.
+    /// Print the plan as JSON (complete: every register of every vCPU).
     #[arg(long)]
     pub json: bool,
+    /// Print every register of every vCPU; by default vCPUs with the same plan share one block
+    /// and each list names its first registers and counts the rest.
+    #[arg(long)]
+    pub all: bool,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -201,6 +209,10 @@ pub struct RewriteArgs {
     /// A profile of a fresh VM with the source's configuration.
     #[arg(long, value_name = "PROFILE")]
     pub source_profile: Option<PathBuf>,
+    /// Report every register of every vCPU; by default vCPUs rewritten alike share one block
+    /// and each list names its first registers and counts the rest.
+    #[arg(long)]
+    pub all: bool,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }

@@ -35,7 +35,9 @@ pub async fn run(listener: BoundListener, ctx: Arc<ListenerCtx>, shutdown: Shutd
                             .peer
                             .map(|p| p.to_string())
                             .unwrap_or_else(|| "unix".to_owned());
-                        tracing::warn!(%peer, listen = %ctx.listen, reason = reason.as_str(), "connection refused: budget exceeded (--{}): closed, destination not contacted", reason.as_str().replace('_', "-"));
+                        if ctx.log_turned_away() {
+                            tracing::warn!(%peer, listen = %ctx.listen, reason = reason.as_str(), "connection refused: budget exceeded (--{}): closed, destination not contacted", reason.as_str().replace('_', "-"));
+                        }
                         continue;
                     }
                 };

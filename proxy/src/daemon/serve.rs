@@ -12,6 +12,7 @@ use crate::daemon::shutdown::{self, Shutdown};
 use crate::error::ProxyError;
 use crate::migration::admission::Admission;
 use crate::migration::connection::ListenerCtx;
+use crate::migration::log_budget::TurnedAwayLog;
 use crate::migration::metrics::Metrics;
 use crate::migration::profile_source::ProfileSource;
 use crate::migration::pump::ChannelSettings;
@@ -104,6 +105,7 @@ pub async fn start(
             tls: listener.tls.clone(),
             admission: Arc::clone(&admission),
             own: Arc::clone(&own),
+            turned_away_log: TurnedAwayLog::default(),
         });
         let transparent = listener.upstream == Upstream::Tproxy;
         for addr in listener.listen.addresses() {

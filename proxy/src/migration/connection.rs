@@ -27,6 +27,7 @@ use crate::cli::UnreferencedDevicePhase;
 use crate::error::{ProxyError, Refusal};
 use crate::migration::admission::{Admission, ConnectionSlot};
 use crate::migration::identify::{self, ChannelKind, FirstBytes};
+use crate::migration::log_budget::TurnedAwayLog;
 use crate::migration::metrics::{Metrics, TurnedAway};
 use crate::migration::profile_source::{RewriteConfig, RewriteSetup};
 use crate::migration::pump::{self, ChannelSettings};
@@ -60,9 +61,17 @@ pub struct ListenerCtx {
     pub admission: Arc<Admission>,
     /// Every listener address of the daemon: no upstream may be one of them.
     pub own: Arc<OwnAddresses>,
+    /// Bounds the log lines about connections closed before anything was dialed.
+    pub turned_away_log: TurnedAwayLog,
 }
 
 impl ListenerCtx {
+    /// Whether a connection turned away before anything was dialed gets its own log line (at
+    /// most a few per window; the metrics count every one).
+    pub fn log_turned_away(&self) -> bool {
+        self.turned_away_log.should_log(&self.listen)
+    }
+
     fn stray(&self) {
         self.metrics
             .connections_stray
@@ -88,7 +97,9 @@ pub async fn handle_connection(
         Ok(upstream) => upstream,
         Err(err) => {
             ctx.stray();
-            tracing::warn!(%peer, listen = %ctx.listen, %err, "no upstream for this connection: closed");
+            if ctx.log_turned_away() {
+                tracing::warn!(%peer, listen = %ctx.listen, %err, "no upstream for this connection: closed");
+            }
             return;
         }
     };
@@ -96,7 +107,9 @@ pub async fn handle_connection(
         // A connection made straight to the listener under original-dst/tproxy: dialing it would
         // chain migproxy to itself until no file descriptor is left (`net/own_addresses.rs`).
         ctx.metrics.turned_away(TurnedAway::SelfLoop);
-        tracing::warn!(%peer, listen = %ctx.listen, %upstream, reason = TurnedAway::SelfLoop.as_str(), "upstream is one of migproxy's own listeners (a connection made straight to the listener, not redirected?): closed, destination not contacted");
+        if ctx.log_turned_away() {
+            tracing::warn!(%peer, listen = %ctx.listen, %upstream, reason = TurnedAway::SelfLoop.as_str(), "upstream is one of migproxy's own listeners (a connection made straight to the listener, not redirected?): closed, destination not contacted");
+        }
         return;
     }
     let key = GroupKey {
@@ -145,17 +158,23 @@ async fn tls_handshake(
         Ok(Ok(session)) => Some(session),
         Ok(Err(Failed::NoHello(err))) => {
             ctx.stray();
-            tracing::warn!(%peer, listen = %ctx.listen, %err, "no tls client hello (plaintext on a tls listener?): closed, destination not contacted");
+            if ctx.log_turned_away() {
+                tracing::warn!(%peer, listen = %ctx.listen, %err, "no tls client hello (plaintext on a tls listener?): closed, destination not contacted");
+            }
             None
         }
         Ok(Err(Failed::Handshake(err))) => {
             ctx.metrics.turned_away(TurnedAway::TlsHandshake);
-            tracing::warn!(%peer, listen = %ctx.listen, %err, reason = TurnedAway::TlsHandshake.as_str(), "tls handshake with the source failed (no or untrusted client certificate?): closed, destination not contacted");
+            if ctx.log_turned_away() {
+                tracing::warn!(%peer, listen = %ctx.listen, %err, reason = TurnedAway::TlsHandshake.as_str(), "tls handshake with the source failed (no or untrusted client certificate?): closed, destination not contacted");
+            }
             None
         }
         Err(_) => {
             ctx.metrics.turned_away(TurnedAway::TlsHandshake);
-            tracing::info!(%peer, listen = %ctx.listen, reason = "tls handshake not completed within the identification deadline", "stray connection closed, destination not contacted");
+            if ctx.log_turned_away() {
+                tracing::info!(%peer, listen = %ctx.listen, reason = "tls handshake not completed within the identification deadline", "stray connection closed, destination not contacted");
+            }
             None
         }
     }
@@ -192,7 +211,9 @@ async fn identify_and_carry(
                             "a migration from this host to this destination is already in progress"
                         }
                     };
-                    tracing::warn!(%peer, listen = %ctx.listen, reason = reason.as_str(), "main channel refused: {why}: closed, destination not contacted");
+                    if ctx.log_turned_away() {
+                        tracing::warn!(%peer, listen = %ctx.listen, reason = reason.as_str(), "main channel refused: {why}: closed, destination not contacted");
+                    }
                     return;
                 }
             }
@@ -226,7 +247,9 @@ async fn identify_and_carry(
             FirstBytes::Silent => "sent nothing within the identification deadline",
             FirstBytes::Closed => "closed before identifying itself",
         };
-        tracing::info!(%peer, listen = %ctx.listen, reason = why, "stray connection closed, destination not contacted");
+        if ctx.log_turned_away() {
+            tracing::info!(%peer, listen = %ctx.listen, reason = why, "stray connection closed, destination not contacted");
+        }
         return;
     };
     migration.add_channel(kind);

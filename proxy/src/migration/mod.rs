@@ -6,6 +6,7 @@ pub mod admission;
 pub mod connection;
 pub mod dial;
 pub mod identify;
+pub mod log_budget;
 pub mod metrics;
 pub mod postcopy;
 pub mod profile_source;

@@ -3,7 +3,10 @@
 //! The stream is decoded with the same `StreamDecoder` the proxy uses, so a file that inspects
 //! cleanly is one the proxy would accept. The summary lists the machine, page size, every section
 //! (iterable ones with their record counts, device sections from the held device-state phase),
-//! RAM statistics and each vCPU's cpreg list. `--json` prints the same as one JSON object
+//! RAM statistics and each vCPU's cpreg list. The readable summary is bounded like the daemon's
+//! logs (`migproxy_config::digest`): runs of alike sections share one line, vCPUs with the same
+//! registers share one list, other vCPUs show only where they differ, and `--all` prints every
+//! section and every register of every vCPU. `--json` prints everything as one JSON object
 //! (a stable interface, DESIGN.md "Stable interfaces"): ids and values as lower-case `0x` hex
 //! strings, registers in stream order.
 
@@ -16,6 +19,7 @@ use migproxy_codec::wire::{
 use migproxy_codec::{
     CpuRegisters, Frame, Limits, MigCommand, RecordKind, StreamDecoder, StreamInfo,
 };
+use migproxy_config::digest::{Grouped, NAMED_REGISTERS};
 use serde_json::{json, Value};
 
 use crate::cli::InspectArgs;
@@ -30,7 +34,7 @@ pub fn main(args: &InspectArgs) -> Result<(), ProxyError> {
         text.push('\n');
         text
     } else {
-        summary.to_text()
+        summary.to_text(args.all)
     };
     let mut stdout = std::io::stdout().lock();
     match stdout
@@ -275,7 +279,8 @@ impl Summary {
         })
     }
 
-    fn to_text(&self) -> String {
+    /// `all`: every section and every register of every vCPU; otherwise the bounded digest.
+    fn to_text(&self, all: bool) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
         let info = &self.info;
@@ -319,12 +324,16 @@ impl Summary {
             "  {:>4}  {:<28} {:>8} {:>7} {:>9} {:>12}",
             "id", "idstr", "instance", "version", "records", "bytes"
         );
-        for s in &self.sections {
-            let _ = writeln!(
-                out,
-                "  {:>4}  {:<28} {:>8} {:>7} {:>9} {:>12}",
-                s.id, s.idstr, s.instance, s.version, s.records, s.bytes
-            );
+        if all {
+            for s in &self.sections {
+                let _ = writeln!(
+                    out,
+                    "  {:>4}  {:<28} {:>8} {:>7} {:>9} {:>12}",
+                    s.id, s.idstr, s.instance, s.version, s.records, s.bytes
+                );
+            }
+        } else {
+            section_digest(&self.sections, &mut out);
         }
         let ram = &self.ram;
         let _ = writeln!(out, "\nram:");
@@ -363,25 +372,200 @@ impl Summary {
                 let _ = writeln!(out, "\ndevice state: none");
             }
         }
-        for cpu in &self.cpus {
-            let _ = writeln!(
-                out,
-                "\ncpu {} (section version {}): {} registers",
-                cpu.instance,
-                cpu.section_version,
-                cpu.registers.len()
-            );
-            for &(id, value) in &cpu.registers {
+        if all {
+            for cpu in &self.cpus {
                 let _ = writeln!(
                     out,
-                    "  {:<20} {:<24} {:#x}",
-                    format!("{id:#x}"),
-                    register_name(id).unwrap_or("-"),
-                    value
+                    "\ncpu {} (section version {}): {} registers",
+                    cpu.instance,
+                    cpu.section_version,
+                    cpu.registers.len()
                 );
+                for &(id, value) in &cpu.registers {
+                    out.push_str(&register_line(id, value));
+                }
             }
+        } else {
+            cpu_digest(&self.cpus, &mut out);
         }
         out
+    }
+}
+
+/// One register of a listing.
+fn register_line(id: u64, value: u64) -> String {
+    format!(
+        "  {:<20} {:<24} {:#x}\n",
+        format!("{id:#x}"),
+        register_name(id).unwrap_or("-"),
+        value
+    )
+}
+
+/// How many lines the section table of the digest has at most before it counts the rest.
+const LISTED_SECTION_KINDS: usize = 64;
+
+/// Sections of one name, version and kind, as the digest's table shows them.
+struct SectionKind<'a> {
+    first: &'a SectionSummary,
+    last: &'a SectionSummary,
+    instances: (u32, u32),
+    records: u64,
+    bytes: u64,
+    count: usize,
+}
+
+/// The section table, bounded: the sections of one name, version and kind (the `cpu` and
+/// `cpu_common` of every vCPU, the instances of one device) share one line, in order of first
+/// appearance, with their id and instance ranges and summed records and bytes; at most
+/// [`LISTED_SECTION_KINDS`] lines, the sections of the rest counted.
+fn section_digest(sections: &[SectionSummary], out: &mut String) {
+    use std::fmt::Write as _;
+    let mut kinds: Vec<SectionKind<'_>> = Vec::new();
+    let mut index: std::collections::HashMap<(&str, u32, bool), usize> =
+        std::collections::HashMap::new();
+    let mut more = 0usize;
+    for s in sections {
+        let key = (s.idstr.as_str(), s.version, s.device);
+        match index.get(&key) {
+            Some(&n) => {
+                let kind = &mut kinds[n];
+                kind.last = s;
+                kind.instances = (
+                    kind.instances.0.min(s.instance),
+                    kind.instances.1.max(s.instance),
+                );
+                kind.records += s.records;
+                kind.bytes += s.bytes;
+                kind.count += 1;
+            }
+            None if kinds.len() < LISTED_SECTION_KINDS => {
+                index.insert(key, kinds.len());
+                kinds.push(SectionKind {
+                    first: s,
+                    last: s,
+                    instances: (s.instance, s.instance),
+                    records: s.records,
+                    bytes: s.bytes,
+                    count: 1,
+                });
+            }
+            None => more += 1,
+        }
+    }
+    for kind in &kinds {
+        let (id, instance) = if kind.count == 1 {
+            (kind.first.id.to_string(), kind.first.instance.to_string())
+        } else {
+            (
+                format!("{}..{}", kind.first.id, kind.last.id),
+                format!("{}..{}", kind.instances.0, kind.instances.1),
+            )
+        };
+        let _ = write!(
+            out,
+            "  {id:>4}  {:<28} {instance:>8} {:>7} {:>9} {:>12}",
+            kind.first.idstr, kind.first.version, kind.records, kind.bytes
+        );
+        if kind.count > 1 {
+            let _ = write!(out, "  ({} sections)", kind.count);
+        }
+        out.push('\n');
+    }
+    if more > 0 {
+        let _ = writeln!(
+            out,
+            "  ... and {more} more sections of other kinds (--all lists every section)"
+        );
+    }
+}
+
+/// One vCPU's registers as grouping compares them.
+#[derive(PartialEq)]
+struct CpuKey<'a> {
+    section_version: u32,
+    registers: &'a [(u64, u64)],
+}
+
+/// The vCPUs, bounded: vCPUs with the same registers and values share one heading; the first
+/// group's registers are listed, every other group's only where they differ from it (the first
+/// [`NAMED_REGISTERS`], then counted); at most `DESCRIBED_OUTCOMES` groups, the rest counted.
+fn cpu_digest(cpus: &[CpuRegisters], out: &mut String) {
+    use std::fmt::Write as _;
+    let mut groups: Grouped<CpuKey<'_>> = Grouped::default();
+    for cpu in cpus {
+        groups.add(
+            cpu.instance,
+            CpuKey {
+                section_version: cpu.section_version,
+                registers: &cpu.registers,
+            },
+        );
+    }
+    let mut reference: Option<(String, std::collections::HashMap<u64, u64>)> = None;
+    let mut shortened = false;
+    for (key, vcpus) in groups.groups() {
+        let _ = write!(
+            out,
+            "\n{vcpus}, section version {}: {} registers",
+            key.section_version,
+            key.registers.len()
+        );
+        let Some((first, values)) = &reference else {
+            out.push('\n');
+            for &(id, value) in key.registers {
+                out.push_str(&register_line(id, value));
+            }
+            reference = Some((
+                format!("vcpu {}", vcpus.first()),
+                key.registers.iter().copied().collect(),
+            ));
+            continue;
+        };
+        let ids: std::collections::HashSet<u64> = key.registers.iter().map(|r| r.0).collect();
+        let differing: Vec<(u64, Option<u64>)> = key
+            .registers
+            .iter()
+            .filter(|(id, value)| values.get(id) != Some(value))
+            .map(|&(id, value)| (id, Some(value)))
+            .chain(
+                values
+                    .keys()
+                    .filter(|id| !ids.contains(id))
+                    .map(|&id| (id, None)),
+            )
+            .collect();
+        let _ = writeln!(out, ", {} differ from {first}:", differing.len());
+        for &(id, value) in differing.iter().take(NAMED_REGISTERS) {
+            match value {
+                Some(value) => out.push_str(&register_line(id, value)),
+                None => out.push_str(&format!(
+                    "  {:<20} {:<24} (absent)\n",
+                    format!("{id:#x}"),
+                    register_name(id).unwrap_or("-")
+                )),
+            }
+        }
+        if differing.len() > NAMED_REGISTERS {
+            shortened = true;
+            let _ = writeln!(
+                out,
+                "  ... and {} more differing registers",
+                differing.len() - NAMED_REGISTERS
+            );
+        }
+    }
+    let undescribed = groups.undescribed();
+    if !undescribed.is_empty() {
+        shortened = true;
+        let _ = writeln!(
+            out,
+            "\nand {} more vCPUs with other registers ({undescribed})",
+            undescribed.count()
+        );
+    }
+    if shortened {
+        let _ = writeln!(out, "(--all lists every register of every vCPU)");
     }
 }
 
@@ -451,8 +635,13 @@ mod tests {
         let total: u64 = summary.sections.iter().map(|s| s.bytes).sum();
         assert!(total < input.len() as u64);
         assert!(summary.ram.zero > 0);
-        let text = summary.to_text();
-        assert!(text.contains("cpu 1 (section version 22): 248 registers"));
+        let all = summary.to_text(true);
+        assert!(all.contains("cpu 1 (section version 22): 248 registers"));
+        assert_eq!(all.matches("\n  0x").count(), 2 * 248);
+        // Both vCPUs alike: one heading, one list.
+        let digest = summary.to_text(false);
+        assert!(digest.contains("\nvcpu 0-1 (2 vcpus), section version 22: 248 registers\n"));
+        assert_eq!(digest.matches("\n  0x").count(), 248);
     }
 
     #[test]
@@ -499,7 +688,7 @@ mod tests {
         assert!(summary.cpus.is_empty());
         assert!(summary.packaged_bytes.is_some());
         assert!(summary.info.postcopy_advised);
-        assert!(summary.to_text().contains("postcopy package"));
+        assert!(summary.to_text(false).contains("postcopy package"));
     }
 
     #[test]

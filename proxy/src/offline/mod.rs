@@ -7,4 +7,5 @@ pub mod inspect;
 pub mod plan;
 pub mod progress;
 pub mod qmp;
+pub mod report;
 pub mod rewrite;

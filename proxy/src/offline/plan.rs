@@ -5,6 +5,7 @@
 //! its vCPUs as a fresh VM would send it). The decision is the same pure function the proxy runs
 //! (`migproxy_config::rewrite`), so the plan is what the proxy will do.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -20,6 +21,7 @@ use crate::cli::policy::policy_from_args;
 use crate::cli::PlanArgs;
 use crate::error::{ProxyError, Refusal};
 use crate::offline::input::{load_profiles, Input};
+use crate::offline::report::VcpuReport;
 use crate::subsection_rules;
 
 pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
@@ -77,11 +79,8 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
             let _ = writeln!(text, "note: {note}");
         }
         // Each vCPU's subsections right under its registers.
-        for report in &reports {
-            let _ = writeln!(text, "{report}");
-            for subsections in subsection_reports.iter().filter(|s| s.vcpu == report.vcpu) {
-                let _ = writeln!(text, "{subsections}");
-            }
+        for line in vcpu_lines(&reports, &subsection_reports, args.all) {
+            let _ = writeln!(text, "{line}");
         }
         let verdict = if refused.is_empty() && refused_subsections.is_empty() {
             "the migration can go through migproxy"
@@ -123,6 +122,25 @@ pub fn main(args: &PlanArgs) -> Result<(), ProxyError> {
     } else {
         Ok(())
     }
+}
+
+/// The readable per-vCPU lines: a digest, or every register with `--all`.
+pub(crate) fn vcpu_lines(
+    reports: &[RewriteReport],
+    subsection_reports: &[SubsectionReport],
+    all: bool,
+) -> Vec<String> {
+    let subsections: HashMap<u32, &SubsectionReport> =
+        subsection_reports.iter().map(|s| (s.vcpu, s)).collect();
+    let mut lines = VcpuReport::new(all);
+    for report in reports {
+        lines.add(
+            report.vcpu,
+            Some(report),
+            subsections.get(&report.vcpu).copied(),
+        );
+    }
+    lines.lines()
 }
 
 struct Source {
@@ -177,10 +195,12 @@ fn plan_json(
     subsection_reports: &[SubsectionReport],
     notes: &[String],
 ) -> serde_json::Value {
+    let subsections_of: HashMap<u32, &SubsectionReport> =
+        subsection_reports.iter().map(|s| (s.vcpu, s)).collect();
     let vcpus: Vec<serde_json::Value> = reports
         .iter()
         .map(|r| {
-            let subsections = subsection_reports.iter().find(|s| s.vcpu == r.vcpu);
+            let subsections = subsections_of.get(&r.vcpu).copied();
             json!({
                 "vcpu": r.vcpu,
                 "refused": r.is_refused() || subsections.is_some_and(SubsectionReport::is_refused),
@@ -206,7 +226,10 @@ fn plan_json(
                     "destination": hex(m.dest), "action": format!("{:?}", m.action)}))
                     .collect::<Vec<_>>(),
                 "left_missing": r.left_missing.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
-                "warnings": r.warnings,
+                // The rewrite's warnings do not name the vCPU (the daemon groups them); a
+                // reader of one warning string still needs to know which vCPU it is about.
+                "warnings": r.warnings.iter().map(|w| format!("vcpu {}: {w}", r.vcpu))
+                    .collect::<Vec<_>>(),
                 "summary": if r.is_refused() { Some(r.refusal_summary()) } else { None },
             })
         })

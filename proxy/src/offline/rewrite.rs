@@ -18,6 +18,7 @@ use crate::cli::policy::policy_from_args;
 use crate::cli::RewriteArgs;
 use crate::error::{ProxyError, Refusal};
 use crate::offline::input::{load_profiles, Input};
+use crate::offline::plan::vcpu_lines;
 use crate::subsection_rules;
 
 pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
@@ -97,11 +98,8 @@ pub fn main(args: &RewriteArgs) -> Result<(), ProxyError> {
             }
         },
     );
-    for report in &reports {
-        eprintln!("{report}");
-    }
-    for report in &subsection_reports {
-        eprintln!("{report}");
+    for line in vcpu_lines(&reports, &subsection_reports, args.all) {
+        eprintln!("{line}");
     }
     let result = result.and_then(|()| {
         if saw_device_state {

@@ -15,6 +15,14 @@ use serde_json::Value;
 
 pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 
+/// The path of one of the codec's test vectors (real QEMU captures).
+pub fn vector_path(name: &str) -> String {
+    format!(
+        "{}/../codec/tests/vectors/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
 pub fn vector(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../codec/tests/vectors")
@@ -52,6 +60,14 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// A daemon forwarding to `destination`: `--upstream DESTINATION ARGS...`.
+    pub fn to(destination: &Destination, args: &[&str]) -> Daemon {
+        let upstream = destination.upstream();
+        let mut all = vec!["--upstream", upstream.as_str()];
+        all.extend_from_slice(args);
+        Daemon::start(&all)
+    }
+
     /// `migproxy run --listen tcp:127.0.0.1:0 --admin tcp:127.0.0.1:0 --log-json ARGS...`
     pub fn start(args: &[&str]) -> Daemon {
         let mut all = vec!["--listen", "tcp:127.0.0.1:0", "--admin", "tcp:127.0.0.1:0"];
@@ -175,6 +191,13 @@ impl Daemon {
         http_get(self.admin, path)
     }
 
+    /// `migproxy_turned_away_total{reason="REASON"}`.
+    pub fn turned_away(&self, reason: &str) -> Option<u64> {
+        self.metric(&format!(
+            "migproxy_turned_away_total{{reason=\"{reason}\"}}"
+        ))
+    }
+
     pub fn metric(&self, sample: &str) -> Option<u64> {
         let (_, text) = self.get("/metrics");
         text.lines()
@@ -233,6 +256,11 @@ pub struct Destination {
 }
 
 impl Destination {
+    /// A destination that reads everything and answers nothing.
+    pub fn reading() -> Destination {
+        Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }])
+    }
+
     /// Connections get `behaviours` in order; later ones get the last.
     pub fn start(behaviours: Vec<Behaviour>) -> Destination {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind destination");
@@ -354,6 +382,32 @@ pub fn description_offset(stream: &[u8]) -> usize {
         .expect("stream ends with a description")
 }
 
+/// Wait for the migration summary: its outcome must be `outcome` and its reason mention
+/// `reason_has`.
+pub fn assert_summary(daemon: &Daemon, outcome: &str, reason_has: &str) {
+    let summary = daemon.wait_log("migration summary", Duration::from_secs(20));
+    assert_eq!(summary["fields"]["outcome"], outcome, "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(reason_has), "{reason}");
+}
+
+/// Push a whole stream as a source, half-close, and return what came back on the return path.
+pub fn migrate(daemon: &Daemon, stream: &[u8]) -> Vec<u8> {
+    let mut source = connect(daemon.listen);
+    source.write_all(stream).expect("source write");
+    source.shutdown(Shutdown::Write).expect("half-close");
+    read_until_closed(&mut source)
+}
+
+/// The same for a migration the daemon may end early (a refusal closes the source): a failed
+/// write is part of the outcome.
+pub fn migrate_refusable(daemon: &Daemon, stream: &[u8]) -> Vec<u8> {
+    let mut source = connect(daemon.listen);
+    let _ = source.write_all(stream);
+    let _ = source.shutdown(Shutdown::Write);
+    read_until_closed(&mut source)
+}
+
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -382,6 +436,13 @@ pub fn capture_profile(stream: &str, extra: &[&str], profile: &str) {
     args.extend_from_slice(extra);
     args.extend(["-o", profile]);
     migproxy(&args);
+}
+
+/// `capture_profile` of the test vector `vector` into `dir` as `name`; returns its path.
+pub fn vector_profile(dir: &TempDir, vector: &str, extra: &[&str], name: &str) -> String {
+    let profile = dir.file(name);
+    capture_profile(&vector_path(vector), extra, &profile);
+    profile
 }
 
 /// Run the migproxy binary to completion; panics unless it exits 0.
@@ -454,4 +515,40 @@ pub fn with_extra_pages(stream: &[u8], pages: usize) -> Vec<u8> {
     out.extend_from_slice(&extra);
     out.extend_from_slice(&stream[insert_at..]);
     out
+}
+
+/// A stream of `vcpus` vCPUs, each with vCPU 0's registers of the real capture `stream`
+/// (edited by `change` per vCPU), on the capture's machine type: a many-vCPU stream whose
+/// registers a real QEMU sent.
+pub fn repeated_vcpu(
+    stream: &[u8],
+    vcpus: u32,
+    change: impl Fn(u32, &mut Vec<(u64, u64)>),
+) -> Vec<u8> {
+    use migproxy_codec::testing::{RamRecord, StreamBuilder};
+    use migproxy_codec::{offline, DecodeError, Frame, Limits, StreamDecoder};
+    let mut decoder = StreamDecoder::new(Limits::default());
+    let mut registers = None;
+    offline::decode_reader(
+        stream,
+        &mut decoder,
+        |_, frame| -> Result<(), DecodeError> {
+            if let Frame::DeviceState(state) = frame {
+                registers = state.cpus().into_iter().next().map(|cpu| cpu.registers);
+            }
+            Ok(())
+        },
+    )
+    .expect("decoding the vector");
+    let registers = registers.expect("a vCPU in the vector");
+    let machine = decoder.info().machine.clone().expect("a machine type");
+    let mut builder = StreamBuilder::new(&machine);
+    builder.ram_start(1 << 20);
+    builder.ram_section(true, &[RamRecord::Zero]);
+    for vcpu in 0..vcpus {
+        let mut own = registers.clone();
+        change(vcpu, &mut own);
+        builder.cpu(vcpu, &own, 0x11);
+    }
+    builder.finish()
 }
