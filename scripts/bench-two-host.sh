@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Two-host benchmark: real QEMU 10.0 live migrations of a 4 GiB guest that keeps dirtying memory,
-# between two network namespaces (a source host and a destination host) joined by one veth pair
-# shaped with tc netem: 2.5 Gbit/s and 10 Gbit/s with a 0.2 ms round trip, and unshaped. Paths:
+# between two network namespaces (a source host and a destination host) joined by one veth pair:
+# 1, 2.5 and 10 Gbit/s with a 0.2 ms round trip, and unshaped. With sch_netem (rate + 0.1 ms each
+# way) when the kernel has it; without it tbf shapes the rate of the data direction and the
+# reverse direction (the destination's ACKs) takes a delay line instead: two TUN devices and
+# bench/src/bin/delay_line.rs between them, 0.2 ms later (policy routing sends only the
+# destination's packets to the source host through it). Paths:
 # direct, migproxy on the destination host, migproxy source-side transparent (the guide's
 # nftables redirect, `--upstream original-dst`), HAProxy on the destination host.
 #
-#   scripts/bench-two-host.sh [RESULTS_DIR]          full matrix (~15 min on an idle 2-core machine)
-#   BENCH_QUICK=1 scripts/bench-two-host.sh          1 GiB guest, 1 repetition, smaller matrix (~4 min)
+#   scripts/bench-two-host.sh [RESULTS_DIR]          full matrix (~18 min on an idle 2-core machine)
+#   BENCH_QUICK=1 scripts/bench-two-host.sh          1 GiB guest, 1 repetition, smaller matrix (~5 min)
 #
 # The same migration runs through every path in one invocation, one warm-up per configuration (not
 # counted), the order rotated between repetitions.
@@ -17,8 +21,12 @@
 #
 # Knobs (environment): BENCH_QUICK=1, TWOHOST_RAM_MIB (4096), TWOHOST_REPS (2), TWOHOST_WINDOW_PAGES
 # (8192: the guest's dirtied working set, 32 MiB), TWOHOST_ICOUNT (shift=10,align=on), TWOHOST_LINKS
-# (unshaped,2.5g,10g), TWOHOST_PATHS / TWOHOST_MULTIFD (override the per-link matrix, e.g.
-# direct,haproxy / off), MIGPROXY_BIN (use this migproxy instead of building it), QEMU10.
+# (unshaped,1g,2.5g,10g), TWOHOST_PATHS / TWOHOST_MULTIFD (override the per-link matrix, e.g.
+# direct,haproxy / off), TWOHOST_DELAY_US (180: the delay line's delay; with the veth's own ~20 us the
+# round trip is 0.2 ms),
+# TWOHOST_RAM_DIR (/dev/shm: a tmpfs for the guest RAM file), TWOHOST_DST_PREALLOC (1; 0: the
+# destination faults its RAM in during the migration), MIGPROXY_BIN / DELAY_LINE_BIN (use
+# these instead of building them), QEMU10.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,7 +46,14 @@ ram_mib="${TWOHOST_RAM_MIB:-4096}"
 reps="${TWOHOST_REPS:-2}"
 window_pages="${TWOHOST_WINDOW_PAGES:-8192}"
 icount="${TWOHOST_ICOUNT:-shift=10,align=on}"
-links="${TWOHOST_LINKS:-unshaped,2.5g,10g}"
+links="${TWOHOST_LINKS:-unshaped,1g,2.5g,10g}"
+delay_us="${TWOHOST_DELAY_US:-180}"
+# The destination preallocates its RAM before the migration: faulting it in during the migration
+# cost the destination QEMU 5-7 s of system time per 4 GiB (zeroing, reclaim) on the loading thread
+# and held a 2.5 Gbit/s direct migration to 1.85-1.97 Gbit/s with 80-130 retransmits; preallocated,
+# the same migration reached 2.33-2.35 Gbit/s (93-94 % of the link) with none.
+dst_prealloc="${TWOHOST_DST_PREALLOC:-1}"
+[ "$dst_prealloc" = 0 ] && dst_prealloc=
 qemu="${QEMU10:-/usr/bin/qemu-system-aarch64}"
 cache="${MIGPROXY_CACHE:-$HOME/.cache/migproxy}/twohost"
 results="${1:-$cache/results/$(date -u +%Y%m%dT%H%M%SZ)}"
@@ -70,6 +85,12 @@ else
     cargo build --release -p migproxy >&2
     migproxy_built="$root/target/release/migproxy"
 fi
+if [ -n "${DELAY_LINE_BIN:-}" ]; then
+    delay_line_built="$DELAY_LINE_BIN"
+else
+    cargo build --release -p migproxy-bench --bin delay-line >&2
+    delay_line_built="$root/target/release/delay-line"
+fi
 
 # --- scratch: namespaces, veth, a world-readable dir for the uid the source-side migproxy runs as ------
 id="mpb$$"
@@ -79,11 +100,19 @@ src_dev="${id}s"
 dst_dev="${id}d"
 src_addr=10.231.0.1
 dst_addr=10.231.0.2
+# The delay line's TUN devices: the destination host routes the source host's address into dst_tun,
+# the packets come out of src_tun on the source host.
+src_tun="${id}rs"
+dst_tun="${id}rd"
+delay_line_pid=
 # Under target/: the uid the source-side migproxy runs as must reach it, and it must allow exec.
 mkdir -p "$root/target"
 work="$(mktemp -d "$root/target/bench-two-host.XXXXXX")"
+ram_dir="$(mktemp -d "${TWOHOST_RAM_DIR:-/dev/shm}/migproxy-two-host.XXXXXX")"
 cleanup() {
     set +e
+    # The delay line runs in this namespace (it opened its TUN devices here before they moved).
+    if [ -n "$delay_line_pid" ]; then kill "$delay_line_pid" 2>/dev/null; wait "$delay_line_pid" 2>/dev/null; fi
     # QEMUs and relays run inside the namespaces: end them (by pid) before the namespaces go.
     for ns in "$src_ns" "$dst_ns"; do
         for pid in $(ip netns pids "$ns" 2>/dev/null); do kill "$pid" 2>/dev/null; done
@@ -93,7 +122,7 @@ cleanup() {
         for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
         ip netns del "$ns" 2>/dev/null
     done
-    rm -rf "$work"
+    rm -rf "$work" "$ram_dir"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -110,34 +139,60 @@ for ns in "$src_ns" "$dst_ns"; do ip -n "$ns" link set lo up; done
 ip -n "$src_ns" link set "$src_dev" up
 ip -n "$dst_ns" link set "$dst_dev" up
 
-# tc on both ends. With sch_netem: half the round trip per direction plus the rate, and a queue big
-# enough that TCP's window, not the qdisc, fills (drops are measured with the link). A kernel without
-# netem (no CONFIG_NET_SCH_NETEM) cannot delay packets at all: then tbf shapes the rate alone and the
-# link records that its round trip is the bare veth's (link-LINK.json "shaping").
+# With sch_netem: rate and half the round trip per direction on both ends, and a queue big enough
+# that TCP's window, not the qdisc, fills. A kernel without netem (no CONFIG_NET_SCH_NETEM, nor fq or
+# etf to pace by departure time) cannot delay a packet in a qdisc: then tbf shapes the data direction
+# and the reverse direction goes through the delay line (link-LINK.json "shaping": tbf+delay-line).
 shaping="netem"
-tc -n "$src_ns" qdisc add dev "$src_dev" root netem delay 100us 2>/dev/null || shaping="tbf"
+tc -n "$src_ns" qdisc add dev "$src_dev" root netem delay 100us 2>/dev/null || shaping="tbf+delay-line"
 tc -n "$src_ns" qdisc del dev "$src_dev" root 2>/dev/null || true
 log "link shaping with $shaping"
+if [ "$shaping" != netem ]; then
+    cp "$delay_line_built" "$work/delay-line"
+    "$python" "$tools/two_host.py" delay-line --binary "$work/delay-line" --in-dev "$dst_tun" \
+        --out-dev "$src_tun" --delay-us "$delay_us" --spin-us "${TWOHOST_DELAY_SPIN_US:-10}" \
+        --stats "$work/delay-line.json" 2>"$work/delay-line.log" &
+    delay_line_pid=$!
+    for _ in $(seq 100); do
+        ip link show "$src_tun" >/dev/null 2>&1 && ip link show "$dst_tun" >/dev/null 2>&1 && break
+        kill -0 "$delay_line_pid" 2>/dev/null || { log "delay line exited: $(cat "$work/delay-line.log")"; exit 1; }
+        sleep 0.1
+    done
+    ip link set "$dst_tun" netns "$dst_ns"
+    ip link set "$src_tun" netns "$src_ns"
+    # IPv4 only: IPv6 would send router solicitations through the line before both ends are up.
+    ip netns exec "$dst_ns" sysctl -qw "net.ipv6.conf.$dst_tun.disable_ipv6=1" 2>/dev/null || true
+    ip netns exec "$src_ns" sysctl -qw "net.ipv6.conf.$src_tun.disable_ipv6=1" 2>/dev/null || true
+    ip -n "$dst_ns" link set "$dst_tun" up
+    ip -n "$src_ns" link set "$src_tun" up
+    # The source host receives the destination's packets on src_tun while its route to the
+    # destination is the veth: reverse-path filtering would drop them.
+    ip netns exec "$src_ns" sysctl -qw net.ipv4.conf.all.rp_filter=0 "net.ipv4.conf.$src_tun.rp_filter=0"
+fi
 shape() { # LINK
     local rate burst
     case "$1" in
         unshaped)
             tc -n "$src_ns" qdisc del dev "$src_dev" root 2>/dev/null || true
             tc -n "$dst_ns" qdisc del dev "$dst_dev" root 2>/dev/null || true
+            ip -n "$dst_ns" route del "$src_addr/32" 2>/dev/null || true
             return ;;
+        1g) rate=1gbit burst=500kb ;;
         2.5g) rate=2500mbit burst=1250kb ;;
         10g) rate=10gbit burst=5mb ;;
-        *) log "unknown link $1 (unshaped, 2.5g, 10g)"; exit 1 ;;
+        *) log "unknown link $1 (unshaped, 1g, 2.5g, 10g)"; exit 1 ;;
     esac
+    if [ "$shaping" != netem ]; then
+        # Data (source -> destination) on the tbf-shaped veth, everything back through the delay
+        # line. burst: 4 ms of the rate (a smaller bucket loses tokens to late qdisc timers on a
+        # busy machine and the link falls short of its rate); limit: 16 MiB of queue, beyond any
+        # TCP window TSQ lets a few flows park in the qdisc.
+        tc -n "$src_ns" qdisc replace dev "$src_dev" root tbf rate "$rate" burst "$burst" limit 16mb
+        ip -n "$dst_ns" route replace "$src_addr/32" dev "$dst_tun"
+        return
+    fi
     for end in "$src_ns:$src_dev" "$dst_ns:$dst_dev"; do
-        if [ "$shaping" = netem ]; then
-            tc -n "${end%%:*}" qdisc replace dev "${end#*:}" root netem delay 100us rate "$rate" limit 100000
-        else
-            # burst: 4 ms of the rate (a smaller bucket loses tokens to late qdisc timers on a busy
-            # machine and the link falls short of its rate); limit: 16 MiB of queue, beyond any
-            # TCP window TSQ lets a few flows park in the qdisc.
-            tc -n "${end%%:*}" qdisc replace dev "${end#*:}" root tbf rate "$rate" burst "$burst" limit 16mb
-        fi
+        tc -n "${end%%:*}" qdisc replace dev "${end#*:}" root netem delay 100us rate "$rate" limit 100000
     done
 }
 
@@ -150,8 +205,13 @@ aarch64-linux-gnu-as --defsym COUNTER_ADDR=0x40280000 --defsym WINDOW_ADDR=0x403
     --defsym WINDOW_PAGES="$window_pages" -o "$work/dirty.o" integration-tests/guest/dirty.S
 aarch64-linux-gnu-objcopy -O binary "$work/dirty.o" "$work/dirty.bin"
 
-# Guest RAM: a file pre-filled with non-zero data (cached; the guest maps it share=off).
+# Guest RAM: a file pre-filled with non-zero data (cached; the guest maps it share=off), copied to
+# tmpfs for the run: read from the disk, the source's RAM scan waited on I/O (a 2.5 Gbit/s direct
+# migration spent 25-39 s of its 60 core-seconds in iowait and reached 1.2-1.4 Gbit/s), so the disk
+# and not the link set the pace.
 "$python" "$tools/qemu_bench.py" fill "$cache/ram-$ram_mib.fill" "$ram_mib"
+ram_file="$ram_dir/ram-$ram_mib.fill"
+cp "$cache/ram-$ram_mib.fill" "$ram_file"
 
 # The rewriting relay's inputs: a stream of a fresh VM with the same configuration (its source
 # reference) and the register profile captured from it (its destination profile: nothing changes).
@@ -167,19 +227,21 @@ for link in "${link_list[@]}"; do
     shape "$link"
     log "link $link: measuring"
     "$python" "$tools/two_host.py" measure-link "${common[@]}" --link "$link" --shaping "$shaping" \
-        >"$results/link-$link.json"
+        ${delay_line_pid:+--delay-line-pid "$delay_line_pid"} --delay-us "$delay_us" >"$results/link-$link.json"
     log "link $link: $("$python" -c 'import json,sys; r=json.load(sys.stdin); print("%.2f Gbit/s, rtt %.3f ms, drops %s" % (r["gbit_s"], r["rtt_ms_median"], r["drops"]))' <"$results/link-$link.json")"
-    # The matrix per link, sized for the time budget (~15 min full, ~4 min quick on an idle machine):
-    # every path without multifd; multifd (4 channels) on the shaped links; the source-side transparent
-    # placement on the shaped links (on 2.5 Gbit/s only in a quick run).
+    # The matrix per link, sized for the time budget (<= 20 min full, ~5 min quick on an idle
+    # machine): every path without multifd on 2.5 Gbit/s, multifd (4 channels) on 2.5 and 10 Gbit/s;
+    # on 1 Gbit/s (a 4 GiB migration takes 35 s there) direct and migproxy on the destination host,
+    # the configuration the targets are judged on, without multifd.
     case "$link" in
         unshaped) paths=direct,migproxy-dst,haproxy multifd=off ;;
+        1g) paths=direct,migproxy-dst multifd=off ;;
         2.5g) paths=direct,migproxy-dst,migproxy-src,haproxy multifd=off,on ;;
-        *) paths=direct,migproxy-dst,migproxy-src,haproxy multifd=off,on ;;
+        *) paths=direct,migproxy-dst,haproxy multifd=off,on ;;
     esac
     if [ "${BENCH_QUICK:-}" = 1 ]; then
         case "$link" in
-            unshaped) paths=direct,migproxy-dst ;;
+            unshaped|1g) paths=direct,migproxy-dst ;;
             2.5g) ;;
             *) paths=direct,migproxy-dst,haproxy multifd=off ;;
         esac
@@ -188,10 +250,13 @@ for link in "${link_list[@]}"; do
     multifd="${TWOHOST_MULTIFD:-$multifd}"
     "$python" "$tools/two_host.py" matrix "${common[@]}" --link "$link" --results "$results" \
         --work "$work/runs" --paths "$paths" --multifd "$multifd" --reps "$reps" --qemu "$qemu" \
-        --mem-mib "$ram_mib" --fill "$cache/ram-$ram_mib.fill" --guest "$work/dirty.bin" \
+        --mem-mib "$ram_mib" --fill "$ram_file" --guest "$work/dirty.bin" \
         --window-pages "$window_pages" --icount "$icount" --migproxy "$migproxy" \
         --dest-profile "$work/dest-profile.json" --source-reference "$work/reference.bin" \
-        --nft-template "$root/deploy/nftables/redirect.nft" || failed=1
+        --nft-template "$root/deploy/nftables/redirect.nft" ${delay_line_pid:+--delay-line-pid "$delay_line_pid"} \
+        ${dst_prealloc:+--dst-prealloc} || failed=1
+    # The delay line's counters so far (cumulative; written by it once a second).
+    if [ -n "$delay_line_pid" ]; then sleep 1.2; cp "$work/delay-line.json" "$results/delay-line-after-$link.json"; fi
 done
 
 ended_epoch=$(date +%s)
@@ -200,7 +265,9 @@ cat >"$results/meta.json" <<EOF
  "haproxy": "$(haproxy -v 2>/dev/null | head -n1 | cut -d' ' -f3)", "wall_seconds": $((ended_epoch - started_epoch)),
  "date": "$(date -u +%Y-%m-%dT%H:%MZ)", "cpus": $(nproc), "kernel": "$(uname -r)",
  "loadavg_at_end": "$(cut -d' ' -f1-3 /proc/loadavg)", "ram_mib": $ram_mib, "reps": $reps,
- "window_pages": $window_pages, "icount": "$icount", "links": "$links", "quick": "${BENCH_QUICK:-0}"}
+ "window_pages": $window_pages, "icount": "$icount", "links": "$links", "quick": "${BENCH_QUICK:-0}",
+ "shaping": "$shaping", "delay_us": $delay_us, "dst_prealloc": $([ -n "$dst_prealloc" ] && echo true || echo false),
+ "commit": "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)"}
 EOF
 "$python" "$tools/report_two_host.py" "$results" >"$results/report.md" || failed=1
 log "results in $results; wall time $((ended_epoch - started_epoch)) s"

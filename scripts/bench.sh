@@ -35,8 +35,9 @@
 # Knobs (environment): BENCH_CACHE, BENCH_RAM_MIB (4096), BENCH_REPS (5), BENCH_WARMUP (1),
 # BENCH_SWITCHOVER_ITER (300), BENCH_SWITCHOVER_WARMUP (20), BENCH_SCALE_MIB (128), BENCH_SCALE_CONC
 # (1,8,64), BENCH_SCALE_REPS (3), BENCH_ICOUNT_MIB (256), BENCH_ICOUNT_REPS (1), BENCH_QEMU_RAM_MIB (4096),
-# BENCH_QEMU_REPS (4), BENCH_MULTIFD_MIB (1024 per channel), BENCH_SKIP_QEMU=1, BENCH_SKIP_ICOUNT=1, BENCH_SKIP_TWO_HOST=1, BENCH_NO_DOCS=1
-# (keep results only), MIGPROXY_BIN (skip building migproxy, use this binary), QEMU10/QEMU72.
+# BENCH_QEMU_REPS (4), BENCH_MULTIFD_MIB (1024 per channel), BENCH_SKIP_QEMU=1, BENCH_SKIP_ICOUNT=1, BENCH_SKIP_TWO_HOST=1,
+# BENCH_TWO_HOST_RESULTS=DIR (take an earlier scripts/bench-two-host.sh results dir instead of running
+# the ~20 min part again; the report shows that run's own date and commit), BENCH_NO_DOCS=1 (keep results only), MIGPROXY_BIN (skip building migproxy, use this binary), QEMU10/QEMU72.
 set -euo pipefail
 
 started_epoch=$(date +%s)
@@ -263,11 +264,18 @@ fi
 # Each runs only when its script or subcommand is in this checkout and writes into its own
 # $results/<part>/ directory, where its report module (bench/tools/report_*.py) reads it. A part
 # that is missing or fails is reported as "not run in this run", never with an older number.
-if [ -x scripts/bench-two-host.sh ] && [ "${BENCH_SKIP_TWO_HOST:-}" != 1 ]; then
+if [ -n "${BENCH_TWO_HOST_RESULTS:-}" ]; then
+    # An earlier two-host run, reported as it was (its meta.json carries its date and commit).
+    [ -f "$BENCH_TWO_HOST_RESULTS/meta.json" ] ||
+        { log "BENCH_TWO_HOST_RESULTS=$BENCH_TWO_HOST_RESULTS has no meta.json (not a finished two-host run)"; exit 1; }
+    log "two-host part: taking $BENCH_TWO_HOST_RESULTS (not re-run)"
+    cp -a "$BENCH_TWO_HOST_RESULTS" "$results/two-host"
+elif [ -x scripts/bench-two-host.sh ] && [ "${BENCH_SKIP_TWO_HOST:-}" != 1 ]; then
     mkdir -p "$results/two-host"
     # A part that fails keeps its partial results under <part>.failed: the report says it failed
     # instead of presenting half a matrix.
-    run env MIGPROXY_BIN="$migproxy" QEMU10="$QEMU10" scripts/bench-two-host.sh "$results/two-host" ||
+    run env MIGPROXY_BIN="$migproxy" DELAY_LINE_BIN="$root/target/release/delay-line" QEMU10="$QEMU10" \
+        scripts/bench-two-host.sh "$results/two-host" ||
         { log "two-host part failed (see above)"; mv "$results/two-host" "$results/two-host.failed"; }
 fi
 if "$migbench" multifd-relay --help >/dev/null 2>&1; then

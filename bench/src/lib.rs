@@ -9,6 +9,7 @@
 //! (added switchover latency), how this scales with concurrent migrations, and what the raw
 //! multifd channels cost (`multifd.rs`).
 
+pub mod delay_line;
 pub mod error;
 pub mod instructions;
 pub mod multifd;

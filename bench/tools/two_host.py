@@ -9,6 +9,9 @@ Qmp class of qemu_bench.py.
   two_host.py probe-source --addr A --port P ...   (in the source namespace) send for S seconds, then a
                                                    TCP ping-pong for the round trip; JSON on stdout
   two_host.py measure-link ...                     both of the above across the namespaces, JSON out
+  two_host.py delay-line --in-dev A --out-dev B ... open two TUN devices and exec the delay line
+                                                   (bench/src/bin/delay_line.rs) on them: packets
+                                                   routed into A come out of B a fixed delay later
   two_host.py matrix ...                           one link: every configuration (multifd off/on x
                                                    path), a warm-up each, repetitions with the path
                                                    order rotated; one JSON file per run
@@ -21,6 +24,7 @@ Paths (the migration's route from the source QEMU to the destination QEMU):
   haproxy        HAProxy in TCP mode (splice) on the destination host
 """
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -33,6 +37,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cpu_account  # noqa: E402
 from qemu_bench import UNLIMITED_BANDWIDTH, Qmp, is_listening, proc_cpu_ticks, stop  # noqa: E402
 
 # The counting guest's memory map (integration-tests/src/guest.rs).
@@ -122,6 +127,7 @@ def cmd_probe_source(args):
     while time.monotonic() < end:
         s.sendall(buf)
         sent += len(buf)
+    loaded = tcp_info(s)
     s.shutdown(socket.SHUT_WR)
     # The sink reads to EOF: wait for its close so the bytes in flight are counted as delivered.
     s.settimeout(60)
@@ -143,10 +149,21 @@ def cmd_probe_source(args):
             got += chunk
         rtts.append((time.monotonic() - t0) * 1000)
         time.sleep(0.002)
+    idle = tcp_info(p)
     p.close()
-    print(json.dumps({"sent_bytes": sent, "seconds": elapsed, "gbit_s": sent * 8 / elapsed / 1e9,
+    print(json.dumps({"bulk_tcp": loaded, "ping_tcp": idle, "sent_bytes": sent, "seconds": elapsed, "gbit_s": sent * 8 / elapsed / 1e9,
                       "rtt_ms_median": statistics.median(rtts), "rtt_ms_min": min(rtts),
                       "rtt_ms_max": max(rtts), "pings": len(rtts)}))
+
+
+def tcp_info(sock):
+    """The kernel's view of a connection (struct tcp_info, linux/tcp.h): min_rtt is the smallest round
+    trip it measured (the path without queueing), rtt the smoothed one (with whatever queue built up)."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    rtt_us, = struct.unpack_from("<I", raw, 68)
+    total_retrans, = struct.unpack_from("<I", raw, 100)
+    min_rtt_us, = struct.unpack_from("<I", raw, 148)
+    return {"rtt_ms": rtt_us / 1000, "min_rtt_ms": min_rtt_us / 1000, "total_retrans": total_retrans}
 
 
 def netns(ns, argv):
@@ -155,6 +172,9 @@ def netns(ns, argv):
 
 def cmd_measure_link(args):
     me = os.path.abspath(__file__)
+    accounted = {"delay_line": args.delay_line_pid} if args.delay_line_pid else {}
+    cpu_before = cpu_account.snapshot(accounted)
+    started = time.monotonic()
     sink = subprocess.Popen(netns(args.dst_ns, [sys.executable, me, "probe-sink", "--port", str(args.port),
                                                 "--seconds", str(args.seconds)]),
                             stdout=subprocess.PIPE, text=True)
@@ -172,6 +192,9 @@ def cmd_measure_link(args):
         if sink.poll() is None:
             sink.kill()
             sink.wait()
+    # The probe's own CPU is in "others": the point is the delay line's share and the cores' load.
+    result["cpu"] = cpu_account.account(cpu_before, cpu_account.snapshot(accounted), time.monotonic() - started)
+    result["delay_us"] = args.delay_us if args.shaping != "netem" and args.link != "unshaped" else None
     result["qdisc"] = {}
     for ns, dev in ((args.src_ns, args.src_dev), (args.dst_ns, args.dst_dev)):
         stats = subprocess.run(["tc", "-n", ns, "-s", "-j", "qdisc", "show", "dev", dev],
@@ -185,6 +208,37 @@ def cmd_measure_link(args):
     print(json.dumps(result))
 
 
+# --- delay line -------------------------------------------------------------------------------
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+
+
+def open_tun(name):
+    """A new TUN device `name` in this network namespace (raw IP packets, no header); its fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    return fd
+
+
+def cmd_delay_line(args):
+    """Open both TUN devices (the caller moves them into their namespaces afterwards: a TUN device
+    keeps its file when it changes namespace) and become the delay line, reading the first on its
+    standard input and writing the second on its standard output. Safe Rust cannot issue TUNSETIFF,
+    so the opening is done here."""
+    into, out_of = open_tun(args.in_dev), open_tun(args.out_dev)
+    os.dup2(into, 0)
+    os.dup2(out_of, 1)
+    os.close(into)
+    os.close(out_of)
+    # Real-time priority: on a machine whose two cores run both QEMUs, a normal thread wakes up
+    # hundreds of microseconds late; a SCHED_FIFO one preempts them (it spins at most --spin-us per packet).
+    argv = ["chrt", "--fifo", str(args.rt_priority), args.binary, "--delay-us", str(args.delay_us),
+            "--spin-us", str(args.spin_us), "--stats", args.stats]
+    os.execvp("chrt", argv)
+
+
 # --- one migration ----------------------------------------------------------------------------
 
 def link_tx_bytes(ns, dev):
@@ -193,20 +247,27 @@ def link_tx_bytes(ns, dev):
     return json.loads(out)[0]["stats64"]["tx"]["bytes"]
 
 
-def qemu_argv(args, qmp_path, source):
+def qemu_argv(args, qmp_path, source, prealloc=False):
     argv = [args.qemu, "-M", args.machine, "-cpu", args.cpu, "-smp", str(args.smp), "-m", f"{args.mem_mib}M",
             "-nodefaults", "-nographic", "-display", "none", "-qmp", f"unix:{qmp_path},server=on,wait=off",
             # Single-threaded TCG whose virtual clock the host clock paces (align=on sleeps when the guest
             # runs ahead): the dirtying loop gets a small, steady share of a CPU, so the link and not this
             # machine's two cores bounds the migration.
-            "-icount", args.icount]
+            "-icount", args.icount,
+            # Named threads (CPU n/TCG, live_migration, multifdsend_n, ...): the CPU accounting per thread.
+            "-name", f"{'source' if source else 'destination'},debug-threads=on"]
     if source:
         # share=off: the guest's writes stay private, every run starts from the same file content.
         argv += ["-object", f"memory-backend-file,id=mem0,size={args.mem_mib}M,mem-path={args.fill},share=off",
                  "-machine", "memory-backend=mem0",
                  "-device", f"loader,file={args.guest},addr={GUEST_LOAD_ADDR:#x},cpu-num=0"]
     else:
-        argv += ["-object", f"memory-backend-ram,id=mem0,size={args.mem_mib}M", "-machine", "memory-backend=mem0",
+        # prealloc: the destination faults its RAM in before the migration instead of during it
+        # (page faults and zeroing on the loading thread, which competes with everything else for
+        # two cores); what a production destination with preallocated (huge) pages does.
+        argv += ["-object", f"memory-backend-ram,id=mem0,size={args.mem_mib}M{',prealloc=on' if prealloc else ''}",
+                 "-machine",
+                 "memory-backend=mem0",
                  "-incoming", "defer"]
     return argv
 
@@ -327,7 +388,8 @@ def one_migration(args, path, multifd, run_dir, qemu_port):
     os.makedirs(run_dir, exist_ok=True)
     src_qmp_path = os.path.join(run_dir, "src.qmp")
     dst_qmp_path = os.path.join(run_dir, "dst.qmp")
-    dst = start_in(args.dst_ns, qemu_argv(args, dst_qmp_path, source=False), os.path.join(run_dir, "dst.log"))
+    dst = start_in(args.dst_ns, qemu_argv(args, dst_qmp_path, source=False, prealloc=args.dst_prealloc),
+                   os.path.join(run_dir, "dst.log"))
     src = start_in(args.src_ns, qemu_argv(args, src_qmp_path, source=True), os.path.join(run_dir, "src.log"))
     src_qmp = dst_qmp = relay = None
     cleanup = lambda: None  # noqa: E731
@@ -356,6 +418,11 @@ def one_migration(args, path, multifd, run_dir, qemu_port):
         qemu_ticks = (proc_cpu_ticks(src.pid), proc_cpu_ticks(dst.pid))
         with open("/proc/stat") as f:
             machine_busy = _busy_ticks(f.readline())
+        accounted = {"source_qemu": src.pid, "destination_qemu": dst.pid, "relay": relay.pid if relay else None}
+        if args.delay_line_pid:
+            accounted["delay_line"] = args.delay_line_pid
+        cpu_before = cpu_account.snapshot(accounted)
+        tcp_before = {ns: cpu_account.tcp_counters(ns) for ns in (args.src_ns, args.dst_ns)}
         tx_before = link_tx_bytes(args.src_ns, args.src_dev)
         started = time.time()
         src_qmp.cmd("migrate", uri=f"tcp:{args.dst_addr}:{dial_port}")
@@ -386,6 +453,9 @@ def one_migration(args, path, multifd, run_dir, qemu_port):
             result["migproxy_cpu_s" if path.startswith("migproxy") else "relay_cpu_s"] = \
                 (proc_cpu_ticks(relay.pid) - relay_ticks) / hz
         result["link_tx_bytes"] = link_tx_bytes(args.src_ns, args.src_dev) - tx_before
+        result["cpu"] = cpu_account.account(cpu_before, cpu_account.snapshot(accounted), time.time() - started)
+        result["tcp"] = {side: {k: v - tcp_before[ns][k] for k, v in cpu_account.tcp_counters(ns).items()}
+                         for side, ns in (("source_host", args.src_ns), ("destination_host", args.dst_ns))}
         result["source_qemu_cpu_s"] = (proc_cpu_ticks(src.pid) - qemu_ticks[0]) / hz
         result["destination_qemu_cpu_s"] = (proc_cpu_ticks(dst.pid) - qemu_ticks[1]) / hz
         with open("/proc/stat") as f:
@@ -470,7 +540,7 @@ def cmd_matrix(args):
                 result = one_migration(args, path, multifd, run_dir, qemu_port)
             except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
                 result = {"path": path, "multifd": multifd, "converged": False, "error": str(e)}
-            result.update({"link": args.link, "rep": rep, "warmup": kind == "warmup", "mem_mib": args.mem_mib,
+            result.update({"link": args.link, "rep": rep, "dst_prealloc": args.dst_prealloc, "warmup": kind == "warmup", "mem_mib": args.mem_mib,
                            "icount": args.icount, "window_pages": args.window_pages,
                            "loadavg": open("/proc/loadavg").read().split()[:3], "name": name})
             if "error" in result:
@@ -516,6 +586,14 @@ def main():
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--seconds", type=float, default=3)
     s.add_argument("--pings", type=int, default=200)
+    s = sub.add_parser("delay-line")
+    s.add_argument("--binary", required=True, help="the delay-line program")
+    s.add_argument("--in-dev", required=True)
+    s.add_argument("--out-dev", required=True)
+    s.add_argument("--delay-us", type=int, required=True)
+    s.add_argument("--stats", required=True)
+    s.add_argument("--rt-priority", type=int, default=10, help="SCHED_FIFO priority")
+    s.add_argument("--spin-us", type=int, default=10, help="spin this long before each deadline")
     s = sub.add_parser("reference")
     s.add_argument("--out", required=True)
     add_qemu_args(s)
@@ -530,10 +608,13 @@ def main():
         s.add_argument("--dst-addr", required=True)
         if name == "measure-link":
             s.add_argument("--link", required=True)
-            s.add_argument("--shaping", required=True, help="netem (rate + delay) or tbf (rate only)")
+            s.add_argument("--shaping", required=True,
+                           help="netem (rate + delay) or tbf+delay-line (rate; the way back through the delay line)")
             s.add_argument("--port", type=int, default=5201)
             s.add_argument("--seconds", type=float, default=3)
             s.add_argument("--pings", type=int, default=200)
+            s.add_argument("--delay-line-pid", type=int, help="the delay line's process (its CPU is accounted)")
+            s.add_argument("--delay-us", type=int, required=True, help="the delay line's delay (recorded)")
         else:
             s.add_argument("--link", required=True, help="name of the link shape (results are keyed by it)")
             s.add_argument("--results", required=True)
@@ -553,11 +634,15 @@ def main():
             s.add_argument("--dest-profile", required=True)
             s.add_argument("--source-reference", required=True)
             s.add_argument("--nft-template", required=True)
+            s.add_argument("--delay-line-pid", type=int, help="the delay line's process (its CPU is accounted)")
+            s.add_argument("--dst-prealloc", action="store_true", help="destination RAM preallocated (prealloc=on)")
     args = p.parse_args()
     if args.command == "probe-sink":
         cmd_probe_sink(args)
     elif args.command == "probe-source":
         cmd_probe_source(args)
+    elif args.command == "delay-line":
+        cmd_delay_line(args)
     elif args.command == "reference":
         cmd_reference(args)
     elif args.command == "measure-link":
