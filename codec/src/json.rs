@@ -571,6 +571,31 @@ mod tests {
     }
 
     #[test]
+    fn a_shape_pairs_with_any_copy_of_its_text() {
+        let text = br#"{"k\u0041": [1, {"b": "x"}], "n": 261}"#.to_vec();
+        let parsed = parse(&text).unwrap();
+        let shape = parsed.clone().into_shape();
+        let copy = text.clone();
+        let paired = Document::with_shape(&copy, &shape).unwrap();
+        assert_eq!(paired, parsed);
+        assert_eq!(paired.root().get("n").and_then(Json::as_u64), Some(261));
+        assert_eq!(
+            paired.root().get("n").and_then(Json::span),
+            parsed.root().get("n").and_then(Json::span)
+        );
+        let inner = paired
+            .root()
+            .get("kA")
+            .and_then(Json::as_array)
+            .unwrap()
+            .nth(1)
+            .unwrap();
+        assert_eq!(inner.get("b").and_then(Json::as_str), Some("x"));
+        // Not UTF-8: no document (a text equal to the shape's never is).
+        assert!(Document::with_shape(b"\xff", &shape).is_none());
+    }
+
+    #[test]
     fn rejects_deep_nesting_and_garbage() {
         let deep = "[".repeat(1000);
         assert!(parse(deep.as_bytes()).is_err());
