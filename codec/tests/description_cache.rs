@@ -6,9 +6,10 @@
 use bytes::BytesMut;
 use migproxy_codec::{
     DecodeError, DescriptionCache, Frame, Limits, ReferenceDescription, StreamDecoder,
-    StreamEncoder,
 };
-use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::codec::Decoder;
+
+mod common;
 
 /// What one decode produced: the re-encoded output with the cpregs of vCPU 0 rewritten (so the
 /// layout's spans are used), the layout as the decoder found it, and how many descriptions it
@@ -20,11 +21,9 @@ struct Outcome {
     reused: u64,
 }
 
-fn decode(input: &[u8], mut decoder: StreamDecoder) -> Result<Outcome, DecodeError> {
-    let mut buf = BytesMut::from(input);
-    let mut out = BytesMut::new();
+fn decode(input: &[u8], decoder: StreamDecoder) -> Result<Outcome, DecodeError> {
     let mut layout = String::new();
-    let mut on_frame = |frame: &mut Frame| {
+    let on_frame = |frame: &mut Frame| {
         if let Frame::DeviceState(state) = frame {
             layout = format!(
                 "{:?} {:?} {:?} {}",
@@ -44,16 +43,9 @@ fn decode(input: &[u8], mut decoder: StreamDecoder) -> Result<Outcome, DecodeErr
             state.set_cpregs(first.instance, &regs).unwrap();
         }
     };
-    while let Some(mut frame) = decoder.decode(&mut buf)? {
-        on_frame(&mut frame);
-        StreamEncoder.encode(frame, &mut out).unwrap();
-    }
-    while let Some(mut frame) = decoder.decode_eof(&mut buf)? {
-        on_frame(&mut frame);
-        StreamEncoder.encode(frame, &mut out).unwrap();
-    }
+    let (out, decoder) = common::decode_chunked_with(decoder, input, || usize::MAX, on_frame)?;
     Ok(Outcome {
-        out: out.to_vec(),
+        out,
         layout,
         reused: decoder.work().descriptions_reused,
     })

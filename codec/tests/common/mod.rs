@@ -9,10 +9,19 @@ use tokio_util::codec::{Decoder, Encoder};
 pub fn decode_chunked(
     input: &[u8],
     limits: Limits,
+    chunk_len: impl FnMut() -> usize,
+    on_frame: impl FnMut(&mut Frame),
+) -> Result<(Vec<u8>, StreamDecoder), DecodeError> {
+    decode_chunked_with(StreamDecoder::new(limits), input, chunk_len, on_frame)
+}
+
+/// [`decode_chunked`] with a decoder the caller has configured (a reference, a cache, ...).
+pub fn decode_chunked_with(
+    mut decoder: StreamDecoder,
+    input: &[u8],
     mut chunk_len: impl FnMut() -> usize,
     mut on_frame: impl FnMut(&mut Frame),
 ) -> Result<(Vec<u8>, StreamDecoder), DecodeError> {
-    let mut decoder = StreamDecoder::new(limits);
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
     let mut pos = 0;
