@@ -3,9 +3,13 @@
 //!
 //! ```text
 //! record:  08 0007 0004 | be32 n | blob (n bytes)
-//! blob:    08 0004 0000 (LISTEN) | FULL s0 .. 7E s0 | ... | PING | [PING 0x42] | 08 0005 0000 (RUN)
+//! blob:    08 0004 0000 (LISTEN) | FULL s0 .. 7E s0 | ... | [PING 3] | [PING 0x42] | 08 0005 0000 (RUN)
 //!                                  ^ walked with the reference  ^ must land exactly here
 //! ```
+//!
+//! Both PINGs are optional, as QEMU's `postcopy_start` writes them: `PING 3` only with the
+//! `postcopy-ram` capability (a postcopy of dirty bitmaps alone sends none), `PING 0x42` only
+//! from a source since QEMU 10.2 with a return path.
 //!
 //! The package carries no description, so the layout comes from a reference description of the
 //! source's configuration (captured from a fresh VM of the same QEMU, machine and devices). The
@@ -93,8 +97,8 @@ impl PackageDeviceState {
         }
         let (tail_len, waits_for_destination) =
             tail_of(blob).ok_or_else(|| DecodeError::Unexpected {
-                offset: at(RECORD_HEADER_LEN + blob.len().saturating_sub(PING_LEN * 2 + RUN.len())),
-                expected: "PING [PING 0x42] POSTCOPY_RUN at the end of the package".into(),
+                offset: at(RECORD_HEADER_LEN + blob.len().saturating_sub(RUN.len())),
+                expected: "POSTCOPY_RUN at the end of the package".into(),
                 found: "other bytes".into(),
             })?;
         let sections_end = blob.len() - tail_len;
@@ -153,8 +157,14 @@ impl PackageDeviceState {
     }
 }
 
-/// The length of the blob's trailing commands (PING, optional PING 0x42, RUN) and whether the
-/// PING 0x42 is there; `None` if the blob does not end that way.
+/// The length of the blob's trailing commands and whether `PING 0x42` is among them; `None` if
+/// the blob does not end with RUN. `postcopy_start` (migration/migration.c) writes, after the
+/// sections: `PING 3` if `postcopy-ram` is on, `PING 0x42` if the source (QEMU >= 10.2) has a
+/// return path, then RUN; so the tail is RUN, PING x RUN, PING 0x42 RUN or PING x PING 0x42 RUN.
+///
+/// Read from the end, this cannot take section bytes for a PING: the sections end with a
+/// section footer (`7E` be32 id), and its `7E` falls where a PING has the `04` of its length.
+/// Whatever else is wrong there the walk refuses, since it must end exactly where the tail begins.
 fn tail_of(blob: &[u8]) -> Option<(usize, bool)> {
     let before_run = blob.len().checked_sub(RUN.len())?;
     if blob.get(before_run..)? != RUN {
@@ -170,13 +180,22 @@ fn tail_of(blob: &[u8]) -> Option<(usize, bool)> {
             <[u8; 4]>::try_from(ping.get(5..)?).ok()?,
         ))
     };
-    let last = ping_value(before_run)?;
-    if last == PING_PACKAGED_LOADED {
-        let before_loaded = before_run - PING_LEN;
-        ping_value(before_loaded)?;
-        return Some((RUN.len() + 2 * PING_LEN, true));
+    let Some(last) = ping_value(before_run) else {
+        // Neither PING: a postcopy without postcopy-ram from a source without the loaded PING.
+        return Some((RUN.len(), false));
+    };
+    if last != PING_PACKAGED_LOADED {
+        // `PING 3` alone: postcopy-ram from a source without the loaded PING.
+        return Some((RUN.len() + PING_LEN, false));
     }
-    Some((RUN.len() + PING_LEN, false))
+    // `PING 0x42`: preceded by `PING 3` with postcopy-ram, alone without it.
+    let before_loaded = before_run - PING_LEN;
+    let pings = if ping_value(before_loaded).is_some() {
+        2
+    } else {
+        1
+    };
+    Some((RUN.len() + pings * PING_LEN, true))
 }
 
 #[cfg(test)]
@@ -195,16 +214,34 @@ mod tests {
         builder
     }
 
-    /// A package as QEMU builds it for two vCPUs with these registers, and the description a
-    /// fresh VM of that configuration sends (the reference).
-    fn packaged(registers: &[(u64, u64)], loaded_ping: bool) -> (Vec<u8>, String) {
+    /// Which PINGs `postcopy_start` writes into the package.
+    #[derive(Clone, Copy)]
+    struct Pings {
+        /// `PING 3`: the `postcopy-ram` capability is on.
+        postcopy_ram: bool,
+        /// `PING 0x42`: a source since QEMU 10.2 with a return path.
+        loaded: bool,
+    }
+
+    /// postcopy-ram, loaded PING: a 10.2+ source with a return path.
+    const RAM_AND_LOADED: Pings = Pings {
+        postcopy_ram: true,
+        loaded: true,
+    };
+
+    /// A package as QEMU builds it (`postcopy_start`: LISTEN, the sections, `PING 3` with
+    /// postcopy-ram, `PING 0x42` with a return path since 10.2, RUN) for two vCPUs with these
+    /// registers, and the description a fresh VM of that configuration sends (the reference).
+    fn packaged(registers: &[(u64, u64)], pings: Pings) -> (Vec<u8>, String) {
         let header_len = StreamBuilder::new("virt-7.2").into_bytes().len();
         let reference = builder(registers).description();
         let stream = builder(registers).into_bytes();
         let mut blob = LISTEN.to_vec();
         blob.extend_from_slice(&stream[header_len..]);
-        blob.extend_from_slice(&[0x08, 0x00, 0x02, 0x00, 0x04, 0, 0, 0, 3]);
-        if loaded_ping {
+        if pings.postcopy_ram {
+            blob.extend_from_slice(&[0x08, 0x00, 0x02, 0x00, 0x04, 0, 0, 0, 3]);
+        }
+        if pings.loaded {
             blob.extend_from_slice(&[0x08, 0x00, 0x02, 0x00, 0x04, 0, 0, 0, 0x42]);
         }
         blob.extend_from_slice(&RUN);
@@ -218,7 +255,7 @@ mod tests {
     fn a_package_is_walked_rewritten_and_its_length_updated() -> Result<(), DecodeError> {
         let source = [(SCTLR_EL1, 0x30d0_0980), (CONTEXTIDR_EL1, 0)];
         let dest = [(SCTLR_EL1, 0x30d0_0980)];
-        let (record, reference) = packaged(&source, true);
+        let (record, reference) = packaged(&source, RAM_AND_LOADED);
         let mut package =
             PackageDeviceState::walk(&record, 1000, reference.as_bytes(), &Limits::default())?;
         assert!(package.waits_for_destination());
@@ -230,14 +267,18 @@ mod tests {
         for cpu in cpus {
             package.device_state().set_cpregs(cpu.instance, &dest)?;
         }
-        let (expected, _) = packaged(&dest, true);
+        let (expected, _) = packaged(&dest, RAM_AND_LOADED);
         assert_eq!(package.to_record()?, expected);
         Ok(())
     }
 
     #[test]
     fn an_older_package_has_no_loaded_ping() -> Result<(), DecodeError> {
-        let (record, reference) = packaged(&[(SCTLR_EL1, 1)], false);
+        let pings = Pings {
+            postcopy_ram: true,
+            loaded: false,
+        };
+        let (record, reference) = packaged(&[(SCTLR_EL1, 1)], pings);
         let package =
             PackageDeviceState::walk(&record, 0, reference.as_bytes(), &Limits::default())?;
         assert!(!package.waits_for_destination());
@@ -245,9 +286,66 @@ mod tests {
         Ok(())
     }
 
+    /// Without `postcopy-ram` (a postcopy of dirty bitmaps alone) QEMU sends no `PING 3`: the
+    /// package ends `PING 0x42` RUN from a 10.2+ source with a return path, RUN alone otherwise.
+    /// (A fuzz finding: the walk took the lone `PING 0x42` for the second of two PINGs and
+    /// refused such packages.)
+    #[test]
+    fn a_package_without_postcopy_ram_has_no_ping_3() -> Result<(), DecodeError> {
+        let source = [(SCTLR_EL1, 0x30d0_0980), (CONTEXTIDR_EL1, 0)];
+        let dest = [(SCTLR_EL1, 0x30d0_0980)];
+        for loaded in [true, false] {
+            let pings = Pings {
+                postcopy_ram: false,
+                loaded,
+            };
+            let (record, reference) = packaged(&source, pings);
+            let mut package =
+                PackageDeviceState::walk(&record, 0, reference.as_bytes(), &Limits::default())?;
+            assert_eq!(package.waits_for_destination(), loaded);
+            assert_eq!(package.to_record()?, record);
+            let cpus = package.device_state().cpus();
+            assert_eq!(cpus.len(), 2);
+            assert_eq!(cpus[1].registers, source);
+            for cpu in cpus {
+                package.device_state().set_cpregs(cpu.instance, &dest)?;
+            }
+            let (expected, _) = packaged(&dest, pings);
+            assert_eq!(package.to_record()?, expected);
+        }
+        Ok(())
+    }
+
+    /// PINGs QEMU never writes there (two `PING 3`, `PING 0x42` before `PING 3`) are left to the
+    /// walk, which refuses them: it must end where the tail begins.
+    #[test]
+    fn pings_out_of_order_are_refused() {
+        let limits = Limits::default();
+        for extra in [
+            [0x08, 0x00, 0x02, 0x00, 0x04, 0, 0, 0, 3],
+            [0x08, 0x00, 0x02, 0x00, 0x04, 0, 0, 0, 0x42],
+        ] {
+            let pings = Pings {
+                postcopy_ram: true,
+                loaded: false,
+            };
+            let (record, reference) = packaged(&[(SCTLR_EL1, 1)], pings);
+            // The extra PING goes right after the sections, before `PING 3` and RUN.
+            let at = record.len() - RUN.len() - PING_LEN;
+            let mut blob = record[RECORD_HEADER_LEN..at].to_vec();
+            blob.extend_from_slice(&extra);
+            blob.extend_from_slice(&record[at..]);
+            let mut bad = vec![0x08, 0x00, 0x07, 0x00, 0x04];
+            bad.extend_from_slice(&u32::try_from(blob.len()).unwrap_or(u32::MAX).to_be_bytes());
+            bad.extend_from_slice(&blob);
+            let err = PackageDeviceState::walk(&bad, 0, reference.as_bytes(), &limits);
+            assert!(err.is_err(), "{extra:02x?}: {err:?}");
+        }
+    }
+
     #[test]
     fn a_reference_of_another_layout_is_refused() {
-        let (record, _) = packaged(&[(SCTLR_EL1, 1)], true);
+        let (record, _) = packaged(&[(SCTLR_EL1, 1)], RAM_AND_LOADED);
         // One vCPU fewer: the walk does not end where the PING/RUN commands begin.
         let mut one = StreamBuilder::new("virt-7.2");
         one.cpu(0, &[(SCTLR_EL1, 1)], 0x11);
@@ -259,7 +357,7 @@ mod tests {
 
     #[test]
     fn a_damaged_frame_is_refused_by_position() {
-        let (record, reference) = packaged(&[(SCTLR_EL1, 1)], true);
+        let (record, reference) = packaged(&[(SCTLR_EL1, 1)], RAM_AND_LOADED);
         let limits = Limits::default();
         // Length off by one.
         let mut longer = record.clone();
