@@ -5,8 +5,12 @@
 //! those read sizes, then the stream. The stream is decoded in one piece and in those reads (the
 //! rest in one piece). Checked:
 //! - never a panic or a hang; whatever decoded re-encodes to exactly the bytes consumed;
-//! - split reads give the same result as one piece (a rewriting decoder may only stop earlier,
-//!   at an ending that verified, with `TrailingData`), and the same bytes when it succeeds;
+//! - split reads give the same result and end state as one piece (a rewriting decoder may only
+//!   stop earlier, at an ending that verified, with `TrailingData`), and the same bytes when it
+//!   succeeds;
+//! - page-run coalescing (`set_coalesce_ram_records`, as the proxy's pump decodes), whole and
+//!   split, changes only the cut of the frames: the same bytes in the same order, the same
+//!   result and offset, the same end state;
 //! - work per byte is bounded (`DecodeWork`);
 //! - a device state whose first vCPU loses its last register re-encodes to `wire_len()` bytes
 //!   and decodes again with that vCPU's new registers.
@@ -33,10 +37,24 @@ fn limits() -> Limits {
     }
 }
 
-fn decode(input: &[u8], boundaries: &[usize], relay: bool) -> Decoded {
+fn decoder(relay: bool) -> StreamDecoder {
     let mut decoder = StreamDecoder::new(limits());
     decoder.set_checking_relay(relay);
-    feed::decode(input, boundaries, decoder, encode_frame)
+    decoder
+}
+
+fn decode(input: &[u8], boundaries: &[usize], relay: bool) -> Decoded {
+    feed::decode(input, boundaries, decoder(relay), encode_frame)
+}
+
+/// As `decode`, with page-run coalescing (how the proxy's pump decodes).
+fn decode_coalescing(input: &[u8], boundaries: &[usize], relay: bool) -> Decoded {
+    feed::decode(
+        input,
+        boundaries,
+        feed::coalescing(decoder(relay)),
+        encode_frame,
+    )
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -59,7 +77,11 @@ fuzz_target!(|data: &[u8]| {
 
     let whole = decode(input, &[input.len()], relay);
     let split = decode(input, &boundaries, relay);
-    for run in [&whole, &split] {
+    let whole_coalesced = decode_coalescing(input, &[input.len()], relay);
+    let split_coalesced = decode_coalescing(input, &boundaries, relay);
+    feed::assert_same_outcome(&whole, &whole_coalesced);
+    feed::assert_same_outcome(&split, &split_coalesced);
+    for run in [&whole, &split, &whole_coalesced, &split_coalesced] {
         run.assert_reencodes_what_it_consumed(input);
         assert!(
             run.work.device_phase_bytes_scanned <= input.len() as u64,
@@ -70,18 +92,8 @@ fuzz_target!(|data: &[u8]| {
             "more descriptions tried than reads"
         );
     }
-    if !relay && split.result != whole.result {
-        assert!(
-            split.trailing,
-            "split reads: {:?}, one piece: {:?}",
-            split.result, whole.result
-        );
-    } else {
-        assert_eq!(split.result, whole.result, "split reads change the result");
-        if whole.result.is_ok() {
-            assert!(split.out == whole.out, "split reads change the bytes");
-        }
-    }
+    // (With coalescing the same, since coalescing changes neither.)
+    feed::assert_split_matches_whole(&whole, &split, !relay);
 
     // A real rewrite: the first vCPU loses its last register; the stream decodes again with it.
     if whole.result.is_err() {

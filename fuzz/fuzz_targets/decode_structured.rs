@@ -3,7 +3,8 @@
 //!
 //! The input does not hold a stream: it steers a `StreamBuilder` into a valid skeleton (header,
 //! configuration, a few RAM records, END, then either a device phase of `cpu` and opaque device
-//! sections with its description, or a postcopy package of those sections), may plant a forged
+//! sections with its description, or a postcopy package of those sections as QEMU writes it, with
+//! or without `postcopy-ram` and the loaded PING), may plant a forged
 //! description ending inside a device payload (what a guest can write into its registers), may
 //! damage or truncate the stream, and chooses the decoder mode (rewriting, checking relay,
 //! reference description), the read boundaries, a destination profile, a source profile and a
@@ -14,6 +15,9 @@
 //!   and the same end state as the stream fed in one piece (relay and reference mode always; a
 //!   rewriting decoder without a reference may only stop earlier, at a forged ending, with
 //!   `TrailingData` after a prefix of the same bytes: the rule DESIGN.md documents);
+//! - page-run coalescing (`set_coalesce_ram_records`, as the proxy's pump decodes), whole and
+//!   split, changes only the cut of the frames: the same bytes in the same order, the same
+//!   result and offset, the same end state;
 //! - what was emitted re-encodes to exactly the bytes consumed; `wire_len()` equals what
 //!   `encode` writes;
 //! - an undamaged stream always completes in relay and reference mode, whatever the guest bytes
@@ -196,8 +200,17 @@ struct Built {
     description: String,
     /// Stream offsets where a forged ending ends (read boundaries worth trying).
     forged_ends: Vec<usize>,
-    /// The device sections travel in a postcopy package.
-    postcopy: bool,
+    /// The device sections travel in a postcopy package, which ends this way.
+    package: Option<PackageTail>,
+}
+
+/// The commands after a package's sections, as the generator wrote them.
+#[derive(Clone, Copy, Debug)]
+struct PackageTail {
+    /// Their bytes: [PING 3] [PING 0x42] RUN.
+    len: usize,
+    /// `PING 0x42` is among them.
+    loaded_ping: bool,
 }
 
 fn build(u: &mut Unstructured<'_>) -> Result<Built> {
@@ -208,10 +221,18 @@ fn build(u: &mut Unstructured<'_>) -> Result<Built> {
     };
     let postcopy = u.ratio(1, 4)?;
     let mut b = StreamBuilder::new(machine);
-    if u.arbitrary()? {
+    let return_path = u.arbitrary()?;
+    if return_path {
         b.command(MIG_CMD_OPEN_RETURN_PATH, &[]);
     }
-    if postcopy {
+    // Postcopy of RAM (`postcopy-ram`), or of dirty bitmaps alone: QEMU advises the first with
+    // its page sizes (`ram_pagesize_summary`, target page size), the second with no payload.
+    let postcopy_ram = postcopy && u.arbitrary()?;
+    if postcopy_ram {
+        let mut page_sizes = 4096u64.to_be_bytes().to_vec();
+        page_sizes.extend_from_slice(&4096u64.to_be_bytes());
+        b.command(MIG_CMD_POSTCOPY_ADVISE, &page_sizes);
+    } else if postcopy {
         b.command(MIG_CMD_POSTCOPY_ADVISE, &[]);
     }
     b.ram_start(1 << 20);
@@ -229,16 +250,24 @@ fn build(u: &mut Unstructured<'_>) -> Result<Built> {
     let sections = devices.builder.into_bytes();
     let sections = sections.get(header_len..).unwrap_or_default();
     if postcopy {
-        // QEMU's package: LISTEN, the device sections, PING, [PING 0x42], RUN; then postcopy RAM
-        // and EOF without a description.
+        // QEMU's package (`postcopy_start`): LISTEN, the device sections, `PING 3` with
+        // postcopy-ram, `PING 0x42` from a source since 10.2 with a return path, RUN; then
+        // postcopy RAM and EOF without a description.
         let mut blob = vec![QEMU_VM_COMMAND, 0x00, 0x04, 0x00, 0x00];
         blob.extend_from_slice(sections);
-        blob.extend_from_slice(&[QEMU_VM_COMMAND, 0x00, 0x02, 0x00, 0x04]);
-        blob.extend_from_slice(&u.arbitrary::<u32>()?.to_be_bytes());
-        if u.arbitrary()? {
+        let sections_end = blob.len();
+        if postcopy_ram {
+            blob.extend_from_slice(&[QEMU_VM_COMMAND, 0x00, 0x02, 0x00, 0x04, 0, 0, 0, 3]);
+        }
+        let loaded_ping = return_path && u.arbitrary()?;
+        if loaded_ping {
             blob.extend_from_slice(&[QEMU_VM_COMMAND, 0x00, 0x02, 0x00, 0x04, 0, 0, 0, 0x42]);
         }
         blob.extend_from_slice(&[QEMU_VM_COMMAND, 0x00, 0x05, 0x00, 0x00]);
+        let package = PackageTail {
+            len: blob.len() - sections_end,
+            loaded_ping,
+        };
         let blob_len = u32::try_from(blob.len()).unwrap_or(u32::MAX);
         b.command(MIG_CMD_PACKAGED, &blob_len.to_be_bytes());
         let mut stream = b.into_bytes();
@@ -255,7 +284,7 @@ fn build(u: &mut Unstructured<'_>) -> Result<Built> {
             stream,
             description,
             forged_ends: Vec::new(),
-            postcopy,
+            package: Some(package),
         });
     }
     b.ram_section(true, &[RamRecord::Zero]);
@@ -278,7 +307,7 @@ fn build(u: &mut Unstructured<'_>) -> Result<Built> {
             .iter()
             .map(|end| sections_start + end)
             .collect(),
-        postcopy,
+        package: None,
     })
 }
 
@@ -560,6 +589,7 @@ fn check_package(
     record: &Bytes,
     offset: u64,
     description: &str,
+    tail: PackageTail,
     undamaged: bool,
     setup: Option<&RewriteSetup>,
     u: &mut Unstructured<'_>,
@@ -578,6 +608,13 @@ fn check_package(
         record,
         "an unchanged package is not written back byte for byte"
     );
+    if undamaged {
+        assert_eq!(
+            package.waits_for_destination(),
+            tail.loaded_ping,
+            "the package's PING 0x42 is misread"
+        );
+    }
     let Some(setup) = setup else {
         return;
     };
@@ -591,15 +628,9 @@ fn check_package(
         return;
     };
     // The layout of the rewritten package is the rewritten description (a removed subsection
-    // is gone from both): the sections, EOF, 06, be32 length, text.
-    let tail_len = 5
-        + 9
-        + if package.waits_for_destination() {
-            9
-        } else {
-            0
-        };
-    let sections_len = rewritten.len() - 9 - 5 - tail_len;
+    // is gone from both): the sections, EOF, 06, be32 length, text. (Only an undamaged package
+    // walked: a damaged one that still walks has the tail it was built with.)
+    let sections_len = rewritten.len() - 9 - 5 - tail.len;
     let encoded = package.device_state().to_bytes();
     let new_description = encoded.get(sections_len + 6..).unwrap_or_default();
     let again = PackageDeviceState::walk(&rewritten, offset, new_description, &limits);
@@ -681,9 +712,15 @@ fuzz_target!(|data: &[u8]| {
 
     let whole = decode(&input, &[input.len()], decoder(mode, reference.as_ref()));
     let split = decode(&input, &boundaries, decoder(mode, reference.as_ref()));
+    // Page-run coalescing (as the proxy's pump decodes) changes only the cut of the frames.
+    let coalescing = || feed::coalescing(decoder(mode, reference.as_ref()));
+    let whole_coalesced = decode(&input, &[input.len()], coalescing());
+    let split_coalesced = decode(&input, &boundaries, coalescing());
+    feed::assert_same_outcome(&whole, &whole_coalesced);
+    feed::assert_same_outcome(&split, &split_coalesced);
 
-    // Re-encoding equals the input consumed, in both.
-    for run in [&whole, &split] {
+    // Re-encoding equals the input consumed, in all of them.
+    for run in [&whole, &split, &whole_coalesced, &split_coalesced] {
         run.assert_reencodes_what_it_consumed(&input);
         // Constant work per received byte.
         assert!(run.work.device_phase_bytes_scanned <= input.len() as u64);
@@ -695,8 +732,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if std::env::var_os("FUZZ_DEBUG").is_some() {
         eprintln!(
-            "mode {mode:?} damaged {damaged} postcopy {} len {} reads {}\n one piece: {:?} out {} done {}\n split: {:?} out {} done {}",
-            built.postcopy,
+            "mode {mode:?} damaged {damaged} package {:?} len {} reads {}\n one piece: {:?} out {} done {}\n split: {:?} out {} done {}",
+            built.package,
             input.len(),
             boundaries.len(),
             whole.result,
@@ -708,23 +745,9 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     // Split reads change nothing, except that a rewriting decoder without a reference may stop
-    // at a forged ending (its documented rule) after a prefix of the same bytes.
-    if mode == Mode::Rewriting && split.result != whole.result {
-        assert!(
-            split.trailing,
-            "split reads: {:?}, one piece: {:?}",
-            split.result, whole.result
-        );
-        // (Both released a prefix of the input, checked above.)
-    } else {
-        assert_eq!(split.result, whole.result, "split reads change the result");
-        // A failed stream may have released more with split reads (a checking relay forwards a
-        // false ending before the phase goes on): both are prefixes of the input, checked above.
-        if whole.result.is_ok() {
-            assert!(split.out == whole.out, "split reads change the bytes");
-        }
-        assert_eq!(split.done, whole.done);
-    }
+    // at a forged ending (its documented rule) after a prefix of the same bytes. (With
+    // coalescing the same, since coalescing changes neither.)
+    feed::assert_split_matches_whole(&whole, &split, mode == Mode::Rewriting);
 
     if !damaged && mode != Mode::Rewriting {
         // A guest cannot end the device phase early: the undamaged stream always completes.
@@ -743,7 +766,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // The rewrite, applied to the one-piece decode: the stream re-decodes with the new arrays.
-    if let (Ok(()), false, Some(setup)) = (&whole.result, built.postcopy, &setup) {
+    if let (Ok(()), false, Some(setup)) = (&whole.result, built.package.is_some(), &setup) {
         let mut frames = whole.frames;
         let Some(Frame::DeviceState(state)) = frames
             .iter_mut()
@@ -764,7 +787,7 @@ fuzz_target!(|data: &[u8]| {
         check_redecodes(&rewritten, &expected, &kept, reference);
         return;
     }
-    if built.postcopy {
+    if let Some(tail) = built.package {
         let mut offset = 0u64;
         for frame in &whole.frames {
             if let Frame::Verbatim {
@@ -777,6 +800,7 @@ fuzz_target!(|data: &[u8]| {
                     bytes,
                     offset,
                     &built.description,
+                    tail,
                     !damaged,
                     setup.as_ref(),
                     &mut u,

@@ -1,7 +1,8 @@
-//! Feeding a stream to the decoder in input-chosen reads and re-encoding what it emits: shared
-//! by the `decode` and `decode_structured` targets, which check different things of the result.
+//! Feeding a stream to the decoder in input-chosen reads and re-encoding what it emits, and the
+//! comparisons of such decodes: shared by the `decode` and `decode_structured` targets, which
+//! check different things of the result.
 
-// Each target reads the fields it checks (`decode` has no use for `done`).
+// Each target reads the fields it checks.
 #![allow(dead_code)]
 
 use bytes::BytesMut;
@@ -37,6 +38,54 @@ impl Decoded {
             "re-encoding differs from the input"
         );
     }
+}
+
+/// `decoder` with page-run coalescing on, as the proxy's pump decodes
+/// (`StreamDecoder::set_coalesce_ram_records`).
+pub fn coalescing(mut decoder: StreamDecoder) -> StreamDecoder {
+    decoder.set_coalesce_ram_records(true);
+    decoder
+}
+
+/// Coalescing page records changes only how the frames are cut: the same bytes released in the
+/// same order, the same result (the error text, with its offset), the same end state.
+pub fn assert_same_outcome(plain: &Decoded, coalesced: &Decoded) {
+    assert_eq!(
+        coalesced.result, plain.result,
+        "coalescing page records changes the result"
+    );
+    assert_eq!(
+        coalesced.offset, plain.offset,
+        "coalescing page records changes the offset reached"
+    );
+    assert!(
+        coalesced.out == plain.out,
+        "coalescing page records changes the bytes released"
+    );
+    assert_eq!(coalesced.done, plain.done);
+    assert_eq!(coalesced.trailing, plain.trailing);
+}
+
+/// The same stream fed in pieces (`split`) and whole: the same result (error text included) and
+/// end state, and the same bytes when it succeeded. A failed stream may have released more with
+/// split reads (a checking relay forwards a false ending before the phase goes on): both are
+/// prefixes of the input, which `assert_reencodes_what_it_consumed` checks. `may_stop_early`: a
+/// rewriting decoder without a reference may instead stop earlier, at a forged ending, with
+/// `TrailingData` after a prefix of the same bytes (its documented rule).
+pub fn assert_split_matches_whole(whole: &Decoded, split: &Decoded, may_stop_early: bool) {
+    if may_stop_early && split.result != whole.result {
+        assert!(
+            split.trailing,
+            "split reads: {:?}, one piece: {:?}",
+            split.result, whole.result
+        );
+        return;
+    }
+    assert_eq!(split.result, whole.result, "split reads change the result");
+    if whole.result.is_ok() {
+        assert!(split.out == whole.out, "split reads change the bytes");
+    }
+    assert_eq!(split.done, whole.done, "split reads change the end state");
 }
 
 /// Re-encode `frame` unchanged onto `out`; a device state must take exactly `wire_len()` bytes.
