@@ -57,8 +57,14 @@ for target in $targets; do
     cov=$(printf '%s' "$last" | sed -n 's/.*cov: \([0-9]*\).*/\1/p')
     ft=$(printf '%s' "$last" | sed -n 's/.*ft: \([0-9]*\).*/\1/p')
     rm -f fuzz-*.log
+    # Minimising renames or drops inputs by coverage: the regression inputs (regression-*, kept
+    # by name so that the replay runs them) are set aside and put back.
+    kept="$logdir/kept-$target"
+    mkdir -p "$kept"
+    find "corpus/$target" -maxdepth 1 -name 'regression-*' -exec cp {} "$kept/" \;
     # shellcheck disable=SC2086
     nice -n 19 cargo +nightly fuzz cmin $build_opts "$target" "corpus/$target" -- -max_len="$max_len" >/dev/null 2>&1 || true
+    find "$kept" -type f -exec cp {} "corpus/$target/" \;
     size=$(ls "corpus/$target" | wc -l)
     line="$(date -u +%Y-%m-%dT%H:%MZ) target=$target seconds=$seconds jobs=$jobs sanitizer=$sanitizer execs=$execs cpu_seconds=$cpu cov=${cov:-?} ft=${ft:-?} corpus=$size result=$result"
     echo "$line" | tee -a campaigns.log
