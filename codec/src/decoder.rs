@@ -907,8 +907,8 @@ impl StreamDecoder {
             self.description_cache.as_ref(),
             &self.limits,
         ) {
-            Ok((layout, reused)) => {
-                if reused {
+            Ok(layout) => {
+                if layout.description_reused {
                     self.work.descriptions_reused += 1;
                 }
                 layout

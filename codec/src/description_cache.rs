@@ -15,13 +15,17 @@
 //! stream (the walk of the device state against the description) runs on every migration. A
 //! description that failed the parse, the check or the walk never enters the cache.
 //!
+//! The entry also keeps the walk plan compiled from the text (`walk_plan.rs`): a hit walks the
+//! stream with it instead of looking every field up by name in the parse.
+//!
 //! Memory: one entry, whose text passed the decoder's description budget (`Limits::
-//! max_description`) and whose shape is a few words per JSON value of that text.
+//! max_description`) and whose shape and plan are a few words per JSON value of that text.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::json::{self, Document, Shape};
 use crate::reference::{LayoutMismatch, ReferenceDescription};
+use crate::walk_plan::WalkPlan;
 
 /// One listener's description cache: a cheap handle, cloned into each migration's decoder and
 /// shared by all of them.
@@ -35,6 +39,9 @@ pub struct DescriptionCache {
 pub(crate) struct CachedDescription {
     text: Box<[u8]>,
     shape: Shape,
+    /// The walk compiled from it (`walk_plan.rs`; `None`: the description has a defect the
+    /// walk reports by lookup).
+    plan: Option<WalkPlan>,
     /// The reference the description was checked against and matched (`None`: not checked).
     matched_reference: Option<ReferenceDescription>,
 }
@@ -43,6 +50,11 @@ impl CachedDescription {
     /// The kept shape paired with `text`, which the lookup found equal to the kept text.
     pub(crate) fn document<'a>(&'a self, text: &'a [u8]) -> Option<Document<'a>> {
         Document::with_shape(text, &self.shape)
+    }
+
+    /// The walk plan compiled from the kept text.
+    pub(crate) fn plan(&self) -> Option<&WalkPlan> {
+        self.plan.as_ref()
     }
 
     /// Whether the reference check for `reference` has already been passed by this text (no
@@ -79,7 +91,7 @@ impl DescriptionCache {
             ))
         })?;
         reference.check(document.root())?;
-        self.store(text, document.into_shape(), Some(reference));
+        self.store(text, document, Some(reference));
         Ok(())
     }
 
@@ -94,12 +106,19 @@ impl DescriptionCache {
         (entry.text.len() == text.len() && *entry.text == *text).then_some(entry)
     }
 
-    /// Replace the entry with an accepted description: its text, its shape, and the reference
-    /// it matched (if it was checked against one).
-    pub(crate) fn store(&self, text: &[u8], shape: Shape, matched: Option<&ReferenceDescription>) {
+    /// Replace the entry with an accepted description: its text, its parse and the walk plan
+    /// compiled from it, and the reference it matched (if it was checked against one).
+    pub(crate) fn store(
+        &self,
+        text: &[u8],
+        document: Document<'_>,
+        matched: Option<&ReferenceDescription>,
+    ) {
+        let plan = WalkPlan::compile(document.root());
         let entry = Arc::new(CachedDescription {
             text: text.into(),
-            shape,
+            shape: document.into_shape(),
+            plan,
             matched_reference: matched.cloned(),
         });
         *self.entry.lock().unwrap_or_else(PoisonError::into_inner) = Some(entry);

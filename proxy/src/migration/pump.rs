@@ -150,8 +150,6 @@ struct Forward<'a, R, W> {
     /// When the held device phase must have ended: set at the phase's first read.
     description_deadline: Option<tokio::time::Instant>,
     flagged_no_return_path: bool,
-    /// The decoder's count of reused descriptions at the last device state (for the log).
-    descriptions_reused: u64,
 }
 
 impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
@@ -196,7 +194,6 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             limits: settings.limits.clone(),
             description_deadline: None,
             flagged_no_return_path: false,
-            descriptions_reused: 0,
         }
     }
 
@@ -309,13 +306,11 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                 self.out.flush().await?;
                 // Whether the listener's cached description was reused (the same text as the
                 // last accepted one, or the source reference's): see `description_cache.rs`.
-                let reused = self.decoder.work().descriptions_reused;
-                let description = if reused > self.descriptions_reused {
+                let description = if device.description_reused() {
                     "reused"
                 } else {
                     "parsed"
                 };
-                self.descriptions_reused = reused;
                 tracing::info!(
                     bytes = device.wire_len(),
                     description,
