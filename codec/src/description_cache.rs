@@ -16,12 +16,14 @@
 //! description that failed the parse, the check or the walk never enters the cache.
 //!
 //! The entry also keeps the walk plan compiled from the text (`walk_plan.rs`): a hit walks the
-//! stream with it instead of looking every field up by name in the parse.
+//! stream with it instead of looking every field up by name in the parse. The plan is compiled
+//! once per entry, when nobody waits ([`DescriptionCache::prepare`], which the proxy calls once a
+//! device state has been released) or else by the first hit.
 //!
 //! Memory: one entry, whose text passed the decoder's description budget (`Limits::
 //! max_description`) and whose shape and plan are a few words per JSON value of that text.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use crate::json::{self, Document, Shape};
 use crate::reference::{LayoutMismatch, ReferenceDescription};
@@ -40,8 +42,9 @@ pub(crate) struct CachedDescription {
     text: Box<[u8]>,
     shape: Shape,
     /// The walk compiled from it (`walk_plan.rs`; `None`: the description has a defect the
-    /// walk reports by lookup).
-    plan: Option<WalkPlan>,
+    /// walk reports by lookup). Compiled once, by [`DescriptionCache::prepare`] (after the
+    /// migration that stored it has released its device state) or by the first hit.
+    plan: OnceLock<Option<WalkPlan>>,
     /// The reference the description was checked against and matched (`None`: not checked).
     matched_reference: Option<ReferenceDescription>,
 }
@@ -52,9 +55,14 @@ impl CachedDescription {
         Document::with_shape(text, &self.shape)
     }
 
-    /// The walk plan compiled from the kept text.
+    /// The walk plan compiled from the kept text (compiled now if it was not yet).
     pub(crate) fn plan(&self) -> Option<&WalkPlan> {
-        self.plan.as_ref()
+        self.plan
+            .get_or_init(|| {
+                let document = Document::with_shape(&self.text, &self.shape)?;
+                WalkPlan::compile(document.root())
+            })
+            .as_ref()
     }
 
     /// Whether the reference check for `reference` has already been passed by this text (no
@@ -91,8 +99,24 @@ impl DescriptionCache {
             ))
         })?;
         reference.check(document.root())?;
-        self.store(text, document, Some(reference));
+        self.store(text, document.into_shape(), Some(reference));
+        self.prepare();
         Ok(())
+    }
+
+    /// Compile the walk plan of the kept description if that has not been done: called when
+    /// nobody waits (after a device state has been released), so that the next migration's hit
+    /// finds it ready instead of compiling it while both QEMUs are stopped.
+    pub fn prepare(&self) {
+        let entry = self
+            .entry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(entry) = entry {
+            // Compiled outside the lock.
+            let _ = entry.plan();
+        }
     }
 
     /// The kept entry if its text is byte-for-byte `text`.
@@ -106,19 +130,14 @@ impl DescriptionCache {
         (entry.text.len() == text.len() && *entry.text == *text).then_some(entry)
     }
 
-    /// Replace the entry with an accepted description: its text, its parse and the walk plan
-    /// compiled from it, and the reference it matched (if it was checked against one).
-    pub(crate) fn store(
-        &self,
-        text: &[u8],
-        document: Document<'_>,
-        matched: Option<&ReferenceDescription>,
-    ) {
-        let plan = WalkPlan::compile(document.root());
+    /// Replace the entry with an accepted description: its text, its shape, and the reference
+    /// it matched (if it was checked against one). Its walk plan is compiled later
+    /// ([`prepare`](Self::prepare)): the migration storing it is still holding both QEMUs.
+    pub(crate) fn store(&self, text: &[u8], shape: Shape, matched: Option<&ReferenceDescription>) {
         let entry = Arc::new(CachedDescription {
             text: text.into(),
-            shape: document.into_shape(),
-            plan,
+            shape,
+            plan: OnceLock::new(),
             matched_reference: matched.cloned(),
         });
         *self.entry.lock().unwrap_or_else(PoisonError::into_inner) = Some(entry);

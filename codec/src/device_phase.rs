@@ -19,7 +19,6 @@
 //! section and its object leaves the description's `subsections` array (whether that loses guest
 //! state is decided outside the codec). Every other byte is re-emitted as received.
 
-use std::collections::HashMap;
 use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -133,8 +132,6 @@ pub struct DeviceState {
     subsections: Vec<SubsectionSlot>,
     /// Position of the be32 description length (after EOF and QEMU_VM_VMDESCRIPTION).
     desc_len_pos: usize,
-    /// `cpus` index by instance (the first section of an instance).
-    cpu_index: HashMap<u32, usize>,
     /// Bytes the replaced cpreg arrays add to the output (negative: remove), kept as each is
     /// set: the budget check of one vCPU must not re-encode every vCPU before it (quadratic in
     /// vCPUs at the budgets: 512 x 4096 registers).
@@ -182,6 +179,31 @@ impl DeviceState {
             .collect()
     }
 
+    /// How many `cpu` sections have cpreg arrays.
+    pub fn cpu_count(&self) -> usize {
+        self.cpus.len()
+    }
+
+    /// The registers of the `index`th `cpu` section (stream order, replacement included) into
+    /// `into` (cleared first; one buffer serves every vCPU): its instance, or `None` past the
+    /// last one.
+    pub fn read_cpu(&self, index: usize, into: &mut Vec<(u64, u64)>) -> Option<u32> {
+        let slot = self.cpus.get(index)?;
+        into.clear();
+        match &slot.replacement {
+            Some(regs) => into.extend_from_slice(regs),
+            None => {
+                let ids_pos = slot.array_len_pos + 4;
+                let values_pos = ids_pos + 8 * slot.count;
+                let mut ids = Reader::at(&self.held, ids_pos);
+                let mut values = Reader::at(&self.held, values_pos);
+                into.reserve(slot.count);
+                into.extend((0..slot.count).map_while(|_| Some((ids.be64()?, values.be64()?))));
+            }
+        }
+        Some(slot.instance)
+    }
+
     /// Every top-level subsection of every `cpu` section, in stream order (removed ones left out).
     pub fn cpu_subsections(&self) -> Vec<CpuSubsection> {
         self.subsections
@@ -225,6 +247,15 @@ impl DeviceState {
 
     /// Replace one vCPU's cpreg arrays; `regs` sorted strictly ascending by id.
     pub fn set_cpregs(&mut self, instance: u32, regs: &[(u64, u64)]) -> Result<(), DecodeError> {
+        self.replace_cpregs(instance, regs.to_vec())
+    }
+
+    /// [`set_cpregs`](Self::set_cpregs) keeping `regs` itself (no copy).
+    pub fn replace_cpregs(
+        &mut self,
+        instance: u32,
+        regs: Vec<(u64, u64)>,
+    ) -> Result<(), DecodeError> {
         let err = |message: String| DecodeError::CpuRegisters { instance, message };
         if let Some(pair) = regs.windows(2).find(|w| w[0].0 >= w[1].0) {
             return Err(err(format!(
@@ -246,9 +277,8 @@ impl DeviceState {
                 self.max_cpregs
             )));
         }
-        let index = *self
-            .cpu_index
-            .get(&instance)
+        let index = self
+            .cpu_position(instance)
             .ok_or_else(|| err("no cpu section with cpreg arrays for this instance".into()))?;
         let Some(slot) = self.cpus.get_mut(index) else {
             return Err(err(
@@ -264,7 +294,7 @@ impl DeviceState {
             .cpregs_growth
             .saturating_sub(slot.growth(slot.replacement.as_ref().map(Vec::len)))
             .saturating_add(slot.growth(Some(regs.len())));
-        let previous = slot.replacement.replace(regs.to_vec());
+        let previous = slot.replacement.replace(regs);
         let output = if self.subsections_removed {
             // Rare (an idle subsection removed before the rewrite): the exact length.
             self.wire_len()
@@ -285,6 +315,17 @@ impl DeviceState {
         Ok(())
     }
 
+    /// Where the `cpu` section of `instance` is in `cpus` (there is at most one: the walk refuses
+    /// a second). QEMU numbers vCPUs 0, 1, ... in stream order, so position `instance` is looked
+    /// at first; no per-vCPU map is built.
+    fn cpu_position(&self, instance: u32) -> Option<usize> {
+        let guess = usize::try_from(instance).ok()?;
+        match self.cpus.get(guess) {
+            Some(slot) if slot.instance == instance => Some(guess),
+            _ => self.cpus.iter().position(|slot| slot.instance == instance),
+        }
+    }
+
     fn replaced(&self) -> impl Iterator<Item = (&CpuSlot, &Vec<(u64, u64)>)> {
         self.cpus
             .iter()
@@ -298,27 +339,22 @@ impl DeviceState {
     /// What changes in the held bytes, as (span, replacement) sorted by span and disjoint: the
     /// replaced cpreg arrays and removed subsections in the sections, their `array_len` numbers
     /// and `subsections` arrays in the description. Everything between is re-emitted as received.
-    fn edits(&self) -> Vec<(Range<usize>, Vec<u8>)> {
+    /// Replacements refer to what they are made of (written straight into the output by
+    /// [`Replacement::write`], no buffer of their own), except a shortened `subsections` array.
+    fn edits(&self) -> Vec<(Range<usize>, Replacement<'_>)> {
         let mut edits = Vec::new();
         for (slot, regs) in self.replaced() {
-            let mut arrays = Vec::with_capacity(4 + 16 * regs.len());
-            // Fits: checked in set_cpregs.
-            arrays.put_u32(u32::try_from(regs.len()).unwrap_or(u32::MAX));
-            for (id, _) in regs {
-                arrays.put_u64(*id);
-            }
-            for (_, value) in regs {
-                arrays.put_u64(*value);
-            }
-            edits.push((slot.array_len_pos..slot.arrays_end(), arrays));
-            let count = regs.len().to_string().into_bytes();
+            edits.push((
+                slot.array_len_pos..slot.arrays_end(),
+                Replacement::Arrays(regs),
+            ));
             for span in &slot.json_spans {
-                edits.push((span.clone(), count.clone()));
+                edits.push((span.clone(), Replacement::Count(regs.len())));
             }
         }
         for items in self.removal_runs() {
             for item in items.iter().filter(|item| item.removed) {
-                edits.push((item.wire.clone(), Vec::new()));
+                edits.push((item.wire.clone(), Replacement::Bytes(Vec::new())));
             }
             let separator = self.separator(items);
             let kept: Vec<&[u8]> = items
@@ -326,7 +362,10 @@ impl DeviceState {
                 .filter(|item| !item.removed)
                 .map(|item| &self.held[item.json_item.clone()])
                 .collect();
-            edits.push((items[0].json_items.clone(), kept.join(separator)));
+            edits.push((
+                items[0].json_items.clone(),
+                Replacement::Bytes(kept.join(separator)),
+            ));
         }
         edits.sort_by_key(|(span, _)| span.start);
         edits
@@ -395,7 +434,7 @@ impl DeviceState {
         let mut cursor = 0;
         for (span, replacement) in self.edits().iter().filter(|(span, _)| span.end <= eof_pos) {
             out.extend_from_slice(&self.held[cursor..span.start]);
-            out.extend_from_slice(replacement);
+            replacement.write(&mut out);
             cursor = span.end;
         }
         out.extend_from_slice(&self.held[cursor..eof_pos]);
@@ -426,7 +465,7 @@ impl DeviceState {
                 length_written = true;
             }
             dst.extend_from_slice(&self.held[cursor..span.start]);
-            dst.extend_from_slice(replacement);
+            replacement.write(dst);
             cursor = span.end;
         }
         if !length_written {
@@ -435,6 +474,47 @@ impl DeviceState {
             cursor = json_start;
         }
         dst.extend_from_slice(&self.held[cursor..]);
+    }
+}
+
+/// What one edit of the held bytes writes in place of its span.
+enum Replacement<'a> {
+    /// A vCPU's cpreg arrays: be32 count, the ids, the values.
+    Arrays(&'a [(u64, u64)]),
+    /// An `array_len` number of the description.
+    Count(usize),
+    Bytes(Vec<u8>),
+}
+
+impl Replacement<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Replacement::Arrays(regs) => 4 + 16 * regs.len(),
+            Replacement::Count(n) => decimal_digits(*n),
+            Replacement::Bytes(bytes) => bytes.len(),
+        }
+    }
+
+    fn write(&self, dst: &mut BytesMut) {
+        match self {
+            Replacement::Arrays(regs) => {
+                dst.reserve(self.len());
+                // Fits: checked in set_cpregs.
+                dst.put_u32(u32::try_from(regs.len()).unwrap_or(u32::MAX));
+                for (id, _) in regs.iter() {
+                    dst.put_u64(*id);
+                }
+                for (_, value) in regs.iter() {
+                    dst.put_u64(*value);
+                }
+            }
+            Replacement::Count(n) => {
+                use std::fmt::Write;
+                // Writing into a BytesMut cannot fail.
+                let _ = write!(dst, "{n}");
+            }
+            Replacement::Bytes(bytes) => dst.extend_from_slice(bytes),
+        }
     }
 }
 
@@ -467,10 +547,6 @@ impl DeviceState {
         confirmed: bool,
         limits: &Limits,
     ) -> Self {
-        let mut cpu_index = HashMap::with_capacity(layout.cpus.len());
-        for (index, slot) in layout.cpus.iter().enumerate() {
-            cpu_index.entry(slot.instance).or_insert(index);
-        }
         DeviceState {
             held,
             base_offset,
@@ -478,7 +554,6 @@ impl DeviceState {
             cpus: layout.cpus,
             subsections: layout.subsections,
             desc_len_pos,
-            cpu_index,
             cpregs_growth: 0,
             subsections_removed: false,
             confirmed,
@@ -574,7 +649,7 @@ pub(crate) fn walk(
     let reused = cached.is_some();
     layout.description_reused = reused;
     if let Some(cache) = cache.filter(|_| !(reused && checked)) {
-        cache.store(json_text, document, reference);
+        cache.store(json_text, document.into_shape(), reference);
     }
     Ok(layout)
 }

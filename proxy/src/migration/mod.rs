@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod postcopy;
 pub mod profile_source;
 pub mod pump;
+pub mod read_buffers;
 pub mod registry;
 pub mod rewrite;
 pub mod source_reference;

@@ -42,6 +42,7 @@ use crate::cli::UnreferencedDevicePhase;
 use crate::error::{ProxyError, Refusal};
 use crate::migration::postcopy::{self, SwitchRecovery, UnrecoverablePostcopy};
 use crate::migration::profile_source::RewriteSetup;
+use crate::migration::read_buffers::ReadBuffers;
 use crate::migration::rewrite::{
     fix_subsections, report_removed_subsections, report_rewrites, rewrite_cpus, Rewritten,
 };
@@ -72,6 +73,8 @@ pub struct ChannelSettings {
     /// The listener's last accepted description, parsed: a migration whose description is
     /// byte-for-byte the same does not parse it again (seeded with the source reference's).
     pub description_cache: DescriptionCache,
+    /// The listener's read buffers, kept across its migrations (`read_buffers.rs`).
+    pub read_buffers: ReadBuffers,
 }
 
 /// Pump one main channel until both directions have ended: `source` and `destination` are the
@@ -150,6 +153,8 @@ struct Forward<'a, R, W> {
     /// When the held device phase must have ended: set at the phase's first read.
     description_deadline: Option<tokio::time::Instant>,
     flagged_no_return_path: bool,
+    /// Where `buffer` goes back when the channel has ended.
+    read_buffers: ReadBuffers,
 }
 
 impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
@@ -180,7 +185,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         }
         Forward {
             source,
-            buffer: BytesMut::with_capacity(READ_BUFFER_BYTES),
+            buffer: settings.read_buffers.take(READ_BUFFER_BYTES),
             decoder,
             out: WriteQueue::new(
                 destination,
@@ -194,6 +199,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             limits: settings.limits.clone(),
             description_deadline: None,
             flagged_no_return_path: false,
+            read_buffers: settings.read_buffers.clone(),
         }
     }
 
@@ -236,6 +242,16 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             bytes = self.decoder.offset(),
             "main channel: source finished"
         );
+        // Every frame has been written: the buffer's memory serves the listener's next
+        // migration (the decoder goes first, it may still refer to the held device phase).
+        let Forward {
+            buffer,
+            decoder,
+            read_buffers,
+            ..
+        } = self;
+        drop(decoder);
+        read_buffers.give_back(buffer, READ_BUFFER_BYTES);
         Ok(())
     }
 
@@ -325,6 +341,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                 );
                 report_rewrites(&rewritten, self.state);
                 report_removed_subsections(&removed, self.state);
+                // Nobody waits on us now: ready the walk plan for the listener's next migration.
+                self.decoder.prepare_description_cache();
             }
         }
         if self.out.queued() >= FLUSH_BYTES {
@@ -526,6 +544,7 @@ mod tests {
             dial_timeout: DEADLINE,
             unreferenced_device_phase: UnreferencedDevicePhase::Allow,
             description_cache: DescriptionCache::new(),
+            read_buffers: ReadBuffers::default(),
         }
     }
 
