@@ -28,7 +28,6 @@
 //! migration, so it runs over any byte streams: sockets in the daemon, in-memory pipes in tests.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -90,12 +89,11 @@ where
     DR: AsyncRead + Unpin,
     DW: AsyncWrite + Unpin,
 {
-    let forwarded = AtomicBool::new(false);
     let forward = async {
         Forward::new(source_read, dest_write, rewrite, state, settings)
             .run()
             .await?;
-        forwarded.store(true, Ordering::Release);
+        state.note_source_finished();
         Ok::<(), ProxyError>(())
     };
     // How the destination ends its side decides whether the migration completed
@@ -114,7 +112,7 @@ where
         destination_end.relay_ended(
             relayed,
             Progress {
-                forwarded: forwarded.load(Ordering::Acquire),
+                forwarded: state.source_finished(),
                 stream_complete: state.stream_complete(),
                 tls: state.destination_tls(),
             },

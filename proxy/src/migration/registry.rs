@@ -184,10 +184,11 @@ impl Migration {
         self.cancel.cancel();
     }
 
-    /// Whether a new channel may still join: not once the main channel has finished (a
-    /// back-to-back migration from the same host must not be mistaken for part of this one).
+    /// Whether a new channel may still join: not once the source has sent its whole stream
+    /// (a back-to-back migration from the same host must not be mistaken for part of this one,
+    /// nor refused because this one's destination has not said its last word yet).
     pub fn accepts_channels(&self) -> bool {
-        !self.main_completed.load(Ordering::Acquire)
+        !self.main_completed.load(Ordering::Acquire) && !self.state.source_finished()
     }
 
     /// The main channel has carried the whole stream: the migration completed, and channels
