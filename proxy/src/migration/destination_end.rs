@@ -219,7 +219,9 @@ impl DestinationEnd {
             // sent after the last byte, is data its QEMU never reads. Without a SHUT, that reset
             // says nothing.
             Some(Closed::Reset) if forwarded && tls && seen.shut.is_none() => Ok(()),
-            Some(Closed::Reset) => Err(ProxyError::Destination(if forwarded {
+            // Every byte of a complete stream may be with the destination before the source has
+            // closed its side: a reset then is the end of a load, as after the source's end.
+            Some(Closed::Reset) => Err(ProxyError::Destination(if forwarded || stream_complete {
                 DestinationVerdict::ResetAfterEnd
             } else {
                 DestinationVerdict::ResetBeforeEnd
@@ -396,7 +398,7 @@ mod tests {
         let reset = Some(Closed::Reset);
         // Return-path bytes, how it closed, forwarded, stream complete, return path -> reason.
         type Case<'a> = (&'a [u8], Option<Closed>, bool, bool, bool, &'a str);
-        let cases: [Case; 9] = [
+        let cases: [Case; 10] = [
             (&shut0, eof, true, true, true, "ok"),
             (&shut0, reset, true, true, true, "ok"),
             (
@@ -439,6 +441,14 @@ mod tests {
                 false,
                 false,
                 "destination closed the connection before the stream ended",
+            ),
+            (
+                &[],
+                reset,
+                false,
+                true,
+                false,
+                "destination reset the connection after the stream ended",
             ),
             (
                 &[],
@@ -515,7 +525,8 @@ mod tests {
         );
         let early = Progress {
             forwarded: false,
-            ..done
+            stream_complete: false,
+            tls: true,
         };
         let end = end_with(&[], Some(Closed::Reset));
         assert_eq!(
