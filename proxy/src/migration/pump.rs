@@ -93,7 +93,6 @@ where
         Forward::new(source_read, dest_write, rewrite, state, settings)
             .run()
             .await?;
-        state.note_source_finished();
         Ok::<(), ProxyError>(())
     };
     // How the destination ends its side decides whether the migration completed
@@ -112,7 +111,7 @@ where
         destination_end.relay_ended(
             relayed,
             Progress {
-                forwarded: state.source_finished(),
+                forwarded: state.stream_forwarded(),
                 stream_complete: state.stream_complete(),
                 tls: state.destination_tls(),
             },
@@ -234,6 +233,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             }
         }
         self.out.flush().await?;
+        // Before the half-close: from here on, a main channel from the same source is its next
+        // migration, even while this one waits for the destination to close.
+        self.state.note_stream_forwarded();
         // Half-close: the destination sees EOF; its SHUT still comes back on the return path.
         self.out.shutdown().await;
         tracing::debug!(

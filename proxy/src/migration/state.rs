@@ -34,8 +34,8 @@ pub struct MigrationState {
     postcopy_advised: AtomicBool,
     /// The stream decoded so far may end where it is (the destination may have all of it).
     stream_complete: AtomicBool,
-    /// The main channel carried the whole stream and the source ended its side.
-    source_finished: AtomicBool,
+    /// The main channel's forward direction has carried the whole stream (its EOF went out).
+    stream_forwarded: AtomicBool,
     /// The main channel's destination leg is TLS (how its end is read: `destination_end.rs`).
     destination_tls: AtomicBool,
     /// The summary's `postcopy` word, decided at ADVISE ("off" until then).
@@ -54,7 +54,7 @@ impl MigrationState {
             return_path: AtomicBool::new(false),
             postcopy_advised: AtomicBool::new(false),
             stream_complete: AtomicBool::new(false),
-            source_finished: AtomicBool::new(false),
+            stream_forwarded: AtomicBool::new(false),
             destination_tls: AtomicBool::new(false),
             postcopy_outlook: Mutex::new("off"),
             rewrite_summary: Mutex::new(RewriteSummary::default()),
@@ -101,15 +101,15 @@ impl MigrationState {
         self.stream_complete.load(Ordering::Acquire)
     }
 
-    /// Set before the destination can see the end of the stream, so before the source can
-    /// learn how it ended: a back-to-back migration from the same host never finds this one
-    /// still taking channels.
-    pub fn note_source_finished(&self) {
-        self.source_finished.store(true, Ordering::Release);
+    /// Set before the destination can see the end of the stream, so before the source can see
+    /// its connection close: a source that starts its next migration the moment the last one
+    /// closed finds this one no longer taking channels.
+    pub fn note_stream_forwarded(&self) {
+        self.stream_forwarded.store(true, Ordering::Release);
     }
 
-    pub fn source_finished(&self) -> bool {
-        self.source_finished.load(Ordering::Acquire)
+    pub fn stream_forwarded(&self) -> bool {
+        self.stream_forwarded.load(Ordering::Acquire)
     }
 
     pub fn note_destination_tls(&self) {
