@@ -112,6 +112,36 @@ fn a_rewriting_relay_reuses_the_source_references_description_from_its_first_mig
 }
 
 #[test]
+fn a_source_may_start_its_next_migration_the_moment_the_last_one_closed() {
+    // The source sees its connection close only after the daemon stopped counting that
+    // migration as open: an immediate next main channel is a new migration, never refused as a
+    // duplicate of the one still closing its connections.
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &[]);
+    let stream = vector("q10-a64fx.bin");
+    const MIGRATIONS: usize = 20;
+    for _ in 0..MIGRATIONS {
+        migrate(&daemon, &stream);
+    }
+    for index in 0..MIGRATIONS {
+        assert_eq!(
+            destination.wait_received(index, SECS),
+            stream,
+            "migration {index}"
+        );
+    }
+    assert_eq!(
+        daemon.turned_away("migration_in_progress").unwrap_or(0),
+        0,
+        "a back-to-back migration was refused as a duplicate"
+    );
+    wait_until("every migration completed", SECS, || {
+        let completed = daemon.metric("migproxy_migrations_total{outcome=\"completed\"}");
+        (completed == Some(MIGRATIONS as u64)).then_some(())
+    });
+}
+
+#[test]
 fn stray_connections_never_reach_the_destination() {
     let destination = Destination::reading();
     let daemon = Daemon::to(&destination, &["--identify-timeout", "300"]);

@@ -233,6 +233,9 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             }
         }
         self.out.flush().await?;
+        // Before the half-close: from here on, a main channel from the same source is its next
+        // migration, even while this one waits for the destination to close.
+        self.state.note_stream_forwarded();
         // Half-close: the destination sees EOF; its SHUT still comes back on the return path.
         self.out.shutdown().await;
         tracing::debug!(

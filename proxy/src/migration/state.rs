@@ -32,6 +32,8 @@ pub struct MigrationState {
     bytes_to_source: AtomicU64,
     return_path: AtomicBool,
     postcopy_advised: AtomicBool,
+    /// The main channel's forward direction has carried the whole stream (its EOF went out).
+    stream_forwarded: AtomicBool,
     /// The summary's `postcopy` word, decided at ADVISE ("off" until then).
     postcopy_outlook: Mutex<&'static str>,
     rewrite_summary: Mutex<RewriteSummary>,
@@ -47,6 +49,7 @@ impl MigrationState {
             bytes_to_source: AtomicU64::new(0),
             return_path: AtomicBool::new(false),
             postcopy_advised: AtomicBool::new(false),
+            stream_forwarded: AtomicBool::new(false),
             postcopy_outlook: Mutex::new("off"),
             rewrite_summary: Mutex::new(RewriteSummary::default()),
             metrics,
@@ -81,6 +84,17 @@ impl MigrationState {
 
     pub fn has_return_path(&self) -> bool {
         self.return_path.load(Ordering::Acquire)
+    }
+
+    /// Set before the destination can see the end of the stream, so before the source can see
+    /// its connection close: a source that starts its next migration the moment the last one
+    /// closed finds this one no longer taking channels.
+    pub fn note_stream_forwarded(&self) {
+        self.stream_forwarded.store(true, Ordering::Release);
+    }
+
+    pub fn stream_forwarded(&self) -> bool {
+        self.stream_forwarded.load(Ordering::Acquire)
     }
 
     pub fn note_postcopy_advised(&self) {
