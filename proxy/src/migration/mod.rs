@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod connection;
+pub mod destination_end;
 pub mod dial;
 pub mod identify;
 pub mod log_budget;
