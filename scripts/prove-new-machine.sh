@@ -66,6 +66,10 @@ command -v rustup >/dev/null || die "rustup not found: the machine's Rust toolch
 # Short: TMPDIR lives inside, and the scenarios put Unix sockets in directories under TMPDIR (at most
 # 107 bytes per path); a long prefix fails them with "path must be shorter than SUN_LEN".
 work="$(mktemp -d /tmp/mpv.XXXXXX)"
+# mktemp makes it 0700; a new machine's TMPDIR (/tmp) is open to every user, and the libvirt
+# source-redirect scenarios run migproxy as the unprivileged uid the deploy recipes use, which
+# must read its profiles under TMPDIR.
+chmod 0755 "$work"
 run_log="$work.log"
 cleanup() {
     if [ -d "$work/containers" ]; then

@@ -18,20 +18,23 @@ WHY = ("the hold walks the whole device state with its description and rewrites 
        "both QEMUs are stopped; see the instructions per switchover for where the time goes")
 
 
-# Where the hold goes, measured by hand (callgrind of the whole migration and `strace -f -tt -T` of
-# one switchover of the 4-vCPU stream, 2026-11-30); kept here so the numbers below read in context.
+# Where the hold goes, measured by hand (callgrind of the whole migration, `strace -f -tt -T` and
+# `perf stat -e page-faults,context-switches,task-clock -p PID` over 10 and 110 migrations of the
+# 4-vCPU stream, 2026-11-30); kept here so the numbers below read in context.
 HOLD_BREAKDOWN = (
     "Where the hold goes (4-vCPU stream, 77.8 KB tail of which ~28 KB description; instructions per "
-    "switchover): the description parse (`json::parse`, a document of ~1,900 values) ~0.55 M; the "
-    "section walk over that document ~0.23 M; the candidate scan ~0.09 M; towards 7.2 also the "
-    "reference-layout check (0.40 M while it rebuilt a map of strings from the received description "
-    "per migration, 0.20 M compared in place), `rewrite_cpus` ~0.23 M and the re-encode ~0.07 M. "
-    "Syscalls on the hold path (strace): the whole tail arrives in one `recvfrom` and leaves in one "
-    "`writev` of one buffer, with no wakeup, lock or allocation syscall in between; the log lines "
-    "come after the write. Outside the hold: the read buffer is replaced by a fresh 1 MiB mapping "
-    "after the RAM part (so the tail is copied into untouched pages), and the return-path relay "
-    "zeroes a 1 MiB buffer per migration at connection start (`calloc`; valgrind counts its "
-    "`rep stosb` as ~0.96 M instructions).\n")
+    "switchover): the description parse (`json::parse`, a document of ~1,900 values) ~0.55 M on a "
+    "description-cache miss only; the section walk ~0.26 M looking every field up by name, ~0.035 M "
+    "with the walk plan a cache hit uses (codec `walk_plan.rs`, compiled once per cached "
+    "description after a device state was released); the candidate scan ~0.09 M; towards 7.2 also "
+    "`rewrite_cpus` ~0.21 M and the re-encode ~0.065 M. Syscalls on the hold path (strace): the "
+    "whole tail arrives in one `recvfrom` and leaves in one `writev` of one buffer, with no wakeup, "
+    "lock or allocation syscall in between; the log lines come after the write. Outside the counted "
+    "functions, per migration: each migration read into a freshly allocated 1 MiB buffer, so the "
+    "kernel faulted in and zeroed a page per 4 KiB received, the tail's included (212 page faults "
+    "per migration on the checking relay, 471 towards 7.2, about 3.2 and 4.4 ms of CPU per "
+    "migration); the read buffer is now kept across a listener's migrations (~6 page faults per "
+    "migration, 2.8 and 2.9 ms of CPU).\n")
 
 # The description cache (codec `description_cache.rs`), so the hold path reads in context.
 DESCRIPTION_CACHE = (

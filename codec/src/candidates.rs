@@ -44,6 +44,9 @@ impl CandidateScanner {
     /// than looked at one by one: this runs while both QEMUs are stopped. What a byte-by-byte
     /// scan would decide is kept exactly: a candidate dies at the first NUL after its `{`, and at
     /// most [`MAX_ALIVE`] are alive when one is added.
+    // A function of its own in the binary: the switchover benchmark counts the hold path by
+    // function (bench/tools/switchover_instructions.py), and this is one of them.
+    #[inline(never)]
     pub(crate) fn advance(&mut self, held: &[u8], max_description: usize) -> Option<usize> {
         let start = self.scanned;
         let new = held.get(start..).unwrap_or_default();

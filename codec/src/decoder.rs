@@ -239,6 +239,14 @@ impl StreamDecoder {
         self.description_cache = Some(cache);
     }
 
+    /// Compile the walk plan of the cache's description, if not done yet
+    /// ([`DescriptionCache::prepare`]): for after the device state has been released.
+    pub fn prepare_description_cache(&self) {
+        if let Some(cache) = &self.description_cache {
+            cache.prepare();
+        }
+    }
+
     /// For a connection that forwards the device state unchanged (no rewrite): an ending that
     /// verified but is not confirmed by a reference description is released (as a
     /// `Frame::DeviceState`) without ending the stream. If more bytes follow, the ending was
@@ -907,8 +915,8 @@ impl StreamDecoder {
             self.description_cache.as_ref(),
             &self.limits,
         ) {
-            Ok((layout, reused)) => {
-                if reused {
+            Ok(layout) => {
+                if layout.description_reused {
                     self.work.descriptions_reused += 1;
                 }
                 layout

@@ -19,7 +19,6 @@
 //! section and its object leaves the description's `subsections` array (whether that loses guest
 //! state is decided outside the codec). Every other byte is re-emitted as received.
 
-use std::collections::HashMap;
 use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -30,6 +29,9 @@ use crate::json::{self, Json};
 use crate::limits::Limits;
 use crate::reader::{self, Reader};
 use crate::reference::ReferenceDescription;
+use crate::walk_plan::{
+    field_size, nested_names, CpuFields, DevicePlan, PlanStep, WalkPlan, MAX_SUBSECTION_DEPTH,
+};
 use crate::wire::*;
 
 /// One non-iterable device section inside the held phase.
@@ -130,8 +132,6 @@ pub struct DeviceState {
     subsections: Vec<SubsectionSlot>,
     /// Position of the be32 description length (after EOF and QEMU_VM_VMDESCRIPTION).
     desc_len_pos: usize,
-    /// `cpus` index by instance (the first section of an instance).
-    cpu_index: HashMap<u32, usize>,
     /// Bytes the replaced cpreg arrays add to the output (negative: remove), kept as each is
     /// set: the budget check of one vCPU must not re-encode every vCPU before it (quadratic in
     /// vCPUs at the budgets: 512 x 4096 registers).
@@ -140,6 +140,8 @@ pub struct DeviceState {
     subsections_removed: bool,
     /// The ending was confirmed by a reference description.
     confirmed: bool,
+    /// The description was the listener's cached one (not parsed again).
+    description_reused: bool,
     max_cpregs: usize,
     max_output: usize,
 }
@@ -175,6 +177,31 @@ impl DeviceState {
                 },
             })
             .collect()
+    }
+
+    /// How many `cpu` sections have cpreg arrays.
+    pub fn cpu_count(&self) -> usize {
+        self.cpus.len()
+    }
+
+    /// The registers of the `index`th `cpu` section (stream order, replacement included) into
+    /// `into` (cleared first; one buffer serves every vCPU): its instance, or `None` past the
+    /// last one.
+    pub fn read_cpu(&self, index: usize, into: &mut Vec<(u64, u64)>) -> Option<u32> {
+        let slot = self.cpus.get(index)?;
+        into.clear();
+        match &slot.replacement {
+            Some(regs) => into.extend_from_slice(regs),
+            None => {
+                let ids_pos = slot.array_len_pos + 4;
+                let values_pos = ids_pos + 8 * slot.count;
+                let mut ids = Reader::at(&self.held, ids_pos);
+                let mut values = Reader::at(&self.held, values_pos);
+                into.reserve(slot.count);
+                into.extend((0..slot.count).map_while(|_| Some((ids.be64()?, values.be64()?))));
+            }
+        }
+        Some(slot.instance)
     }
 
     /// Every top-level subsection of every `cpu` section, in stream order (removed ones left out).
@@ -220,6 +247,15 @@ impl DeviceState {
 
     /// Replace one vCPU's cpreg arrays; `regs` sorted strictly ascending by id.
     pub fn set_cpregs(&mut self, instance: u32, regs: &[(u64, u64)]) -> Result<(), DecodeError> {
+        self.replace_cpregs(instance, regs.to_vec())
+    }
+
+    /// [`set_cpregs`](Self::set_cpregs) keeping `regs` itself (no copy).
+    pub fn replace_cpregs(
+        &mut self,
+        instance: u32,
+        regs: Vec<(u64, u64)>,
+    ) -> Result<(), DecodeError> {
         let err = |message: String| DecodeError::CpuRegisters { instance, message };
         if let Some(pair) = regs.windows(2).find(|w| w[0].0 >= w[1].0) {
             return Err(err(format!(
@@ -241,9 +277,8 @@ impl DeviceState {
                 self.max_cpregs
             )));
         }
-        let index = *self
-            .cpu_index
-            .get(&instance)
+        let index = self
+            .cpu_position(instance)
             .ok_or_else(|| err("no cpu section with cpreg arrays for this instance".into()))?;
         let Some(slot) = self.cpus.get_mut(index) else {
             return Err(err(
@@ -259,7 +294,7 @@ impl DeviceState {
             .cpregs_growth
             .saturating_sub(slot.growth(slot.replacement.as_ref().map(Vec::len)))
             .saturating_add(slot.growth(Some(regs.len())));
-        let previous = slot.replacement.replace(regs.to_vec());
+        let previous = slot.replacement.replace(regs);
         let output = if self.subsections_removed {
             // Rare (an idle subsection removed before the rewrite): the exact length.
             self.wire_len()
@@ -280,6 +315,17 @@ impl DeviceState {
         Ok(())
     }
 
+    /// Where the `cpu` section of `instance` is in `cpus` (there is at most one: the walk refuses
+    /// a second). QEMU numbers vCPUs 0, 1, ... in stream order, so position `instance` is looked
+    /// at first; no per-vCPU map is built.
+    fn cpu_position(&self, instance: u32) -> Option<usize> {
+        let guess = usize::try_from(instance).ok()?;
+        match self.cpus.get(guess) {
+            Some(slot) if slot.instance == instance => Some(guess),
+            _ => self.cpus.iter().position(|slot| slot.instance == instance),
+        }
+    }
+
     fn replaced(&self) -> impl Iterator<Item = (&CpuSlot, &Vec<(u64, u64)>)> {
         self.cpus
             .iter()
@@ -293,27 +339,22 @@ impl DeviceState {
     /// What changes in the held bytes, as (span, replacement) sorted by span and disjoint: the
     /// replaced cpreg arrays and removed subsections in the sections, their `array_len` numbers
     /// and `subsections` arrays in the description. Everything between is re-emitted as received.
-    fn edits(&self) -> Vec<(Range<usize>, Vec<u8>)> {
+    /// Replacements refer to what they are made of (written straight into the output by
+    /// [`Replacement::write`], no buffer of their own), except a shortened `subsections` array.
+    fn edits(&self) -> Vec<(Range<usize>, Replacement<'_>)> {
         let mut edits = Vec::new();
         for (slot, regs) in self.replaced() {
-            let mut arrays = Vec::with_capacity(4 + 16 * regs.len());
-            // Fits: checked in set_cpregs.
-            arrays.put_u32(u32::try_from(regs.len()).unwrap_or(u32::MAX));
-            for (id, _) in regs {
-                arrays.put_u64(*id);
-            }
-            for (_, value) in regs {
-                arrays.put_u64(*value);
-            }
-            edits.push((slot.array_len_pos..slot.arrays_end(), arrays));
-            let count = regs.len().to_string().into_bytes();
+            edits.push((
+                slot.array_len_pos..slot.arrays_end(),
+                Replacement::Arrays(regs),
+            ));
             for span in &slot.json_spans {
-                edits.push((span.clone(), count.clone()));
+                edits.push((span.clone(), Replacement::Count(regs.len())));
             }
         }
         for items in self.removal_runs() {
             for item in items.iter().filter(|item| item.removed) {
-                edits.push((item.wire.clone(), Vec::new()));
+                edits.push((item.wire.clone(), Replacement::Bytes(Vec::new())));
             }
             let separator = self.separator(items);
             let kept: Vec<&[u8]> = items
@@ -321,7 +362,10 @@ impl DeviceState {
                 .filter(|item| !item.removed)
                 .map(|item| &self.held[item.json_item.clone()])
                 .collect();
-            edits.push((items[0].json_items.clone(), kept.join(separator)));
+            edits.push((
+                items[0].json_items.clone(),
+                Replacement::Bytes(kept.join(separator)),
+            ));
         }
         edits.sort_by_key(|(span, _)| span.start);
         edits
@@ -390,7 +434,7 @@ impl DeviceState {
         let mut cursor = 0;
         for (span, replacement) in self.edits().iter().filter(|(span, _)| span.end <= eof_pos) {
             out.extend_from_slice(&self.held[cursor..span.start]);
-            out.extend_from_slice(replacement);
+            replacement.write(&mut out);
             cursor = span.end;
         }
         out.extend_from_slice(&self.held[cursor..eof_pos]);
@@ -421,7 +465,7 @@ impl DeviceState {
                 length_written = true;
             }
             dst.extend_from_slice(&self.held[cursor..span.start]);
-            dst.extend_from_slice(replacement);
+            replacement.write(dst);
             cursor = span.end;
         }
         if !length_written {
@@ -430,6 +474,47 @@ impl DeviceState {
             cursor = json_start;
         }
         dst.extend_from_slice(&self.held[cursor..]);
+    }
+}
+
+/// What one edit of the held bytes writes in place of its span.
+enum Replacement<'a> {
+    /// A vCPU's cpreg arrays: be32 count, the ids, the values.
+    Arrays(&'a [(u64, u64)]),
+    /// An `array_len` number of the description.
+    Count(usize),
+    Bytes(Vec<u8>),
+}
+
+impl Replacement<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Replacement::Arrays(regs) => 4 + 16 * regs.len(),
+            Replacement::Count(n) => decimal_digits(*n),
+            Replacement::Bytes(bytes) => bytes.len(),
+        }
+    }
+
+    fn write(&self, dst: &mut BytesMut) {
+        match self {
+            Replacement::Arrays(regs) => {
+                dst.reserve(self.len());
+                // Fits: checked in set_cpregs.
+                dst.put_u32(u32::try_from(regs.len()).unwrap_or(u32::MAX));
+                for (id, _) in regs.iter() {
+                    dst.put_u64(*id);
+                }
+                for (_, value) in regs.iter() {
+                    dst.put_u64(*value);
+                }
+            }
+            Replacement::Count(n) => {
+                use std::fmt::Write;
+                // Writing into a BytesMut cannot fail.
+                let _ = write!(dst, "{n}");
+            }
+            Replacement::Bytes(bytes) => dst.extend_from_slice(bytes),
+        }
     }
 }
 
@@ -444,10 +529,13 @@ fn decimal_digits(mut n: usize) -> usize {
 }
 
 /// The layout the walk found.
+#[derive(Debug)]
 pub(crate) struct Layout {
     sections: Vec<DeviceSection>,
     cpus: Vec<CpuSlot>,
     subsections: Vec<SubsectionSlot>,
+    /// The description was the cache's (byte-identical to the last accepted one).
+    pub(crate) description_reused: bool,
 }
 
 impl DeviceState {
@@ -459,10 +547,6 @@ impl DeviceState {
         confirmed: bool,
         limits: &Limits,
     ) -> Self {
-        let mut cpu_index = HashMap::with_capacity(layout.cpus.len());
-        for (index, slot) in layout.cpus.iter().enumerate() {
-            cpu_index.entry(slot.instance).or_insert(index);
-        }
         DeviceState {
             held,
             base_offset,
@@ -470,10 +554,10 @@ impl DeviceState {
             cpus: layout.cpus,
             subsections: layout.subsections,
             desc_len_pos,
-            cpu_index,
             cpregs_growth: 0,
             subsections_removed: false,
             confirmed,
+            description_reused: layout.description_reused,
             max_cpregs: limits.max_cpregs,
             max_output: limits.max_rewrite_output,
         }
@@ -491,12 +575,19 @@ impl DeviceState {
     pub fn is_confirmed(&self) -> bool {
         self.confirmed
     }
+
+    /// The description was byte-for-byte the listener's cached one, so it was not parsed (nor
+    /// checked against the reference) again (`description_cache.rs`).
+    pub fn description_reused(&self) -> bool {
+        self.description_reused
+    }
 }
 
 /// Walk `held` (which ends with a complete description whose be32 length is at `desc_len_pos`).
 /// With a cache, a description byte-for-byte equal to the cached one is not parsed (nor checked
-/// against `reference`, if the cached one was) again (see `description_cache.rs` for why that is
-/// the same answer); a description whose walk succeeds replaces the cached one. Also says whether
+/// against `reference`, if the cached one was) again, and the stream is walked with the plan
+/// compiled from it (see `description_cache.rs` and `walk_plan.rs` for why that is the same
+/// answer); a description whose walk succeeds replaces the cached one. The layout says whether
 /// the cached description was reused.
 pub(crate) fn walk(
     held: &[u8],
@@ -505,11 +596,26 @@ pub(crate) fn walk(
     reference: Option<&ReferenceDescription>,
     cache: Option<&DescriptionCache>,
     limits: &Limits,
-) -> Result<(Layout, bool), DecodeError> {
+) -> Result<Layout, DecodeError> {
     let json_start = desc_len_pos + 4;
     let at = |pos: usize| base_offset + pos as u64;
     let json_text = &held[json_start..];
     let cached = cache.and_then(|cache| cache.lookup(json_text));
+    if let Some(plan) = cached
+        .as_deref()
+        .filter(|entry| entry.checked_for(reference))
+        .and_then(|entry| entry.plan())
+    {
+        let mut layout = walk_described(
+            held,
+            base_offset,
+            desc_len_pos,
+            Described::Plan(plan),
+            limits,
+        )?;
+        layout.description_reused = true;
+        return Ok(layout);
+    }
     let (document, checked) = match cached
         .as_deref()
         .and_then(|entry| Some((entry.document(json_text)?, entry.checked_for(reference))))
@@ -533,20 +639,68 @@ pub(crate) fn walk(
                 ),
             })?;
     }
-    let layout = walk_described(held, base_offset, desc_len_pos, document.root(), limits)?;
+    let mut layout = walk_described(
+        held,
+        base_offset,
+        desc_len_pos,
+        Described::Lookup(document.root()),
+        limits,
+    )?;
     let reused = cached.is_some();
+    layout.description_reused = reused;
     if let Some(cache) = cache.filter(|_| !(reused && checked)) {
         cache.store(json_text, document.into_shape(), reference);
     }
-    Ok((layout, reused))
+    Ok(layout)
 }
 
-/// The walk proper: the device state in `held` against the parsed description `desc`.
-fn walk_described(
+/// What the walk reads the description from: the parsed JSON, looking every key up (a
+/// description seen for the first time), or the plan compiled from it (`walk_plan.rs`).
+#[derive(Clone, Copy)]
+pub(crate) enum Described<'d> {
+    Lookup(Json<'d>),
+    Plan(&'d WalkPlan),
+}
+
+/// One device entry, from either source.
+#[derive(Clone, Copy)]
+enum DeviceEntry<'d> {
+    Lookup(Json<'d>),
+    Plan(&'d WalkPlan, &'d DevicePlan),
+}
+
+impl<'d> DeviceEntry<'d> {
+    fn name_and_instance(self) -> Option<(&'d str, u64)> {
+        match self {
+            DeviceEntry::Lookup(device) => Some((
+                device.get("name").and_then(Json::as_str)?,
+                device.get("instance_id").and_then(Json::as_u64)?,
+            )),
+            DeviceEntry::Plan(_, device) => Some((&device.name, device.instance_id)),
+        }
+    }
+
+    fn version(self) -> Option<u64> {
+        match self {
+            DeviceEntry::Lookup(device) => device.get("version").and_then(Json::as_u64),
+            DeviceEntry::Plan(_, device) => device.version,
+        }
+    }
+
+    fn cpu_fields(self) -> Option<CpuFields> {
+        match self {
+            DeviceEntry::Lookup(device) => CpuFields::from_description(device),
+            DeviceEntry::Plan(_, device) => device.cpregs.clone(),
+        }
+    }
+}
+
+/// The walk proper: the device state in `held` against the description.
+pub(crate) fn walk_described(
     held: &[u8],
     base_offset: u64,
     desc_len_pos: usize,
-    desc: Json<'_>,
+    desc: Described<'_>,
     limits: &Limits,
 ) -> Result<Layout, DecodeError> {
     let json_start = desc_len_pos + 4;
@@ -556,20 +710,27 @@ fn walk_described(
         offset: at(json_start),
         message,
     };
-    let devices = desc
-        .get("devices")
-        .and_then(Json::as_array)
-        .ok_or_else(|| desc_err("no \"devices\" array".into()))?;
+    let devices: Vec<DeviceEntry<'_>> = match desc {
+        Described::Lookup(root) => root
+            .get("devices")
+            .and_then(Json::as_array)
+            .ok_or_else(|| desc_err("no \"devices\" array".into()))?
+            .map(DeviceEntry::Lookup)
+            .collect(),
+        Described::Plan(plan) => plan
+            .devices
+            .iter()
+            .map(|device| DeviceEntry::Plan(plan, device))
+            .collect(),
+    };
 
     let mut sections = Vec::with_capacity(devices.len());
     let mut cpus = Vec::new();
     let mut subsections = Vec::new();
     let mut pos = 0usize;
     let described = devices.len();
-    for (index, device) in devices.enumerate() {
-        let dev_name = device.get("name").and_then(Json::as_str);
-        let dev_instance = device.get("instance_id").and_then(Json::as_u64);
-        let (Some(dev_name), Some(dev_instance)) = (dev_name, dev_instance) else {
+    for (index, device) in devices.into_iter().enumerate() {
+        let Some((dev_name, dev_instance)) = device.name_and_instance() else {
             return Err(desc_err(format!(
                 "device entry {index} lacks \"name\" or \"instance_id\""
             )));
@@ -614,7 +775,7 @@ fn walk_described(
             });
         }
         // The description records the vmstate version the section was saved with.
-        if let Some(described) = device.get("version").and_then(Json::as_u64) {
+        if let Some(described) = device.version() {
             if described != u64::from(version) {
                 return Err(DecodeError::DeviceState {
                     offset: at(pos),
@@ -632,7 +793,10 @@ fn walk_described(
             section: &section,
             top_subsections: Vec::new(),
         };
-        let payload_end = walker.vmsd(device, payload_start, 0)?;
+        let payload_end = match device {
+            DeviceEntry::Lookup(device) => walker.vmsd(device, payload_start, 0)?,
+            DeviceEntry::Plan(plan, device) => walker.plan(plan, device, payload_start)?,
+        };
         let found = walker.top_subsections;
         let mut f = Reader::at(&held[..eof_pos], payload_end);
         match (f.u8(), f.be32()) {
@@ -671,18 +835,22 @@ fn walk_described(
                 json_items: json_items.clone(),
                 removed: false,
             }));
-            if let Some(slot) = locate_cpregs(
-                held,
-                base_offset,
-                json_start,
-                CpuSection {
-                    section: &section,
-                    device,
-                    payload_start,
-                    instance,
-                    version,
-                },
-            )? {
+            let located = match device.cpu_fields() {
+                Some(fields) => locate_cpregs(
+                    held,
+                    base_offset,
+                    json_start,
+                    CpuSection {
+                        section: &section,
+                        fields,
+                        payload_start,
+                        instance,
+                        version,
+                    },
+                )?,
+                None => None,
+            };
+            if let Some(slot) = located {
                 if cpus.iter().any(|c: &CpuSlot| c.instance == slot.instance) {
                     // QEMU loads a section by (idstr, instance): a second one would leave one
                     // of the two unrewritten.
@@ -739,6 +907,7 @@ fn walk_described(
         sections,
         cpus,
         subsections,
+        description_reused: false,
     })
 }
 
@@ -769,9 +938,95 @@ impl Walker<'_> {
         }
     }
 
+    /// Walk one section's payload with its compiled steps from `pos`; returns the end. Checks
+    /// what [`vmsd`](Self::vmsd) checks, in the same order, with the same errors.
+    fn plan(
+        &mut self,
+        plan: &WalkPlan,
+        device: &DevicePlan,
+        pos: usize,
+    ) -> Result<usize, DecodeError> {
+        /// An open subsection: header position, payload start, version read, `tops` index.
+        type Open = (usize, usize, u32, Option<usize>);
+        let mut open: [Open; MAX_SUBSECTION_DEPTH + 1] =
+            [(0, 0, 0, None); MAX_SUBSECTION_DEPTH + 1];
+        let mut depth = 0usize;
+        let mut pos = pos;
+        for step in plan.steps(device) {
+            match step {
+                PlanStep::Fields { bytes, fields } => {
+                    match pos
+                        .checked_add(*bytes)
+                        .filter(|end| *end <= self.held.len())
+                    {
+                        Some(end) => pos = end,
+                        None => return Err(self.field_past_eof(plan.fields(fields), pos)),
+                    }
+                }
+                PlanStep::Subsection { name, version, top } => {
+                    let mut r = Reader::at(self.held, pos);
+                    let wire_version = match (r.u8(), r.counted(), r.be32()) {
+                        (Some(QEMU_VM_SUBSECTION), Some(wire_name), Some(wire_version))
+                            if wire_name == name.as_bytes()
+                                && version.is_none_or(|v| v == u64::from(wire_version)) =>
+                        {
+                            wire_version
+                        }
+                        _ => {
+                            return Err(self.err(
+                                pos,
+                                format!("expected subsection header for \"{name}\" here"),
+                            ))
+                        }
+                    };
+                    let slot = open
+                        .get_mut(depth)
+                        .ok_or_else(|| self.err(pos, "subsections nested too deeply".into()))?;
+                    *slot = (pos, r.pos(), wire_version, *top);
+                    depth += 1;
+                    pos = r.pos();
+                }
+                PlanStep::End => {
+                    depth = depth.saturating_sub(1);
+                    let (header_pos, payload_start, version, top) =
+                        open.get(depth).copied().unwrap_or_default();
+                    if let Some(top) = top.and_then(|index| plan.top(index)) {
+                        self.top_subsections.push(FoundSubsection {
+                            name: top.name.clone(),
+                            version,
+                            nested: top.nested.clone(),
+                            wire: header_pos..pos,
+                            payload: payload_start..pos,
+                            json_item: top.json_item.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(pos)
+    }
+
+    /// The error for a run of fields that runs past the end at `pos`: names the first field
+    /// that does, as the field-by-field walk does.
+    fn field_past_eof(&self, fields: &[(Box<str>, usize)], mut pos: usize) -> DecodeError {
+        for (name, size) in fields {
+            match pos.checked_add(*size).filter(|end| *end <= self.held.len()) {
+                Some(end) => pos = end,
+                None => {
+                    return self.err(
+                        pos,
+                        format!("field {:?} ({size} bytes) runs past eof", &**name),
+                    )
+                }
+            }
+        }
+        // Unreachable: the sizes sum to more than what is left.
+        self.err(pos, "fields run past eof".into())
+    }
+
     /// Walk one vmstate (fields, then subsections) described by `desc` from `pos`; returns the end.
     fn vmsd(&mut self, desc: Json<'_>, pos: usize, depth: usize) -> Result<usize, DecodeError> {
-        if depth > 16 {
+        if depth > MAX_SUBSECTION_DEPTH {
             return Err(self.err(pos, "subsections nested too deeply".into()));
         }
         let mut pos = pos;
@@ -851,39 +1106,16 @@ impl Walker<'_> {
     }
 }
 
-/// The `vmsd_name` of every subsection nested in `desc`, depth first.
-fn nested_names(desc: Json<'_>, out: &mut Vec<String>) {
-    for sub in desc
-        .get("subsections")
-        .and_then(Json::as_array)
-        .unwrap_or_default()
-    {
-        if let Some(name) = sub.get("vmsd_name").and_then(Json::as_str) {
-            out.push(name.to_owned());
-        }
-        nested_names(sub, out);
-    }
-}
-
-/// Bytes one description field occupies: size × array_len (compressed arrays) or size.
-fn field_size(field: Json<'_>) -> Option<usize> {
-    let size = usize::try_from(field.get("size")?.as_u64()?).ok()?;
-    match field.get("array_len") {
-        Some(n) => size.checked_mul(usize::try_from(n.as_u64()?).ok()?),
-        None => Some(size),
-    }
-}
-
-/// Find the cpreg arrays of one `cpu` section from its description fields.
-/// One `cpu` section as the walk found it.
+/// One `cpu` section as the walk found it, and where its description puts the cpreg fields.
 struct CpuSection<'a> {
     section: &'a SectionRef,
-    device: Json<'a>,
+    fields: CpuFields,
     payload_start: usize,
     instance: u32,
     version: u32,
 }
 
+/// Find the cpreg arrays of one `cpu` section from its description fields.
 fn locate_cpregs(
     held: &[u8],
     base_offset: u64,
@@ -892,7 +1124,7 @@ fn locate_cpregs(
 ) -> Result<Option<CpuSlot>, DecodeError> {
     let CpuSection {
         section,
-        device,
+        fields,
         payload_start,
         instance,
         version,
@@ -902,24 +1134,11 @@ fn locate_cpregs(
         section: section.clone(),
         message,
     };
-    let Some(fields) = device.get("fields").and_then(Json::as_array) else {
-        return Ok(None);
-    };
-    let mut pos = payload_start;
-    let mut array_len_pos = None;
-    let mut indexes = None;
-    let mut values = None;
-    for field in fields {
-        // Sizes were validated by the walk.
-        let size = field_size(field).unwrap_or(0);
-        match field.get("name").and_then(Json::as_str) {
-            Some(CPREG_ARRAY_LEN_FIELD) => array_len_pos = Some((pos, size)),
-            Some(CPREG_INDEXES_FIELD) => indexes = Some((pos, field)),
-            Some(CPREG_VALUES_FIELD) => values = Some((pos, field)),
-            _ => {}
-        }
-        pos += size;
-    }
+    // Offsets were summed from sizes the walk checked: they lie inside the held bytes.
+    let at_offset = |offset: usize| payload_start.saturating_add(offset);
+    let array_len_pos = fields
+        .array_len
+        .map(|(offset, size)| (at_offset(offset), size));
     let Some((array_len_pos, len_size)) = array_len_pos else {
         return Ok(None);
     };
@@ -941,18 +1160,18 @@ fn locate_cpregs(
     }
     let mut json_spans = Vec::new();
     for (name, found, expected_pos) in [
-        (CPREG_INDEXES_FIELD, indexes, array_len_pos + 4),
+        (CPREG_INDEXES_FIELD, fields.indexes, array_len_pos + 4),
         (
             CPREG_VALUES_FIELD,
-            values,
+            fields.values,
             array_len_pos + 4 + 8 * count_usize.min(held.len()),
         ),
     ] {
         match found {
-            Some((field_pos, field)) => {
-                let array_len = field.get("array_len");
-                let size = field.get("size").and_then(Json::as_u64);
-                let described = array_len.and_then(Json::as_u64);
+            Some(field) => {
+                let field_pos = at_offset(field.offset);
+                let size = field.size;
+                let described = field.array_len;
                 if field_pos != expected_pos
                     || size != Some(8)
                     || described != Some(u64::from(count))
@@ -964,7 +1183,7 @@ fn locate_cpregs(
                         ),
                     ));
                 }
-                if let Some(span) = array_len.and_then(Json::span) {
+                if let Some(span) = field.array_len_span {
                     // Spans are relative to the JSON text; make them relative to `held`.
                     json_spans.push(span.start + json_start..span.end + json_start);
                 }

@@ -68,6 +68,7 @@ mod reference;
 mod section;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod walk_plan;
 pub mod wire;
 
 pub use command::command_name;

@@ -117,7 +117,7 @@ impl PackageDeviceState {
         held.extend_from_slice(reference);
         let held = held.freeze();
         let base_offset = at(RECORD_HEADER_LEN + LISTEN.len());
-        let (layout, _) = device_phase::walk(&held, base_offset, desc_len_pos, None, None, limits)?;
+        let layout = device_phase::walk(&held, base_offset, desc_len_pos, None, None, limits)?;
         Ok(PackageDeviceState {
             state: DeviceState::new(held, base_offset, desc_len_pos, layout, true, limits),
             tail: Bytes::copy_from_slice(blob.get(sections_end..).unwrap_or_default()),

@@ -6,7 +6,45 @@
 
 use bytes::{BufMut, BytesMut};
 
+use crate::device_phase::{walk_described, Described};
+use crate::json;
+use crate::limits::Limits;
+use crate::walk_plan::WalkPlan;
 use crate::wire::*;
+
+/// Walk a held device phase twice, looking every description key up and with the walk plan
+/// compiled from the description (`walk_plan.rs`), and give both outcomes as text (the layout
+/// found, or the error): they must be equal. `held` runs from the first device section to the
+/// end of the description text, whose be32 length is at `desc_len_pos`; errors are located as
+/// if `held` started at stream offset `base_offset`. `None` if the shape is not that, the text
+/// is not JSON, or the description gets no plan (a defect of its own, reported by lookup only).
+pub fn walk_by_lookup_and_plan(
+    held: &[u8],
+    base_offset: u64,
+    desc_len_pos: usize,
+    limits: &Limits,
+) -> Option<(String, String)> {
+    if desc_len_pos < 2 || desc_len_pos.checked_add(4)? > held.len() {
+        return None;
+    }
+    let document = json::parse(held.get(desc_len_pos + 4..)?).ok()?;
+    let plan = WalkPlan::compile(document.root())?;
+    let lookup = walk_described(
+        held,
+        base_offset,
+        desc_len_pos,
+        Described::Lookup(document.root()),
+        limits,
+    );
+    let planned = walk_described(
+        held,
+        base_offset,
+        desc_len_pos,
+        Described::Plan(&plan),
+        limits,
+    );
+    Some((format!("{lookup:?}"), format!("{planned:?}")))
+}
 
 /// One RAM record inside a PART or END section.
 #[derive(Debug, Clone)]

@@ -23,8 +23,10 @@ struct Outcome {
 
 fn decode(input: &[u8], decoder: StreamDecoder) -> Result<Outcome, DecodeError> {
     let mut layout = String::new();
+    let mut said_reused = 0;
     let on_frame = |frame: &mut Frame| {
         if let Frame::DeviceState(state) = frame {
+            said_reused += u64::from(state.description_reused());
             layout = format!(
                 "{:?} {:?} {:?} {}",
                 state.sections(),
@@ -44,6 +46,8 @@ fn decode(input: &[u8], decoder: StreamDecoder) -> Result<Outcome, DecodeError> 
         }
     };
     let (out, decoder) = common::decode_chunked_with(decoder, input, || usize::MAX, on_frame)?;
+    // The device state says what the decoder counted (the proxy logs it from there).
+    assert_eq!(said_reused, decoder.work().descriptions_reused);
     Ok(Outcome {
         out,
         layout,

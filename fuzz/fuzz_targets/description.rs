@@ -11,7 +11,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use migproxy_codec::testing::{RamRecord, StreamBuilder};
+use migproxy_codec::testing::{walk_by_lookup_and_plan, RamRecord, StreamBuilder};
 use migproxy_codec::wire::*;
 use migproxy_codec::{
     DescriptionCache, Frame, Limits, ReferenceDescription, StreamDecoder, StreamEncoder,
@@ -68,12 +68,23 @@ fuzz_target!(|data: &[u8]| {
     let mut b = StreamBuilder::new("virt-10.0");
     b.ram_start(1 << 20).ram_section(true, &[RamRecord::Zero]);
     let mut input = b.into_bytes();
+    let device_phase_start = input.len();
     input.push(QEMU_VM_SECTION_FULL);
     input.extend_from_slice(device);
     input.extend_from_slice(&[QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION]);
     input.extend_from_slice(&(json.len() as u32).to_be_bytes());
     input.extend_from_slice(json);
     let plain = decode(&input, None, None);
+    // The walk with the plan compiled from the text (what a cache hit uses) against the walk by
+    // lookup: the same layout or the same error.
+    if let Some((lookup, planned)) = walk_by_lookup_and_plan(
+        &input[device_phase_start..],
+        0,
+        1 + device.len() + 2,
+        &Limits::default(),
+    ) {
+        assert_eq!(lookup, planned, "plan walk");
+    }
     let cache = DescriptionCache::new();
     assert_eq!(
         decode(&input, None, Some(&cache)),

@@ -95,6 +95,9 @@ pub enum ProxyError {
     /// A migration could not be carried on, and every connection of it was closed.
     #[error("migration aborted: {0}")]
     Aborted(Abort),
+    /// The destination's end of the main channel says its load failed.
+    #[error("{0}")]
+    Destination(DestinationVerdict),
     /// An HTTP exchange (health check, profile fetch) failed.
     #[error("http {url}: {failure}")]
     Http { url: String, failure: HttpFailure },
@@ -169,6 +172,28 @@ pub enum Abort {
         #[source]
         source: Box<ProxyError>,
     },
+}
+
+/// How the destination ended its main channel when that end means a failed migration
+/// (`migration/destination_end.rs` decides which ends do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DestinationVerdict {
+    /// Its return path said so: `MIG_RP_MSG_SHUT` with a non-zero value.
+    #[error("destination reported a failed load (return path SHUT {0})")]
+    FailedLoad(u32),
+    /// It reset the connection after the whole stream went through, without a clean `SHUT 0`
+    /// first (a QEMU that exits with part of the stream unread resets).
+    #[error("destination reset the connection after the stream ended")]
+    ResetAfterEnd,
+    #[error("destination reset the connection before the stream ended")]
+    ResetBeforeEnd,
+    /// It closed while the stream was incomplete: it cannot have loaded it.
+    #[error("destination closed the connection before the stream ended")]
+    ClosedBeforeEnd,
+    /// The source opened a return path, and the destination closed it without its `SHUT`
+    /// (QEMU always sends one when it ends an incoming migration it is still running).
+    #[error("destination closed the connection without the return path's SHUT")]
+    ClosedWithoutShut,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +320,7 @@ impl ProxyError {
             | ProxyError::NoUpstream(_)
             | ProxyError::TlsServerName(_)
             | ProxyError::Aborted(_)
+            | ProxyError::Destination(_)
             | ProxyError::Http { .. }
             | ProxyError::NoDeviceState { .. }
             | ProxyError::NoCpuSection { .. }

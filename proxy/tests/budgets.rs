@@ -105,15 +105,8 @@ fn every_stream_budget_fails_the_migration_closed_with_one_line_naming_it() {
         let reference = vector_path(case.vector);
         let mut args = vec!["--upstream", &upstream, case.flag, case.value];
         if case.rewrite {
-            args.extend([
-                "--dest-profile",
-                &dest_profile,
-                "--source-profile",
-                &source_profile,
-                // The stream itself: a saved stream of the source's configuration.
-                "--source-reference",
-                &reference,
-            ]);
+            // The reference is the stream itself: a saved stream of the source's configuration.
+            args.extend(rewriting_args(&dest_profile, &source_profile, &reference));
         }
         // A short description deadline: the budget that shows at it need not wait 2 s.
         args.extend(["--description-timeout", "500"]);
@@ -282,16 +275,10 @@ fn removing_a_subsection_from_every_vcpu_is_logged_once() {
         "src111.json",
     );
     let destination = Destination::reading();
+    let reference = vector_path("q111m72-a64fx.bin");
     let daemon = Daemon::to(
         &destination,
-        &[
-            "--dest-profile",
-            &dest_profile,
-            "--source-profile",
-            &source_profile,
-            "--source-reference",
-            &vector_path("q111m72-a64fx.bin"),
-        ],
+        &rewriting_args(&dest_profile, &source_profile, &reference),
     );
     migrate(&daemon, &vector("q111m72-a64fx.bin"));
     let summary = daemon.wait_log("migration summary", SECS);

@@ -10,6 +10,7 @@ use std::net::Shutdown;
 use std::time::Duration;
 
 use common::*;
+use serde_json::Value;
 
 const SECS: Duration = Duration::from_secs(20);
 
@@ -112,6 +113,36 @@ fn a_rewriting_relay_reuses_the_source_references_description_from_its_first_mig
 }
 
 #[test]
+fn a_source_may_start_its_next_migration_the_moment_the_last_one_closed() {
+    // The source sees its connection close only after the daemon stopped counting that
+    // migration as open: an immediate next main channel is a new migration, never refused as a
+    // duplicate of the one still closing its connections.
+    let destination = Destination::reading();
+    let daemon = Daemon::to(&destination, &[]);
+    let stream = vector("q10-a64fx.bin");
+    const MIGRATIONS: usize = 20;
+    for _ in 0..MIGRATIONS {
+        migrate(&daemon, &stream);
+    }
+    for index in 0..MIGRATIONS {
+        assert_eq!(
+            destination.wait_received(index, SECS),
+            stream,
+            "migration {index}"
+        );
+    }
+    assert_eq!(
+        daemon.turned_away("migration_in_progress").unwrap_or(0),
+        0,
+        "a back-to-back migration was refused as a duplicate"
+    );
+    wait_until("every migration completed", SECS, || {
+        let completed = daemon.metric("migproxy_migrations_total{outcome=\"completed\"}");
+        (completed == Some(MIGRATIONS as u64)).then_some(())
+    });
+}
+
+#[test]
 fn stray_connections_never_reach_the_destination() {
     let destination = Destination::reading();
     let daemon = Daemon::to(&destination, &["--identify-timeout", "300"]);
@@ -138,19 +169,9 @@ fn stray_connections_never_reach_the_destination() {
     assert_eq!(destination.accepted(), 1);
 }
 
-/// A stream (16 MiB of RAM pages) that the kernel buffers between the proxy and a destination
-/// cannot hold, so a destination that dies after 64 KiB dies while it still flows. A captured
-/// stream of a few hundred KB fits in them: the proxy can write all of it before the
-/// destination's reset arrives, and then waits, as it must, for a source that sends nothing more.
-fn larger_than_the_socket_buffers() -> Vec<u8> {
-    use migproxy_codec::testing::StreamBuilder;
-    let mut builder = StreamBuilder::new("virt-7.2");
-    builder.ram_start(64 << 20);
-    builder.ram_pages(4096, |index, page| page.fill(index.to_le_bytes()[0] | 1));
-    builder.cpu(0, &[(0x6030_0000_0013_c080, 0x30d0_0980)], 0x11);
-    builder.finish()
-}
-
+/// A destination that dies after 64 KiB of a captured stream (a few hundred KB, which the
+/// kernel buffers between the proxy and it can hold): the proxy may already have written all of
+/// it, and learns of the death from the destination's end of the connection, not from a write.
 #[test]
 fn destination_dying_mid_stream_closes_the_source_and_the_daemon_keeps_serving() {
     let destination = Destination::start(vec![
@@ -158,18 +179,132 @@ fn destination_dying_mid_stream_closes_the_source_and_the_daemon_keeps_serving()
         Behaviour::ReadAll { reply: Vec::new() },
     ]);
     let daemon = Daemon::to(&destination, &[]);
+    let stream = vector("q72-a64fx.bin");
 
     let mut source = connect(daemon.listen);
-    // The write may fail once the proxy has closed us: that is the expected outcome.
-    let _ = source.write_all(&larger_than_the_socket_buffers());
+    // The write may fail once the proxy has closed us: that is the expected outcome. The source
+    // does not close its side: the proxy must not wait for it.
+    let _ = source.write_all(&stream);
     read_until_closed(&mut source);
     assert!(destination.wait_received(0, SECS).len() <= 64 * 1024);
     let summary = daemon.wait_log("migration summary", SECS);
     assert_eq!(summary["fields"]["outcome"], "failed", "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    // Which end the proxy sees first is a race: its write failing, or the destination's reset,
+    // before or after the last of the stream went out (all of it fits in the kernel's buffers).
+    assert!(
+        reason.starts_with("destination reset the connection")
+            || reason.contains("destination closed the connection before the stream ended")
+            || reason.contains("write to destination"),
+        "{summary}"
+    );
 
-    let stream = vector("q72-a64fx.bin");
     migrate(&daemon, &stream);
     assert_eq!(destination.wait_received(1, SECS), stream);
+}
+
+/// A real return path (PONG 1, SHUT 0) whose SHUT says `status` instead.
+fn real_return_path_ending_with(status: u8) -> Vec<u8> {
+    let mut reply = vector("q10-rp-main.d2s");
+    assert!(reply.ends_with(&shut(0)), "the capture ends with SHUT 0");
+    let at = reply.len() - 1;
+    reply[at] = status;
+    reply
+}
+
+/// Run one migration of `stream` against a destination that behaves as `behaviour`; the source
+/// must hear the return path byte for byte. Returns the summary.
+fn end_of_migration(stream: &str, behaviour: Behaviour, reply: &[u8]) -> (Daemon, Value) {
+    let destination = Destination::start(vec![behaviour]);
+    let daemon = Daemon::to(&destination, &[]);
+    let stream = vector(stream);
+    let back = migrate(&daemon, &stream);
+    assert_eq!(destination.wait_received(0, SECS), stream);
+    assert_eq!(back, reply, "the return path was not relayed byte for byte");
+    let summary = daemon.wait_log("migration summary", SECS);
+    (daemon, summary)
+}
+
+fn assert_outcome(daemon: &Daemon, summary: &Value, outcome: &str, reason: &str) {
+    assert_eq!(summary["fields"]["outcome"], outcome, "{summary}");
+    assert_eq!(summary["fields"]["reason"], reason, "{summary}");
+    let sample = format!("migproxy_migrations_total{{outcome=\"{outcome}\"}}");
+    assert_eq!(daemon.metric(&sample), Some(1), "{sample}");
+}
+
+#[test]
+fn a_clean_shut_completes_the_migration_even_when_the_destination_then_resets() {
+    let reply = vector("q10-rp-main.d2s");
+    let (daemon, summary) = end_of_migration(
+        "q10-rp-main.bin",
+        Behaviour::ReadAllThenReset {
+            reply: reply.clone(),
+        },
+        &reply,
+    );
+    assert_outcome(&daemon, &summary, "completed", "");
+}
+
+#[test]
+fn a_shut_with_an_error_fails_the_migration_naming_the_destination_verdict() {
+    let reply = real_return_path_ending_with(1);
+    let (daemon, summary) = end_of_migration(
+        "q10-rp-main.bin",
+        Behaviour::ReadAll {
+            reply: reply.clone(),
+        },
+        &reply,
+    );
+    assert_outcome(
+        &daemon,
+        &summary,
+        "failed",
+        "destination reported a failed load (return path SHUT 1)",
+    );
+    assert_eq!(
+        daemon.metric("migproxy_migrations_total{outcome=\"completed\"}"),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_reset_after_the_stream_ended_without_a_return_path_fails_the_migration() {
+    let (daemon, summary) = end_of_migration(
+        "q72-a64fx.bin",
+        Behaviour::ReadAllThenReset { reply: Vec::new() },
+        &[],
+    );
+    assert_outcome(
+        &daemon,
+        &summary,
+        "failed",
+        "destination reset the connection after the stream ended",
+    );
+}
+
+#[test]
+fn a_clean_close_without_a_return_path_completes_the_migration() {
+    let (daemon, summary) = end_of_migration(
+        "q72-a64fx.bin",
+        Behaviour::ReadAll { reply: Vec::new() },
+        &[],
+    );
+    assert_outcome(&daemon, &summary, "completed", "");
+}
+
+#[test]
+fn a_return_path_closed_without_its_shut_fails_the_migration() {
+    let (daemon, summary) = end_of_migration(
+        "q10-rp-main.bin",
+        Behaviour::ReadAll { reply: Vec::new() },
+        &[],
+    );
+    assert_outcome(
+        &daemon,
+        &summary,
+        "failed",
+        "destination closed the connection without the return path's SHUT",
+    );
 }
 
 #[test]
@@ -409,14 +544,7 @@ fn rewrites_like_the_offline_rewrite_with_a_profile_fetched_from_the_destination
     let source_reference = vector_path("q10m72-a64fx.bin");
     let daemon = Daemon::to(
         &destination,
-        &[
-            "--dest-profile",
-            &url,
-            "--source-profile",
-            &source_profile,
-            "--source-reference",
-            &source_reference,
-        ],
+        &rewriting_args(&url, &source_profile, &source_reference),
     );
     migrate(&daemon, &stream);
     assert!(
@@ -520,20 +648,10 @@ fn a_real_package_is_rewritten_with_the_source_reference() {
         "source72.json",
     );
     let fresh72 = vector_path("q72-a64fx.bin");
-    let destination = Destination::reading();
-    let daemon = Daemon::to(
-        &destination,
-        &[
-            "--dest-profile",
-            &dest_profile,
-            "--source-profile",
-            &source_profile,
-            "--source-reference",
-            &fresh72,
-            "--unrecoverable-postcopy",
-            "allow",
-        ],
-    );
+    let destination = Destination::loading();
+    let mut args = rewriting_args(&dest_profile, &source_profile, &fresh72);
+    args.extend(["--unrecoverable-postcopy", "allow"]);
+    let daemon = Daemon::to(&destination, &args);
     let stream = vector("q72-postcopy-main.bin");
     let package = stream
         .windows(5)
@@ -720,7 +838,7 @@ fn decoder_limits_are_configurable_and_fail_closed() {
 
 #[test]
 fn a_silent_channel_joins_a_postcopy_migration_as_its_preempt_channel() {
-    let destination = Destination::reading();
+    let destination = Destination::loading();
     let daemon = Daemon::to(&destination, &["--identify-timeout", "300"]);
     let stream = vector("q72-postcopy-main.bin");
     let head = 64 * 1024; // well past POSTCOPY_ADVISE, which comes right after the configuration

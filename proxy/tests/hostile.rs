@@ -266,5 +266,27 @@ fn a_connection_flood_is_counted_but_logged_a_bounded_number_of_times() {
         "too many turned-away connections to log one by one: further ones are counted, not logged, for the rest of this 10s window",
         SECS,
     );
+    // The flood has stopped: when its window closes, one line says how many were left out, so
+    // the log accounts for every connection (lines of their own + the counts of those lines).
+    let left_out = "more connections were turned away without a log line of their own (counted in migproxy_turned_away_total and migproxy_connections_total)";
+    let accounted = wait_until("the left-out count in the log", WINDOW + SECS, || {
+        let counted: u64 = daemon
+            .events()
+            .iter()
+            .filter(|event| {
+                event["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.ends_with(left_out))
+            })
+            .filter_map(|event| event["fields"]["unlogged"].as_u64())
+            .sum();
+        let own = daemon.count_logs("stray connection closed, destination not contacted")
+            + daemon.count_logs(
+                "connection refused: budget exceeded (--max-connections-per-source): closed, destination not contacted",
+            );
+        let total = counted + u64::try_from(own).unwrap();
+        (counted > 0 && total == FLOOD).then_some(total)
+    });
+    assert_eq!(accounted, FLOOD);
     assert_eq!(destination.accepted(), 0);
 }

@@ -18,6 +18,7 @@ use crate::migration::log_budget::TurnedAwayLog;
 use crate::migration::metrics::Metrics;
 use crate::migration::profile_source::ProfileSource;
 use crate::migration::pump::ChannelSettings;
+use crate::migration::read_buffers::ReadBuffers;
 use crate::migration::registry::Registry;
 use crate::net::addr::{Address, Upstream};
 use crate::net::listener::BoundListener;
@@ -112,6 +113,7 @@ pub async fn start(
                 dial_timeout: config.dial_timeout,
                 unreferenced_device_phase: config.unreferenced_device_phase,
                 description_cache,
+                read_buffers: ReadBuffers::default(),
             },
             identify_timeout: config.identify_timeout,
             raw_relay: config.raw_relay,

@@ -310,6 +310,9 @@ async fn carry(
         if rewrite.is_none() {
             tracing::info!("checking relay: no destination profile, registers are not rewritten");
         }
+        if matches!(destination, Conn::Tls(_)) {
+            migration.state.note_destination_tls();
+        }
         return pump::run(
             source.into_split(),
             destination.into_split(),

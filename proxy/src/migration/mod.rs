@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod connection;
+pub mod destination_end;
 pub mod dial;
 pub mod identify;
 pub mod log_budget;
@@ -11,6 +12,7 @@ pub mod metrics;
 pub mod postcopy;
 pub mod profile_source;
 pub mod pump;
+pub mod read_buffers;
 pub mod registry;
 pub mod rewrite;
 pub mod source_reference;

@@ -28,7 +28,6 @@
 //! migration, so it runs over any byte streams: sockets in the daemon, in-memory pipes in tests.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -40,8 +39,10 @@ use tokio_util::codec::Decoder;
 
 use crate::cli::UnreferencedDevicePhase;
 use crate::error::{ProxyError, Refusal};
+use crate::migration::destination_end::{DestinationEnd, Progress};
 use crate::migration::postcopy::{self, SwitchRecovery, UnrecoverablePostcopy};
 use crate::migration::profile_source::RewriteSetup;
+use crate::migration::read_buffers::ReadBuffers;
 use crate::migration::rewrite::{
     fix_subsections, report_removed_subsections, report_rewrites, rewrite_cpus, Rewritten,
 };
@@ -72,6 +73,8 @@ pub struct ChannelSettings {
     /// The listener's last accepted description, parsed: a migration whose description is
     /// byte-for-byte the same does not parse it again (seeded with the source reference's).
     pub description_cache: DescriptionCache,
+    /// The listener's read buffers, kept across its migrations (`read_buffers.rs`).
+    pub read_buffers: ReadBuffers,
 }
 
 /// Pump one main channel until both directions have ended: `source` and `destination` are the
@@ -89,41 +92,36 @@ where
     DR: AsyncRead + Unpin,
     DW: AsyncWrite + Unpin,
 {
-    let forwarded = AtomicBool::new(false);
     let forward = async {
         Forward::new(source_read, dest_write, rewrite, state, settings)
             .run()
             .await?;
-        forwarded.store(true, Ordering::Release);
         Ok::<(), ProxyError>(())
     };
+    // How the destination ends its side decides whether the migration completed
+    // (`destination_end.rs`); the bytes themselves go through untouched.
+    let destination_end = DestinationEnd::default();
     // The source blocks on SHUT, PONG and page requests: relay them the moment they arrive.
     let return_path = async {
-        match relay::pump(
-            dest_read,
+        let relayed = relay::pump(
+            destination_end.watch(dest_read),
             source_write,
             &state.to_source(),
             "return path",
             settings.write_stall_timeout,
         )
-        .await
-        {
-            // QEMU may reset the main connection once the migration is over (seen with TLS):
-            // after the whole stream went through, that is a normal end.
-            Err(ProxyError::Io { source, .. })
-                if forwarded.load(Ordering::Acquire)
-                    && matches!(
-                        source.kind(),
-                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-                    ) =>
-            {
-                Ok(0)
-            }
-            other => other,
-        }
+        .await;
+        destination_end.relay_ended(
+            relayed,
+            Progress {
+                forwarded: state.stream_forwarded(),
+                stream_complete: state.stream_complete(),
+                tls: state.destination_tls(),
+            },
+        )
     };
-    tokio::try_join!(forward, return_path)?;
-    Ok(())
+    let carried = tokio::try_join!(forward, return_path).map(|_| ());
+    destination_end.verdict(carried, state.has_return_path())
 }
 
 /// What one read from the source brought.
@@ -150,8 +148,8 @@ struct Forward<'a, R, W> {
     /// When the held device phase must have ended: set at the phase's first read.
     description_deadline: Option<tokio::time::Instant>,
     flagged_no_return_path: bool,
-    /// The decoder's count of reused descriptions at the last device state (for the log).
-    descriptions_reused: u64,
+    /// Where `buffer` goes back when the channel has ended.
+    read_buffers: ReadBuffers,
 }
 
 impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
@@ -182,7 +180,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
         }
         Forward {
             source,
-            buffer: BytesMut::with_capacity(READ_BUFFER_BYTES),
+            buffer: settings.read_buffers.take(READ_BUFFER_BYTES),
             decoder,
             out: WriteQueue::new(
                 destination,
@@ -196,7 +194,7 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             limits: settings.limits.clone(),
             description_deadline: None,
             flagged_no_return_path: false,
-            descriptions_reused: 0,
+            read_buffers: settings.read_buffers.clone(),
         }
     }
 
@@ -218,7 +216,12 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                             self.out.flush().await?;
                         }
                     }
-                    frame => self.forward(frame).await?,
+                    frame => {
+                        // Before the frame's bytes can reach the destination: a destination that
+                        // closes after reading the last of them must find the stream complete.
+                        self.state.note_stream_complete(self.decoder.is_done());
+                        self.forward(frame).await?
+                    }
                 }
             }
             match self.read().await? {
@@ -233,12 +236,25 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
             }
         }
         self.out.flush().await?;
+        // Before the half-close: from here on, a main channel from the same source is its next
+        // migration, even while this one waits for the destination to close.
+        self.state.note_stream_forwarded();
         // Half-close: the destination sees EOF; its SHUT still comes back on the return path.
         self.out.shutdown().await;
         tracing::debug!(
             bytes = self.decoder.offset(),
             "main channel: source finished"
         );
+        // Every frame has been written: the buffer's memory serves the listener's next
+        // migration (the decoder goes first, it may still refer to the held device phase).
+        let Forward {
+            buffer,
+            decoder,
+            read_buffers,
+            ..
+        } = self;
+        drop(decoder);
+        read_buffers.give_back(buffer, READ_BUFFER_BYTES);
         Ok(())
     }
 
@@ -309,13 +325,11 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                 self.out.flush().await?;
                 // Whether the listener's cached description was reused (the same text as the
                 // last accepted one, or the source reference's): see `description_cache.rs`.
-                let reused = self.decoder.work().descriptions_reused;
-                let description = if reused > self.descriptions_reused {
+                let description = if device.description_reused() {
                     "reused"
                 } else {
                     "parsed"
                 };
-                self.descriptions_reused = reused;
                 tracing::info!(
                     bytes = device.wire_len(),
                     description,
@@ -330,6 +344,8 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                 );
                 report_rewrites(&rewritten, self.state);
                 report_removed_subsections(&removed, self.state);
+                // Nobody waits on us now: ready the walk plan for the listener's next migration.
+                self.decoder.prepare_description_cache();
             }
         }
         if self.out.queued() >= FLUSH_BYTES {
@@ -531,6 +547,7 @@ mod tests {
             dial_timeout: DEADLINE,
             unreferenced_device_phase: UnreferencedDevicePhase::Allow,
             description_cache: DescriptionCache::new(),
+            read_buffers: ReadBuffers::default(),
         }
     }
 
@@ -607,7 +624,11 @@ mod tests {
         Ok(tokio::time::timeout(DEADLINE, pump).await??)
     }
 
-    /// Everything the destination receives until the pump closes its side.
+    /// The return path's `SHUT 0`: what a destination QEMU says after a load that worked.
+    const SHUT_0: [u8; 8] = [0, 1, 0, 4, 0, 0, 0, 0];
+
+    /// Everything the destination receives until the pump closes its side; then it says `SHUT 0`
+    /// and closes, as a destination QEMU does.
     fn receive_all(
         mut destination: DuplexStream,
         chunk: usize,
@@ -622,6 +643,7 @@ mod tests {
                 got.extend_from_slice(buf.get(..n).unwrap_or_default());
                 tokio::task::yield_now().await;
             }
+            let _ = destination.write_all(&SHUT_0).await;
             got
         })
     }
@@ -635,7 +657,7 @@ mod tests {
             pump,
         } = start(1 << 16, None, settings(DEADLINE));
         // The return path: the destination answers, the source hears it while still sending.
-        destination.write_all(b"SHUT").await?;
+        destination.write_all(&SHUT_0).await?;
         destination.shutdown().await?;
         let received = receive_all(destination, 1 << 16);
         for piece in bytes.chunks(7) {
@@ -645,12 +667,12 @@ mod tests {
         source.shutdown().await?;
         let mut back = Vec::new();
         source.read_to_end(&mut back).await?;
-        assert_eq!(back, b"SHUT");
+        assert_eq!(back, SHUT_0);
         let (result, state) = finish(pump).await?;
         result?;
         assert_eq!(received.await?, bytes);
         assert_eq!(state.bytes_to_destination(), u64::try_from(bytes.len())?);
-        assert_eq!(state.bytes_to_source(), 4);
+        assert_eq!(state.bytes_to_source(), 8);
         assert_eq!(state.rewrite_summary().cpus_rewritten, 0);
         Ok(())
     }
@@ -689,7 +711,8 @@ mod tests {
         let (result, state) = finish(pump).await?;
         result?;
         assert_eq!(received.await?, expected);
-        assert_eq!(sending.await??, b"");
+        // The destination's SHUT, relayed.
+        assert_eq!(sending.await??, SHUT_0);
         let summary = state.rewrite_summary();
         assert_eq!(summary.cpus_rewritten, 1);
         assert_eq!(summary.dropped.names(), ["CONTEXTIDR_EL1"]);

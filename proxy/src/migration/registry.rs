@@ -184,10 +184,11 @@ impl Migration {
         self.cancel.cancel();
     }
 
-    /// Whether a new channel may still join: not once the main channel has finished (a
-    /// back-to-back migration from the same host must not be mistaken for part of this one).
+    /// Whether a new channel may still join: not once the main channel has carried its whole
+    /// stream (a back-to-back migration from the same host must not be mistaken for part of this
+    /// one, nor refused as its duplicate while this one's connections are still being closed).
     pub fn accepts_channels(&self) -> bool {
-        !self.main_completed.load(Ordering::Acquire)
+        !self.main_completed.load(Ordering::Acquire) && !self.state.stream_forwarded()
     }
 
     /// The main channel has carried the whole stream: the migration completed, and channels

@@ -120,17 +120,21 @@ pub fn rewrite_cpus(
     // All vCPUs normally list the same ids: the merge with the destination's list is planned
     // once and applied to each by position; a vCPU with another list gets its own plan.
     let mut plan: Option<RewritePlan<'_>> = None;
-    for cpu in state.cpus() {
+    // One buffer reads every vCPU's registers in turn (no list of all of them, no copy each).
+    let mut registers: Vec<(u64, u64)> = Vec::new();
+    let mut index = 0;
+    while let Some(instance) = state.read_cpu(index, &mut registers) {
+        index += 1;
         let planned = match plan.take() {
-            Some(planned) if planned.serves(&cpu.registers) => planned,
+            Some(planned) if planned.serves(&registers) => planned,
             _ => {
-                let ids: Vec<u64> = cpu.registers.iter().map(|&(id, _)| id).collect();
+                let ids: Vec<u64> = registers.iter().map(|&(id, _)| id).collect();
                 RewritePlan::new(&ids, &setup.dest)
             }
         };
         let result = planned.apply(
-            cpu.instance,
-            &cpu.registers,
+            instance,
+            &registers,
             &setup.dest,
             setup.source.as_deref(),
             &setup.policy,
@@ -142,12 +146,13 @@ pub fn rewrite_cpus(
             rewritten.note_warnings(&result.report);
             continue;
         }
+        let output_len = result.registers.len();
         if !result.report.is_unchanged() {
             state
-                .set_cpregs(cpu.instance, &result.registers)
+                .replace_cpregs(instance, result.registers)
                 .map_err(ProxyError::Decode)?;
         }
-        rewritten.note(&result.report, result.registers.len());
+        rewritten.note(&result.report, output_len);
     }
     if refusals.is_refused() {
         for line in rewritten.warning_lines() {

@@ -32,6 +32,12 @@ pub struct MigrationState {
     bytes_to_source: AtomicU64,
     return_path: AtomicBool,
     postcopy_advised: AtomicBool,
+    /// The stream decoded so far may end where it is (the destination may have all of it).
+    stream_complete: AtomicBool,
+    /// The main channel's forward direction has carried the whole stream (its EOF went out).
+    stream_forwarded: AtomicBool,
+    /// The main channel's destination leg is TLS (how its end is read: `destination_end.rs`).
+    destination_tls: AtomicBool,
     /// The summary's `postcopy` word, decided at ADVISE ("off" until then).
     postcopy_outlook: Mutex<&'static str>,
     rewrite_summary: Mutex<RewriteSummary>,
@@ -47,6 +53,9 @@ impl MigrationState {
             bytes_to_source: AtomicU64::new(0),
             return_path: AtomicBool::new(false),
             postcopy_advised: AtomicBool::new(false),
+            stream_complete: AtomicBool::new(false),
+            stream_forwarded: AtomicBool::new(false),
+            destination_tls: AtomicBool::new(false),
             postcopy_outlook: Mutex::new("off"),
             rewrite_summary: Mutex::new(RewriteSummary::default()),
             metrics,
@@ -81,6 +90,34 @@ impl MigrationState {
 
     pub fn has_return_path(&self) -> bool {
         self.return_path.load(Ordering::Acquire)
+    }
+
+    pub fn note_stream_complete(&self, complete: bool) {
+        self.stream_complete.store(complete, Ordering::Release);
+    }
+
+    /// Whether a destination that closes now may have loaded the whole stream.
+    pub fn stream_complete(&self) -> bool {
+        self.stream_complete.load(Ordering::Acquire)
+    }
+
+    /// Set before the destination can see the end of the stream, so before the source can see
+    /// its connection close: a source that starts its next migration the moment the last one
+    /// closed finds this one no longer taking channels.
+    pub fn note_stream_forwarded(&self) {
+        self.stream_forwarded.store(true, Ordering::Release);
+    }
+
+    pub fn stream_forwarded(&self) -> bool {
+        self.stream_forwarded.load(Ordering::Acquire)
+    }
+
+    pub fn note_destination_tls(&self) {
+        self.destination_tls.store(true, Ordering::Release);
+    }
+
+    pub fn destination_tls(&self) -> bool {
+        self.destination_tls.load(Ordering::Acquire)
     }
 
     pub fn note_postcopy_advised(&self) {

@@ -149,6 +149,11 @@ impl Daemon {
         }
     }
 
+    /// Every log event so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.logs.0.lock().expect("log lock").clone()
+    }
+
     /// How many log events named `message` the daemon has written so far.
     pub fn count_logs(&self, message: &str) -> usize {
         let logs = self.logs.0.lock().expect("log lock");
@@ -238,13 +243,40 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The flags of a rewriting daemon: the destination's profile, the source's profile and the
+/// source's reference description (a saved stream of its configuration, or `--save-reference`
+/// JSON).
+pub fn rewriting_args<'a>(
+    dest_profile: &'a str,
+    source_profile: &'a str,
+    source_reference: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "--dest-profile",
+        dest_profile,
+        "--source-profile",
+        source_profile,
+        "--source-reference",
+        source_reference,
+    ]
+}
+
+/// The return path's last message, as a destination QEMU sends it: `SHUT status`.
+pub fn shut(status: u8) -> Vec<u8> {
+    vec![0, 1, 0, 4, 0, 0, 0, status]
+}
+
 /// What the fake destination does with one accepted connection.
 #[derive(Clone, Debug)]
 pub enum Behaviour {
     /// Read to EOF, then write `reply` (a return path) and close.
     ReadAll { reply: Vec<u8> },
-    /// Read this many bytes, then close (a destination QEMU that died).
+    /// Read this many bytes, then close without a shutdown, the rest unread (a destination QEMU
+    /// that died: its kernel resets the connection).
     DieAfter(usize),
+    /// Read to EOF, write `reply`, then reset the connection (SO_LINGER 0): the end of a
+    /// destination QEMU that exits with part of the stream unread.
+    ReadAllThenReset { reply: Vec<u8> },
     /// Wait for `gate` before reading anything, then read to EOF.
     Gated(Arc<(Mutex<bool>, Condvar)>),
 }
@@ -259,6 +291,15 @@ impl Destination {
     /// A destination that reads everything and answers nothing.
     pub fn reading() -> Destination {
         Destination::start(vec![Behaviour::ReadAll { reply: Vec::new() }])
+    }
+
+    /// A destination QEMU with a return path whose load worked: its main channel (the first
+    /// connection) reads everything and answers `SHUT 0`; later connections just read.
+    pub fn loading() -> Destination {
+        Destination::start(vec![
+            Behaviour::ReadAll { reply: shut(0) },
+            Behaviour::ReadAll { reply: Vec::new() },
+        ])
     }
 
     /// Connections get `behaviours` in order; later ones get the last.
@@ -284,6 +325,18 @@ impl Destination {
                             let _ = conn.read_to_end(&mut data);
                             let _ = conn.write_all(&reply);
                         }
+                        Behaviour::ReadAllThenReset { reply } => {
+                            let _ = conn.read_to_end(&mut data);
+                            let _ = conn.write_all(&reply);
+                            // Let the reply reach the proxy before the reset discards it.
+                            thread::sleep(Duration::from_millis(200));
+                            let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+                            if let Some(slot) = record.lock().expect("lock").get_mut(index) {
+                                *slot = Some(data);
+                            }
+                            // Dropped without a shutdown: the close sends a reset.
+                            return;
+                        }
                         Behaviour::DieAfter(n) => {
                             data.resize(n, 0);
                             let got = conn.read(&mut data).unwrap_or(0);
@@ -295,6 +348,11 @@ impl Destination {
                                 }
                             }
                             data.truncate(total);
+                            if let Some(slot) = record.lock().expect("lock").get_mut(index) {
+                                *slot = Some(data);
+                            }
+                            // Dropped without a shutdown, like the socket of a process that exits.
+                            return;
                         }
                         Behaviour::Gated(gate) => {
                             let (lock, cond) = &*gate;
