@@ -195,10 +195,29 @@ impl DeviceState {
             None => {
                 let ids_pos = slot.array_len_pos + 4;
                 let values_pos = ids_pos + 8 * slot.count;
-                let mut ids = Reader::at(&self.held, ids_pos);
-                let mut values = Reader::at(&self.held, values_pos);
                 into.reserve(slot.count);
-                into.extend((0..slot.count).map_while(|_| Some((ids.be64()?, values.be64()?))));
+                // Both arrays are in the held bytes (checked when they were parsed): one bounds
+                // check per array, not two per register.
+                let arrays = self
+                    .held
+                    .get(ids_pos..values_pos)
+                    .zip(self.held.get(values_pos..values_pos + 8 * slot.count));
+                match arrays {
+                    Some((ids, values)) => {
+                        let (ids, _) = ids.as_chunks::<8>();
+                        let (values, _) = values.as_chunks::<8>();
+                        into.extend(ids.iter().zip(values).map(|(&id, &value)| {
+                            (u64::from_be_bytes(id), u64::from_be_bytes(value))
+                        }));
+                    }
+                    None => {
+                        let mut ids = Reader::at(&self.held, ids_pos);
+                        let mut values = Reader::at(&self.held, values_pos);
+                        into.extend(
+                            (0..slot.count).map_while(|_| Some((ids.be64()?, values.be64()?))),
+                        );
+                    }
+                }
             }
         }
         Some(slot.instance)

@@ -381,52 +381,85 @@ pub struct RewritePlan<'p> {
 impl<'p> RewritePlan<'p> {
     /// The plan for a source listing `ids` (in its order) against `dest`.
     pub fn new(ids: &[u64], dest: &'p Profile) -> RewritePlan<'p> {
-        // QEMU always sends the list sorted strictly ascending; then it has no duplicates and the
-        // missing registers are found by one merge with the destination's sorted list. Only a
-        // malformed (unsorted) list pays for a set of the ids seen.
+        // QEMU always sends the list sorted strictly ascending; then it has no duplicates and one
+        // merge with the destination's sorted entries classifies every id and finds the missing
+        // registers, with no search. Only a malformed (unsorted) list pays for a set of the ids
+        // seen and a search per id.
         let sorted = ids.windows(2).all(|w| w[0] < w[1]);
-        let kvm = dest.accel == Accel::Kvm;
-        let mut seen: BTreeSet<u64> = BTreeSet::new();
-        let slots = ids
-            .iter()
-            .map(|&raw_id| {
-                if !sorted && !seen.insert(raw_id) {
-                    return Slot::Duplicate;
-                }
-                let id = RegId(raw_id);
-                match dest.entry(id).filter(|r| r.is_present()) {
-                    None => Slot::Extra,
-                    Some(entry) => {
-                        let compared = id.is_identification()
-                            || (kvm && (id.is_firmware() || id.ccsidr_selector().is_some()));
-                        if compared {
-                            Slot::Compared(entry)
-                        } else {
-                            Slot::Copied
-                        }
-                    }
-                }
-            })
-            .collect();
-        // Both lists sorted: a cursor over the source ids says whether the source has `reg`.
-        let mut source_ids = ids.iter().copied().peekable();
-        let missing = dest
-            .present()
-            .filter(|reg| {
-                let in_source = if sorted {
-                    while source_ids.next_if(|&id| id < reg.id.0).is_some() {}
-                    source_ids.peek() == Some(&reg.id.0)
-                } else {
-                    seen.contains(&reg.id.0)
-                };
-                !in_source
-            })
-            .collect();
+        let (slots, missing) = if sorted {
+            Self::merge_sorted(ids, dest)
+        } else {
+            Self::search_unsorted(ids, dest)
+        };
         RewritePlan {
             ids: ids.to_vec(),
             sorted,
             slots,
             missing,
+        }
+    }
+
+    /// Slots and missing registers of a strictly ascending id list: one pass over both lists.
+    fn merge_sorted(ids: &[u64], dest: &'p Profile) -> (Vec<Slot<'p>>, Vec<&'p ProfileRegister>) {
+        let kvm = dest.accel == Accel::Kvm;
+        let mut entries = dest.entries().iter().peekable();
+        let mut missing = Vec::new();
+        let slots = ids
+            .iter()
+            .map(|&raw_id| {
+                // Destination registers below this id are ones the source lacks.
+                while let Some(entry) = entries.next_if(|e| e.id.0 < raw_id) {
+                    if entry.is_present() {
+                        missing.push(entry);
+                    }
+                }
+                let entry = entries
+                    .next_if(|e| e.id.0 == raw_id)
+                    .filter(|e| e.is_present());
+                Self::slot(RegId(raw_id), entry, kvm)
+            })
+            .collect();
+        missing.extend(entries.filter(|e| e.is_present()));
+        (slots, missing)
+    }
+
+    /// Slots and missing registers of an unsorted list (duplicates marked): a search per id.
+    fn search_unsorted(
+        ids: &[u64],
+        dest: &'p Profile,
+    ) -> (Vec<Slot<'p>>, Vec<&'p ProfileRegister>) {
+        let kvm = dest.accel == Accel::Kvm;
+        let mut seen: BTreeSet<u64> = BTreeSet::new();
+        let slots = ids
+            .iter()
+            .map(|&raw_id| {
+                if !seen.insert(raw_id) {
+                    return Slot::Duplicate;
+                }
+                let id = RegId(raw_id);
+                Self::slot(id, dest.entry(id).filter(|r| r.is_present()), kvm)
+            })
+            .collect();
+        let missing = dest
+            .present()
+            .filter(|reg| !seen.contains(&reg.id.0))
+            .collect();
+        (slots, missing)
+    }
+
+    /// How a source id the destination has as `entry` (present), or lacks (`None`), is handled.
+    fn slot(id: RegId, entry: Option<&'p ProfileRegister>, kvm: bool) -> Slot<'p> {
+        match entry {
+            None => Slot::Extra,
+            Some(entry) => {
+                let compared = id.is_identification()
+                    || (kvm && (id.is_firmware() || id.ccsidr_selector().is_some()));
+                if compared {
+                    Slot::Compared(entry)
+                } else {
+                    Slot::Copied
+                }
+            }
         }
     }
 
@@ -486,6 +519,7 @@ impl<'p> RewritePlan<'p> {
                 }
             }
         }
+        let kept_len = out.len();
         let fill = match policy.fill_missing {
             FillMissing::Always => true,
             FillMissing::Never => false,
@@ -533,14 +567,40 @@ impl<'p> RewritePlan<'p> {
         let registers = if report.is_unchanged() && report.refused.is_empty() {
             source.to_vec()
         } else {
-            // Two sorted runs (kept, then filled) with distinct ids: the stable sort merges them
-            // in one pass; an unsorted source is sorted here, as QEMU's `cpu_post_load` needs.
-            out.sort_by_key(|&(id, _)| id);
-            out
+            if sorted {
+                // Two ascending runs (kept, then filled) with distinct ids: one merge orders them.
+                merge_runs(out, kept_len)
+            } else {
+                // An unsorted source is sorted here, as QEMU's `cpu_post_load` needs.
+                out.sort_by_key(|&(id, _)| id);
+                out
+            }
         };
         report.output_len = registers.len();
         Rewrite { registers, report }
     }
+}
+
+/// Merge `out[..kept_len]` and `out[kept_len..]`, each ascending by id, with no id in both.
+fn merge_runs(out: Vec<(u64, u64)>, kept_len: usize) -> Vec<(u64, u64)> {
+    let (kept, filled) = out.split_at(kept_len.min(out.len()));
+    match (kept.last(), filled.first()) {
+        (Some(last_kept), Some(first_filled)) if last_kept.0 > first_filled.0 => {}
+        // One run is empty, or the filled ones all come after the kept ones: already in order.
+        _ => return out,
+    }
+    let mut merged = Vec::with_capacity(out.len());
+    let (mut kept, mut filled) = (kept.iter().peekable(), filled.iter().peekable());
+    loop {
+        let next = match (kept.peek(), filled.peek()) {
+            (Some(k), Some(f)) if k.0 < f.0 => kept.next(),
+            (Some(_), Some(_)) | (None, Some(_)) => filled.next(),
+            (Some(_), None) => kept.next(),
+            (None, None) => break,
+        };
+        merged.extend(next.copied());
+    }
+    merged
 }
 
 /// `Ok(reason)` to drop a register the destination lacks, `Err(reason)` to refuse.

@@ -41,6 +41,9 @@ pub struct Rewritten {
     pub(crate) registers_filled: u64,
     pub(crate) dropped: NameList,
     pub(crate) filled: NameList,
+    /// The registers last noted in `dropped` and `filled` (all of them are in there already).
+    last_noted_dropped: Vec<RegId>,
+    last_noted_filled: Vec<RegId>,
 }
 
 impl Rewritten {
@@ -62,20 +65,26 @@ impl Rewritten {
         self.registers_filled = self
             .registers_filled
             .saturating_add(count(report.filled.len()));
-        for dropped in &report.dropped {
-            self.dropped.insert(dropped.id);
+        let change = Change {
+            dropped: report.dropped.iter().map(|d| d.id).collect(),
+            filled: report.filled.iter().map(|f| f.id).collect(),
+            registers,
+        };
+        // vCPUs of one plan drop and fill the same registers: the names are noted once for
+        // them, not hashed again per vCPU (noting a name twice changes nothing).
+        if self.last_noted_dropped != change.dropped {
+            for &id in &change.dropped {
+                self.dropped.insert(id);
+            }
+            self.last_noted_dropped.clone_from(&change.dropped);
         }
-        for filled in &report.filled {
-            self.filled.insert(filled.id);
+        if self.last_noted_filled != change.filled {
+            for &id in &change.filled {
+                self.filled.insert(id);
+            }
+            self.last_noted_filled.clone_from(&change.filled);
         }
-        self.changes.add(
-            report.vcpu,
-            Change {
-                dropped: report.dropped.iter().map(|d| d.id).collect(),
-                filled: report.filled.iter().map(|f| f.id).collect(),
-                registers,
-            },
-        );
+        self.changes.add(report.vcpu, change);
     }
 
     /// The warning lines, at most `DESCRIBED_OUTCOMES` + 1, each naming its vCPUs.

@@ -80,8 +80,11 @@ pub async fn relay_raw(
     }
 }
 
-/// Relay buffer per direction.
+/// Relay buffer per direction, at most.
 pub const RELAY_BUFFER_BYTES: usize = 1 << 20;
+
+/// A relay buffer's first size; it grows towards [`RELAY_BUFFER_BYTES`] while reads fill it.
+const RELAY_BUFFER_START_BYTES: usize = 4 << 10;
 
 /// Copy `reader` to `writer` until EOF, then half-close `writer`. Returns the bytes written.
 /// A `writer` that takes nothing for `stall` ends it (`net::stall`).
@@ -97,7 +100,9 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut total = 0u64;
-    let mut buf = vec![0u8; RELAY_BUFFER_BYTES];
+    // Small at first: the return path carries a few bytes per migration outside postcopy, so a
+    // zeroed MiB per migration would be wasted. A read that fills the buffer doubles it.
+    let mut buf = vec![0u8; RELAY_BUFFER_START_BYTES];
     loop {
         let n = match reader.read(&mut buf).await {
             Ok(n) => n,
@@ -115,6 +120,9 @@ where
         // message would then wait there until the next one. A no-op for plain sockets.
         stall::progress(stall, &format!("{what}: flush"), writer.flush()).await?;
         total = add_bytes(total, n, counters);
+        if n == buf.len() && buf.len() < RELAY_BUFFER_BYTES {
+            buf.resize(buf.len().saturating_mul(2).min(RELAY_BUFFER_BYTES), 0);
+        }
     }
     // The peer may already be gone after a complete exchange; the data went out.
     let _ = writer.shutdown().await;
