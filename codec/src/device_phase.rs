@@ -957,6 +957,30 @@ impl Walker<'_> {
         }
     }
 
+    /// The subsection header `name` (at `version`, when the description names one) at `pos`:
+    /// its wire version and where its payload starts. Both walks, by plan and by lookup, read
+    /// it here so they refuse the same bytes with the same message.
+    fn subsection_header(
+        &self,
+        pos: usize,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<(u32, usize), DecodeError> {
+        let mut r = Reader::at(self.held, pos);
+        match (r.u8(), r.counted(), r.be32()) {
+            (Some(QEMU_VM_SUBSECTION), Some(wire_name), Some(wire_version))
+                if wire_name == name.as_bytes()
+                    && version.is_none_or(|v| v == u64::from(wire_version)) =>
+            {
+                Ok((wire_version, r.pos()))
+            }
+            _ => Err(self.err(
+                pos,
+                format!("expected subsection header for \"{name}\" here"),
+            )),
+        }
+    }
+
     /// Walk one section's payload with its compiled steps from `pos`; returns the end. Checks
     /// what [`vmsd`](Self::vmsd) checks, in the same order, with the same errors.
     fn plan(
@@ -983,27 +1007,14 @@ impl Walker<'_> {
                     }
                 }
                 PlanStep::Subsection { name, version, top } => {
-                    let mut r = Reader::at(self.held, pos);
-                    let wire_version = match (r.u8(), r.counted(), r.be32()) {
-                        (Some(QEMU_VM_SUBSECTION), Some(wire_name), Some(wire_version))
-                            if wire_name == name.as_bytes()
-                                && version.is_none_or(|v| v == u64::from(wire_version)) =>
-                        {
-                            wire_version
-                        }
-                        _ => {
-                            return Err(self.err(
-                                pos,
-                                format!("expected subsection header for \"{name}\" here"),
-                            ))
-                        }
-                    };
+                    let (wire_version, payload_start) =
+                        self.subsection_header(pos, name, *version)?;
                     let slot = open
                         .get_mut(depth)
                         .ok_or_else(|| self.err(pos, "subsections nested too deeply".into()))?;
-                    *slot = (pos, r.pos(), wire_version, *top);
+                    *slot = (pos, payload_start, wire_version, *top);
                     depth += 1;
-                    pos = r.pos();
+                    pos = payload_start;
                 }
                 PlanStep::End => {
                     depth = depth.saturating_sub(1);
@@ -1087,24 +1098,8 @@ impl Walker<'_> {
                     .and_then(Json::as_str)
                     .ok_or_else(|| self.err(pos, "subsection without vmsd_name".into()))?;
                 let version = sub.get("version").and_then(Json::as_u64);
-                let mut r = Reader::at(self.held, pos);
-                let header = (r.u8(), r.counted(), r.be32());
-                let wire_version = match header {
-                    (Some(QEMU_VM_SUBSECTION), Some(wire_name), Some(wire_version))
-                        if wire_name == name.as_bytes()
-                            && version.is_none_or(|v| v == u64::from(wire_version)) =>
-                    {
-                        wire_version
-                    }
-                    _ => {
-                        return Err(self.err(
-                            pos,
-                            format!("expected subsection header for \"{name}\" here"),
-                        ))
-                    }
-                };
+                let (wire_version, payload_start) = self.subsection_header(pos, name, version)?;
                 let header_pos = pos;
-                let payload_start = r.pos();
                 pos = self.vmsd(sub, payload_start, depth + 1)?;
                 if depth == 0 {
                     let mut nested = Vec::new();
