@@ -103,6 +103,8 @@ where
     // Small at first: the return path carries a few bytes per migration outside postcopy, so a
     // zeroed MiB per migration would be wasted. A read that fills the buffer doubles it.
     let mut buf = vec![0u8; RELAY_BUFFER_START_BYTES];
+    // Named once: every read of a multifd channel in copy mode passes through here.
+    let (write_what, flush_what) = (format!("{what}: write"), format!("{what}: flush"));
     loop {
         let n = match reader.read(&mut buf).await {
             Ok(n) => n,
@@ -115,10 +117,10 @@ where
             break;
         }
         let chunk = buf.get(..n).unwrap_or_default();
-        stall::write_all(&mut writer, chunk, stall, &format!("{what}: write")).await?;
+        stall::write_all(&mut writer, chunk, stall, &write_what).await?;
         // A TLS writer may keep records it could not send yet until flushed: a return-path
         // message would then wait there until the next one. A no-op for plain sockets.
-        stall::progress(stall, &format!("{what}: flush"), writer.flush()).await?;
+        stall::progress(stall, &flush_what, writer.flush()).await?;
         total = add_bytes(total, n, counters);
         if n == buf.len() && buf.len() < RELAY_BUFFER_BYTES {
             buf.resize(buf.len().saturating_mul(2).min(RELAY_BUFFER_BYTES), 0);
