@@ -7,7 +7,7 @@
 //!   `configuration` (the configuration record, resumable), `command` (`QEMU_VM_COMMAND` and the
 //!   one [`MigCommand`] list), `section` (section headers and footers), `ram` (RAM records and the
 //!   MEM_SIZE block list), `bitmap` (dirty-bitmap chunks), `block` (block migration), and for the
-//!   held device phase `candidates` (where it may end, one look per byte), `device_phase` (the
+//!   held device phase `candidates` (where it may end, a few checks per read), `device_phase` (the
 //!   walk with the description, cpreg arrays, re-encoding) and `json` (the description text);
 //! - one state machine ([`StreamDecoder`], see `decoder` for its diagram) implementing
 //!   `tokio_util::codec::Decoder`, which owns the `BytesMut` discipline: payloads of RAM pages are
