@@ -30,6 +30,9 @@ pub struct RelayLatency {
     pub samples_us: Vec<f64>,
     /// Destination's last byte minus the source's first tail byte, microseconds.
     pub from_tail_start_us: Vec<f64>,
+    /// The round each sample was taken in (every relay runs once per round): the samples of one
+    /// round were taken milliseconds apart, so the report pairs them with direct's to cancel drift.
+    pub rounds: Vec<usize>,
     pub latency_us: Summary,
     pub from_tail_start: Summary,
     pub errors: Vec<String>,
@@ -46,6 +49,15 @@ pub struct Report {
     /// Uncounted iterations per relay before the counted ones.
     pub warmup: usize,
     pub relays: Vec<RelayLatency>,
+}
+
+/// One relay's measurements, in the order they were taken.
+#[derive(Debug, Clone, Default)]
+struct Samples {
+    latency_us: Vec<f64>,
+    from_tail_start_us: Vec<f64>,
+    rounds: Vec<usize>,
+    errors: Vec<String>,
 }
 
 /// (latency from last write, latency from first tail byte), seconds.
@@ -115,7 +127,7 @@ pub fn run(
             }
         }
     }
-    let mut samples = vec![(Vec::new(), Vec::new(), Vec::new()); relays.len()];
+    let mut samples = vec![Samples::default(); relays.len()];
     for iteration in 0..iterations {
         for k in 0..relays.len() {
             let index = (iteration + k) % relays.len();
@@ -130,15 +142,16 @@ pub fn run(
             receiver.discard_stray();
             match one_iteration(target, &receiver, stream, layout.device_state_offset, &tail) {
                 Ok((latency, from_start)) => {
-                    slot.0.push(latency * 1e6);
-                    slot.1.push(from_start * 1e6);
+                    slot.latency_us.push(latency * 1e6);
+                    slot.from_tail_start_us.push(from_start * 1e6);
+                    slot.rounds.push(iteration);
                 }
                 Err(e) => {
                     eprintln!(
                         "migbench: switchover {} iteration {iteration}: {e}",
                         relay.name
                     );
-                    slot.2.push(e);
+                    slot.errors.push(e);
                 }
             }
         }
@@ -150,13 +163,14 @@ pub fn run(
     let relays = relays
         .iter()
         .zip(samples)
-        .map(|(relay, (latency, from_start, errors))| RelayLatency {
+        .map(|(relay, samples)| RelayLatency {
             relay: relay.clone(),
-            latency_us: summarize(&latency),
-            from_tail_start: summarize(&from_start),
-            samples_us: latency,
-            from_tail_start_us: from_start,
-            errors,
+            latency_us: summarize(&samples.latency_us),
+            from_tail_start: summarize(&samples.from_tail_start_us),
+            samples_us: samples.latency_us,
+            from_tail_start_us: samples.from_tail_start_us,
+            rounds: samples.rounds,
+            errors: samples.errors,
         })
         .collect();
     Ok(Report {

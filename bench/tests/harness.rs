@@ -4,13 +4,48 @@
 use std::path::PathBuf;
 
 use migproxy_bench::relay_process::RelaySpec;
-use migproxy_bench::{multifd, throughput};
+use migproxy_bench::{multifd, switchover, throughput};
 
 fn scratch_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("migbench-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).ok();
     dir
+}
+
+#[test]
+fn switchover_samples_name_their_round() -> Result<(), Box<dyn std::error::Error>> {
+    // A real capture from the repository: the switchover part needs a device-state tail.
+    let stream =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../codec/tests/vectors/q10-a64fx.bin");
+    let dir = scratch_dir("switchover");
+    let tokio_relay = env!("CARGO_BIN_EXE_tokio-relay");
+    let relays: Vec<RelaySpec> = vec![
+        "direct".parse()?,
+        format!(
+            "tokio={tokio_relay} --listen 127.0.0.1:{{listen}} --upstream 127.0.0.1:{{upstream}}"
+        )
+        .parse()?,
+    ];
+    let report = switchover::run(&stream, 4, 1, &relays, &dir.join("logs"))?;
+    std::fs::remove_dir_all(&dir).ok();
+
+    assert_eq!(report.vcpus, 2);
+    for result in &report.relays {
+        assert!(
+            result.errors.is_empty(),
+            "{}: {:?}",
+            result.relay.name,
+            result.errors
+        );
+        // Every relay ran once per round, so the report can pair direct's sample of a round
+        // with each relay's.
+        assert_eq!(result.rounds, vec![0, 1, 2, 3], "{}", result.relay.name);
+        assert_eq!(result.from_tail_start_us.len(), 4);
+        assert_eq!(result.samples_us.len(), 4);
+        assert!(result.from_tail_start_us.iter().all(|us| *us > 0.0));
+    }
+    Ok(())
 }
 
 #[test]

@@ -7,7 +7,10 @@ directory. Used by report.py through `section(results_dir)` and `targets(results
 """
 import json
 import os
+import statistics
 import sys
+
+from switchover_stats import paired_added_us
 
 # Added latency vs direct, first tail byte -> destination's last byte, median, milliseconds.
 TARGETS_MS = {
@@ -56,14 +59,20 @@ def _load(results, name):
 
 
 def _added_ms(sw):
-    """Relay name -> added latency vs direct (ms), from the first tail byte."""
+    """Relay name -> added latency vs direct (ms), from the first tail byte: the median of the per-round
+    differences (switchover_stats.py), or the difference of the medians where rounds cannot be matched."""
     relays = {r["relay"]["name"]: r for r in sw.get("relays", [])}
     direct = relays.get("direct")
     if not direct or not direct["from_tail_start"].get("n"):
         return {}
     base = direct["from_tail_start"]["median"]
-    return {name: (r["from_tail_start"]["median"] - base) / 1000
-            for name, r in relays.items() if r["from_tail_start"].get("n")}
+    added = {}
+    for name, r in relays.items():
+        if not r["from_tail_start"].get("n"):
+            continue
+        per_round = paired_added_us(r, direct)
+        added[name] = (statistics.median(per_round) if per_round else r["from_tail_start"]["median"] - base) / 1000
+    return added
 
 
 def targets(results_dir):
