@@ -138,6 +138,15 @@ mod tests {
     }
 
     #[test]
+    fn a_length_whose_last_byte_is_nul_keeps_the_candidate() {
+        // `00 06 00 00 01 00 {`: the last NUL is the last length byte, five after EOF.
+        let held = with_description(b"", &[b'{'; 256]);
+        let mut s = CandidateScanner::default();
+        assert_eq!(s.advance(&held[..100], 1 << 20), None);
+        assert_eq!(s.advance(&held, 1 << 20), Some(2));
+    }
+
+    #[test]
     fn an_announced_length_over_the_budget_is_not_a_candidate() {
         let held = with_description(b"", &[b'{'; 40]);
         let mut s = CandidateScanner::default();
@@ -276,6 +285,16 @@ mod tests {
                             v.extend_from_slice(&len.to_be_bytes());
                             v.push(b'{');
                             v.extend_from_slice(&body);
+                            v
+                        }),
+                    // Lengths with NUL low bytes (256, 512): the last NUL five bytes after EOF.
+                    (proptest::sample::select(vec![256u32, 512]), proptest::collection::vec(proptest::sample::select(vec![b'{', b'x']), 250..262), 0usize..2)
+                        .prop_map(|(len, body, nul)| {
+                            let mut v = vec![0u8, 6];
+                            v.extend_from_slice(&len.to_be_bytes());
+                            v.push(b'{');
+                            v.extend_from_slice(&body);
+                            v.extend(std::iter::repeat_n(0u8, nul));
                             v
                         }),
                     // Headers overlapping each other and the length bytes of the one before.
