@@ -302,6 +302,12 @@ mod tests {
                 .start(key(), &self.metrics, &self.parent, &self.admission)
         }
 
+        /// Start a migration that must start.
+        fn started(&self) -> Result<Arc<Migration>, String> {
+            self.start()
+                .map_err(|why| format!("turned away: {}", why.as_str()))
+        }
+
         fn joinable(&self) -> bool {
             self.registry
                 .find(&key(), Migration::accepts_channels)
@@ -310,9 +316,10 @@ mod tests {
     }
 
     #[test]
-    fn channels_join_until_the_stream_went_through_and_then_the_next_migration_starts() {
+    fn channels_join_until_the_stream_went_through_and_then_the_next_migration_starts(
+    ) -> Result<(), String> {
         let listener = Listener::new();
-        let first = listener.start().expect("the first migration starts");
+        let first = listener.started()?;
         assert!(listener.joinable());
         assert_eq!(
             listener.start().err(),
@@ -326,48 +333,58 @@ mod tests {
         first.state.note_stream_forwarded();
         assert!(!first.accepts_channels());
         assert!(!listener.joinable());
-        let second = listener
-            .start()
-            .expect("the next migration is not this one's duplicate");
-        assert!(listener.joinable(), "later channels join the next one");
-        assert!(Arc::ptr_eq(
-            &listener
-                .registry
-                .find(&key(), Migration::accepts_channels)
-                .expect("open"),
-            &second
-        ));
-        drop((first, second));
+        // Not this one's duplicate: the next migration.
+        let second = listener.started()?;
+        let joined = listener
+            .registry
+            .find(&key(), Migration::accepts_channels)
+            .ok_or("later channels find no migration")?;
+        assert!(
+            Arc::ptr_eq(&joined, &second),
+            "later channels join the next one"
+        );
+        drop((first, second, joined));
+        Ok(())
     }
 
     #[test]
-    fn the_summary_says_completed_only_when_the_main_channel_ended_without_error() {
+    fn the_summary_says_completed_only_when_the_main_channel_ended_without_error(
+    ) -> Result<(), String> {
         let listener = Listener::new();
-        let forwarded_only = listener.start().expect("starts");
+        let forwarded_only = listener.started()?;
         // The stream went through, but the main channel never finished (closed by a drain).
         forwarded_only.state.note_stream_forwarded();
         drop(forwarded_only);
-        assert_eq!(listener.metrics.migrations_failed.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            listener.metrics.migrations_failed.load(Ordering::Relaxed),
+            1
+        );
 
-        let completed = listener.start().expect("starts");
+        let completed = listener.started()?;
         completed.state.note_stream_forwarded();
         completed.note_main_completed();
         drop(completed);
         assert_eq!(
-            listener.metrics.migrations_completed.load(Ordering::Relaxed),
+            listener
+                .metrics
+                .migrations_completed
+                .load(Ordering::Relaxed),
             1
         );
         assert_eq!(listener.metrics.active(), 0);
+        Ok(())
     }
 
     #[test]
-    fn a_cancelled_migration_takes_no_channels_and_does_not_block_the_next() {
+    fn a_cancelled_migration_takes_no_channels_and_does_not_block_the_next() -> Result<(), String> {
         let listener = Listener::new();
-        let first = listener.start().expect("starts");
+        let first = listener.started()?;
         first.cancel.cancel();
         assert!(!listener.joinable());
-        let second = listener.start().expect("a closed migration is no duplicate");
+        // A closed migration is no duplicate.
+        let second = listener.started()?;
         assert!(listener.joinable());
         drop((first, second));
+        Ok(())
     }
 }
