@@ -11,28 +11,28 @@ use migproxy_codec::{DecodeError, Frame, Limits, StreamDecoder};
 use super::previous::PreviousPlan;
 use super::*;
 
-/// Why a capture could not be read.
+/// Why a capture could not be read (`decode_reader` needs both conversions).
 #[derive(Debug)]
-enum ReadError {
-    Decode(DecodeError),
-    Io(std::io::Error),
-}
+struct ReadError(String);
 
 impl From<DecodeError> for ReadError {
     fn from(err: DecodeError) -> Self {
-        ReadError::Decode(err)
+        ReadError(format!("it does not decode: {err}"))
     }
 }
 
 impl From<std::io::Error> for ReadError {
     fn from(err: std::io::Error) -> Self {
-        ReadError::Io(err)
+        ReadError(format!("it cannot be read: {err}"))
     }
 }
 
+/// A capture's name and its vCPUs' registers (instance, list as sent).
+type CapturedCpus = (String, Vec<(u32, Vec<(u64, u64)>)>);
+
 /// Every vector's name and its vCPUs' registers (instance, list as sent), for the vectors whose
 /// device state has cpreg arrays.
-fn captured_cpus() -> Vec<(String, Vec<(u32, Vec<(u64, u64)>)>)> {
+fn captured_cpus() -> Vec<CapturedCpus> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../codec/tests/vectors");
     let mut paths: Vec<PathBuf> = match std::fs::read_dir(&dir) {
         Ok(entries) => entries
@@ -62,7 +62,7 @@ fn captured_cpus() -> Vec<(String, Vec<(u32, Vec<(u64, u64)>)>)> {
             Ok(())
         });
         if let Err(err) = read {
-            panic!("{}: {err:?}", path.display());
+            panic!("{}: {}", path.display(), err.0);
         }
         if !cpus.is_empty() {
             let name = path

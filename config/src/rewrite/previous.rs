@@ -27,7 +27,6 @@ enum Slot<'p> {
 /// applying it per vCPU reads the values by position.
 #[derive(Clone, Debug)]
 pub(super) struct PreviousPlan<'p> {
-    ids: Vec<u64>,
     sorted: bool,
     slots: Vec<Slot<'p>>,
     /// Present destination registers the source lacks, in id order.
@@ -48,7 +47,6 @@ impl<'p> PreviousPlan<'p> {
             Self::search_unsorted(ids, dest)
         };
         PreviousPlan {
-            ids: ids.to_vec(),
             sorted,
             slots,
             missing,
@@ -117,16 +115,6 @@ impl<'p> PreviousPlan<'p> {
                 }
             }
         }
-    }
-
-    /// Whether this plan was made for exactly this source list's ids (compared in full).
-    pub(super) fn serves(&self, source: &[(u64, u64)]) -> bool {
-        self.ids.len() == source.len()
-            && self
-                .ids
-                .iter()
-                .zip(source)
-                .all(|(&planned, &(id, _))| planned == id)
     }
 
     /// Rewrite one vCPU whose list has this plan's ids ([`RewritePlan::serves`]; otherwise the
