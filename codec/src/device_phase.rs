@@ -115,7 +115,7 @@ impl CpuSlot {
             .saturating_mul(size(registers))
             .saturating_add(4)
             .saturating_sub(size(self.arrays_end() - self.array_len_pos));
-        let digits = size(registers.to_string().len());
+        let digits = size(decimal_digits(registers));
         self.json_spans.iter().fold(arrays, |growth, span| {
             growth.saturating_add(digits.saturating_sub(size(span.len())))
         })
@@ -517,15 +517,11 @@ impl Replacement<'_> {
     fn write(&self, dst: &mut BytesMut) {
         match self {
             Replacement::Arrays(regs) => {
-                dst.reserve(self.len());
                 // Fits: checked in set_cpregs.
                 dst.put_u32(u32::try_from(regs.len()).unwrap_or(u32::MAX));
-                for (id, _) in regs.iter() {
-                    dst.put_u64(*id);
-                }
-                for (_, value) in regs.iter() {
-                    dst.put_u64(*value);
-                }
+                dst.reserve(16 * regs.len());
+                put_be64s(dst, regs, |&(id, _)| id);
+                put_be64s(dst, regs, |&(_, value)| value);
             }
             Replacement::Count(n) => {
                 use std::fmt::Write;
@@ -534,6 +530,20 @@ impl Replacement<'_> {
             }
             Replacement::Bytes(bytes) => dst.extend_from_slice(bytes),
         }
+    }
+}
+
+/// Append `number(reg)` of every register as big-endian u64s: encoded a block at a time on the
+/// stack and appended with one copy per block, not a capacity check per number (nor a zeroed
+/// buffer first).
+fn put_be64s(dst: &mut BytesMut, regs: &[(u64, u64)], number: impl Fn(&(u64, u64)) -> u64) {
+    const BLOCK: usize = 32;
+    let mut block = [[0u8; 8]; BLOCK];
+    for part in regs.chunks(BLOCK) {
+        for (out, reg) in block.iter_mut().zip(part) {
+            *out = number(reg).to_be_bytes();
+        }
+        dst.extend_from_slice(block[..part.len()].as_flattened());
     }
 }
 

@@ -348,103 +348,122 @@ pub fn rewrite(
     policy: &Policy,
 ) -> Rewrite {
     let ids: Vec<u64> = source.iter().map(|&(id, _)| id).collect();
-    RewritePlan::new(&ids, dest).apply(vcpu, source, dest, source_profile, policy)
+    RewritePlan::new(&ids, dest).apply_served(vcpu, source, dest, source_profile, policy)
 }
 
-/// What one source position is to the destination: decided by the id alone.
+/// What the rewrite does at one place of its output, decided by the ids alone. A plan's steps
+/// are in output order: for a sorted source, ascending by id (the registers the source lacks
+/// interleaved where they belong, so the output needs no merge or sort); for an unsorted one,
+/// source order with the missing registers last (then sorted once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step<'p> {
+    /// Source positions `start..end`: the destination has them and nothing to compare, so the
+    /// (id, value) pairs are copied as one run.
+    Copy { start: usize, end: usize },
+    /// Source position `at` repeats an id listed earlier (only in an unsorted list): refused.
+    Duplicate { at: usize },
+    /// Source position `at`: the destination has it and its value is compared (an
+    /// identification register, or on KVM a firmware register or CCSIDR entry) against `entry`.
+    Compared {
+        at: usize,
+        entry: &'p ProfileRegister,
+    },
+    /// Source position `at`: the destination lacks it; dropped or refused by its value.
+    Extra { at: usize },
+    /// A present destination register the source lacks: filled, or left to the destination.
+    Missing(&'p ProfileRegister),
+}
+
+/// How one source id is handled (before runs of copied ones are joined).
 #[derive(Clone, Copy, Debug)]
 enum Slot<'p> {
-    /// An id listed earlier (only in an unsorted list): refused as a duplicate.
     Duplicate,
-    /// The destination has it and nothing to compare: the value is copied.
     Copied,
-    /// The destination has it and its value is compared (an identification register, or on KVM
-    /// a firmware register or CCSIDR entry) against this destination entry.
     Compared(&'p ProfileRegister),
-    /// The destination lacks it: dropped or refused by its value.
     Extra,
 }
 
-/// The part of a rewrite that depends only on the source's id list and the destination: which
-/// positions are kept, compared or extra, and which destination registers the source lacks.
-/// All vCPUs of a VM list the same ids, so one plan serves them all ([`RewritePlan::serves`]);
-/// applying it per vCPU reads the values by position.
+/// The part of a rewrite that depends only on the source's id list and the destination: the
+/// output's steps (which source positions are copied, compared or extra, where the registers
+/// the source lacks go). All vCPUs of a VM list the same ids, so one plan serves them all
+/// ([`RewritePlan::serves`]); applying it per vCPU reads the values by position, copying the
+/// runs of plain registers whole.
 #[derive(Clone, Debug)]
 pub struct RewritePlan<'p> {
     ids: Vec<u64>,
     sorted: bool,
-    slots: Vec<Slot<'p>>,
-    /// Present destination registers the source lacks, in id order.
-    missing: Vec<&'p ProfileRegister>,
+    steps: Vec<Step<'p>>,
+    /// How many `Missing` steps there are (the output's capacity beyond the source's).
+    missing: usize,
 }
 
 impl<'p> RewritePlan<'p> {
     /// The plan for a source listing `ids` (in its order) against `dest`.
     pub fn new(ids: &[u64], dest: &'p Profile) -> RewritePlan<'p> {
         // QEMU always sends the list sorted strictly ascending; then it has no duplicates and one
-        // merge with the destination's sorted entries classifies every id and finds the missing
+        // merge with the destination's sorted entries classifies every id and places the missing
         // registers, with no search. Only a malformed (unsorted) list pays for a set of the ids
         // seen and a search per id.
         let sorted = ids.windows(2).all(|w| w[0] < w[1]);
-        let (slots, missing) = if sorted {
+        let steps = if sorted {
             Self::merge_sorted(ids, dest)
         } else {
             Self::search_unsorted(ids, dest)
         };
+        let missing = steps
+            .iter()
+            .filter(|step| matches!(step, Step::Missing(_)))
+            .count();
         RewritePlan {
             ids: ids.to_vec(),
             sorted,
-            slots,
+            steps,
             missing,
         }
     }
 
-    /// Slots and missing registers of a strictly ascending id list: one pass over both lists.
-    fn merge_sorted(ids: &[u64], dest: &'p Profile) -> (Vec<Slot<'p>>, Vec<&'p ProfileRegister>) {
+    /// The steps of a strictly ascending id list: one pass over both lists, in id order.
+    fn merge_sorted(ids: &[u64], dest: &'p Profile) -> Vec<Step<'p>> {
         let kvm = dest.accel == Accel::Kvm;
         let mut entries = dest.entries().iter().peekable();
-        let mut missing = Vec::new();
-        let slots = ids
-            .iter()
-            .map(|&raw_id| {
-                // Destination registers below this id are ones the source lacks.
-                while let Some(entry) = entries.next_if(|e| e.id.0 < raw_id) {
-                    if entry.is_present() {
-                        missing.push(entry);
-                    }
+        let mut steps = Vec::new();
+        for (at, &raw_id) in ids.iter().enumerate() {
+            // Destination registers below this id are ones the source lacks.
+            while let Some(entry) = entries.next_if(|e| e.id.0 < raw_id) {
+                if entry.is_present() {
+                    steps.push(Step::Missing(entry));
                 }
-                let entry = entries
-                    .next_if(|e| e.id.0 == raw_id)
-                    .filter(|e| e.is_present());
-                Self::slot(RegId(raw_id), entry, kvm)
-            })
-            .collect();
-        missing.extend(entries.filter(|e| e.is_present()));
-        (slots, missing)
+            }
+            let entry = entries
+                .next_if(|e| e.id.0 == raw_id)
+                .filter(|e| e.is_present());
+            push_source_step(&mut steps, at, Self::slot(RegId(raw_id), entry, kvm));
+        }
+        steps.extend(entries.filter(|e| e.is_present()).map(Step::Missing));
+        steps
     }
 
-    /// Slots and missing registers of an unsorted list (duplicates marked): a search per id.
-    fn search_unsorted(
-        ids: &[u64],
-        dest: &'p Profile,
-    ) -> (Vec<Slot<'p>>, Vec<&'p ProfileRegister>) {
+    /// The steps of an unsorted list (duplicates marked): a search per id, the missing
+    /// registers last.
+    fn search_unsorted(ids: &[u64], dest: &'p Profile) -> Vec<Step<'p>> {
         let kvm = dest.accel == Accel::Kvm;
         let mut seen: BTreeSet<u64> = BTreeSet::new();
-        let slots = ids
-            .iter()
-            .map(|&raw_id| {
-                if !seen.insert(raw_id) {
-                    return Slot::Duplicate;
-                }
+        let mut steps = Vec::new();
+        for (at, &raw_id) in ids.iter().enumerate() {
+            let slot = if seen.insert(raw_id) {
                 let id = RegId(raw_id);
                 Self::slot(id, dest.entry(id).filter(|r| r.is_present()), kvm)
-            })
-            .collect();
-        let missing = dest
-            .present()
-            .filter(|reg| !seen.contains(&reg.id.0))
-            .collect();
-        (slots, missing)
+            } else {
+                Slot::Duplicate
+            };
+            push_source_step(&mut steps, at, slot);
+        }
+        steps.extend(
+            dest.present()
+                .filter(|reg| !seen.contains(&reg.id.0))
+                .map(Step::Missing),
+        );
+        steps
     }
 
     /// How a source id the destination has as `entry` (present), or lacks (`None`), is handled.
@@ -473,9 +492,53 @@ impl<'p> RewritePlan<'p> {
                 .all(|(&planned, &(id, _))| planned == id)
     }
 
-    /// Rewrite one vCPU whose list has this plan's ids ([`RewritePlan::serves`]; otherwise the
-    /// lists are compared position by position up to the shorter one, which callers avoid).
+    /// Rewrite one vCPU with `plan` when it serves the vCPU's list, else with a new plan for that
+    /// list, kept in `plan` for the next vCPU (all vCPUs of a VM normally list the same ids).
+    pub fn rewrite_with(
+        plan: &mut Option<RewritePlan<'p>>,
+        vcpu: u32,
+        source: &[(u64, u64)],
+        dest: &'p Profile,
+        source_profile: Option<&Profile>,
+        policy: &Policy,
+    ) -> Rewrite {
+        let planned = match plan.take() {
+            Some(planned) if planned.serves(source) => planned,
+            _ => {
+                let ids: Vec<u64> = source.iter().map(|&(id, _)| id).collect();
+                RewritePlan::new(&ids, dest)
+            }
+        };
+        let rewrite = planned.apply_served(vcpu, source, dest, source_profile, policy);
+        *plan = Some(planned);
+        rewrite
+    }
+
+    /// Rewrite one vCPU. A list with other ids than this plan's ([`RewritePlan::serves`]; all
+    /// vCPUs of a VM normally have the same) is planned anew: the steps place values by position.
     pub fn apply(
+        &self,
+        vcpu: u32,
+        source: &[(u64, u64)],
+        dest: &Profile,
+        source_profile: Option<&Profile>,
+        policy: &Policy,
+    ) -> Rewrite {
+        if !self.serves(source) {
+            let ids: Vec<u64> = source.iter().map(|&(id, _)| id).collect();
+            return RewritePlan::new(&ids, dest).apply_served(
+                vcpu,
+                source,
+                dest,
+                source_profile,
+                policy,
+            );
+        }
+        self.apply_served(vcpu, source, dest, source_profile, policy)
+    }
+
+    /// [`apply`](Self::apply) to a list this plan serves.
+    fn apply_served(
         &self,
         vcpu: u32,
         source: &[(u64, u64)],
@@ -489,37 +552,9 @@ impl<'p> RewritePlan<'p> {
             ..RewriteReport::default()
         };
         let sorted = self.sorted;
-        let mut out: Vec<(u64, u64)> = Vec::with_capacity(source.len() + self.missing.len());
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(source.len() + self.missing);
         // The KVM rules look at other registers of the same vCPU (CNTP_CTL_EL0, CLIDR_EL1, ...).
         let source_regs = (dest.accel == Accel::Kvm).then(|| SourceRegs::new(source, sorted));
-        for (&(raw_id, value), slot) in source.iter().zip(&self.slots) {
-            let id = RegId(raw_id);
-            match *slot {
-                Slot::Duplicate => report.refused.push(Refusal {
-                    id,
-                    value,
-                    reason: RefusalReason::Duplicate,
-                }),
-                Slot::Copied => out.push((raw_id, value)),
-                Slot::Compared(entry) => {
-                    let kept =
-                        check_identification(vcpu, id, value, entry, dest, policy, &mut report);
-                    out.push((raw_id, kept));
-                }
-                Slot::Extra => {
-                    let kvm = source_regs.as_ref();
-                    match drop_decision(vcpu, id, value, dest, source_profile, kvm, policy) {
-                        Ok(reason) => report.dropped.push(Dropped { id, value, reason }),
-                        Err(reason) => {
-                            report.refused.push(Refusal { id, value, reason });
-                            // Keep it in the output so a refused rewrite still shows what came in.
-                            out.push((raw_id, value));
-                        }
-                    }
-                }
-            }
-        }
-        let kept_len = out.len();
         let fill = match policy.fill_missing {
             FillMissing::Always => true,
             FillMissing::Never => false,
@@ -527,20 +562,61 @@ impl<'p> RewritePlan<'p> {
         };
         // Registers filled with vCPU 0's value: one warning for all of them, not one each.
         let mut filled_from_vcpu0: Vec<RegId> = Vec::new();
-        for reg in &self.missing {
-            if !fill {
-                report.left_missing.push(reg.id);
-                continue;
-            }
-            let value = match reg.value_for(vcpu) {
-                Some(v) => v,
-                None => {
-                    filled_from_vcpu0.push(reg.id);
-                    reg.value.unwrap_or(0)
+        for step in &self.steps {
+            match *step {
+                Step::Copy { start, end } => {
+                    // Inside the source: the plan serves it.
+                    if let Some(run) = source.get(start..end) {
+                        out.extend_from_slice(run);
+                    }
                 }
-            };
-            out.push((reg.id.0, value));
-            report.filled.push(Filled { id: reg.id, value });
+                Step::Duplicate { at } => {
+                    if let Some(&(raw_id, value)) = source.get(at) {
+                        report.refused.push(Refusal {
+                            id: RegId(raw_id),
+                            value,
+                            reason: RefusalReason::Duplicate,
+                        });
+                    }
+                }
+                Step::Compared { at, entry } => {
+                    if let Some(&(raw_id, value)) = source.get(at) {
+                        let id = RegId(raw_id);
+                        let kept =
+                            check_identification(vcpu, id, value, entry, dest, policy, &mut report);
+                        out.push((raw_id, kept));
+                    }
+                }
+                Step::Extra { at } => {
+                    if let Some(&(raw_id, value)) = source.get(at) {
+                        let id = RegId(raw_id);
+                        let kvm = source_regs.as_ref();
+                        match drop_decision(vcpu, id, value, dest, source_profile, kvm, policy) {
+                            Ok(reason) => report.dropped.push(Dropped { id, value, reason }),
+                            Err(reason) => {
+                                report.refused.push(Refusal { id, value, reason });
+                                // Kept in the output so a refused rewrite still shows what came in.
+                                out.push((raw_id, value));
+                            }
+                        }
+                    }
+                }
+                Step::Missing(reg) => {
+                    if !fill {
+                        report.left_missing.push(reg.id);
+                        continue;
+                    }
+                    let value = match reg.value_for(vcpu) {
+                        Some(v) => v,
+                        None => {
+                            filled_from_vcpu0.push(reg.id);
+                            reg.value.unwrap_or(0)
+                        }
+                    };
+                    out.push((reg.id.0, value));
+                    report.filled.push(Filled { id: reg.id, value });
+                }
+            }
         }
         if !filled_from_vcpu0.is_empty() {
             report.warnings.push(format!(
@@ -567,40 +643,39 @@ impl<'p> RewritePlan<'p> {
         let registers = if report.is_unchanged() && report.refused.is_empty() {
             source.to_vec()
         } else {
-            if sorted {
-                // Two ascending runs (kept, then filled) with distinct ids: one merge orders them.
-                merge_runs(out, kept_len)
-            } else {
-                // An unsorted source is sorted here, as QEMU's `cpu_post_load` needs.
+            if !sorted {
+                // An unsorted source is sorted here, as QEMU's `cpu_post_load` needs; a sorted
+                // one's steps were already in id order.
                 out.sort_by_key(|&(id, _)| id);
-                out
             }
+            out
         };
         report.output_len = registers.len();
         Rewrite { registers, report }
     }
 }
 
-/// Merge `out[..kept_len]` and `out[kept_len..]`, each ascending by id, with no id in both.
-fn merge_runs(out: Vec<(u64, u64)>, kept_len: usize) -> Vec<(u64, u64)> {
-    let (kept, filled) = out.split_at(kept_len.min(out.len()));
-    match (kept.last(), filled.first()) {
-        (Some(last_kept), Some(first_filled)) if last_kept.0 > first_filled.0 => {}
-        // One run is empty, or the filled ones all come after the kept ones: already in order.
-        _ => return out,
-    }
-    let mut merged = Vec::with_capacity(out.len());
-    let (mut kept, mut filled) = (kept.iter().peekable(), filled.iter().peekable());
-    loop {
-        let next = match (kept.peek(), filled.peek()) {
-            (Some(k), Some(f)) if k.0 < f.0 => kept.next(),
-            (Some(_), Some(_)) | (None, Some(_)) => filled.next(),
-            (Some(_), None) => kept.next(),
-            (None, None) => break,
-        };
-        merged.extend(next.copied());
-    }
-    merged
+/// Append source position `at` as `slot` says; a copied position right after a copied run
+/// extends it.
+fn push_source_step<'p>(steps: &mut Vec<Step<'p>>, at: usize, slot: Slot<'p>) {
+    let step = match slot {
+        Slot::Copied => {
+            if let Some(Step::Copy { end, .. }) = steps.last_mut() {
+                if *end == at {
+                    *end = at + 1;
+                    return;
+                }
+            }
+            Step::Copy {
+                start: at,
+                end: at + 1,
+            }
+        }
+        Slot::Duplicate => Step::Duplicate { at },
+        Slot::Compared(entry) => Step::Compared { at, entry },
+        Slot::Extra => Step::Extra { at },
+    };
+    steps.push(step);
 }
 
 /// `Ok(reason)` to drop a register the destination lacks, `Err(reason)` to refuse.
@@ -753,6 +828,10 @@ fn check_identification(
 #[cfg(test)]
 mod bounds_tests;
 #[cfg(test)]
+mod capture_tests;
+#[cfg(test)]
 mod kvm_tests;
+#[cfg(test)]
+mod previous;
 #[cfg(test)]
 mod tests;

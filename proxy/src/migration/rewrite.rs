@@ -134,21 +134,14 @@ pub fn rewrite_cpus(
     let mut index = 0;
     while let Some(instance) = state.read_cpu(index, &mut registers) {
         index += 1;
-        let planned = match plan.take() {
-            Some(planned) if planned.serves(&registers) => planned,
-            _ => {
-                let ids: Vec<u64> = registers.iter().map(|&(id, _)| id).collect();
-                RewritePlan::new(&ids, &setup.dest)
-            }
-        };
-        let result = planned.apply(
+        let result = RewritePlan::rewrite_with(
+            &mut plan,
             instance,
             &registers,
             &setup.dest,
             setup.source.as_deref(),
             &setup.policy,
         );
-        plan = Some(planned);
         if result.report.is_refused() || refusals.is_refused() {
             // Refused: nothing is applied any more, only the refusals and warnings collected.
             refusals.add(&result.report);
