@@ -6,7 +6,8 @@
 #      scripts/debian-packages.txt, QEMU 10.0, 7.2 and 11.1, libvirt 11.3, the KVM lab, Rust
 #      components and targets, nightly + cargo-fuzz, every crate of the lock files); a missing tool
 #      stops the run here, by name
-#   2. cargo fmt --check, cargo clippy -D warnings
+#   2. cargo fmt --check, cargo clippy -D warnings, of the workspace and of the fuzz crate (fuzz/
+#      is its own workspace: named by --manifest-path; its clippy runs on stable)
 #   3. unit, property and vector tests of every crate but the end-to-end suite
 #   4. fuzz build and corpus replay (scripts/fuzz-replay.sh) when fuzz/ exists; aarch64 check of --from-kvm
 #   5. build migproxy, then the real-QEMU end-to-end scenarios, one line per scenario
@@ -64,11 +65,14 @@ eval "$provision_env"
 printf '%s\n' "$provision_env" | sed 's/^export /    /'
 cargo --version
 
-step "cargo fmt --check"
+step "cargo fmt --check (workspace and fuzz crate)"
 check "cargo fmt --check" cargo fmt --all -- --check
+check "cargo fmt --check (fuzz)" cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
 
-step "cargo clippy --all-targets -D warnings"
+step "cargo clippy --all-targets -D warnings (workspace and fuzz crate)"
 check "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+# Stable is enough for a check: libfuzzer-sys builds there (only the fuzz build needs nightly).
+check "cargo clippy (fuzz)" cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 
 step "unit, property and vector tests"
 check "unit, property and vector tests" cargo_test --workspace --exclude migproxy-integration-tests

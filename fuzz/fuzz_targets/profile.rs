@@ -14,5 +14,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let written = profile.to_json();
     let again = Profile::from_json(&written).expect("a written profile parses");
-    assert_eq!(again.to_json(), written, "the profile round trip is not stable");
+    assert_eq!(
+        again.to_json(),
+        written,
+        "the profile round trip is not stable"
+    );
 });

@@ -98,6 +98,15 @@ pub enum ProxyError {
     /// The destination's end of the main channel says its load failed.
     #[error("{0}")]
     Destination(DestinationVerdict),
+    /// The same, when the destination's exit also failed what migproxy was doing with the main
+    /// channel (a write that met its reset): the verdict is what an operator acts on, the error
+    /// is kept to say where the stream was.
+    #[error("{verdict} (meanwhile {cause})")]
+    DestinationMeanwhile {
+        verdict: DestinationVerdict,
+        #[source]
+        cause: Box<ProxyError>,
+    },
     /// An HTTP exchange (health check, profile fetch) failed.
     #[error("http {url}: {failure}")]
     Http { url: String, failure: HttpFailure },
@@ -321,6 +330,7 @@ impl ProxyError {
             | ProxyError::TlsServerName(_)
             | ProxyError::Aborted(_)
             | ProxyError::Destination(_)
+            | ProxyError::DestinationMeanwhile { .. }
             | ProxyError::Http { .. }
             | ProxyError::NoDeviceState { .. }
             | ProxyError::NoCpuSection { .. }

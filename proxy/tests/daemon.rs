@@ -307,6 +307,79 @@ fn a_return_path_closed_without_its_shut_fails_the_migration() {
     );
 }
 
+/// The race between a failed write and the destination's verdict: a destination whose load
+/// fails mid-stream sends `SHUT 1` and exits while migproxy waits to write the stream. The
+/// daemon is stopped (SIGSTOP) while the destination does all of that, so its write and its
+/// return-path relay wake at once, in an order the pump chooses (its unit tests cover the
+/// write-first order): the verdict must name the destination's failed load
+/// (with the write's error as context when the write came first), the source must hear the
+/// `SHUT`, and migproxy closes it.
+#[test]
+fn a_failed_load_reported_while_migproxy_waits_to_write_is_named_by_the_verdict() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)> = Default::default();
+    let destination = Destination::start(vec![Behaviour::FailLoadAfter {
+        read: 64 * 1024,
+        reply: shut(1),
+        gate: Arc::clone(&gate),
+    }]);
+    let daemon = Daemon::to(&destination, &[]);
+    // More than the kernel's buffers on both legs hold: migproxy ends up waiting in a write.
+    let stream = Arc::new(with_extra_pages(&vector("q10-rp-main.bin"), 8192)); // +32 MiB
+    let written = Arc::new(AtomicUsize::new(0));
+    let mut source = connect(daemon.listen);
+    let writer = {
+        let (stream, written) = (Arc::clone(&stream), Arc::clone(&written));
+        let mut source = source.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for chunk in stream.chunks(256 * 1024) {
+                // Fails once migproxy has closed the source: that is the expected end.
+                if source.write_all(chunk).is_err() {
+                    return;
+                }
+                written.fetch_add(chunk.len(), Ordering::Relaxed);
+            }
+        })
+    };
+    let mut last = usize::MAX;
+    wait_until("the source to be blocked", SECS, || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = written.load(Ordering::Relaxed);
+        let stalled = now == last;
+        last = now;
+        stalled.then_some(())
+    });
+    assert!(last < stream.len(), "the whole stream went through");
+
+    daemon.signal("STOP");
+    open_gate(&gate);
+    // The destination has sent its SHUT 1 and reset the connection while migproxy was stopped.
+    let received = destination.wait_received(0, SECS);
+    assert_eq!(received, stream[..received.len()], "forwarded bytes differ");
+    daemon.signal("CONT");
+
+    let back = read_until_closed(&mut source);
+    writer.join().unwrap();
+    let summary = daemon.wait_log("migration summary", SECS);
+    assert_eq!(summary["fields"]["outcome"], "failed", "{summary}");
+    let reason = summary["fields"]["reason"].as_str().unwrap_or_default();
+    let verdict = "destination reported a failed load (return path SHUT 1)";
+    assert!(
+        reason == verdict
+            || reason.starts_with(&format!(
+                "{verdict} (meanwhile main channel: write to destination: "
+            )),
+        "{summary}"
+    );
+    assert_eq!(
+        back,
+        shut(1),
+        "the source did not hear the destination's SHUT"
+    );
+}
+
 #[test]
 fn source_dying_mid_stream_closes_the_destination_and_the_daemon_keeps_serving() {
     let destination = Destination::reading();

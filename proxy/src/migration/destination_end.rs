@@ -18,18 +18,27 @@
 //! - at any time, a destination that closes while the stream is not yet complete cannot have
 //!   loaded it.
 //!
+//! A failed load races with migproxy's own writes: the destination sends its `SHUT 1` and exits,
+//! and its reset may fail the next write of the stream before the return-path relay has read the
+//! `SHUT` (both arrive at once when migproxy is busy writing). The `SHUT` came first on the wire,
+//! so it is already in the socket: a write that fails gives the relay [`SHUT_GRACE`] to read it
+//! (and pass it on to the source) before the channel ends, and the verdict names the failed load
+//! with the write error as context.
+//!
 //! The return path is still relayed raw and at once (`net::relay::pump`); the watch only looks at
 //! the bytes as they pass, with constant work per byte, and decides nothing until the destination
 //! has ended its side. The bytes are the destination QEMU's own messages, not guest data; a
 //! message type the watch does not frame (the recovery bitmap carries bytes outside its length)
 //! stops the watch, and the verdict falls back to what the connection's end alone says.
 
-use std::io;
-use std::pin::Pin;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::{pin, Pin};
 use std::sync::Mutex;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::{DestinationVerdict, ProxyError};
 
@@ -39,6 +48,13 @@ const SHUT: u16 = 1;
 const RECV_BITMAP: u16 = 5;
 /// The last message type QEMU defines (`MIG_RP_MSG_SWITCHOVER_ACK`).
 const LAST_KNOWN: u16 = 7;
+
+/// How long a write towards the destination that failed waits for the return-path relay before
+/// the main channel ends with its error. A destination sends its `SHUT` before it closes, so the
+/// `SHUT` is in the socket when the write meets the close: the relay only has to be polled (and
+/// pass the message on to the source). The bound is for a relay still writing earlier messages
+/// to a slow source; it delays only a channel that is failing anyway, and its source by as much.
+pub const SHUT_GRACE: Duration = Duration::from_millis(200);
 
 /// How the destination's side of the main channel ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +89,8 @@ struct Seen {
     /// The first `SHUT`'s status.
     shut: Option<u32>,
     closed: Option<Closed>,
+    /// A write (or flush) towards the destination failed.
+    write_failed: bool,
 }
 
 /// Where the watch is in the message sequence.
@@ -189,6 +207,48 @@ impl DestinationEnd {
         }
     }
 
+    /// `writer` (migproxy's side of the main channel towards the destination), whose failures
+    /// are noted: a failed write may be the destination's exit after a `SHUT` not yet read.
+    pub fn watch_writes<W>(&self, writer: W) -> WatchedWrites<'_, W> {
+        WatchedWrites {
+            inner: writer,
+            end: self,
+        }
+    }
+
+    /// Run both directions of the main channel until both have ended, or one has failed.
+    ///
+    /// Like a `try_join`, except for a forward direction that failed on a write towards the
+    /// destination: the return path is then driven on for up to [`SHUT_GRACE`] (or until it
+    /// ends), so a `SHUT` already in the socket is read and relayed before the channel ends with
+    /// the write's error (and [`DestinationEnd::verdict`] names the destination's failure).
+    pub async fn both_directions(
+        &self,
+        forward: impl Future<Output = Result<(), ProxyError>>,
+        return_path: impl Future<Output = Result<(), ProxyError>>,
+    ) -> Result<(), ProxyError> {
+        let mut forward = pin!(forward);
+        let mut return_path = pin!(return_path);
+        // Unbiased, like a join: a busy forward direction must not keep the return path (page
+        // requests in postcopy) waiting, so neither always goes first.
+        tokio::select! {
+            forwarded = &mut forward => match forwarded {
+                Ok(()) => return_path.await,
+                Err(err) if self.seen().write_failed => {
+                    // Whatever the return path ends with, the write's error is the channel's:
+                    // the verdict reads what the watch saw meanwhile.
+                    let _ = tokio::time::timeout(SHUT_GRACE, return_path).await;
+                    Err(err)
+                }
+                Err(err) => Err(err),
+            },
+            relayed = &mut return_path => match relayed {
+                Ok(()) => forward.await,
+                Err(err) => Err(err),
+            },
+        }
+    }
+
     fn seen(&self) -> Seen {
         self.seen.lock().map(|seen| *seen).unwrap_or_default()
     }
@@ -248,7 +308,8 @@ impl DestinationEnd {
     }
 
     /// The main channel's result, with the destination's verdict: a failed load the destination
-    /// reported wins over whatever error its exit caused on the way (a reset, a failed write).
+    /// reported wins over whatever error its exit caused on the way (a reset, a failed write),
+    /// which is kept as context unless it is only another reading of the same end.
     pub fn verdict(
         &self,
         carried: Result<(), ProxyError>,
@@ -256,9 +317,16 @@ impl DestinationEnd {
     ) -> Result<(), ProxyError> {
         let seen = self.seen();
         match (seen.shut, carried) {
-            (Some(status), _) if status != 0 => Err(ProxyError::Destination(
-                DestinationVerdict::FailedLoad(status),
-            )),
+            (Some(status), carried) if status != 0 => {
+                let verdict = DestinationVerdict::FailedLoad(status);
+                Err(match carried {
+                    Ok(()) | Err(ProxyError::Destination(_)) => ProxyError::Destination(verdict),
+                    Err(cause) => ProxyError::DestinationMeanwhile {
+                        verdict,
+                        cause: Box::new(cause),
+                    },
+                })
+            }
             (_, Err(err)) => Err(err),
             (None, Ok(())) if return_path && !seen.lost() && seen.closed == Some(Closed::Eof) => {
                 Err(ProxyError::Destination(
@@ -314,6 +382,55 @@ impl<R: AsyncRead + Unpin> AsyncRead for Watched<'_, R> {
             Poll::Pending => {}
         }
         polled
+    }
+}
+
+/// A writer whose failures the [`DestinationEnd`] sees.
+pub struct WatchedWrites<'a, W> {
+    inner: W,
+    end: &'a DestinationEnd,
+}
+
+impl<W> WatchedWrites<'_, W> {
+    fn noted<T>(&self, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Err(_)) = &polled {
+            self.end.update(|seen| seen.write_failed = true);
+        }
+        polled
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for WatchedWrites<'_, W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.noted(polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.noted(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.noted(polled)
+    }
+
+    /// A failed half-close is not noted: it comes after the whole stream, and the pump ignores it.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -484,8 +601,90 @@ mod tests {
         ));
         assert_eq!(
             reason(end.verdict(write_failed, true)),
+            "destination reported a failed load (return path SHUT 1) \
+             (meanwhile main channel: write to destination: broken pipe)"
+        );
+        // Its reset read on the return path is the same end, not more context.
+        let reset = Err(ProxyError::Destination(DestinationVerdict::ResetBeforeEnd));
+        assert_eq!(
+            reason(end.verdict(reset, true)),
             "destination reported a failed load (return path SHUT 1)"
         );
+    }
+
+    /// A writer whose every write fails as a socket reset by its peer does.
+    struct ResetWriter;
+
+    impl AsyncWrite for ResetWriter {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A forward direction whose write towards the destination fails.
+    async fn failed_write(end: &DestinationEnd) -> Result<(), ProxyError> {
+        use tokio::io::AsyncWriteExt;
+        let mut writer = end.watch_writes(ResetWriter);
+        writer
+            .write_all(b"stream")
+            .await
+            .map_err(|e| ProxyError::io("main channel: write to destination", e))
+    }
+
+    /// A return path that brings `SHUT 1` after `delay` and then stays open.
+    async fn shut_after(end: &DestinationEnd, delay: Duration) -> Result<(), ProxyError> {
+        tokio::time::sleep(delay).await;
+        end.update(|seen| seen.feed(&message(SHUT, &1u32.to_be_bytes())));
+        std::future::pending().await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_write_waits_for_a_shut_on_its_way_and_keeps_its_error_as_context() {
+        let end = DestinationEnd::default();
+        let carried = end
+            .both_directions(failed_write(&end), shut_after(&end, SHUT_GRACE / 4))
+            .await;
+        assert_eq!(
+            reason(end.verdict(carried, true)),
+            "destination reported a failed load (return path SHUT 1) \
+             (meanwhile main channel: write to destination: connection reset)"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_grace_is_bounded_and_only_a_failed_write_gets_it() {
+        let end = DestinationEnd::default();
+        let started = tokio::time::Instant::now();
+        let carried = end
+            .both_directions(failed_write(&end), shut_after(&end, SHUT_GRACE * 2))
+            .await;
+        assert_eq!(started.elapsed(), SHUT_GRACE, "virtual time");
+        assert_eq!(
+            reason(end.verdict(carried, true)),
+            "main channel: write to destination: connection reset"
+        );
+
+        // A forward direction that failed for any other reason ends the channel at once.
+        let end = DestinationEnd::default();
+        let started = tokio::time::Instant::now();
+        let refused = async { Err(ProxyError::Usage("refused here".to_owned())) };
+        let carried = end
+            .both_directions(refused, shut_after(&end, SHUT_GRACE / 4))
+            .await;
+        assert_eq!(started.elapsed(), Duration::ZERO, "virtual time");
+        assert_eq!(reason(end.verdict(carried, true)), "refused here");
     }
 
     #[test]

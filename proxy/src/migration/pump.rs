@@ -93,15 +93,17 @@ where
     DR: AsyncRead + Unpin,
     DW: AsyncWrite + Unpin,
 {
-    let forward = async {
-        Forward::new(source_read, dest_write, rewrite, state, settings)
-            .run()
-            .await?;
-        Ok::<(), ProxyError>(())
-    };
     // How the destination ends its side decides whether the migration completed
     // (`destination_end.rs`); the bytes themselves go through untouched.
     let destination_end = DestinationEnd::default();
+    let forward = Forward::new(
+        source_read,
+        destination_end.watch_writes(dest_write),
+        rewrite,
+        state,
+        settings,
+    )
+    .run();
     // The source blocks on SHUT, PONG and page requests: relay them the moment they arrive.
     let return_path = async {
         let relayed = relay::pump(
@@ -121,7 +123,7 @@ where
             },
         )
     };
-    let carried = tokio::try_join!(forward, return_path).map(|_| ());
+    let carried = destination_end.both_directions(forward, return_path).await;
     destination_end.verdict(carried, state.has_return_path())
 }
 
@@ -1190,6 +1192,77 @@ mod tests {
             summary.dropped.to_string().ends_with(" and 36 more"),
             "{}",
             summary.dropped
+        );
+        Ok(())
+    }
+
+    /// A connected pair of real TCP sockets on loopback.
+    async fn tcp_pair() -> Result<(tokio::net::TcpStream, tokio::net::TcpStream), std::io::Error> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let (connected, accepted) = tokio::join!(
+            tokio::net::TcpStream::connect(listener.local_addr()?),
+            listener.accept()
+        );
+        Ok((connected?, accepted?.0))
+    }
+
+    /// The race a failed load ends with: the destination sends `SHUT 1` and exits, and the pump,
+    /// with stream bytes to write, meets its reset on a write before the return-path relay has
+    /// read the `SHUT`. Real sockets, set up so that the pump's first poll finds both already
+    /// there (which direction it polls first is its own choice): the verdict is the
+    /// destination's failed load, with the write's error as context when the write came first,
+    /// and the source hears the `SHUT`. (Before the write's failure waited for the return path,
+    /// this ended with the write's error alone, and the source heard nothing.)
+    #[tokio::test]
+    async fn a_failed_load_is_the_verdict_when_a_write_meets_the_destinations_reset_first(
+    ) -> TestResult {
+        const SHUT_1: [u8; 8] = [0, 1, 0, 4, 0, 0, 0, 1];
+        let (mut source, proxy_source) = tcp_pair().await?;
+        let (proxy_destination, mut destination) = tcp_pair().await?;
+        source.write_all(&before_devices().into_bytes()).await?;
+        destination.write_all(&SHUT_1).await?;
+        // The SHUT is in migproxy's socket before the reset, as TCP delivers them.
+        let mut peeked = [0u8; 8];
+        tokio::time::timeout(DEADLINE, async {
+            while proxy_destination.peek(&mut peeked).await? < SHUT_1.len() {
+                tokio::task::yield_now().await;
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await??;
+        // Closed with SO_LINGER 0: a reset, as from a QEMU that exits with the stream unread.
+        socket2::SockRef::from(&destination).set_linger(Some(Duration::ZERO))?;
+        drop(destination);
+        // Loopback delivers the reset within the close; the wait only makes sure of it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let state = state();
+        let settings = settings(DEADLINE);
+        let ended = tokio::time::timeout(
+            DEADLINE,
+            run(
+                proxy_source.into_split(),
+                proxy_destination.into_split(),
+                None,
+                &state,
+                &settings,
+            ),
+        )
+        .await?;
+        let reason = ended.err().map(|e| e.to_string()).unwrap_or_default();
+        let verdict = "destination reported a failed load (return path SHUT 1)";
+        assert!(
+            reason == verdict
+                || reason.starts_with(&format!(
+                    "{verdict} (meanwhile main channel: write to destination: "
+                )),
+            "{reason}"
+        );
+        let mut heard = [0u8; 8];
+        tokio::time::timeout(DEADLINE, source.read_exact(&mut heard)).await??;
+        assert_eq!(
+            heard, SHUT_1,
+            "the source did not hear the destination's SHUT"
         );
         Ok(())
     }

@@ -158,6 +158,9 @@ pub struct Migration {
     pub dial: DialOrder,
     /// What its channels report while they run.
     pub state: MigrationState,
+    /// The main channel ended without error: its whole stream went through and the destination
+    /// gave no failing verdict. Only the summary's outcome reads it; whether channels may still
+    /// join is decided by `state.stream_forwarded()`, which is set earlier and implied by it.
     main_completed: AtomicBool,
     failure: Mutex<Option<(Outcome, String)>>,
     channels: Mutex<Vec<ChannelKind>>,
@@ -187,12 +190,17 @@ impl Migration {
     /// Whether a new channel may still join: not once the main channel has carried its whole
     /// stream (a back-to-back migration from the same host must not be mistaken for part of this
     /// one, nor refused as its duplicate while this one's connections are still being closed).
+    ///
+    /// One flag decides it: the pump sets `stream_forwarded` before it half-closes towards the
+    /// destination, so before the source can see its connection close and start its next
+    /// migration. `main_completed` comes later (after the destination's verdict) and only once
+    /// `stream_forwarded` is set, so it would add nothing here.
     pub fn accepts_channels(&self) -> bool {
-        !self.main_completed.load(Ordering::Acquire) && !self.state.stream_forwarded()
+        !self.state.stream_forwarded()
     }
 
-    /// The main channel has carried the whole stream: the migration completed, and channels
-    /// accepted from now on belong to the next one.
+    /// The main channel ended without error (its stream went through, the destination's verdict
+    /// was not a failure): the summary says `completed` unless another channel failed.
     pub fn note_main_completed(&self) {
         self.main_completed.store(true, Ordering::Release);
     }
@@ -254,5 +262,129 @@ impl Drop for Migration {
             subsections_removed = %summary.subsections_removed.join(","),
             "migration summary"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::admission::Budgets;
+
+    fn key() -> GroupKey {
+        GroupKey {
+            source: Some(IpAddr::from([10, 0, 0, 1])),
+            upstream: Address::Tcp {
+                host: "10.0.0.2".to_owned(),
+                port: 4444,
+            },
+        }
+    }
+
+    struct Listener {
+        registry: Registry,
+        metrics: Arc<Metrics>,
+        parent: CancellationToken,
+        admission: Arc<Admission>,
+    }
+
+    impl Listener {
+        fn new() -> Listener {
+            Listener {
+                registry: Registry::default(),
+                metrics: Arc::new(Metrics::default()),
+                parent: CancellationToken::new(),
+                admission: Admission::new(Budgets::default()),
+            }
+        }
+
+        fn start(&self) -> Result<Arc<Migration>, TurnedAway> {
+            self.registry
+                .start(key(), &self.metrics, &self.parent, &self.admission)
+        }
+
+        /// Start a migration that must start.
+        fn started(&self) -> Result<Arc<Migration>, String> {
+            self.start()
+                .map_err(|why| format!("turned away: {}", why.as_str()))
+        }
+
+        fn joinable(&self) -> bool {
+            self.registry
+                .find(&key(), Migration::accepts_channels)
+                .is_some()
+        }
+    }
+
+    #[test]
+    fn channels_join_until_the_stream_went_through_and_then_the_next_migration_starts(
+    ) -> Result<(), String> {
+        let listener = Listener::new();
+        let first = listener.started()?;
+        assert!(listener.joinable());
+        assert_eq!(
+            listener.start().err(),
+            Some(TurnedAway::MigrationInProgress),
+            "a second main channel while the first is open"
+        );
+
+        // What the pump notes just before its half-close towards the destination: from then on
+        // the source may see its connection close and start its next migration, although this
+        // one's main channel has not finished (the destination's verdict is still to come).
+        first.state.note_stream_forwarded();
+        assert!(!first.accepts_channels());
+        assert!(!listener.joinable());
+        // Not this one's duplicate: the next migration.
+        let second = listener.started()?;
+        let joined = listener
+            .registry
+            .find(&key(), Migration::accepts_channels)
+            .ok_or("later channels find no migration")?;
+        assert!(
+            Arc::ptr_eq(&joined, &second),
+            "later channels join the next one"
+        );
+        drop((first, second, joined));
+        Ok(())
+    }
+
+    #[test]
+    fn the_summary_says_completed_only_when_the_main_channel_ended_without_error(
+    ) -> Result<(), String> {
+        let listener = Listener::new();
+        let forwarded_only = listener.started()?;
+        // The stream went through, but the main channel never finished (closed by a drain).
+        forwarded_only.state.note_stream_forwarded();
+        drop(forwarded_only);
+        assert_eq!(
+            listener.metrics.migrations_failed.load(Ordering::Relaxed),
+            1
+        );
+
+        let completed = listener.started()?;
+        completed.state.note_stream_forwarded();
+        completed.note_main_completed();
+        drop(completed);
+        assert_eq!(
+            listener
+                .metrics
+                .migrations_completed
+                .load(Ordering::Relaxed),
+            1
+        );
+        assert_eq!(listener.metrics.active(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn a_cancelled_migration_takes_no_channels_and_does_not_block_the_next() -> Result<(), String> {
+        let listener = Listener::new();
+        let first = listener.started()?;
+        first.cancel.cancel();
+        assert!(!listener.joinable());
+        // A closed migration is no duplicate.
+        let second = listener.started()?;
+        assert!(listener.joinable());
+        drop((first, second));
+        Ok(())
     }
 }

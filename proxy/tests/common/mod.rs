@@ -279,6 +279,29 @@ pub enum Behaviour {
     ReadAllThenReset { reply: Vec<u8> },
     /// Wait for `gate` before reading anything, then read to EOF.
     Gated(Arc<(Mutex<bool>, Condvar)>),
+    /// Read `read` bytes and stop reading; once `gate` opens, write `reply` (a failed load's
+    /// `SHUT 1`) and reset the connection with the rest of the stream unread: a destination QEMU
+    /// whose load failed mid-stream, which says so on its return path and exits.
+    FailLoadAfter {
+        read: usize,
+        reply: Vec<u8>,
+        gate: Arc<(Mutex<bool>, Condvar)>,
+    },
+}
+
+/// Block until `gate` is opened.
+pub fn wait_gate(gate: &(Mutex<bool>, Condvar)) {
+    let (lock, cond) = gate;
+    let mut open = lock.lock().expect("gate");
+    while !*open {
+        open = cond.wait(open).expect("gate");
+    }
+}
+
+/// Open `gate` for whoever waits on it.
+pub fn open_gate(gate: &(Mutex<bool>, Condvar)) {
+    *gate.0.lock().expect("gate") = true;
+    gate.1.notify_all();
 }
 
 /// A destination: accepts connections and records what each received.
@@ -355,13 +378,22 @@ impl Destination {
                             return;
                         }
                         Behaviour::Gated(gate) => {
-                            let (lock, cond) = &*gate;
-                            let mut open = lock.lock().expect("gate");
-                            while !*open {
-                                open = cond.wait(open).expect("gate");
-                            }
-                            drop(open);
+                            wait_gate(&gate);
                             let _ = conn.read_to_end(&mut data);
+                        }
+                        Behaviour::FailLoadAfter { read, reply, gate } => {
+                            data.resize(read, 0);
+                            let _ = conn.read_exact(&mut data);
+                            wait_gate(&gate);
+                            let _ = conn.write_all(&reply);
+                            // Let the reply reach the proxy's socket before the reset.
+                            thread::sleep(Duration::from_millis(100));
+                            let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+                            drop(conn);
+                            if let Some(slot) = record.lock().expect("lock").get_mut(index) {
+                                *slot = Some(data);
+                            }
+                            return;
                         }
                     }
                     let _ = conn.shutdown(Shutdown::Both);
