@@ -37,6 +37,7 @@ REQUIRED_TOOLS=(
     "xz                         proxy/tests/kvm_plan.rs, kvm_daemon.rs"
     "aarch64-linux-gnu-as       the end-to-end test guest"
     "aarch64-linux-gnu-objcopy  the end-to-end test guest"
+    "qemu-img                   postcopy_bitmaps.rs (qcow2 disks)"
     "podman                     container scenarios"
     "buildah                    container-smoke.sh builder image"
     "runc                       podman --runtime runc"

@@ -79,5 +79,5 @@ pub use encoder::StreamEncoder;
 pub use error::{DecodeError, SectionRef};
 pub use frame::{Frame, MigCommand, RecordKind, StreamInfo};
 pub use limits::Limits;
-pub use package::{PackageDeviceState, PING_PACKAGED_LOADED};
+pub use package::{PackageDeviceState, PackageEnding, PING_PACKAGED_LOADED};
 pub use reference::{LayoutMismatch, ReferenceDescription};

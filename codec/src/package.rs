@@ -45,8 +45,46 @@ pub struct PackageDeviceState {
     state: DeviceState,
     /// PING(s) and RUN, as received.
     tail: Bytes,
-    /// Whether the tail has `PING 0x42` (the source resumes its guest if the package fails).
-    waits_for_destination: bool,
+    /// Which commands the tail holds.
+    ending: PackageEnding,
+}
+
+/// The commands after a package's device sections, as `postcopy_start` writes them: `PING 3`
+/// with the `postcopy-ram` capability, `PING 0x42` from a source since QEMU 10.2 with a return
+/// path, then RUN. A postcopy of dirty bitmaps alone (no `postcopy-ram`) has no `PING 3`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackageEnding {
+    /// The PING before RUN (or before `PING 0x42`) other than `PING 0x42`: `PING 3` when the
+    /// source has `postcopy-ram`.
+    pub ping: Option<u32>,
+    /// `PING 0x42` before RUN: the source resumes its guest if the destination never confirms.
+    pub loaded_ping: bool,
+}
+
+impl PackageEnding {
+    /// The ending of the whole PACKAGED `record` (its 9-byte header included), read from its
+    /// end; `None` if it does not end with RUN. Constant work: at most three commands are read.
+    pub fn of_record(record: &[u8]) -> Option<PackageEnding> {
+        tail_of(record.get(RECORD_HEADER_LEN..)?)
+    }
+
+    /// The bytes these commands take.
+    fn len(&self) -> usize {
+        RUN.len() + PING_LEN * (usize::from(self.ping.is_some()) + usize::from(self.loaded_ping))
+    }
+}
+
+impl std::fmt::Display for PackageEnding {
+    /// `PING 3, PING 0x42, RUN`, `PING 0x42, RUN`, `RUN` ...
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(value) = self.ping {
+            write!(f, "PING {value:#x}, ")?;
+        }
+        if self.loaded_ping {
+            write!(f, "PING {PING_PACKAGED_LOADED:#x}, ")?;
+        }
+        f.write_str("RUN")
+    }
 }
 
 impl std::fmt::Debug for PackageDeviceState {
@@ -55,7 +93,7 @@ impl std::fmt::Debug for PackageDeviceState {
         f.debug_struct("PackageDeviceState")
             .field("state", &self.state)
             .field("tail", &self.tail.len())
-            .field("waits_for_destination", &self.waits_for_destination)
+            .field("ending", &self.ending)
             .finish()
     }
 }
@@ -95,13 +133,12 @@ impl PackageDeviceState {
                 found: format!("{:02x?}", blob.get(..LISTEN.len()).unwrap_or(blob)),
             });
         }
-        let (tail_len, waits_for_destination) =
-            tail_of(blob).ok_or_else(|| DecodeError::Unexpected {
-                offset: at(RECORD_HEADER_LEN + blob.len().saturating_sub(RUN.len())),
-                expected: "POSTCOPY_RUN at the end of the package".into(),
-                found: "other bytes".into(),
-            })?;
-        let sections_end = blob.len() - tail_len;
+        let ending = tail_of(blob).ok_or_else(|| DecodeError::Unexpected {
+            offset: at(RECORD_HEADER_LEN + blob.len().saturating_sub(RUN.len())),
+            expected: "POSTCOPY_RUN at the end of the package".into(),
+            found: "other bytes".into(),
+        })?;
+        let sections_end = blob.len() - ending.len();
         let sections = blob.get(LISTEN.len()..sections_end).unwrap_or_default();
         let reference_len = u32::try_from(reference.len()).map_err(|_| DecodeError::Malformed {
             offset: at(0),
@@ -121,7 +158,7 @@ impl PackageDeviceState {
         Ok(PackageDeviceState {
             state: DeviceState::new(held, base_offset, desc_len_pos, layout, true, limits),
             tail: Bytes::copy_from_slice(blob.get(sections_end..).unwrap_or_default()),
-            waits_for_destination,
+            ending,
         })
     }
 
@@ -134,7 +171,12 @@ impl PackageDeviceState {
     /// Whether the package ends with `PING 0x42` before RUN: a source since QEMU 10.2 with a
     /// return path, which resumes its guest if the destination never confirms the package.
     pub fn waits_for_destination(&self) -> bool {
-        self.waits_for_destination
+        self.ending.loaded_ping
+    }
+
+    /// The commands after the sections (which PINGs the source wrote before RUN).
+    pub fn ending(&self) -> PackageEnding {
+        self.ending
     }
 
     /// The PACKAGED record with the (rewritten) sections and the blob length updated.
@@ -157,15 +199,15 @@ impl PackageDeviceState {
     }
 }
 
-/// The length of the blob's trailing commands and whether `PING 0x42` is among them; `None` if
-/// the blob does not end with RUN. `postcopy_start` (migration/migration.c) writes, after the
-/// sections: `PING 3` if `postcopy-ram` is on, `PING 0x42` if the source (QEMU >= 10.2) has a
-/// return path, then RUN; so the tail is RUN, PING x RUN, PING 0x42 RUN or PING x PING 0x42 RUN.
+/// The blob's trailing commands; `None` if the blob does not end with RUN. `postcopy_start`
+/// (migration/migration.c) writes, after the sections: `PING 3` if `postcopy-ram` is on,
+/// `PING 0x42` if the source (QEMU >= 10.2) has a return path, then RUN; so the tail is RUN,
+/// PING x RUN, PING 0x42 RUN or PING x PING 0x42 RUN.
 ///
 /// Read from the end, this cannot take section bytes for a PING: the sections end with a
 /// section footer (`7E` be32 id), and its `7E` falls where a PING has the `04` of its length.
 /// Whatever else is wrong there the walk refuses, since it must end exactly where the tail begins.
-fn tail_of(blob: &[u8]) -> Option<(usize, bool)> {
+fn tail_of(blob: &[u8]) -> Option<PackageEnding> {
     let before_run = blob.len().checked_sub(RUN.len())?;
     if blob.get(before_run..)? != RUN {
         return None;
@@ -182,20 +224,23 @@ fn tail_of(blob: &[u8]) -> Option<(usize, bool)> {
     };
     let Some(last) = ping_value(before_run) else {
         // Neither PING: a postcopy without postcopy-ram from a source without the loaded PING.
-        return Some((RUN.len(), false));
+        return Some(PackageEnding {
+            ping: None,
+            loaded_ping: false,
+        });
     };
     if last != PING_PACKAGED_LOADED {
         // `PING 3` alone: postcopy-ram from a source without the loaded PING.
-        return Some((RUN.len() + PING_LEN, false));
+        return Some(PackageEnding {
+            ping: Some(last),
+            loaded_ping: false,
+        });
     }
     // `PING 0x42`: preceded by `PING 3` with postcopy-ram, alone without it.
-    let before_loaded = before_run - PING_LEN;
-    let pings = if ping_value(before_loaded).is_some() {
-        2
-    } else {
-        1
-    };
-    Some((RUN.len() + pings * PING_LEN, true))
+    Some(PackageEnding {
+        ping: before_run.checked_sub(PING_LEN).and_then(ping_value),
+        loaded_ping: true,
+    })
 }
 
 #[cfg(test)]
@@ -303,6 +348,12 @@ mod tests {
             let mut package =
                 PackageDeviceState::walk(&record, 0, reference.as_bytes(), &Limits::default())?;
             assert_eq!(package.waits_for_destination(), loaded);
+            let ending = PackageEnding {
+                ping: None,
+                loaded_ping: loaded,
+            };
+            assert_eq!(package.ending(), ending);
+            assert_eq!(PackageEnding::of_record(&record), Some(ending));
             assert_eq!(package.to_record()?, record);
             let cpus = package.device_state().cpus();
             assert_eq!(cpus.len(), 2);
@@ -313,6 +364,36 @@ mod tests {
             let (expected, _) = packaged(&dest, pings);
             assert_eq!(package.to_record()?, expected);
         }
+        Ok(())
+    }
+
+    /// The ending names the PINGs as QEMU wrote them, for every combination `postcopy_start`
+    /// writes; a blob that does not end with RUN has none.
+    #[test]
+    fn the_ending_names_the_pings_before_run() -> Result<(), DecodeError> {
+        let registers = [(SCTLR_EL1, 1)];
+        for (postcopy_ram, loaded, shown) in [
+            (true, true, "PING 0x3, PING 0x42, RUN"),
+            (true, false, "PING 0x3, RUN"),
+            (false, true, "PING 0x42, RUN"),
+            (false, false, "RUN"),
+        ] {
+            let (record, reference) = packaged(
+                &registers,
+                Pings {
+                    postcopy_ram,
+                    loaded,
+                },
+            );
+            let package =
+                PackageDeviceState::walk(&record, 0, reference.as_bytes(), &Limits::default())?;
+            assert_eq!(package.ending().to_string(), shown);
+            assert_eq!(PackageEnding::of_record(&record), Some(package.ending()));
+        }
+        let (mut record, _) = packaged(&registers, RAM_AND_LOADED);
+        record.pop();
+        assert_eq!(PackageEnding::of_record(&record), None);
+        assert_eq!(PackageEnding::of_record(&record[..4]), None);
         Ok(())
     }
 

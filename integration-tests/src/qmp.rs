@@ -1,8 +1,9 @@
 //! A small synchronous QMP client over a unix socket or TCP (the KVM lab's inner QEMUs).
 //!
 //! QMP sends one JSON object per line: a greeting, then replies (`return` / `error`) and
-//! asynchronous events (`event`), which this client skips. Every read has a deadline, so a QEMU
-//! that hangs fails the scenario instead of the test run.
+//! asynchronous events (`event`), which this client skips except for the statuses of `MIGRATION`
+//! events (with the `events` capability), which it keeps in order. Every read has a deadline, so
+//! a QEMU that hangs fails the scenario instead of the test run.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -18,6 +19,8 @@ use serde_json::{json, Value};
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often `query-*` polling asks again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Most `MIGRATION` event statuses one connection keeps (a migration passes a handful).
+const MAX_MIGRATION_EVENTS: usize = 256;
 
 /// The socket a QMP connection runs over.
 #[derive(Debug)]
@@ -72,6 +75,8 @@ pub struct Qmp {
     reader: BufReader<Socket>,
     writer: Socket,
     next_id: u64,
+    /// The `status` of every `MIGRATION` event read so far, oldest first.
+    migration_events: Vec<String>,
 }
 
 impl Qmp {
@@ -95,6 +100,7 @@ impl Qmp {
             reader: BufReader::new(stream),
             writer,
             next_id: 0,
+            migration_events: Vec::new(),
         };
         let greeting = qmp.read_message(Instant::now() + COMMAND_TIMEOUT)?;
         if greeting.get("QMP").is_none() {
@@ -131,7 +137,8 @@ impl Qmp {
             let message = self
                 .read_message(deadline)
                 .with_context(|| format!("qmp: waiting for the reply to {command}"))?;
-            if message.get("event").is_some() {
+            if let Some(event) = message.get("event") {
+                self.note_event(event, &message);
                 continue;
             }
             if message.get("id").and_then(Value::as_u64) != Some(id) {
@@ -146,6 +153,24 @@ impl Qmp {
                 .unwrap_or("(no description)");
             bail!("qmp: {command} failed: {desc}");
         }
+    }
+
+    /// Keep a `MIGRATION` event's status (the source passes `postcopy-active` only briefly, so
+    /// polling `query-migrate` can miss it; the event cannot be missed).
+    fn note_event(&mut self, event: &Value, message: &Value) {
+        if event.as_str() != Some("MIGRATION")
+            || self.migration_events.len() >= MAX_MIGRATION_EVENTS
+        {
+            return;
+        }
+        if let Some(status) = message.pointer("/data/status").and_then(Value::as_str) {
+            self.migration_events.push(status.to_owned());
+        }
+    }
+
+    /// The statuses of the `MIGRATION` events read so far (needs the `events` capability).
+    pub fn migration_events(&self) -> &[String] {
+        &self.migration_events
     }
 
     /// A human monitor command (QEMU's HMP), e.g. `xp /1xg 0x40100000`.

@@ -32,7 +32,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use migproxy_codec::{
-    DescriptionCache, Frame, Limits, MigCommand, PackageDeviceState, RecordKind, StreamDecoder,
+    DescriptionCache, Frame, Limits, MigCommand, PackageDeviceState, PackageEnding, RecordKind,
+    StreamDecoder,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::codec::Decoder;
@@ -309,6 +310,14 @@ impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'a, R, W> {
                     (RecordKind::Command(MigCommand::Packaged { .. }), Some(setup)) => {
                         self.forward_package(&bytes, setup).await?;
                     }
+                    (RecordKind::Command(MigCommand::Packaged { .. }), None) => {
+                        // A checking relay forwards the package opaque; the log still says
+                        // the switch went through and how the source ended the package.
+                        let (len, ending) = (bytes.len(), package_ending_word(&bytes));
+                        self.out.push(bytes);
+                        self.out.flush().await?;
+                        tracing::info!(bytes = len, ending, "postcopy package relayed as received");
+                    }
                     _ => self.out.push(bytes),
                 }
             }
@@ -495,12 +504,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Forward<'_, R, W> {
         self.out.flush().await?;
         tracing::info!(
             bytes = record.len(),
+            ending = %package.ending(),
             "postcopy package rewritten with the source reference description"
         );
         report_rewrites(&rewritten, self.state);
         report_removed_subsections(&removed, self.state);
         Ok(())
     }
+}
+
+/// How a PACKAGED `record` ends (`PING 3, RUN`, `RUN`, ...), for the log.
+fn package_ending_word(record: &[u8]) -> String {
+    PackageEnding::of_record(record).map_or_else(
+        || "not RUN (the destination decides)".to_owned(),
+        |ending| ending.to_string(),
+    )
 }
 
 /// Give the next read up to 1 MiB of room. Once page payloads have been cut from the buffer it
