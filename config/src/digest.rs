@@ -204,6 +204,9 @@ impl fmt::Display for VcpuList {
     }
 }
 
+/// Between two names of a [`NameList`]; no register name holds a space.
+pub const NAME_SEPARATOR: &str = ", ";
+
 /// Register names, each once; the first [`LISTED_NAMES`] are written, the rest counted.
 #[derive(Debug, Clone, Default)]
 pub struct NameList {
@@ -253,9 +256,10 @@ impl PartialEq for NameList {
 impl Eq for NameList {}
 
 impl fmt::Display for NameList {
-    /// `A,B,C`, or `A,...,Z and 4032 more`.
+    /// `A, B, C`, or `A, ..., Z and 4032 more`: a comma and a space between names, because a
+    /// register's own name can hold commas (`p14,0,c0,c5,0`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.names().join(","))?;
+        f.write_str(&self.names().join(NAME_SEPARATOR))?;
         let more = self.count().saturating_sub(self.named.len());
         if more > 0 {
             write!(f, " and {more} more")?;
@@ -342,5 +346,17 @@ mod tests {
         merged.merge(&names);
         assert_eq!(merged, names);
         assert!(names.to_string().ends_with(" and 4032 more"), "{names}");
+    }
+
+    #[test]
+    fn name_lists_keep_names_with_commas_apart() {
+        let mut names = NameList::default();
+        let coproc: RegId = "p14,0,c0,c5,0".parse().unwrap();
+        names.insert(coproc);
+        names.insert("TCR2_EL1".parse().unwrap());
+        let text = names.to_string();
+        let split: Vec<&str> = text.split(NAME_SEPARATOR).collect();
+        assert_eq!(split, [coproc.to_string().as_str(), "TCR2_EL1"]);
+        assert!(split[0].contains(','), "{text}");
     }
 }

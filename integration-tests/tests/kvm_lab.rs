@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use migproxy_config::digest::NAME_SEPARATOR;
 use migproxy_integration_tests::guest;
 use migproxy_integration_tests::kvm_lab::{
     self, compare_kvm_and_stream_profiles, Host, InnerRole, InnerVm, Lab, LAB_MIGRATION_TIMEOUT,
@@ -496,14 +497,17 @@ fn proxied_body(
                 Proxied::Drops(names) => names.to_vec(),
                 _ => Vec::new(),
             };
-            let mut got: Vec<&str> = dropped.split(',').filter(|n| !n.is_empty()).collect();
+            let mut got: Vec<&str> = dropped
+                .split(NAME_SEPARATOR)
+                .filter(|n| !n.is_empty())
+                .collect();
             let mut want_sorted = want.clone();
             got.sort_unstable();
             want_sorted.sort_unstable();
             if got != want_sorted {
                 bail!(
                     "migproxy dropped [{dropped}], expected [{}]",
-                    want.join(",")
+                    want.join(NAME_SEPARATOR)
                 );
             }
             if matches!(expected, Proxied::Unchanged) {
