@@ -349,14 +349,15 @@ mod tests {
     }
 
     #[test]
-    fn name_lists_keep_names_with_commas_apart() {
+    fn name_lists_keep_names_with_commas_apart() -> Result<(), crate::ConfigError> {
         let mut names = NameList::default();
-        let coproc: RegId = "p14,0,c0,c5,0".parse().unwrap();
+        let coproc: RegId = "p14,0,c0,c5,0".parse()?;
         names.insert(coproc);
-        names.insert("TCR2_EL1".parse().unwrap());
+        names.insert("TCR2_EL1".parse()?);
         let text = names.to_string();
         let split: Vec<&str> = text.split(NAME_SEPARATOR).collect();
         assert_eq!(split, [coproc.to_string().as_str(), "TCR2_EL1"]);
         assert!(split[0].contains(','), "{text}");
+        Ok(())
     }
 }
