@@ -273,6 +273,10 @@ def section(results_dir):
               "links):", "", "| target | value | wanted | status | why |", "|---|---|---|---|---|"]
     for name, value, target, status, why in targets(results_dir):
         lines.append(f"| {name} | {value} | {target} | {status} | {why} |")
+    lines += ["", "migproxy on the source host (the nftables redirect) is measured above but not judged: its "
+              "STOP->RESUME is longer than direct, more so with multifd, because the bytes queued in its "
+              "loopback and link buffers must cross the link after the guest stops; the measurements, the "
+              "experiments with smaller buffers and what would close it are in docs/bench-source-side.md."]
     if meta:
         lines += ["", f"Run: {meta.get('date')}, commit {meta.get('commit', 'not recorded')}, {meta.get('qemu')}, "
                   f"{meta.get('migproxy')}, HAProxy "
