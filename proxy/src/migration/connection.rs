@@ -34,7 +34,7 @@ use crate::migration::pump::{self, ChannelSettings};
 use crate::migration::registry::{GroupKey, Migration, Registry};
 use crate::net::addr::{AcceptedInfo, Upstream};
 use crate::net::conn::Conn;
-use crate::net::own_addresses::OwnAddresses;
+use crate::net::own_addresses::{is_local_ip, OwnAddresses};
 use crate::net::prefixed::PrefixedIo;
 use crate::net::relay::{self, RawRelay};
 use crate::net::tls::ListenerTls;
@@ -116,6 +116,9 @@ pub async fn handle_connection(
         source: info.peer.map(|p| p.ip()),
         upstream,
     };
+    if key.on_source_host(is_local_ip) {
+        conn.tune_as_local_source();
+    }
     let source = match &ctx.tls {
         Some(tls) => match tls_handshake(conn, &peer, &ctx, tls).await {
             Some(session) => session,
@@ -255,11 +258,18 @@ async fn identify_and_carry(
     migration.add_channel(kind);
     let span = tracing::info_span!(parent: &migration.span, "conn", kind = kind.as_str(), tls = tls.is_some(), %peer);
     let work = async {
-        tracing::info!(upstream = %migration.key.upstream, "channel identified");
+        let on_source_host = migration.key.on_source_host(is_local_ip);
+        tracing::info!(upstream = %migration.key.upstream, on_source_host, "channel identified");
         let rewrite = resolve_rewrite(kind, ctx).await?;
         let destination = migration
             .dial
-            .dial(kind, &migration.key.upstream, tls, ctx.channel.dial_timeout)
+            .dial(
+                kind,
+                &migration.key.upstream,
+                tls,
+                ctx.channel.dial_timeout,
+                on_source_host,
+            )
             .await?;
         carry(&migration, kind, source, destination, rewrite.as_ref(), ctx).await?;
         Ok(kind)

@@ -37,12 +37,15 @@ impl DialOrder {
     /// Connect to `upstream` for one channel (and complete the TLS handshake, when `tls` is
     /// given), after the main channel; the connect and handshake together must take at most
     /// `deadline` (a destination that never answers must not hold the source and the turn).
+    /// `towards_link`: migproxy runs on the source host, so this socket is the one towards the
+    /// slow leg (`Conn::tune_as_link_towards_destination`).
     pub async fn dial(
         &self,
         kind: ChannelKind,
         upstream: &Address,
         tls: Option<&ListenerTls>,
         deadline: Duration,
+        towards_link: bool,
     ) -> Result<Conn, ProxyError> {
         if kind != ChannelKind::Main {
             let mut dialed = self.main_dialed.subscribe();
@@ -53,7 +56,7 @@ impl DialOrder {
         }
         let _turn = self.one_at_a_time.lock().await;
         let connect = async {
-            let conn = dial(upstream).await?;
+            let conn = dial(upstream, towards_link).await?;
             match tls {
                 // Handshake inside the turn: the destination orders channels by completed
                 // handshake.

@@ -44,6 +44,26 @@ pub struct GroupKey {
     pub upstream: Address,
 }
 
+impl GroupKey {
+    /// Whether migproxy sits on the source host: the source is one of this host's addresses
+    /// (`is_local` tells them) and the destination is an address that is not. Only then is the
+    /// destination leg the slow one and the source leg free of round trips, which is what
+    /// `Conn::tune_as_local_source` and `Conn::tune_as_link_towards_destination` assume. A
+    /// destination given by name is not judged (false): its address is only known when dialed.
+    pub fn on_source_host(&self, is_local: impl Fn(IpAddr) -> bool) -> bool {
+        let Some(source) = self.source else {
+            return false;
+        };
+        let Address::Tcp { host, .. } = &self.upstream else {
+            return false;
+        };
+        let Ok(destination) = host.parse::<IpAddr>() else {
+            return false;
+        };
+        is_local(source.to_canonical()) && !is_local(destination.to_canonical())
+    }
+}
+
 /// The migrations of one listener, by group key.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -267,6 +287,41 @@ impl Drop for Migration {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn on_the_source_host_only_when_the_source_is_local_and_the_destination_is_not() {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let local = |ip: IpAddr| ip.is_loopback() || ip == IpAddr::V4(Ipv4Addr::new(10, 231, 0, 1));
+        let key = |source: Option<IpAddr>, host: &str| super::GroupKey {
+            source,
+            upstream: super::Address::Tcp {
+                host: host.to_owned(),
+                port: 4444,
+            },
+        };
+        let this_host = Some(IpAddr::V4(Ipv4Addr::new(10, 231, 0, 1)));
+        let other_host = Some(IpAddr::V4(Ipv4Addr::new(10, 231, 0, 2)));
+        // The nftables redirect on the source host: QEMU's own address, a remote destination.
+        assert!(key(this_host, "10.231.0.2").on_source_host(local));
+        // The same through an IPv4-mapped IPv6 peer (a dual-stack listener).
+        let mapped = Some(IpAddr::V6(Ipv4Addr::new(10, 231, 0, 1).to_ipv6_mapped()));
+        assert!(key(mapped, "10.231.0.2").on_source_host(local));
+        // On the destination host: a remote source.
+        assert!(!key(other_host, "127.0.0.1").on_source_host(local));
+        // Everything on one host (tests, benchmarks over loopback).
+        assert!(!key(Some(IpAddr::V6(Ipv6Addr::LOCALHOST)), "::1").on_source_host(local));
+        assert!(!key(this_host, "127.0.0.1").on_source_host(local));
+        // A third host between two others.
+        assert!(!key(other_host, "10.231.0.3").on_source_host(local));
+        // Not judged: a destination by name, a unix socket on either side.
+        assert!(!key(this_host, "dest.example").on_source_host(local));
+        assert!(!key(None, "10.231.0.2").on_source_host(local));
+        let unix = super::GroupKey {
+            source: this_host,
+            upstream: super::Address::Unix("/run/qemu.sock".into()),
+        };
+        assert!(!unix.on_source_host(local));
+    }
+
     use super::*;
     use crate::migration::admission::Budgets;
 

@@ -48,10 +48,20 @@ struct Pipe {
     capacity: usize,
 }
 
+/// The pipe size for relaying from `from`: [`PIPE_BYTES`], but never more than `from`'s receive
+/// buffer holds. A pipe larger than the socket it drains only adds bytes in flight; where the
+/// source's buffer was made small (migproxy on the source host, `Conn::tune_as_local_source`),
+/// the pipe must not hold back what the buffer no longer does.
+fn pipe_bytes_for(from: &TcpStream) -> usize {
+    socket2::SockRef::from(from)
+        .recv_buffer_size()
+        .map_or(PIPE_BYTES, |held| held.min(PIPE_BYTES))
+}
+
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    fn new(bytes: usize) -> io::Result<Pipe> {
         let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
-        if let Err(err) = fcntl_setpipe_size(&write, PIPE_BYTES) {
+        if let Err(err) = fcntl_setpipe_size(&write, bytes) {
             tracing::debug!(%err, "F_SETPIPE_SZ refused: the pipe keeps its default size");
         }
         let capacity = fcntl_getpipe_size(&write)?;
@@ -120,7 +130,8 @@ async fn pump(
     what: &str,
     stall: Duration,
 ) -> Result<u64, ProxyError> {
-    let pipe = Pipe::new().map_err(|e| ProxyError::io(format!("{what}: pipe"), e))?;
+    let pipe =
+        Pipe::new(pipe_bytes_for(from)).map_err(|e| ProxyError::io(format!("{what}: pipe"), e))?;
     let mut total = 0u64;
     loop {
         let filled = pipe
@@ -281,8 +292,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_pipe_never_holds_more_than_the_socket_it_drains() -> io::Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let small = TcpStream::connect(listener.local_addr()?).await?;
+        let (large, _) = listener.accept().await?;
+        socket2::SockRef::from(&small).set_recv_buffer_size(64 << 10)?;
+        socket2::SockRef::from(&large).set_recv_buffer_size(PIPE_BYTES)?;
+        let from_small = Pipe::new(pipe_bytes_for(&small))?.capacity;
+        let from_large = Pipe::new(pipe_bytes_for(&large))?.capacity;
+        // The kernel reports twice the asked receive buffer and rounds pipes up to pages.
+        assert!(from_small <= 128 << 10, "pipe of {from_small} bytes");
+        assert_eq!(pipe_bytes_for(&large), PIPE_BYTES);
+        assert!(from_large > from_small, "{from_large} vs {from_small}");
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn relays_equal_bytes_both_ways_around_the_pipe_size() -> io::Result<()> {
-        let pipe = Pipe::new()?.capacity;
+        let pipe = Pipe::new(PIPE_BYTES)?.capacity;
         assert!(pipe >= 4096, "pipe of {pipe} bytes");
         for (i, len) in [0, 1, pipe - 1, pipe, pipe + 1].into_iter().enumerate() {
             let seed = u64::try_from(i).unwrap_or(0) + 1;
