@@ -24,8 +24,10 @@ pub const SOCKET_BUFFER_BYTES: usize = 1 << 20;
 /// does not (migproxy on the source host, behind a redirect). That leg has no round trip to cover,
 /// and every byte it holds when the guest stops must still cross the link before the destination
 /// can resume: with the 1 MiB buffers, 4 multifd channels at 2.5 Gbit/s paused the guest 40-50 ms
-/// longer than a direct migration (docs/bench-source-side.md).
-pub const LOCAL_SOURCE_RECEIVE_BYTES: usize = 64 << 10;
+/// longer than a direct migration. 64 KiB cut that to about 11 ms but doubled to quintupled the
+/// relay's CPU (many small reads and splices); 256 KiB measured about 1 ms at a third of that
+/// CPU (docs/bench-source-side.md).
+pub const LOCAL_SOURCE_RECEIVE_BYTES: usize = 256 << 10;
 
 /// Unsent bytes a socket towards a remote destination may hold in that placement
 /// (TCP_NOTSENT_LOWAT): what is in flight is still bounded only by the send buffer, so the link
