@@ -320,18 +320,27 @@ pub fn status_of(vm: &mut Vm) -> Result<String> {
 /// Wait until the source has run two precopy rounds (its guest's window sent and dirtied again),
 /// then switch it to postcopy. Returns the bytes sent in precopy.
 pub fn switch_after_precopy_rounds(source: &mut Vm) -> Result<u64> {
-    let info = source.qmp.wait_migrate_until(
-        "two precopy rounds",
-        crate::MIGRATION_TIMEOUT,
-        |info: &Value| {
-            migration_status(info) == "active"
-                && info
-                    .pointer("/ram/dirty-sync-count")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0)
-                    >= 2
-        },
-    )?;
+    switch_to_postcopy_once(source, "two precopy rounds", |info| {
+        info.pointer("/ram/dirty-sync-count")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+            >= 2
+    })
+}
+
+/// Wait until the source's migration is `active` and `ready` holds for its `query-migrate`
+/// answer (`what` names the wait in a timeout), then switch it to postcopy. Returns the bytes
+/// sent in precopy.
+pub fn switch_to_postcopy_once(
+    source: &mut Vm,
+    what: &str,
+    ready: impl Fn(&Value) -> bool,
+) -> Result<u64> {
+    let info = source
+        .qmp
+        .wait_migrate_until(what, crate::MIGRATION_TIMEOUT, |info: &Value| {
+            migration_status(info) == "active" && ready(info)
+        })?;
     source.qmp.execute("migrate-start-postcopy", json!({}))?;
     Ok(info
         .pointer("/ram/transferred")

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use migproxy_integration_tests::flows::{
-    allow_unrecoverable_postcopy_args, check_channels, expect_summary, start_proxy, Pair, Setup,
+    allow_unrecoverable_postcopy_args, check_channels, expect_summary, start_proxy,
+    switch_to_postcopy_once, Pair, Setup,
 };
 use migproxy_integration_tests::migproxy::{event_field, Daemon};
 use migproxy_integration_tests::qemu::Version::{self, V10, V111, V72};
@@ -190,24 +191,14 @@ fn assert_bitmap_arrived(dest: &mut Vm) -> Result<()> {
 /// log again only when the rest would fit the downtime limit (never here: the bitmap does not),
 /// so nothing remains until the switch; 11.1 syncs again at once, so a second sync shows it.
 fn switch_after_first_pass(source: &mut Vm) -> Result<u64> {
-    let info = source.qmp.wait_migrate_until(
-        "the first RAM pass",
-        migproxy_integration_tests::MIGRATION_TIMEOUT,
-        |info: &Value| {
-            let ram = |field: &str| {
-                info.pointer(&format!("/ram/{field}"))
-                    .and_then(Value::as_u64)
-            };
-            migration_status(info) == "active"
-                && ram("transferred").unwrap_or(0) > 0
-                && (ram("remaining") == Some(0) || ram("dirty-sync-count").unwrap_or(0) >= 2)
-        },
-    )?;
-    source.qmp.execute("migrate-start-postcopy", json!({}))?;
-    Ok(info
-        .pointer("/ram/transferred")
-        .and_then(Value::as_u64)
-        .unwrap_or(0))
+    switch_to_postcopy_once(source, "the first RAM pass", |info| {
+        let ram = |field: &str| {
+            info.pointer(&format!("/ram/{field}"))
+                .and_then(Value::as_u64)
+        };
+        ram("transferred").unwrap_or(0) > 0
+            && (ram("remaining") == Some(0) || ram("dirty-sync-count").unwrap_or(0) >= 2)
+    })
 }
 
 /// The source's `MIGRATION` events went through `postcopy-active` (it switched; RAM cannot show

@@ -116,7 +116,10 @@ pub async fn handle_connection(
         source: info.peer.map(|p| p.ip()),
         upstream,
     };
-    if key.on_source_host(is_local_ip) {
+    // Asked once per connection (each answer binds UDP sockets): a channel joins the migration
+    // of the same key, so the answer holds for its destination leg too.
+    let on_source_host = key.on_source_host(is_local_ip);
+    if on_source_host {
         conn.tune_as_local_source();
     }
     let source = match &ctx.tls {
@@ -126,7 +129,7 @@ pub async fn handle_connection(
         },
         None => conn,
     };
-    identify_and_carry(source, key, peer, &ctx, ctx.tls.as_deref()).await;
+    identify_and_carry(source, key, on_source_host, peer, &ctx, ctx.tls.as_deref()).await;
 }
 
 /// The source's TLS handshake, ClientHello to Finished, within the identification deadline
@@ -189,6 +192,7 @@ async fn tls_handshake(
 async fn identify_and_carry(
     conn: Conn,
     key: GroupKey,
+    on_source_host: bool,
     peer: String,
     ctx: &ListenerCtx,
     tls: Option<&ListenerTls>,
@@ -258,7 +262,6 @@ async fn identify_and_carry(
     migration.add_channel(kind);
     let span = tracing::info_span!(parent: &migration.span, "conn", kind = kind.as_str(), tls = tls.is_some(), %peer);
     let work = async {
-        let on_source_host = migration.key.on_source_host(is_local_ip);
         tracing::info!(upstream = %migration.key.upstream, on_source_host, "channel identified");
         let rewrite = resolve_rewrite(kind, ctx).await?;
         let destination = migration
