@@ -21,7 +21,7 @@ use crate::migration::pump::ChannelSettings;
 use crate::migration::read_buffers::ReadBuffers;
 use crate::migration::registry::Registry;
 use crate::net::addr::{Address, Upstream};
-use crate::net::listener::BoundListener;
+use crate::net::listener::{BoundListener, Interception};
 use crate::net::own_addresses::OwnAddresses;
 
 pub fn main(args: RunArgs) -> Result<(), ProxyError> {
@@ -125,10 +125,14 @@ pub async fn start(
             own: Arc::clone(&own),
             turned_away_log: TurnedAwayLog::default(),
         });
-        let transparent = listener.upstream == Upstream::Tproxy;
+        let interception = match listener.upstream {
+            Upstream::Tproxy => Interception::Tproxy,
+            Upstream::OriginalDst => Interception::Redirect,
+            Upstream::Fixed(_) | Upstream::PortRange { .. } => Interception::None,
+        };
         for addr in listener.listen.addresses() {
             bound.push((
-                BoundListener::bind_with(&addr, transparent).await?,
+                BoundListener::bind_with(&addr, interception).await?,
                 Arc::clone(&ctx),
             ));
         }

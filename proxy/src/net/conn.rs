@@ -25,14 +25,15 @@ pub const SOCKET_BUFFER_BYTES: usize = 1 << 20;
 /// and every byte it holds when the guest stops must still cross the link before the destination
 /// can resume: with the 1 MiB buffers, 4 multifd channels at 2.5 Gbit/s paused the guest 40-50 ms
 /// longer than a direct migration. 64 KiB cut that to about 11 ms but doubled to quintupled the
-/// relay's CPU (many small reads and splices); 256 KiB measured about 1 ms at a third of that
-/// CPU (docs/bench-source-side.md).
-pub const LOCAL_SOURCE_RECEIVE_BYTES: usize = 256 << 10;
+/// relay's CPU (many small reads and splices); 256 KiB cost a third of that CPU and held 0.26 MB
+/// per channel on average; 128 KiB holds 0.16 MB at the same CPU (docs/bench-source-side.md).
+pub const LOCAL_SOURCE_RECEIVE_BYTES: usize = 128 << 10;
 
 /// Unsent bytes a socket towards a remote destination may hold in that placement
 /// (TCP_NOTSENT_LOWAT): what is in flight is still bounded only by the send buffer, so the link
-/// stays full, but what waits behind it stays small.
-pub const LINK_UNSENT_BYTES: u32 = 128 << 10;
+/// stays full, but what waits behind it stays small (0.08 MB per channel on average at 64 KiB,
+/// 0.14 MB at 128 KiB, the same CPU).
+pub const LINK_UNSENT_BYTES: u32 = 64 << 10;
 
 /// Any byte stream a connection can become (a TLS session over a socket).
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
