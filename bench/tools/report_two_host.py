@@ -41,7 +41,8 @@ LINK_LIMITED_MIN_RATE = 0.85
 MAX_CORE_BUSY = 0.90
 METRICS = ("total_time_ms", "downtime_ms", "stop_to_resume_ms", "ram_transferred", "link_tx_bytes", "migproxy_cpu_s",
            "relay_cpu_s", "source_qemu_cpu_s", "destination_qemu_cpu_s", "machine_busy_cpu_s", "achieved_gbit_s",
-           "max_core_busy", "max_core_busy_all", "delay_line_cpu_s", "others_cpu_s", "retrans_segs")
+           "max_core_busy", "max_core_busy_all", "delay_line_cpu_s", "others_cpu_s", "retrans_segs",
+           "source_queue_bytes", "relay_queue_bytes")
 
 
 def derive(run):
@@ -59,6 +60,10 @@ def derive(run):
         run["others_cpu_s"] = cpu["others_cpu_s"]
     if run.get("tcp"):
         run["retrans_segs"] = run["tcp"]["source_host"]["RetransSegs"]
+    queues = run.get("source_host_queues") or {}
+    if queues.get("samples"):
+        run["source_queue_bytes"] = queues["source_send_bytes"]
+        run["relay_queue_bytes"] = queues["relay_receive_bytes"] + queues["relay_send_bytes"]
     return run
 
 
@@ -250,8 +255,9 @@ def section(results_dir):
             lines.append("")
         lines += ["| multifd | path | runs | total time s | QEMU downtime ms | STOP->RESUME ms | RAM transferred GiB "
                   "| on the wire GiB | achieved Gbit/s | busiest core without niced work (all) | migproxy (HAProxy) CPU s | QEMU CPU s src/dst "
-                  "| delay line CPU s | other CPU s | retransmits | total vs direct | downtime vs direct ms | flags |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| delay line CPU s | other CPU s | retransmits | queued on the source host MB, QEMU / relay "
+                  "| total vs direct | downtime vs direct ms | flags |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in (e for e in s["configs"] if e["link"] == link):
             st, vs = e["stats"], e["vs_direct"] or {}
             ratio = f"{vs['total_time_ratio']:.3f}x" if "total_time_ratio" in vs else "-"
@@ -266,7 +272,9 @@ def section(results_dir):
                 f"| {_fmt(st['migproxy_cpu_s'] or st['relay_cpu_s'], 1, 2)} "
                 f"| {_fmt(st['source_qemu_cpu_s'], 1, 1)} / {_fmt(st['destination_qemu_cpu_s'], 1, 1)} "
                 f"| {_fmt(st['delay_line_cpu_s'], 1, 2)} | {_fmt(st['others_cpu_s'], 1, 1)} "
-                f"| {_fmt(st['retrans_segs'], 1, 0)} | {ratio} | {delta} "
+                f"| {_fmt(st['retrans_segs'], 1, 0)} "
+                f"| {_fmt(st['source_queue_bytes'], 1e6, 2)} / {_fmt(st['relay_queue_bytes'], 1e6, 2)} "
+                f"| {ratio} | {delta} "
                 f"| {'; '.join(e['flags']) or ('link-limited' if e.get('link_limited') else 'ok')} |")
     lines += _cpu_breakdown(s)
     lines += ["", "Medians, with (min-max) over the repetitions. Targets (shaped links, migproxy where the guide "
@@ -369,7 +377,11 @@ def _method(s):
         "benchmark's normal-priority processes), in parentheses with it; "
         "other CPU s is the machine's busy time minus the QEMUs', the relay's and the delay line's (the link's "
         "softirqs charged to no process, and other people's work on a shared machine); retransmits are the "
-        f"source host's TCP RetransSegs. A run is **link-limited** when it reached {LINK_LIMITED_MIN_RATE:.0%} of "
+        "source host's TCP RetransSegs; queued on the source host is the mean over the migration of what the "
+        "source host's sockets hold (bench/tools/socket_queues.py reads /proc/net/tcp every 50 ms there): the "
+        "Send-Q of QEMU's sockets, and for migproxy on the source host its receive queues plus its own Send-Q "
+        "towards the link (its pipes are not visible); everything queued there crosses the link before what "
+        f"QEMU writes later, such as the last dirty pages after the guest stops. A run is **link-limited** when it reached {LINK_LIMITED_MIN_RATE:.0%} of "
         f"the shaped rate and no core was more than {MAX_CORE_BUSY:.0%} busy; the targets are judged only on "
         "configurations whose runs, direct and relayed, were all link-limited. Flagged, never reported as met: a "
         "run that was not link-limited (CPU-bound, or below the link rate), a relay faster than 0.97x direct, a "

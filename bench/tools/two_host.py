@@ -38,6 +38,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cpu_account  # noqa: E402
+import socket_queues  # noqa: E402
 from qemu_bench import UNLIMITED_BANDWIDTH, Qmp, is_listening, proc_cpu_ticks, stop  # noqa: E402
 
 # The counting guest's memory map (integration-tests/src/guest.rs).
@@ -391,7 +392,7 @@ def one_migration(args, path, multifd, run_dir, qemu_port):
     dst = start_in(args.dst_ns, qemu_argv(args, dst_qmp_path, source=False, prealloc=args.dst_prealloc),
                    os.path.join(run_dir, "dst.log"))
     src = start_in(args.src_ns, qemu_argv(args, src_qmp_path, source=True), os.path.join(run_dir, "src.log"))
-    src_qmp = dst_qmp = relay = None
+    src_qmp = dst_qmp = relay = queues = None
     cleanup = lambda: None  # noqa: E731
     result = {"path": path, "multifd": multifd, "converged": False}
     try:
@@ -424,12 +425,19 @@ def one_migration(args, path, multifd, run_dir, qemu_port):
         cpu_before = cpu_account.snapshot(accounted)
         tcp_before = {ns: cpu_account.tcp_counters(ns) for ns in (args.src_ns, args.dst_ns)}
         tx_before = link_tx_bytes(args.src_ns, args.src_dev)
+        queues_file = os.path.join(run_dir, "source-host-queues.jsonl")
+        queues = start_in(args.src_ns, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                      "socket_queues.py"),
+                                        "sample", "--dst-addr", args.dst_addr, "--relay-port", str(RELAY_PORT),
+                                        "--out", queues_file], os.path.join(run_dir, "queues.log"))
         started = time.time()
         src_qmp.cmd("migrate", uri=f"tcp:{args.dst_addr}:{dial_port}")
         end = time.monotonic() + args.timeout
         while True:
             info = src_qmp.cmd("query-migrate")
             if info.get("status") in ("completed", "failed", "cancelled"):
+                _stop_sampler(queues)
+                result["source_host_queues"] = socket_queues.summarize(queues_file)
                 break
             if time.monotonic() > end:
                 # Did not converge in time: give up on this run, record it as such.
@@ -479,6 +487,8 @@ def one_migration(args, path, multifd, run_dir, qemu_port):
         result["converged"] = True
         return result
     finally:
+        if queues:
+            _stop_sampler(queues)
         stop(src, src_qmp)
         stop(dst, dst_qmp)
         cleanup()
@@ -489,6 +499,16 @@ def one_migration(args, path, multifd, run_dir, qemu_port):
             except subprocess.TimeoutExpired:
                 relay.kill()
                 relay.wait()
+
+
+def _stop_sampler(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def cmd_reference(args):
