@@ -436,7 +436,7 @@ def one_migration(args, path, multifd, run_dir, qemu_port):
         while True:
             info = src_qmp.cmd("query-migrate")
             if info.get("status") in ("completed", "failed", "cancelled"):
-                _stop_sampler(queues)
+                terminate(queues)
                 result["source_host_queues"] = socket_queues.summarize(queues_file)
                 break
             if time.monotonic() > end:
@@ -488,27 +488,24 @@ def one_migration(args, path, multifd, run_dir, qemu_port):
         return result
     finally:
         if queues:
-            _stop_sampler(queues)
+            terminate(queues)
         stop(src, src_qmp)
         stop(dst, dst_qmp)
         cleanup()
         if relay:
-            relay.terminate()
-            try:
-                relay.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                relay.kill()
-                relay.wait()
+            terminate(relay)
 
 
-def _stop_sampler(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def terminate(proc, timeout_s=10):
+    """SIGTERM, then SIGKILL if `proc` has not exited within `timeout_s`; a no-op once it has."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def cmd_reference(args):
