@@ -227,7 +227,7 @@ async fn identify_and_carry(
         }
         FirstBytes::Identified(kind) => ctx
             .registry
-            .wait_for(&key, ctx.identify_timeout, Migration::accepts_channels)
+            .join(&key, ctx.identify_timeout)
             .await
             .map(|m| (m, kind)),
         FirstBytes::Unknown => ctx

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
@@ -67,10 +67,43 @@ impl GroupKey {
 /// The migrations of one listener, by group key.
 #[derive(Debug, Default)]
 pub struct Registry {
-    current: Mutex<HashMap<GroupKey, Weak<Migration>>>,
+    groups: Mutex<Groups>,
     /// Signalled when a migration starts or advises postcopy.
     changed: Arc<Notify>,
     next_id: AtomicU64,
+}
+
+/// What one lock guards: the current migration of each key, and the channels that identified
+/// themselves before it started. Both under one lock so that a channel either finds the
+/// migration or is handed it when it starts, never neither.
+#[derive(Default)]
+struct Groups {
+    current: HashMap<GroupKey, Weak<Migration>>,
+    /// A channel that arrived first waits here and is handed the migration the moment it starts:
+    /// it belongs to that migration even if the main channel carries its whole stream before the
+    /// waiting task runs again (and the migration would otherwise be gone or closed to joiners).
+    early: HashMap<GroupKey, Vec<oneshot::Sender<Arc<Migration>>>>,
+}
+
+impl std::fmt::Debug for Groups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Groups")
+            .field("current", &self.current.len())
+            .field("early", &self.early.len())
+            .finish()
+    }
+}
+
+impl Groups {
+    /// Forget finished migrations and channels that stopped waiting (their deadline passed or
+    /// their connection closed): both maps stay bounded by the live connections.
+    fn prune(&mut self) {
+        self.current.retain(|_, weak| weak.strong_count() > 0);
+        self.early.retain(|_, waiting| {
+            waiting.retain(|sender| !sender.is_closed());
+            !waiting.is_empty()
+        });
+    }
 }
 
 impl Registry {
@@ -90,11 +123,12 @@ impl Registry {
         admission: &Arc<Admission>,
     ) -> Result<Arc<Migration>, TurnedAway> {
         // Check and insert under one lock: two `QEVM`s racing must not both start.
-        let mut map = self
-            .current
+        let mut groups = self
+            .groups
             .lock()
             .map_err(|_| TurnedAway::MigrationInProgress)?;
-        let open = map
+        let open = groups
+            .current
             .get(&key)
             .and_then(Weak::upgrade)
             .is_some_and(|m| !m.cancel.is_cancelled() && m.accepts_channels());
@@ -122,11 +156,33 @@ impl Registry {
             _slot: slot,
         });
         metrics.migration_started();
-        map.retain(|_, weak| weak.strong_count() > 0);
-        map.insert(key, Arc::downgrade(&migration));
-        drop(map);
+        groups.prune();
+        for waiting in groups.early.remove(&key).unwrap_or_default() {
+            // A channel that gave up meanwhile has dropped its receiver: nothing to hand it.
+            let _ = waiting.send(Arc::clone(&migration));
+        }
+        groups.current.insert(key, Arc::downgrade(&migration));
+        drop(groups);
         self.changed.notify_waiters();
         Ok(migration)
+    }
+
+    /// The migration a multifd channel belongs to: the open one for `key` that still takes
+    /// channels, or else the next one to start within `deadline`. A channel that identified
+    /// itself before the main channel arrived is bound to the migration as it starts.
+    pub async fn join(&self, key: &GroupKey, deadline: Duration) -> Option<Arc<Migration>> {
+        let handed = {
+            let mut groups = self.groups.lock().ok()?;
+            if let Some(open) = Self::open(&groups, key, Migration::accepts_channels) {
+                return Some(open);
+            }
+            groups.prune();
+            let (sender, receiver) = oneshot::channel();
+            groups.early.entry(key.clone()).or_default().push(sender);
+            receiver
+        };
+        let migration = tokio::time::timeout(deadline, handed).await.ok()?.ok()?;
+        (!migration.cancel.is_cancelled()).then_some(migration)
     }
 
     /// The open migration for `key` that satisfies `want`, if there is one now.
@@ -135,8 +191,16 @@ impl Registry {
         key: &GroupKey,
         want: impl Fn(&Migration) -> bool,
     ) -> Option<Arc<Migration>> {
-        let map = self.current.lock().ok()?;
-        let migration = map.get(key)?.upgrade()?;
+        let groups = self.groups.lock().ok()?;
+        Self::open(&groups, key, want)
+    }
+
+    fn open(
+        groups: &Groups,
+        key: &GroupKey,
+        want: impl Fn(&Migration) -> bool,
+    ) -> Option<Arc<Migration>> {
+        let migration = groups.current.get(key)?.upgrade()?;
         (!migration.cancel.is_cancelled() && want(&migration)).then_some(migration)
     }
 
@@ -427,6 +491,76 @@ mod tests {
             1
         );
         assert_eq!(listener.metrics.active(), 0);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_channel_that_arrived_first_belongs_to_the_migration_even_once_its_stream_went_through(
+    ) -> Result<(), String> {
+        let listener = Arc::new(Listener::new());
+        let waiting = {
+            let listener = Arc::clone(&listener);
+            tokio::spawn(
+                async move { listener.registry.join(&key(), Duration::from_secs(5)).await },
+            )
+        };
+        // Until the multifd channel waits, the main channel has not arrived.
+        while listener
+            .registry
+            .groups
+            .lock()
+            .map_err(|_| "poisoned")?
+            .early
+            .is_empty()
+        {
+            tokio::task::yield_now().await;
+        }
+        // The main channel starts the migration and carries its whole (short) stream before the
+        // waiting task runs again: what made such a channel a stray before.
+        let started = listener.started()?;
+        started.state.note_stream_forwarded();
+        started.note_main_completed();
+        let started_at = Arc::as_ptr(&started);
+        drop(started);
+        assert!(!listener.joinable(), "a later channel no longer joins");
+        let joined = waiting
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the early channel was turned away")?;
+        assert_eq!(Arc::as_ptr(&joined), started_at);
+        drop(joined);
+        assert!(
+            listener
+                .registry
+                .groups
+                .lock()
+                .map_err(|_| "poisoned")?
+                .early
+                .is_empty(),
+            "no waiter left behind"
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_channel_waiting_for_a_migration_that_never_starts_gives_up_and_leaves_nothing(
+    ) -> Result<(), String> {
+        let listener = Listener::new();
+        let joined = listener
+            .registry
+            .join(&key(), Duration::from_millis(20))
+            .await;
+        assert!(joined.is_none());
+        // The next migration prunes what gave up; the one after that is handed nothing stale.
+        let started = listener.started()?;
+        assert!(listener
+            .registry
+            .groups
+            .lock()
+            .map_err(|_| "poisoned")?
+            .early
+            .is_empty());
+        drop(started);
         Ok(())
     }
 
