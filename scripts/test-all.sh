@@ -8,7 +8,8 @@
 #      stops the run here, by name
 #   2. cargo fmt --check, cargo clippy -D warnings, of the workspace and of the fuzz crate (fuzz/
 #      is its own workspace: named by --manifest-path; its clippy runs on stable)
-#   3. unit, property and vector tests of every crate but the end-to-end suite
+#   3. unit, property and vector tests of every crate but the end-to-end suite, and the benchmark
+#      report's judgements (bench/tools/test_*.py)
 #   4. fuzz build and corpus replay (scripts/fuzz-replay.sh) when fuzz/ exists; aarch64 check of --from-kvm
 #   5. build migproxy, then the real-QEMU end-to-end scenarios, one line per scenario
 #
@@ -76,6 +77,8 @@ check "cargo clippy (fuzz)" cargo clippy --manifest-path fuzz/Cargo.toml --all-t
 
 step "unit, property and vector tests"
 check "unit, property and vector tests" cargo_test --workspace --exclude migproxy-integration-tests
+# How the benchmark report judges its targets (met, missed, or not decidable from the runs).
+check "benchmark report judgements" python3 -B -m unittest discover -s bench/tools -p 'test_*.py'
 
 if [ -d fuzz ] && [ "${MIGPROXY_SKIP_FUZZ:-0}" != 1 ]; then
     step "fuzz build and corpus replay"
