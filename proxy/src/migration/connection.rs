@@ -232,9 +232,7 @@ async fn identify_and_carry(
             .map(|m| (m, kind)),
         FirstBytes::Unknown => ctx
             .registry
-            .wait_for(&key, ctx.identify_timeout, |m| {
-                m.accepts_channels() && m.state.postcopy_advised()
-            })
+            .join_postcopy(&key, ctx.identify_timeout)
             .await
             .map(|m| (m, ChannelKind::Preempt)),
         // The 7.2 preempt channel is silent until postcopy ends: see `identify.rs`.

@@ -68,7 +68,7 @@ impl GroupKey {
 #[derive(Debug, Default)]
 pub struct Registry {
     groups: Mutex<Groups>,
-    /// Signalled when a migration starts or advises postcopy.
+    /// Signalled when a migration starts, advises postcopy or has forwarded its whole stream.
     changed: Arc<Notify>,
     next_id: AtomicU64,
 }
@@ -204,23 +204,31 @@ impl Registry {
         (!migration.cancel.is_cancelled() && want(&migration)).then_some(migration)
     }
 
-    /// The open migration for `key` that satisfies `want`, waiting up to `deadline` for one.
-    pub async fn wait_for(
+    /// The migration a preempt candidate (a connection with unknown first bytes) belongs to: the
+    /// one it joins (see [`Registry::join`]) once that migration has advised postcopy, which its
+    /// main channel does among its first records. Waits up to `deadline` in all; gives up as soon
+    /// as the migration's stream has gone through without an ADVISE or the migration is closed,
+    /// so a stray connection never holds a finished migration open.
+    pub async fn join_postcopy(
         &self,
         key: &GroupKey,
         deadline: Duration,
-        want: impl Fn(&Migration) -> bool,
     ) -> Option<Arc<Migration>> {
         let until = tokio::time::Instant::now().checked_add(deadline)?;
+        let migration = self.join(key, deadline).await?;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if let Some(found) = self.find(key, &want) {
-                return Some(found);
+            if migration.state.postcopy_advised() {
+                return Some(migration);
             }
-            if tokio::time::timeout_at(until, changed).await.is_err() {
+            if migration.state.stream_forwarded() {
                 return None;
+            }
+            tokio::select! {
+                woken = tokio::time::timeout_at(until, changed) => woken.ok()?,
+                () = migration.cancel.cancelled() => return None,
             }
         }
     }
@@ -539,6 +547,69 @@ mod tests {
                 .is_empty(),
             "no waiter left behind"
         );
+        Ok(())
+    }
+
+    /// Spawn what a connection with unknown first bytes does, and wait until it waits.
+    async fn preempt_candidate(
+        listener: &Arc<Listener>,
+        deadline: Duration,
+    ) -> Result<tokio::task::JoinHandle<Option<Arc<Migration>>>, String> {
+        let task = {
+            let listener = Arc::clone(listener);
+            tokio::spawn(async move { listener.registry.join_postcopy(&key(), deadline).await })
+        };
+        while listener
+            .registry
+            .groups
+            .lock()
+            .map_err(|_| "poisoned")?
+            .early
+            .is_empty()
+        {
+            tokio::task::yield_now().await;
+        }
+        Ok(task)
+    }
+
+    #[tokio::test]
+    async fn a_preempt_channel_that_arrived_first_joins_once_postcopy_is_advised_even_after_the_stream(
+    ) -> Result<(), String> {
+        let listener = Arc::new(Listener::new());
+        let waiting = preempt_candidate(&listener, Duration::from_secs(5)).await?;
+        let started = listener.started()?;
+        // ADVISE, and the whole stream, before the waiting task runs again.
+        started.state.note_postcopy_advised();
+        started.state.note_stream_forwarded();
+        let started_at = Arc::as_ptr(&started);
+        drop(started);
+        let joined = waiting
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the preempt channel was turned away")?;
+        assert_eq!(Arc::as_ptr(&joined), started_at);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_preempt_candidate_gives_up_as_soon_as_a_migration_without_postcopy_went_through(
+    ) -> Result<(), String> {
+        let listener = Arc::new(Listener::new());
+        // A deadline the test would notice: giving up must not wait for it.
+        let waiting = preempt_candidate(&listener, Duration::from_secs(3600)).await?;
+        let started = listener.started()?;
+        tokio::task::yield_now().await;
+        started.state.note_stream_forwarded();
+        let joined = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .map_err(|_| "still waiting after the stream went through")?
+            .map_err(|e| e.to_string())?;
+        assert!(
+            joined.is_none(),
+            "joined a migration that never advised postcopy"
+        );
+        // It let go of the migration: only the test holds it.
+        assert_eq!(Arc::strong_count(&started), 1);
         Ok(())
     }
 

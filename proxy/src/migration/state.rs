@@ -42,7 +42,8 @@ pub struct MigrationState {
     postcopy_outlook: Mutex<&'static str>,
     rewrite_summary: Mutex<RewriteSummary>,
     metrics: Arc<Metrics>,
-    /// Woken when postcopy is advised: a preempt channel may be waiting for exactly that.
+    /// Woken when postcopy is advised or the whole stream has gone through: a preempt channel
+    /// may be waiting for the first, and gives up at the second.
     postcopy_watchers: Arc<Notify>,
 }
 
@@ -105,7 +106,9 @@ impl MigrationState {
     /// its connection close: a source that starts its next migration the moment the last one
     /// closed finds this one no longer taking channels.
     pub fn note_stream_forwarded(&self) {
-        self.stream_forwarded.store(true, Ordering::Release);
+        if !self.stream_forwarded.swap(true, Ordering::AcqRel) {
+            self.postcopy_watchers.notify_waiters();
+        }
     }
 
     pub fn stream_forwarded(&self) -> bool {
