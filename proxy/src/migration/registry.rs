@@ -167,9 +167,9 @@ impl Registry {
         Ok(migration)
     }
 
-    /// The migration a multifd channel belongs to: the open one for `key` that still takes
-    /// channels, or else the next one to start within `deadline`. A channel that identified
-    /// itself before the main channel arrived is bound to the migration as it starts.
+    /// The migration a channel other than the main one belongs to: the open one for `key` that
+    /// still takes channels, or else the next one to start within `deadline`. A channel that
+    /// identified itself before the main channel arrived is bound to the migration as it starts.
     pub async fn join(&self, key: &GroupKey, deadline: Duration) -> Option<Arc<Migration>> {
         let handed = {
             let mut groups = self.groups.lock().ok()?;
@@ -513,16 +513,7 @@ mod tests {
             )
         };
         // Until the multifd channel waits, the main channel has not arrived.
-        while listener
-            .registry
-            .groups
-            .lock()
-            .map_err(|_| "poisoned")?
-            .early
-            .is_empty()
-        {
-            tokio::task::yield_now().await;
-        }
+        until_a_channel_waits(&listener).await?;
         // The main channel starts the migration and carries its whole (short) stream before the
         // waiting task runs again: what made such a channel a stray before.
         let started = listener.started()?;
@@ -550,15 +541,8 @@ mod tests {
         Ok(())
     }
 
-    /// Spawn what a connection with unknown first bytes does, and wait until it waits.
-    async fn preempt_candidate(
-        listener: &Arc<Listener>,
-        deadline: Duration,
-    ) -> Result<tokio::task::JoinHandle<Option<Arc<Migration>>>, String> {
-        let task = {
-            let listener = Arc::clone(listener);
-            tokio::spawn(async move { listener.registry.join_postcopy(&key(), deadline).await })
-        };
+    /// Let the spawned channel tasks run until one of them waits for its migration to start.
+    async fn until_a_channel_waits(listener: &Listener) -> Result<(), String> {
         while listener
             .registry
             .groups
@@ -569,6 +553,19 @@ mod tests {
         {
             tokio::task::yield_now().await;
         }
+        Ok(())
+    }
+
+    /// Spawn what a connection with unknown first bytes does, and wait until it waits.
+    async fn preempt_candidate(
+        listener: &Arc<Listener>,
+        deadline: Duration,
+    ) -> Result<tokio::task::JoinHandle<Option<Arc<Migration>>>, String> {
+        let task = {
+            let listener = Arc::clone(listener);
+            tokio::spawn(async move { listener.registry.join_postcopy(&key(), deadline).await })
+        };
+        until_a_channel_waits(listener).await?;
         Ok(task)
     }
 
