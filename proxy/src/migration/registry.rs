@@ -6,7 +6,8 @@
 //! - a connection is grouped with a migration only once it has identified itself; a main channel
 //!   (`QEVM`) starts a migration, multifd and preempt channels accepted on the same listener from
 //!   the same source host (and, with interception, towards the same destination) join it while it
-//!   is being set up or open - the multifd UUID is all zeros without `-uuid`, so it is no key;
+//!   is being set up or open - the multifd UUID is all zeros without `-uuid`, so it is no key; one
+//!   that identified itself before its main channel is handed the migration as it starts;
 //! - while such a migration is open, a second main channel with the same key is refused and the
 //!   first keeps its later channels (a destination takes one incoming migration at a time);
 //! - the destination sees the main channel first (QEMU 7.2, and 10.0 with TLS or postcopy, take the
