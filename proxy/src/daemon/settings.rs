@@ -534,13 +534,9 @@ mod tests {
     use crate::cli::{Cli, Command};
 
     fn run_config(toml: &str, flags: &[&str]) -> Result<RunConfig, ProxyError> {
-        let dir = std::env::temp_dir().join(format!(
-            "migproxy-settings-{}-{}",
-            std::process::id(),
-            toml.len() + flags.len()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("config.toml");
+        // Each call its own directory: tests run in parallel, and the file goes with the test.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
         let listener =
             "[[listener]]\nlisten = \"tcp:127.0.0.1:0\"\nupstream = \"tcp:127.0.0.1:1\"\n";
         std::fs::write(&path, format!("{toml}{listener}")).unwrap();

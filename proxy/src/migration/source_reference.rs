@@ -149,13 +149,11 @@ mod tests {
     use super::*;
     use migproxy_codec::testing::{RamRecord, StreamBuilder};
 
-    fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("migproxy-reference-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
+    /// A file holding `bytes`, removed when the returned value is dropped.
+    fn temp_file(name: &str, bytes: &[u8]) -> tempfile::TempPath {
+        let file = tempfile::Builder::new().suffix(name).tempfile().unwrap();
+        std::fs::write(file.path(), bytes).unwrap();
+        file.into_temp_path()
     }
 
     fn small_stream() -> Vec<u8> {
