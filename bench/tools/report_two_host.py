@@ -454,16 +454,20 @@ def _judge(e, direct, where, known_cause):
     return out
 
 
+def _pauses(direct, relayed):
+    """The STOP->RESUME statistics of the direct and the relayed configuration (None where absent)."""
+    if not direct:
+        return None, None
+    return direct["stats"].get("stop_to_resume_ms"), relayed["stats"].get("stop_to_resume_ms")
+
+
 def _single_run(direct, relayed):
     """Why a downtime difference from one run per side (the quick mode) decides nothing, or None.
 
     Pauses of identical configurations differ by several ms from run to run: without repetitions a
     difference of a few ms is neither a miss nor a met target, whichever way it points.
     """
-    if not direct:
-        return None
-    d = direct["stats"].get("stop_to_resume_ms")
-    r = relayed["stats"].get("stop_to_resume_ms")
+    d, r = _pauses(direct, relayed)
     if d and r and min(d["n"], r["n"]) < 2:
         return ("inconclusive: one run per side shows no run-to-run variation to tell the difference from; "
                 "more repetitions needed (TWOHOST_REPS)")
@@ -477,10 +481,7 @@ def _inside_spread(direct, relayed):
     shortest relayed pause is longer than the longest direct one); otherwise the medians differ by
     less than the repetitions themselves do, and the run cannot say whether the target was missed.
     """
-    if not direct:
-        return None
-    d = direct["stats"].get("stop_to_resume_ms")
-    r = relayed["stats"].get("stop_to_resume_ms")
+    d, r = _pauses(direct, relayed)
     if not d or not r or d["n"] < 2 or r["n"] < 2:
         return None
     if r["min"] <= d["max"]:

@@ -750,6 +750,25 @@ fn postcopy_passes_a_checking_relay() {
     assert!(destination.wait_received(0, SECS) == stream);
 }
 
+/// Once the channels opened before it have had time to reach the destination (and must not
+/// have): the main channel sends its whole `stream` and half-closes. Returns it, still open.
+fn send_main_channel_after_early_ones(
+    daemon: &Daemon,
+    destination: &Destination,
+    stream: &[u8],
+) -> std::net::TcpStream {
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        destination.accepted(),
+        0,
+        "a channel was dialed before the main channel"
+    );
+    let mut main = connect(daemon.listen);
+    main.write_all(stream).unwrap();
+    main.shutdown(Shutdown::Write).unwrap();
+    main
+}
+
 #[test]
 fn the_main_channel_reaches_the_destination_first_even_when_multifd_identifies_first() {
     let destination = Destination::reading();
@@ -767,15 +786,7 @@ fn the_main_channel_reaches_the_destination_first_even_when_multifd_identifies_f
     channel1.write_all(&multifd(1)).unwrap();
     let mut channel0 = connect(daemon.listen);
     channel0.write_all(&multifd(0)).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(
-        destination.accepted(),
-        0,
-        "multifd dialed before the main channel"
-    );
-    let mut main = connect(daemon.listen);
-    main.write_all(&stream).unwrap();
-    main.shutdown(Shutdown::Write).unwrap();
+    let _main = send_main_channel_after_early_ones(&daemon, &destination, &stream);
     for channel in [&mut channel0, &mut channel1] {
         channel.shutdown(Shutdown::Write).unwrap();
     }
@@ -806,16 +817,8 @@ fn a_preempt_channel_that_connects_before_the_main_channel_joins_once_postcopy_i
     let preempt_bytes = b"preempt channel bytes".to_vec();
     let mut preempt = connect(daemon.listen);
     preempt.write_all(&preempt_bytes).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(
-        destination.accepted(),
-        0,
-        "preempt dialed before the main channel"
-    );
     // The whole main stream (ADVISE among its first records) goes through at once.
-    let mut main = connect(daemon.listen);
-    main.write_all(&stream).unwrap();
-    main.shutdown(Shutdown::Write).unwrap();
+    let _main = send_main_channel_after_early_ones(&daemon, &destination, &stream);
     preempt.shutdown(Shutdown::Write).unwrap();
     assert!(
         destination.wait_received(0, SECS) == stream,
@@ -966,8 +969,8 @@ fn a_silent_channel_joins_a_postcopy_migration_as_its_preempt_channel() {
     );
     assert_eq!(destination.wait_received(1, SECS), eos);
     let summary = daemon.wait_log("migration summary", SECS);
-    // The outcome is not this test's: a reading destination sends no return-path SHUT.
     assert_eq!(summary["fields"]["channels"], "main+preempt", "{summary}");
+    assert_eq!(summary["fields"]["outcome"], "completed", "{summary}");
 }
 
 /// A destination that stops reading altogether: backpressure holds the source, but only until the
